@@ -1,0 +1,1 @@
+"""alignjax.search."""

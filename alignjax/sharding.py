@@ -1,0 +1,163 @@
+"""Meshes, logical axis rules and global arrays: one code path from one CPU device to a pod.
+
+Parameters and activations are annotated with *logical* axis names (``"embed"``, ``"mlp"``,
+``"heads"``, ...). A config's ``rules`` map each logical name to a mesh axis (or ``None`` for
+replicated), in the MaxText style, so the same model shards differently on a different slice by
+changing config only. The mesh always has the three axes ``data``, ``fsdp`` and ``tensor``:
+
+* ``data``   - pure data parallelism (parameters replicated);
+* ``fsdp``   - data parallelism with parameters and optimizer state sharded (ZeRO-3);
+* ``tensor`` - Megatron-style tensor parallelism (heads, MLP and vocabulary split).
+
+The batch dimension is split over ``("data", "fsdp")``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name -> mesh axis (or tuple of axes, or None). Activations use "batch", "length",
+# "act_embed", ...; parameters use "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm".
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("lora_rank", None),
+    ("value", None),
+)
+
+
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolves ``{"data": -1, "fsdp": 2, "tensor": 1}`` to concrete sizes (-1 takes the rest).
+
+    Raises a ValueError naming the config key when the sizes do not tile ``num_devices``.
+    """
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(
+            f"config.mesh has unknown axes {sorted(unknown)}; valid axes are {list(MESH_AXES)}"
+        )
+    sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+    free = [i for i, s in enumerate(sizes) if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh may set at most one axis to -1, got {dict(axis_sizes)}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes) or num_devices % fixed:
+        raise ValueError(
+            f"config.mesh={dict(axis_sizes)} does not tile {num_devices} devices "
+            f"(the product of the fixed axes, {fixed}, must divide it)"
+        )
+    if free:
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"config.mesh={dict(axis_sizes)} uses {fixed} devices but {num_devices} are present; "
+            "set one axis to -1 to take the rest"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the ``(data, fsdp, tensor)`` mesh from ``config.mesh`` over all (global) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(dict(axis_sizes or {"data": -1}), len(devices))
+    try:
+        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        # Topology-aware placement is for TPU/GPU; CPU devices simply go in order.
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def rules_from_config(rules: Any = None) -> tuple[tuple[str, Any], ...]:
+    """Returns logical axis rules; ``rules`` (a list of pairs or a mapping) overrides the defaults."""
+    if rules is None:
+        return DEFAULT_RULES
+    items = rules.items() if hasattr(rules, "items") else rules
+    override = {name: (tuple(axes) if isinstance(axes, list) else axes) for name, axes in items}
+    merged = dict(DEFAULT_RULES)
+    merged.update(override)
+    return tuple(merged.items())
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec, never using one mesh axis twice in a spec."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in logical_axes:
+        axes = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        free = tuple(a for a in axes_tuple if a not in used)
+        used.update(free)
+        spec.append(None if not free else free[0] if len(free) == 1 else free)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for an array whose dimensions carry ``logical_axes``."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension split over ``data`` x ``fsdp``; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each process's host-local batch into global arrays sharded over the batch axes.
+
+    Every process passes its own rows (its shard of the global batch, leading dimension); the
+    global leading dimension is the sum over processes. On one process this is a device_put.
+    """
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+        for key, value in host_batch.items()
+    }
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Starts multi-process JAX. On TPU pods all arguments are discovered; on CPU they are required.
+
+    CPU collectives across processes go through gloo, which must be chosen before initialisation.
+    """
+    if num_processes is not None and num_processes <= 1:
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") or (jax.config.jax_platforms or "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
