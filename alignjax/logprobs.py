@@ -1,0 +1,328 @@
+"""Token and sequence log-probabilities: gather minus logsumexp in fp32, chunked over vocabulary.
+
+Array conventions (the "sequence batch" shared with ``alignjax.data`` and ``alignjax.train``), all
+``[R, T]`` (rows x tokens):
+
+* ``input_ids`` int32, ``positions`` int32, ``segment_ids`` int32 (0 = padding);
+* ``branch_ids`` int32 (optional shared-prompt layout: 0 prompt, 1 chosen, 2 rejected);
+* ``loss_mask`` float32: 1 where token ``t`` is a completion token whose
+  ``log p(token_t | tokens before t in its segment/branch)`` counts (always 0 on the first token of a
+  segment or branch, so the ordinary shifted alignment never crosses a boundary that counts);
+* ``example_ids`` int32: which sequence each token belongs to (-1 = none). For pairs, sequences
+  ``0..B-1`` are the chosen and ``B..2B-1`` the rejected completions (see :func:`split_pairs`).
+
+Per-token log-probs are aligned at the *target* position: ``logps[r, t] = log p(input_ids[r, t] |
+input_ids[r, :t])``, with 0 at ``t = 0``. A sequence's log-prob is then a masked segment sum over
+``example_ids``, the same for padded rows, packed rows and the shared-prompt layout.
+
+The chunked path (:func:`chunked_next_token_logps`) computes the same values from the final hidden
+states and the unembedding matrix without materialising the ``[B, T, V]`` fp32 logits: an online
+(streaming) logsumexp over vocabulary chunks, each chunk rematerialised in the backward pass, so the
+memory of the log-prob computation is O(B T chunk) rather than O(B T V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "token_logps",
+    "next_token_logps",
+    "chunked_token_logps",
+    "chunked_next_token_logps",
+    "sequence_logps",
+    "sequence_lengths",
+    "masked_sum",
+    "masked_mean",
+    "split_pairs",
+    "batch_sequence_logps",
+]
+
+
+def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Log-probability of each target token: ``logits[..., y] - logsumexp(logits)``, in fp32.
+
+    ``log softmax(z)_y = z_y - log sum_v exp(z_v)``; only the gathered entry and the logsumexp are
+    formed, never the full ``[B, T, V]`` log-softmax.
+
+    Args:
+      logits: ``[B, T, V]`` (any float dtype; upcast to fp32 inside the reductions).
+      targets: ``[B, T]`` integer token ids in ``[0, V)``.
+
+    Returns:
+      ``[B, T]`` fp32 log-probs, aligned with ``targets``.
+    """
+    chex.assert_rank(logits, 3)
+    chex.assert_rank(targets, 2)
+    chex.assert_equal_shape_prefix([logits, targets], 2)
+    chex.assert_type(targets, int)
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - lse
+
+
+def _shift_right(logps_BxT: jax.Array) -> jax.Array:
+    """Moves a prediction made at ``t`` (for token ``t + 1``) to position ``t + 1``; 0 at ``t = 0``."""
+    return jnp.concatenate([jnp.zeros_like(logps_BxT[:, :1]), logps_BxT[:, :-1]], axis=1)
+
+
+def next_token_logps(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Causal LM log-probs aligned at the target: ``out[:, t] = log p(input_ids[:, t] | input_ids[:, <t])``.
+
+    ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, so
+    ``out[:, t] = token_logps(logits[:, t - 1], input_ids[:, t])`` for ``t >= 1`` and ``out[:, 0] = 0``.
+
+    Args:
+      logits: ``[B, T, V]``.
+      input_ids: ``[B, T]``.
+
+    Returns:
+      ``[B, T]`` fp32.
+    """
+    chex.assert_rank(logits, 3)
+    chex.assert_rank(input_ids, 2)
+    chex.assert_equal_shape_prefix([logits, input_ids], 2)
+    # The target of position t is input_ids[t + 1]; the wrapped last target is dropped by the shift.
+    targets = jnp.roll(input_ids, -1, axis=1)
+    return _shift_right(token_logps(logits, targets))
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked path: online logsumexp over vocabulary chunks (and optionally over rows).
+# --------------------------------------------------------------------------------------------------
+
+
+def _vocab_scan_logps(
+    hidden_NxD: jax.Array, unembedding_DxV: jax.Array, targets_N: jax.Array, vocab_chunk: int
+) -> jax.Array:
+    """``z_y - logsumexp(z)`` with ``z = h W`` streamed over vocabulary chunks of ``vocab_chunk`` columns.
+
+    Online logsumexp (as in "Online normalizer calculation for softmax", arXiv:1805.02867): with a
+    running max ``m`` and running sum ``s = sum exp(z - m)``, a chunk ``c`` updates
+    ``m' = max(m, max c)``, ``s' = s exp(m - m') + sum exp(c - m')``; at the end ``lse = m + log s``.
+    The target logit is picked from the chunk that holds it. When ``V`` is not a multiple of the
+    chunk, the last chunk's start is clamped to ``V - chunk`` and the columns already seen are masked
+    out, so no padded copy of the unembedding is made.
+    """
+    num_rows = hidden_NxD.shape[0]
+    vocab = unembedding_DxV.shape[1]
+    num_chunks = -(-vocab // vocab_chunk)
+
+    @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
+    def body(carry, index):
+        m, s, picked = carry
+        nominal_start = index * vocab_chunk
+        start = jnp.minimum(nominal_start, vocab - vocab_chunk)
+        w_chunk = jax.lax.dynamic_slice_in_dim(unembedding_DxV, start, vocab_chunk, axis=1)
+        z = jnp.dot(hidden_NxD, w_chunk, preferred_element_type=jnp.float32)  # [N, chunk] fp32
+        columns = start + jnp.arange(vocab_chunk)
+        z = jnp.where(columns[None, :] >= nominal_start, z, -jnp.inf)  # drop overlap of a clamped chunk
+        # d lse / d m = 0 exactly, so the running max carries no gradient (cheaper, and no ties in max).
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=-1)
+        hit = columns[None, :] == targets_N[:, None]
+        picked = picked + jnp.sum(jnp.where(hit & (columns[None, :] >= nominal_start), z, 0.0), axis=-1)
+        return (m_new, s, picked), None
+
+    init = (
+        jnp.full((num_rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((num_rows,), jnp.float32),
+        jnp.zeros((num_rows,), jnp.float32),
+    )
+    # The first chunk always has finite logits, so m is finite after it and exp(m - m_new) never
+    # sees inf - inf; m starts at -inf and exp(-inf) = 0 scales the empty initial sum.
+    (m, s, picked), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+    return picked - (m + jnp.log(s))
+
+
+def chunked_token_logps(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    targets: jax.Array,
+    *,
+    vocab_chunk: int | None = None,
+    seq_chunk: int | None = None,
+) -> jax.Array:
+    """:func:`token_logps` of ``logits = hidden @ unembedding`` without forming the fp32 logits.
+
+    Args:
+      hidden: ``[B, T, D]`` final hidden states (after the final norm).
+      unembedding: ``[D, V]`` output projection (the transposed embedding for tied models).
+      targets: ``[B, T]`` token ids.
+      vocab_chunk: columns per vocabulary chunk (online logsumexp); ``None`` = whole vocabulary.
+      seq_chunk: rows (of the flattened ``B * T`` positions) per sequence chunk; ``None`` = all.
+
+    Returns:
+      ``[B, T]`` fp32; the peak memory of the computation (forward and backward) holds one
+      ``[seq_chunk, vocab_chunk]`` block of logits at a time.
+    """
+    chex.assert_rank([hidden, unembedding, targets], [3, 2, 2])
+    chex.assert_equal_shape_prefix([hidden, targets], 2)
+    chex.assert_axis_dimension(unembedding, 0, hidden.shape[-1])
+    batch, length, dim = hidden.shape
+    vocab = unembedding.shape[1]
+    for name, value in (("vocab_chunk", vocab_chunk), ("seq_chunk", seq_chunk)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be a positive integer or None, got {value}")
+    vocab_chunk = vocab if vocab_chunk is None else min(int(vocab_chunk), vocab)
+    num_rows = batch * length
+    hidden_NxD = hidden.reshape(num_rows, dim)
+    targets_N = targets.reshape(num_rows).astype(jnp.int32)
+
+    if seq_chunk is None or seq_chunk >= num_rows:
+        out = _vocab_scan_logps(hidden_NxD, unembedding, targets_N, vocab_chunk)
+        return out.reshape(batch, length)
+
+    seq_chunk = int(seq_chunk)
+    num_blocks = -(-num_rows // seq_chunk)
+    pad = num_blocks * seq_chunk - num_rows
+    # Padded rows (zeros) give finite, discarded values.
+    hidden_blocks = jnp.pad(hidden_NxD, ((0, pad), (0, 0))).reshape(num_blocks, seq_chunk, dim)
+    target_blocks = jnp.pad(targets_N, (0, pad)).reshape(num_blocks, seq_chunk)
+
+    @jax.checkpoint
+    def block(args):
+        h, y = args
+        return _vocab_scan_logps(h, unembedding, y, vocab_chunk)
+
+    out = jax.lax.map(block, (hidden_blocks, target_blocks)).reshape(-1)[:num_rows]
+    return out.reshape(batch, length)
+
+
+def chunked_next_token_logps(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    input_ids: jax.Array,
+    *,
+    vocab_chunk: int | None = None,
+    seq_chunk: int | None = None,
+) -> jax.Array:
+    """:func:`next_token_logps` of ``logits = hidden @ unembedding``, computed chunk by chunk.
+
+    ``out[:, t] = log p(input_ids[:, t] | input_ids[:, <t])`` with ``out[:, 0] = 0``; see
+    :func:`chunked_token_logps` for the arguments. Equals
+    ``next_token_logps(hidden @ unembedding, input_ids)`` (values and gradients).
+    """
+    chex.assert_rank(input_ids, 2)
+    targets = jnp.roll(input_ids, -1, axis=1)
+    logps = chunked_token_logps(hidden, unembedding, targets, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+    return _shift_right(logps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reductions.
+# --------------------------------------------------------------------------------------------------
+
+
+def _segment_sum(values_RxT: jax.Array, example_ids_RxT: jax.Array, num_sequences: int) -> jax.Array:
+    # Tokens with example_id -1 (or out of range) go to an extra bucket that is dropped.
+    ids = example_ids_RxT.reshape(-1).astype(jnp.int32)
+    ids = jnp.where((ids >= 0) & (ids < num_sequences), ids, num_sequences)
+    sums = jax.ops.segment_sum(values_RxT.reshape(-1), ids, num_segments=num_sequences + 1)
+    return sums[:num_sequences]
+
+
+def sequence_logps(
+    token_logps: jax.Array, loss_mask: jax.Array, example_ids: jax.Array, num_sequences: int
+) -> jax.Array:
+    """Summed log-prob of each sequence: ``S_n = sum_{r,t} [example_ids[r,t] = n] mask[r,t] logp[r,t]``.
+
+    Works unchanged for padded rows (``example_ids`` = row index), packed rows (several sequences per
+    row) and the shared-prompt layout (chosen and rejected branches of one row carry ids ``i`` and
+    ``B + i``). Tokens with ``example_ids = -1`` are ignored.
+
+    Args:
+      token_logps: ``[R, T]`` per-token log-probs aligned at the target (:func:`next_token_logps`).
+      loss_mask: ``[R, T]`` float weights (0/1).
+      example_ids: ``[R, T]`` int sequence index per token, -1 = none.
+      num_sequences: ``N``, a static Python int.
+
+    Returns:
+      ``[N]`` fp32.
+    """
+    chex.assert_rank([token_logps, loss_mask, example_ids], 2)
+    chex.assert_equal_shape([token_logps, loss_mask, example_ids])
+    values = token_logps.astype(jnp.float32) * loss_mask.astype(jnp.float32)
+    return _segment_sum(values, example_ids, int(num_sequences))
+
+
+def sequence_lengths(loss_mask: jax.Array, example_ids: jax.Array, num_sequences: int) -> jax.Array:
+    """Counted tokens per sequence: ``n_k = sum_{r,t} [example_ids[r,t] = k] mask[r,t]``; ``[N]`` fp32."""
+    chex.assert_rank([loss_mask, example_ids], 2)
+    chex.assert_equal_shape([loss_mask, example_ids])
+    return _segment_sum(loss_mask.astype(jnp.float32), example_ids, int(num_sequences))
+
+
+def masked_sum(values: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    """``sum(values * mask)`` over ``axis`` in fp32 (``mask`` 0/1 or weights, same shape)."""
+    chex.assert_equal_shape([values, mask])
+    return jnp.sum(values.astype(jnp.float32) * mask.astype(jnp.float32), axis=axis)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    """``sum(values * mask) / sum(mask)`` over ``axis`` in fp32; 0 where the mask is all zero."""
+    total = masked_sum(values, mask, axis)
+    count = jnp.sum(mask.astype(jnp.float32), axis=axis)
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
+
+
+def split_pairs(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[2B, ...] -> (chosen [B, ...], rejected [B, ...])``.
+
+    Sequences ``0..B-1`` are the chosen and ``B..2B-1`` the rejected completions.
+    """
+    chex.assert_rank(values, {1, 2, 3})
+    if values.shape[0] % 2:
+        raise ValueError(
+            f"split_pairs needs an even leading dimension (chosen then rejected), got {values.shape}"
+        )
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Model -> per-sequence log-probs (the one place besides the train step that calls a model).
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_sequence_logps(
+    model: Any,
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    num_sequences: int,
+    *,
+    vocab_chunk: int | None = None,
+    seq_chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-sequence summed log-probs and per-token log-probs of a sequence batch under ``model``.
+
+    With ``vocab_chunk`` or ``seq_chunk`` set, uses ``model.hidden`` and ``model.unembedding`` and the
+    chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`.
+
+    Returns:
+      ``(sequence_logps [N], token_logps [R, T])``; the token log-probs are already multiplied by
+      ``loss_mask``.
+    """
+    inputs = dict(
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+    )
+    if batch.get("branch_ids") is not None:
+        inputs["branch_ids"] = batch["branch_ids"]
+    input_ids = batch["input_ids"]
+    if vocab_chunk is None and seq_chunk is None:
+        logits = model.apply(params, input_ids, **inputs)
+        logps = next_token_logps(logits, input_ids)
+    else:
+        hidden = model.hidden(params, input_ids, **inputs)
+        logps = chunked_next_token_logps(
+            hidden, model.unembedding(params), input_ids, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk
+        )
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return sequence_logps(logps, mask, batch["example_ids"], num_sequences), logps * mask
