@@ -1,0 +1,330 @@
+"""The Flax decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, with logical axis names.
+
+Parameter names mirror the Hugging Face module tree (``layers_0/self_attn/q_proj/kernel``) so the
+checkpoint mapping in ``hf.py`` reads as a table. Kernels are stored ``[in..., out...]`` with heads
+split out: q ``[D, H, Dh]``, k/v ``[D, K, Dh]``, o ``[H, Dh, D]``.
+
+Attention masking (full forward), for query index i and key index j of one row:
+    allowed(i, j) = j <= i  and  seg[i] == seg[j] != 0  and  (branch[j] == 0 or branch[j] == branch[i])
+                    and (no sliding window or pos[i] - pos[j] < window)
+``segment_ids`` pack several sequences in one row (0 = padding); ``branch_ids`` lay out a shared
+prompt (branch 0) followed by continuations (1, 2, ...) that each see the prompt but not each other.
+
+Decoding with a cache: key/value buffers ``[B, S, K, Dh]`` hold the entry for position p in slot p;
+a query at position p sees slots j <= p (and within the window), so slots beyond each row's current
+position, stale or unwritten, are masked without any per-length recompilation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from alignjax.models.config import ModelConfig
+
+Array = jax.Array
+Rules = tuple[tuple[str, Any], ...]
+_NEG = float(np.finfo(np.float32).min)
+
+
+def fit_spec(
+    shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules
+) -> PartitionSpec:
+    """PartitionSpec for ``logical_axes`` with mesh axes that do not divide a dimension dropped.
+
+    Shapes are static, so this is a trace-time decision: e.g. a decode batch of 1 on a mesh whose
+    batch axes have 4 devices stays replicated instead of failing.
+    """
+    from alignjax.sharding import logical_to_spec
+
+    spec = logical_to_spec(logical_axes, rules)
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept, size = [], 1
+        for name in names:
+            if dim % (size * mesh.shape[name]) == 0:
+                kept.append(name)
+                size *= mesh.shape[name]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def constrain(x: Array, logical_axes: Sequence[str | None], mesh: Mesh | None, rules: Rules) -> Array:
+    """Sharding constraint on an activation by logical names (identity without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, fit_spec(x.shape, logical_axes, mesh, rules))
+    )
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies 1 / theta^(2i/Dh), i < Dh/2, with Llama-3 scaling when configured.
+
+    Llama-3 scaling ("The Llama 3 Herd of Models", arXiv:2407.21783): wavelengths longer than
+    L/low_freq_factor are divided by ``factor``, shorter than L/high_freq_factor kept, and the band
+    between interpolated with s = (L/wavelen - low)/(high - low): (1-s) f/factor + s f.
+    """
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    sc = config.rope_scaling
+    if sc is None:
+        return inv.astype(np.float32)
+    old = sc.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / sc.low_freq_factor, old / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """HF rotate-half RoPE: x cos + rotate_half(x) sin, angles = position * inv_freq (fp32).
+
+    x: [B, T, N, Dh]; positions: [B, T]. rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]).
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(
+    q_index: Array,
+    kv_index: Array,
+    q_segment: Array,
+    kv_segment: Array,
+    q_branch: Array,
+    kv_branch: Array,
+    q_pos: Array,
+    kv_pos: Array,
+    sliding_window: int | None,
+) -> Array:
+    """Boolean [B, Tq, Tk] mask; see the module docstring for the rule. All inputs [B, T*] ints."""
+    q = lambda a: a[:, :, None]
+    k = lambda a: a[:, None, :]
+    mask = (k(kv_index) <= q(q_index)) & (q(q_segment) == k(kv_segment)) & (q(q_segment) != 0)
+    mask &= (k(kv_branch) == 0) | (k(kv_branch) == q(q_branch))
+    if sliding_window is not None:
+        mask &= q(q_pos) - k(kv_pos) < sliding_window
+    return mask
+
+
+def _init(axes: tuple[str | None, ...], init: Any = None) -> Any:
+    return nn.with_logical_partitioning(init or nn.initializers.normal(0.02), axes)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 ("Root Mean Square Layer Normalization",
+    arXiv:1910.07467); HF order: normalise in fp32, cast to the input dtype, then scale."""
+
+    eps: float
+    param_dtype: Any
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", _init((self.axis_name,), nn.initializers.ones), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Proj(nn.Module):
+    """Linear map contracting the last ``len(in_axes)`` dims of x: kernel [*in, *out] (+ bias [*out]).
+
+    Kept as its own module so a low-rank adapter can wrap it without touching the decoder.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _init(self.axes), self.in_shape + self.out_shape, self.param_dtype)
+        n_in = len(self.in_shape)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        if self.use_bias:
+            bias_axes = self.axes[n_in:]
+            bias = self.param(
+                "bias", _init(bias_axes, nn.initializers.zeros), self.out_shape, self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Rules = ()
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array | None, cache: dict | None):
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        B, T = x.shape[:2]
+        proj = lambda name, out, axes, bias: Proj((D,), out, axes, bias, dt, pdt, name=name)
+        q = proj("q_proj", (H, Dh), ("embed", "heads", "head_dim"), cfg.attention_bias)(x)
+        k = proj("k_proj", (K, Dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias)(x)
+        v = proj("v_proj", (K, Dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias)(x)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, pdt, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, pdt, name="k_norm")(k)
+        inv_freq = rope_inv_freq(cfg)
+        q = constrain(
+            apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None), self.mesh, self.rules
+        )
+        k = constrain(
+            apply_rope(k, positions, inv_freq),
+            ("batch", "length", "act_kv_heads", None),
+            self.mesh,
+            self.rules,
+        )
+        v = constrain(v, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
+        new_cache = None
+        if cache is not None:
+            # Slot p holds position p; out-of-range positions are dropped, not clamped.
+            rows = jnp.arange(B)[:, None]
+            k_all = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop")
+            v_all = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop")
+            new_cache = {"k": k_all, "v": v_all}
+            S = k_all.shape[1]
+            slots = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
+            ones_q, ones_k = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
+            zeros_q, zeros_k = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+            mask = attention_mask(
+                positions, slots, ones_q, ones_k, zeros_q, zeros_k, positions, slots, cfg.sliding_window
+            )
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        G = H // K
+        qg = q.reshape(B, T, K, G, Dh)  # HF repeat_kv: query head h uses kv head h // G
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+        scores = jnp.where(mask[:, None, None], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+        out = constrain(out, ("batch", "length", "act_heads", None), self.mesh, self.rules)
+        o = Proj(
+            (H, Dh), (D,), ("heads", "head_dim", "embed"), cfg.attention_out_bias, dt, pdt, name="o_proj"
+        )
+        return o(out), new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU ("GLU Variants Improve Transformer", arXiv:2002.05202): down(silu(gate x) * up x)."""
+
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Rules = ()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        gate = Proj((D,), (F,), ("embed", "mlp"), False, dt, pdt, name="gate_proj")(x)
+        up = Proj((D,), (F,), ("embed", "mlp"), False, dt, pdt, name="up_proj")(x)
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), self.mesh, self.rules)
+        return Proj((F,), (D,), ("mlp", "embed"), False, dt, pdt, name="down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Rules = ()
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array | None, cache: dict | None):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        h = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x)
+        attn, new_cache = Attention(cfg, self.mesh, self.rules, name="self_attn")(h, positions, mask, cache)
+        x = constrain(x + attn, ("batch", "length", "act_embed"), self.mesh, self.rules)
+        h = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
+        x = constrain(
+            x + MLP(cfg, self.mesh, self.rules, name="mlp")(h),
+            ("batch", "length", "act_embed"),
+            self.mesh,
+            self.rules,
+        )
+        return x, new_cache
+
+
+_REMAT_POLICY = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Decoder(nn.Module):
+    """Token ids -> final normed hidden state [B, T, D] (and the updated cache when decoding).
+
+    The unembedding (``lm_head`` kernel [D, V], or the tied embedding transposed) is applied by
+    ``Model``, so log-prob code can chunk over the vocabulary.
+    """
+
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Rules = ()
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array,
+        segment_ids: Array,
+        branch_ids: Array,
+        cache: dict | None = None,
+    ):
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        embedding = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
+        x = jnp.take(embedding, input_ids, axis=0).astype(dt)
+        x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
+        mask = None
+        if cache is None:
+            index = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
+            mask = attention_mask(
+                index,
+                index,
+                segment_ids,
+                segment_ids,
+                branch_ids,
+                branch_ids,
+                positions,
+                positions,
+                cfg.sliding_window,
+            )
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICY[cfg.remat], prevent_cse=True)
+        new_cache = {} if cache is not None else None
+        for i in range(cfg.num_layers):
+            name = f"layers_{i}"
+            layer_cache = cache[name] if cache is not None else None
+            x, c = layer_cls(cfg, self.mesh, self.rules, name=name)(x, positions, mask, layer_cache)
+            if cache is not None:
+                new_cache[name] = c
+        hidden = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
+        if not cfg.tie_word_embeddings:
+            self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
+        return hidden, new_cache
