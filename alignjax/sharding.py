@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -83,7 +84,7 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None, devices: Sequence[Any
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(dict(axis_sizes or {"data": -1}), len(devices))
     try:
-        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     except (AssertionError, ValueError, NotImplementedError):
         # Topology-aware placement is for TPU/GPU; CPU devices simply go in order.
         device_array = np.asarray(devices).reshape(shape)
@@ -101,7 +102,9 @@ def rules_from_config(rules: Any = None) -> tuple[tuple[str, Any], ...]:
     return tuple(merged.items())
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+def logical_to_spec(
+    logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec, never using one mesh axis twice in a spec."""
     table = dict(rules)
     used: set[str] = set()
@@ -117,7 +120,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Sequence[tuple[st
     return PartitionSpec(*spec)
 
 
-def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+def logical_sharding(
+    mesh: Mesh, logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> NamedSharding:
     """NamedSharding for an array whose dimensions carry ``logical_axes``."""
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 
@@ -137,10 +142,21 @@ def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray]) -> dict[str, 
     Every process passes its own rows (its shard of the global batch, leading dimension); the
     global leading dimension is the sum over processes. On one process this is a device_put.
     """
-    return {
-        key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
-        for key, value in host_batch.items()
-    }
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    out = {}
+    for key, value in host_batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            raise ValueError(f"global_batch: batch[{key!r}] is a scalar; every entry needs a batch dimension")
+        global_rows = value.shape[0] * jax.process_count()
+        if global_rows % shards:
+            raise ValueError(
+                f"global_batch: batch[{key!r}] has {value.shape[0]} rows on each of {jax.process_count()} "
+                f"process(es), {global_rows} in all, which the {shards} batch shards (mesh data x fsdp) "
+                "do not divide; make the global batch size a multiple of data * fsdp"
+            )
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out
 
 
 def initialize_distributed(
