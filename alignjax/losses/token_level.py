@@ -1,0 +1,131 @@
+"""Token-level preference objectives: losses over per-token log-ratios with token weights.
+
+Array conventions (B pairs, T completion positions, right- or left-padded):
+
+- ``chosen_token_logps`` / ``rejected_token_logps`` [B, T]: per-token log-probs under the policy;
+  ``ref_chosen_token_logps`` / ``ref_rejected_token_logps`` the same under the reference.
+- ``chosen_mask`` / ``rejected_mask`` [B, T]: 1 on completion tokens, 0 on prompt/padding.
+  Values at masked positions never matter (they are selected away, not multiplied, so even NaN or
+  inf garbage there is harmless).
+- ``chosen_token_kl`` / ``rejected_token_kl`` [B, T]: per-token divergence terms computed by the
+  trainer from the full next-token distributions (the loss never sees the vocabulary).
+
+Returns per-example losses [B] (fp32); the caller reduces.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from alignjax.losses.registry import register
+
+
+def _float(x: chex.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _masked_sum(values: jax.Array, weights: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum_t mask_t * weights_t * values_t, with masked positions selected away (NaN-safe)."""
+    valid = jnp.asarray(mask).astype(bool)
+    # Select both factors (not multiply by the mask): 0 * NaN garbage would poison values and grads.
+    return jnp.sum(jnp.where(valid, weights, 0.0) * jnp.where(valid, values, 0.0), axis=-1)
+
+
+@register("sparsepo", family="token_level")
+def sparsepo(
+    chosen_token_logps: chex.Array,
+    rejected_token_logps: chex.Array,
+    ref_chosen_token_logps: chex.Array,
+    ref_rejected_token_logps: chex.Array,
+    chosen_token_kl: chex.Array,
+    rejected_token_kl: chex.Array,
+    chosen_mask: chex.Array,
+    rejected_mask: chex.Array,
+    chosen_reward_mask: chex.Array,
+    rejected_reward_mask: chex.Array,
+    chosen_kl_mask: chex.Array | None = None,
+    rejected_kl_mask: chex.Array | None = None,
+    *,
+    beta: float = 0.1,
+    sparsity_weight: float = 0.0,
+) -> jax.Array:
+    """SparsePO: DPO with token masks on the reward and on the KL term.
+
+    "SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks"
+    (Christopoulou et al., arXiv:2410.05102). With Delta_t = log pi(y_t|.) - log pi_ref(y_t|.),
+    reward masks m^u, KL masks m^d (all in [0, 1]) and the per-token KL term k_t:
+
+        u = sum_t m^u_{w,t} Delta_t(y_w) - sum_t m^u_{l,t} Delta_t(y_l)
+        d = sum_t m^d_{w,t} k_{w,t}      - sum_t m^d_{l,t} k_{l,t}
+        L = -log sigmoid(beta (u - d)) + lambda (|m_w|_1 + |m_l|_1)
+
+    where k_t = sum_v pi_ref(v|.) (log pi(v|.) - log pi_ref(v|.)) is supplied by the trainer, and
+    the L1 term sums |m| over valid tokens of every mask that is given (reward masks, and the KL
+    masks when they are independent; shared masks are counted once). Sums run over valid
+    (``*_mask``) tokens only.
+
+    Args:
+      chosen_token_logps, rejected_token_logps: [B, T] policy token log-probs.
+      ref_chosen_token_logps, ref_rejected_token_logps: [B, T] reference token log-probs.
+      chosen_token_kl, rejected_token_kl: [B, T] per-token k_t.
+      chosen_mask, rejected_mask: [B, T] padding masks (1 = completion token).
+      chosen_reward_mask, rejected_reward_mask: [B, T] reward masks m^u in [0, 1] (from reference
+        activations normalised to [0, 1], or a learned head: gradients flow into them).
+      chosen_kl_mask, rejected_kl_mask: optional [B, T] KL masks m^d; None = shared with the reward
+        masks (the paper's "common mask" setting).
+      beta: inverse temperature (paper default 0.1).
+      sparsity_weight: lambda of the L1 term (default 0.0: fixed masks need none; set > 0 for
+        learned masks to encourage sparsity).
+
+    Returns:
+      [B] per-example losses.
+    """
+    arrays = [
+        chosen_token_logps,
+        rejected_token_logps,
+        ref_chosen_token_logps,
+        ref_rejected_token_logps,
+        chosen_token_kl,
+        rejected_token_kl,
+        chosen_mask,
+        rejected_mask,
+        chosen_reward_mask,
+        rejected_reward_mask,
+    ]
+    chex.assert_rank(arrays, 2)
+    chex.assert_equal_shape_prefix(arrays, 1)
+    chex.assert_equal_shape([chosen_token_logps, ref_chosen_token_logps, chosen_token_kl, chosen_mask])
+    chex.assert_equal_shape(
+        [rejected_token_logps, ref_rejected_token_logps, rejected_token_kl, rejected_mask]
+    )
+    chex.assert_equal_shape([chosen_reward_mask, chosen_mask])
+    chex.assert_equal_shape([rejected_reward_mask, rejected_mask])
+    if (chosen_kl_mask is None) != (rejected_kl_mask is None):
+        raise ValueError("sparsepo: give both chosen_kl_mask and rejected_kl_mask, or neither (shared masks)")
+    independent = chosen_kl_mask is not None
+    if independent:
+        chex.assert_equal_shape([chosen_kl_mask, chosen_mask])
+        chex.assert_equal_shape([rejected_kl_mask, rejected_mask])
+    else:
+        chosen_kl_mask, rejected_kl_mask = chosen_reward_mask, rejected_reward_mask
+
+    delta_w = _float(chosen_token_logps) - _float(ref_chosen_token_logps)
+    delta_l = _float(rejected_token_logps) - _float(ref_rejected_token_logps)
+    mu_w, mu_l = _float(chosen_reward_mask), _float(rejected_reward_mask)
+    md_w, md_l = _float(chosen_kl_mask), _float(rejected_kl_mask)
+
+    u = _masked_sum(delta_w, mu_w, chosen_mask) - _masked_sum(delta_l, mu_l, rejected_mask)
+    d = _masked_sum(_float(chosen_token_kl), md_w, chosen_mask) - _masked_sum(
+        _float(rejected_token_kl), md_l, rejected_mask
+    )
+    loss = -jax.nn.log_sigmoid(beta * (u - d))
+
+    ones_w, ones_l = jnp.ones_like(mu_w), jnp.ones_like(mu_l)
+    l1 = _masked_sum(jnp.abs(mu_w), ones_w, chosen_mask) + _masked_sum(jnp.abs(mu_l), ones_l, rejected_mask)
+    if independent:
+        l1 = l1 + _masked_sum(jnp.abs(md_w), ones_w, chosen_mask)
+        l1 = l1 + _masked_sum(jnp.abs(md_l), ones_l, rejected_mask)
+    return loss + sparsity_weight * l1
