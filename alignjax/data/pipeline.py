@@ -1,0 +1,235 @@
+"""Deterministic, shuffled, checkpointable, process-sharded preference batches.
+
+The iterator's whole state is ``{"epoch", "position"}`` (``position`` = batches already produced in
+this epoch): epoch ``e`` visits the kept examples in the order ``default_rng([seed, e]).permutation``;
+step ``s`` takes the global slice ``[s*G, (s+1)*G)`` of it (``G = batch_size``, the *global* number of
+examples per step) and process ``p`` of ``P`` keeps the ``p``-th contiguous ``G/P`` of that slice, so
+the processes see disjoint shards whose union is the epoch (the remainder ``N mod G`` is dropped,
+different each epoch). Restoring the state resumes exactly.
+
+Every process reads, validates and tokenizes the whole source once (cheap next to training) so
+that skip decisions, epoch lengths and the permutation agree across processes without communication;
+only its own shard is laid out into batches. ``alignjax.sharding.global_batch(mesh, host_batch)``
+then assembles the host-local batches into global arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from alignjax.data import batching, readers, schema
+from alignjax.data.schema import DataError, DataStats
+from alignjax.data.tokenize import ChatTokenizer, TokenizedExample, tokenize_record
+
+
+def resolve_tokenizer(tokenizer: Any) -> ChatTokenizer:
+    """A ChatTokenizer, a tokenizer directory, or a built-in name (``"arithmetic"``/``"multistep"``)."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return tokenizer
+    if isinstance(tokenizer, str):
+        from alignjax.data import synthetic
+
+        if tokenizer in synthetic.TOKENIZERS:
+            return synthetic.TOKENIZERS[tokenizer]()
+        return ChatTokenizer.from_pretrained(tokenizer)
+    raise TypeError(
+        f"tokenizer must be a ChatTokenizer, a directory or a built-in name, got {type(tokenizer).__name__}"
+    )
+
+
+def resolve_source(source: Any) -> Any:
+    """``"synthetic:<task>[:<split>]"`` names a built-in task (``synthetic.records``); else passes through."""
+    if isinstance(source, str) and source.startswith("synthetic:"):
+        from alignjax.data import synthetic
+
+        parts = source.split(":")
+        return synthetic.records(parts[1], parts[2] if len(parts) > 2 else "train")
+    return source
+
+
+def tokenize_all(
+    records: Sequence[tuple[str, Mapping[str, Any]]],
+    tokenizer: ChatTokenizer,
+    *,
+    on_bad_row: str,
+    stats: DataStats,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    truncation_mode: str,
+) -> list[TokenizedExample]:
+    out = []
+    for where, rec in records:
+        try:
+            out.append(
+                tokenize_record(
+                    rec,
+                    tokenizer,
+                    max_length=max_length,
+                    max_prompt_length=max_prompt_length,
+                    truncation_mode=truncation_mode,
+                    where=where,
+                    stats=stats,
+                )
+            )
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            stats.skip(e)
+    stats.rows_kept = len(out)
+    return out
+
+
+class PreferenceData:
+    """Iterator of host-local batches (see :mod:`alignjax.data.batching` for the layout).
+
+    ``get_state()``/``set_state()`` checkpoint it; ``stats`` holds read/skip/truncation/padding counts.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        tokenizer: Any,
+        *,
+        kind: str = "pairwise",
+        layout: str = "padded",
+        batch_size: int = 8,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        truncation_mode: str = "keep_end",
+        buckets: Sequence[int] | None = None,
+        pack_length: int | None = None,
+        pack_rows: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        on_bad_row: str = "error",
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        schema.check_on_bad_row(on_bad_row)
+        if layout not in batching.LAYOUTS:
+            raise ValueError(
+                f"unknown layout {layout!r} (config key data.layout); valid: {list(batching.LAYOUTS)}"
+            )
+        if layout == "shared_prompt" and kind not in ("pairwise", "step"):
+            raise ValueError(f"layout 'shared_prompt' needs pairs, but kind={kind!r}")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if batch_size % process_count:
+            raise ValueError(
+                f"batch_size={batch_size} (global) must be divisible by the {process_count} processes"
+            )
+        self.tokenizer = resolve_tokenizer(tokenizer)
+        self.kind, self.layout, self.batch_size = kind, layout, batch_size
+        self.host_batch_size = batch_size // process_count
+        self.process_index, self.process_count = process_index, process_count
+        self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
+        self.layout_kwargs = dict(
+            pad_id=self.tokenizer.pad_id,
+            max_length=max_length,
+            buckets=buckets,
+            pack_length=pack_length,
+            pack_rows=pack_rows,
+        )
+        self.stats = DataStats()
+        records = readers.load_records(resolve_source(source), kind, on_bad_row, self.stats)
+        self.examples = tokenize_all(
+            records,
+            self.tokenizer,
+            on_bad_row=on_bad_row,
+            stats=self.stats,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+        )
+        self.steps_per_epoch = len(self.examples) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"only {len(self.examples)} usable examples, fewer than one batch of {batch_size} "
+                f"(skipped: {dict(self.stats.skipped)})"
+            )
+        self.epoch, self.position = 0, 0
+
+    # ---- checkpointable state ----
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # ---- iteration ----
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def host_indices(self, epoch: int, position: int) -> np.ndarray:
+        """Indices (into ``examples``) of this process's share of global step ``position`` of ``epoch``."""
+        start = position * self.batch_size + self.process_index * self.host_batch_size
+        return self.epoch_order(epoch)[start : start + self.host_batch_size]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.position >= self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        idx = self.host_indices(self.epoch, self.position)
+        self.position += 1
+        return batching.make_batch(
+            [self.examples[i] for i in idx], self.layout, stats=self.stats, **self.layout_kwargs
+        )
+
+
+def make_preference_batches(
+    source: Any,
+    tokenizer: Any,
+    *,
+    kind: str = "pairwise",
+    layout: str = "padded",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    buckets: Sequence[int] | None = None,
+    pack_length: int | None = None,
+    pack_rows: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    on_bad_row: str = "error",
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tuple[PreferenceData, DataStats]:
+    """One call from config-like arguments to ``(iterator of host-local batches, stats)``.
+
+    ``batch_size`` is global (examples per step over all processes); each process gets
+    ``batch_size // process_count``. See :class:`PreferenceData`.
+    """
+    data = PreferenceData(
+        source,
+        tokenizer,
+        kind=kind,
+        layout=layout,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+        buckets=buckets,
+        pack_length=pack_length,
+        pack_rows=pack_rows,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        on_bad_row=on_bad_row,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return data, data.stats

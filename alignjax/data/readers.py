@@ -1,0 +1,159 @@
+"""Readers: JSONL, Parquet, TFDS and SeqIO sources to validated records.
+
+Each reader yields ``(where, raw_row)`` with ``where = "<file>:<line>"`` (1-based; for Parquet the
+row number, for TFDS/SeqIO ``"tfds:<name>/<split>:<record>"``). :func:`load_records` validates
+them (see :mod:`alignjax.data.schema`). TensorFlow, TFDS and SeqIO are imported inside the
+functions that need them: they cost about 8 s of start-up and are the ``[tfds]`` extra.
+
+A source is one of:
+
+* a path ending in ``.jsonl`` / ``.json`` (one JSON object per line) or ``.parquet``;
+* a list of dicts (in memory; ``where = "<records>:<i>"``, 1-based);
+* ``{"type": "tfds", "name": "my_prefs:1.0.0", "split": "train", "data_dir": ...}``;
+* ``{"type": "seqio", "task": "my_task", "split": "train"}`` (see :func:`register_seqio_task`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from alignjax.data import schema
+from alignjax.data.schema import DataError, DataStats
+
+
+def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    """Yields ``("path:line", row)``; blank lines are ignored, unparsable lines yield a DataError."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, schema.parse_json_line(line, where)
+            except DataError as e:
+                yield where, e
+
+
+def read_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    """Yields ``("path:row", row)`` with rows numbered from 1; nested lists/structs become lists/dicts."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path}:{i}", {k: v for k, v in row.items() if v is not None}
+
+
+def _from_tf(value: Any) -> Any:
+    """TFDS numpy examples to Python: bytes -> str, arrays -> lists, nested dicts of sequences -> lists."""
+    import numpy as np
+
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        if value.dtype == object or value.dtype.kind == "S":
+            return [_from_tf(v) for v in value.tolist()]
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        out = {k: _from_tf(v) for k, v in value.items()}
+        # A tfds.features.Sequence of dicts arrives as a dict of lists; chat messages want a list of dicts.
+        lists = [v for v in out.values() if isinstance(v, list)]
+        if out and len(lists) == len(out) and len({len(v) for v in lists}) == 1:
+            keys = list(out)
+            return [dict(zip(keys, vals)) for vals in zip(*out.values())]
+        return out
+    return value
+
+
+def read_tfds(name: str, split: str = "train", data_dir: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Yields rows of a TFDS dataset (``tfds.builder(name, data_dir=...)``), in stored order."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    for i, ex in enumerate(tfds.as_numpy(ds), start=1):
+        yield f"tfds:{name}/{split}:{i}", _from_tf(ex)
+
+
+def register_seqio_task(
+    task_name: str,
+    tfds_name: str,
+    tfds_data_dir: str | None = None,
+    fields: Sequence[str] = ("prompt", "chosen", "rejected"),
+) -> Any:
+    """Registers a SeqIO preference task over a TFDS source; returns the ``seqio.Task``.
+
+    The task's output features are the text fields themselves (``PassThroughVocabulary``), so that
+    tokenization and chat templates stay in one place (:mod:`alignjax.data.tokenize`) whatever the
+    source. Re-registering an existing name replaces it.
+    """
+    import seqio
+    import tensorflow as tf
+
+    if task_name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(task_name)
+    vocab = seqio.PassThroughVocabulary(size=0)
+    return seqio.TaskRegistry.add(
+        task_name,
+        source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir),
+        preprocessors=[],
+        output_features={f: seqio.Feature(vocab, add_eos=False, dtype=tf.string) for f in fields},
+    )
+
+
+def read_seqio(task: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Yields rows of a registered SeqIO task's split (unshuffled)."""
+    import seqio
+    import tensorflow_datasets as tfds
+
+    ds = seqio.get_mixture_or_task(task).get_dataset(split=split, shuffle=False, num_epochs=1)
+    for i, ex in enumerate(tfds.as_numpy(ds), start=1):
+        yield f"seqio:{task}/{split}:{i}", _from_tf(ex)
+
+
+def iter_source(source: Any) -> Iterator[tuple[str, Any]]:
+    """Dispatches a source (path, list of dicts, or a tfds/seqio spec dict) to its reader."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if path.endswith((".jsonl", ".json")):
+            return read_jsonl(path)
+        if path.endswith(".parquet"):
+            return read_parquet(path)
+        raise ValueError(f"data source {path!r}: unknown file type (expected .jsonl, .json or .parquet)")
+    if isinstance(source, Mapping):
+        kind = source.get("type")
+        if kind == "tfds":
+            return read_tfds(source["name"], source.get("split", "train"), source.get("data_dir"))
+        if kind == "seqio":
+            return read_seqio(source["task"], source.get("split", "train"))
+        raise ValueError(f"data source dict needs type 'tfds' or 'seqio', got {kind!r}")
+    if isinstance(source, Sequence):
+        return ((f"<records>:{i}", row) for i, row in enumerate(source, start=1))
+    raise TypeError(f"unsupported data source {type(source).__name__}")
+
+
+def load_records(
+    source: Any, kind: str = "pairwise", on_bad_row: str = "error", stats: DataStats | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Reads and validates every row: returns ``[(where, record), ...]``.
+
+    ``on_bad_row="error"`` raises the first DataError (message ``"file:line: problem"``);
+    ``"skip"`` counts each bad row by reason in ``stats`` and goes on.
+    """
+    schema.check_on_bad_row(on_bad_row)
+    stats = DataStats() if stats is None else stats
+    out = []
+    for where, raw in iter_source(source):
+        stats.rows_read += 1
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            out.append((where, schema.validate_record(raw, kind, where)))
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            stats.skip(e)
+    return out
