@@ -1,9 +1,14 @@
 """Preference objectives as pure functions of arrays, and their registry.
 
 ``get(name)`` returns a loss function, ``names()`` lists them, ``spec(name)`` says what it needs.
-Each family module registers its losses on import.
+Each family module registers its losses on import; ``docs/losses.md`` lists them all
+(regenerate with ``python -m alignjax.losses.docs``).
 """
 
-from alignjax.losses.registry import LossSpec, canonical, get, inputs, names, register, spec
+# Family modules register their losses on import (modifiers imports pairwise itself).
+from alignjax.losses import listwise, modifiers, pairwise, reference_free, step_level
+from alignjax.losses.metrics import preference_metrics
+from alignjax.losses.registry import LossSpec, aliases, canonical, get, inputs, names, register, spec
 
-__all__ = ["LossSpec", "canonical", "get", "inputs", "names", "register", "spec"]
+__all__ = ["LossSpec", "aliases", "canonical", "get", "inputs", "names", "register", "spec",
+           "pairwise", "reference_free", "listwise", "step_level", "modifiers", "preference_metrics"]

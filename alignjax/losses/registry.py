@@ -85,6 +85,12 @@ def inputs(name: str) -> tuple[str, ...]:
     return spec(name).required
 
 
+def aliases(name: str) -> tuple[str, ...]:
+    """The aliases registered for ``name`` (or for the loss an alias points to), sorted."""
+    target = canonical(name)
+    return tuple(sorted(a for a, n in _ALIASES.items() if n == target))
+
+
 def names(include_aliases: bool = True) -> list[str]:
     """All registered names (and aliases), sorted."""
     keys = set(_REGISTRY) | (set(_ALIASES) if include_aliases else set())

@@ -1,0 +1,41 @@
+"""Preference metrics with TRL's names and definitions: a flat dict of scalars."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from alignjax.losses.pairwise import as_f32, check_vectors
+
+Array = jax.Array
+
+
+def preference_metrics(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array | None = None,
+                       ref_rejected_logps: Array | None = None, *, beta: float = 0.1) -> dict[str, Array]:
+    """TRL's DPO metrics, batch means (float32 scalars, no gradient).
+
+    rewards/chosen = mean(beta (S_w - R_w)), rewards/rejected = mean(beta (S_l - R_l)),
+    rewards/accuracies = mean(1[r_w > r_l]) (ties count as wrong, as TRL), rewards/margins = mean(r_w - r_l),
+    logps/chosen = mean(S_w), logps/rejected = mean(S_l).
+    Reference-free (``ref_* = None``): R = 0, so rewards are beta S (TRL's ``reference_free``).
+    Shapes: [B] inputs -> dict of scalars. Under data parallelism these are means over the global batch
+    when the inputs are global arrays.
+    """
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("preference_metrics: pass both ref_chosen_logps and ref_rejected_logps, or neither")
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                  ref_rejected_logps=ref_rejected_logps)
+    sw, sl = as_f32(*jax.lax.stop_gradient((chosen_logps, rejected_logps)))
+    if ref_chosen_logps is None:
+        rw, rl = jnp.zeros_like(sw), jnp.zeros_like(sl)
+    else:
+        rw, rl = as_f32(*jax.lax.stop_gradient((ref_chosen_logps, ref_rejected_logps)))
+    reward_w, reward_l = beta * (sw - rw), beta * (sl - rl)
+    return {
+        "rewards/chosen": jnp.mean(reward_w),
+        "rewards/rejected": jnp.mean(reward_l),
+        "rewards/accuracies": jnp.mean((reward_w > reward_l).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(reward_w - reward_l),
+        "logps/chosen": jnp.mean(sw),
+        "logps/rejected": jnp.mean(sl),
+    }

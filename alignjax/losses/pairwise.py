@@ -1,0 +1,469 @@
+"""Reference-based pairwise preference losses (the DPO family), as pure functions of arrays.
+
+Notation (shared by every docstring here): S = summed log-prob of a completion under the policy,
+R = the same under the reference, u = S - R, n = completion length in tokens (clamped to >= 1),
+ls = log-sigmoid, s = sigmoid. Subscripts w / l = chosen / rejected. With the f-divergence option,
+c = g(u_w), d = g(u_l) (see :func:`f_divergence_score`); z = beta (c - d).
+
+Array inputs (all shape [B], any float dtype; computed in float32):
+``chosen_logps, rejected_logps`` (policy S), ``ref_chosen_logps, ref_rejected_logps`` (reference R),
+``chosen_lengths, rejected_lengths`` (completion token counts, where a loss uses them).
+Every loss returns per-example losses [B] in float32; the caller reduces.
+
+Hyperparameters are keyword-only Python values (static under ``jax.jit``: close over them or
+use ``functools.partial``). The names and semantics follow TRL's ``DPOTrainer`` ``loss_type``.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from alignjax.losses.registry import register
+
+Array = jax.Array
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# exp() arguments are capped here so that fp32 stays finite (TRL caps at 80 as well).
+_EXP_CAP = 80.0
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def as_f32(*xs: Array) -> tuple[Array, ...]:
+    """Casts inputs to float32: log-sums and sigmoids are computed in fp32 whatever the model dtype."""
+    return tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
+
+
+def clamp_lengths(lengths: Array) -> Array:
+    """Token counts as float32, clamped to >= 1 (an empty completion counts as one token, so the
+    length-normalised log-prob of an empty completion is its summed log-prob, i.e. 0, not NaN)."""
+    return jnp.maximum(jnp.asarray(lengths).astype(jnp.float32), 1.0)
+
+
+def check_vectors(**arrays: Array | None) -> None:
+    """Asserts that the given arrays (None skipped) are rank-1 and of one shape [B]."""
+    present = {k: v for k, v in arrays.items() if v is not None}
+    for k, v in present.items():
+        if jnp.ndim(v) != 1:
+            raise ValueError(f"{k} must have shape [B] (one value per example); got shape {jnp.shape(v)}")
+    chex.assert_equal_shape(list(present.values()))
+
+
+def check_probability(name: str, value: float, *, low_open: bool = False, high: float = 1.0,
+                      high_open: bool = False) -> None:
+    """Clear error for a hyperparameter outside its range (instead of NaN losses later)."""
+    lo_ok = value > 0 if low_open else value >= 0
+    hi_ok = value < high if high_open else value <= high
+    if not (lo_ok and hi_ok):
+        lo = "(0" if low_open else "[0"
+        hi = f"{high})" if high_open else f"{high}]"
+        raise ValueError(f"{name} must be in {lo}, {hi}; got {value!r}")
+
+
+def f_divergence_score(u: Array, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """g(u): the f-divergence transform of the log-ratio u = S - R (TRL ``f_divergence_type``).
+
+    reverse_kl: g(u) = u;  forward_kl: g(u) = 1 - exp(-u);  js_divergence: g(u) = log 2 + ls(u);
+    alpha_divergence: g(u) = (exp((a - 1) u) - 1) / (a - 1), a = ``f_alpha`` (default 0.5; a = 1 is u).
+    g is f'(pi/pi_ref) of "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+    Divergence Constraints" (arXiv 2309.16240). The additive constants (1, log 2, -1/(a-1)) are kept:
+    they cancel in c - d but not in length-normalised losses (IPO's c/n_w - d/n_l). Exponents are
+    capped at 80 so extreme log-ratios stay finite in fp32.
+    """
+    if f_divergence == "reverse_kl":
+        return u
+    if f_divergence == "forward_kl":
+        return 1.0 - jnp.exp(jnp.minimum(-u, _EXP_CAP))
+    if f_divergence == "js_divergence":
+        return jnp.log(2.0) + jax.nn.log_sigmoid(u)
+    if f_divergence == "alpha_divergence":
+        if abs(f_alpha - 1.0) < 1e-6:
+            return u
+        a1 = f_alpha - 1.0
+        return (jnp.exp(jnp.minimum(a1 * u, _EXP_CAP)) - 1.0) / a1
+    raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}; got {f_divergence!r}")
+
+
+def _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha):
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    sw, sl, rw, rl = as_f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    c = f_divergence_score(sw - rw, f_divergence, f_alpha)
+    return c, f_divergence_score(sl - rl, f_divergence, f_alpha)
+
+
+def _smoothed_sigmoid(z: Array, eps: float) -> Array:
+    """-(1 - eps) ls(z) - eps ls(-z)."""
+    return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+# ----------------------------------------------------------------------------- TRL loss types
+
+
+@register("dpo", family="pairwise", aliases=("sigmoid", "cdpo"))
+def dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
+        beta: float = 0.1, label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5) -> Array:
+    """DPO (TRL ``sigmoid``), with conservative label smoothing (cDPO) and the f-divergence option.
+
+    Formula: z = beta (c - d);  loss = -(1 - eps) ls(z) - eps ls(-z)   (eps = 0: -ls(z), plain DPO).
+    Paper: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
+    (arXiv 2305.18290);
+    cDPO: "A note on DPO with noisy preferences & relationship to IPO" (Mitchell, 2023).
+    Shapes: four [B] log-prob arrays -> [B].
+    Hyperparameters: beta = 0.1 (inverse temperature); label_smoothing = eps = 0.0, in [0, 1]
+    (probability the label is flipped); f_divergence = "reverse_kl" (see f_divergence_score), f_alpha = 0.5.
+    """
+    check_probability("label_smoothing", label_smoothing)
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    return _smoothed_sigmoid(beta * (c - d), label_smoothing)
+
+
+@register("slic", family="pairwise", aliases=("hinge",))
+def slic(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
+         beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """SLiC hinge loss on the DPO logit (TRL ``hinge``).
+
+    Formula: loss = max(0, 1 - beta (c - d)).
+    Paper: "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (arXiv 2305.10425).
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1 (1/beta is the margin in log-ratio units).
+    """
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    return jax.nn.relu(1.0 - beta * (c - d))
+
+
+@register("ipo", family="pairwise")
+def ipo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+        chosen_lengths: Array, rejected_lengths: Array, *, beta: float = 0.1,
+        f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """IPO, length-normalised as TRL does (the IPO authors' reported form).
+
+    Formula: loss = (c / n_w - d / n_l - 1 / (2 beta))^2, with n clamped to >= 1.
+    Paper: "A General Theoretical Paradigm to Understand Learning from Human Preferences" (arXiv 2310.12036).
+    Shapes: four [B] log-probs, two [B] lengths -> [B]. Hyperparameters: beta = 0.1 (IPO's tau).
+    """
+    check_vectors(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_logps=chosen_logps)
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    return (c / clamp_lengths(chosen_lengths) - d / clamp_lengths(rejected_lengths) - 1.0 / (2.0 * beta)) ** 2
+
+
+@register("exo", family="pairwise", aliases=("exo_pair",))
+def exo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
+        beta: float = 0.1, label_smoothing: float = 1e-3, f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5) -> Array:
+    """EXO for pairs (TRL ``exo_pair``): reverse KL between the model's and the smoothed label distribution.
+
+    Formula: z = beta (c - d);  loss = s(z) [ls(z) - log(1 - eps)] + s(-z) [ls(-z) - log eps].
+    Paper: "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv 2402.00856), Eq. 16.
+    Shapes: four [B] -> [B].
+    Hyperparameters: beta = 0.1; label_smoothing = eps = 1e-3, must be in (0, 1) (log eps is undefined at 0;
+    TRL's default of 0 would give inf/NaN, so it raises here instead).
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(
+            f"exo_pair needs label_smoothing in (0, 1) (it uses log eps); got {label_smoothing!r}")
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    z = beta * (c - d)
+    eps = label_smoothing
+    return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
+            + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - jnp.log(eps)))
+
+
+@register("nca", family="pairwise", aliases=("nca_pair",))
+def nca(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
+        beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """NCA for pairs (TRL ``nca_pair``): absolute (not relative) likelihood of each response.
+
+    Formula: loss = -ls(beta c) - 0.5 ls(-beta c) - 0.5 ls(-beta d).
+    Paper: "Noise Contrastive Alignment of Language Models with Explicit Rewards" (arXiv 2402.05369).
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+    """
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    ls = jax.nn.log_sigmoid
+    return -ls(beta * c) - 0.5 * ls(-beta * c) - 0.5 * ls(-beta * d)
+
+
+@register("robust_dpo", family="pairwise", aliases=("robust",))
+def robust_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+               *, beta: float = 0.1, label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
+               f_alpha: float = 0.5) -> Array:
+    """Robust DPO (TRL ``robust``): unbiased loss under label-flip noise of rate eps.
+
+    Formula: z = beta (c - d);  loss = [-(1 - eps) ls(z) + eps ls(-z)] / (1 - 2 eps).
+    Paper: "Provably Robust DPO: Aligning Language Models with Noisy Feedback" (arXiv 2403.00409).
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1; label_smoothing = eps = 0.0, in [0, 0.5).
+    """
+    check_probability("label_smoothing", label_smoothing, high=0.5, high_open=True)
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    z = beta * (c - d)
+    eps = label_smoothing
+    return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+@register("bco_pair", family="pairwise")
+def bco_pair(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+             *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """BCO on pairs (TRL ``bco_pair``), without the running reward shift.
+
+    Formula: loss = -ls(beta c) - ls(-beta d).
+    Paper: "Binary Classifier Optimization for Large Language Model Alignment" (arXiv 2404.04656).
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+    """
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    return -jax.nn.log_sigmoid(beta * c) - jax.nn.log_sigmoid(-beta * d)
+
+
+@register("sppo_hard", family="pairwise")
+def sppo_hard(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+              *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """SPPO with hard win probabilities (TRL ``sppo_hard``: P = 1 for the winner, 0 for the loser).
+
+    Formula: loss = (c - 1 / (2 beta))^2 + (d + 1 / (2 beta))^2.
+    Paper: "Self-Play Preference Optimization for Language Model Alignment" (arXiv 2405.00675).
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1 (eta = 1 / beta).
+    """
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    return (c - 0.5 / beta) ** 2 + (d + 0.5 / beta) ** 2
+
+
+@register("aot", family="pairwise")
+def aot(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
+        beta: float = 0.1, label_smoothing: float = 0.0) -> Array:
+    """AOT, paired (TRL ``aot``): distributional alignment by sorting over the batch.
+
+    Formula: delta = sort_B(S_w - S_l) - sort_B(R_w - R_l);
+      loss = -(1 - eps) ls(beta delta) - eps ls(-beta delta).
+    Paper: "Distributional Preference Alignment of LLMs via Optimal Transport" (arXiv 2406.05882).
+    Shapes: four [B] -> [B]; entry i is the i-th order statistic's loss (not example i's): the loss
+    couples the batch, so under data parallelism it sorts only the local shard unless the caller gathers.
+    Hyperparameters: beta = 0.1; label_smoothing = eps = 0.0. No f-divergence option (as in TRL).
+    """
+    check_probability("label_smoothing", label_smoothing)
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    sw, sl, rw, rl = as_f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    delta = jnp.sort(sw - sl) - jnp.sort(rw - rl)
+    return _smoothed_sigmoid(beta * delta, label_smoothing)
+
+
+@register("aot_unpaired", family="pairwise")
+def aot_unpaired(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array,
+                 ref_rejected_logps: Array, *, beta: float = 0.1, label_smoothing: float = 0.0) -> Array:
+    """AOT, unpaired (TRL ``aot_unpaired``): sorts chosen and rejected log-ratios separately.
+
+    Formula: delta = sort_B(u_w) - sort_B(u_l);  loss = -(1 - eps) ls(beta delta) - eps ls(-beta delta).
+    Paper: "Distributional Preference Alignment of LLMs via Optimal Transport" (arXiv 2406.05882).
+    Shapes: four [B] -> [B] (order statistics, see ``aot``).
+    Hyperparameters: beta = 0.1; label_smoothing = 0.0.
+    """
+    check_probability("label_smoothing", label_smoothing)
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    sw, sl, rw, rl = as_f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    delta = jnp.sort(sw - rw) - jnp.sort(sl - rl)
+    return _smoothed_sigmoid(beta * delta, label_smoothing)
+
+
+@register("apo_zero", family="pairwise")
+def apo_zero(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+             *, beta: float = 0.1) -> Array:
+    """APO-zero (TRL ``apo_zero``): raise the chosen likelihood, lower the rejected one.
+
+    Formula: loss = 1 - s(beta u_w) + s(beta u_l)   (raw log-ratios u, as TRL).
+    Paper: "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266), Eq. 7.
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+    """
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    return 1.0 - jax.nn.sigmoid(beta * uw) + jax.nn.sigmoid(beta * ul)
+
+
+@register("apo_down", family="pairwise")
+def apo_down(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+             *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """APO-down (TRL ``apo_down``): lower both likelihoods, the rejected one more.
+
+    Formula: loss = s(beta u_w) + 1 - s(beta (c - d))   (first term on the raw u_w, as TRL).
+    Paper: "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266), Eq. 8.
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+    """
+    uw, _ = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    return jax.nn.sigmoid(beta * uw) + 1.0 - jax.nn.sigmoid(beta * (c - d))
+
+
+@register("discopop", family="pairwise")
+def discopop(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+             *, beta: float = 0.1, tau: float = 0.05, f_divergence: str = "reverse_kl",
+             f_alpha: float = 0.5) -> Array:
+    """DiscoPOP (TRL ``discopop``): log-ratio-modulated blend of logistic and exponential losses.
+
+    Formula: z = beta (c - d), m = s(z / tau);  loss = (1 - m)(-ls(z)) + m exp(-z).
+    m exp(-z) is computed as exp(ls(z / tau) - z) so that it stays finite when z is very negative.
+    Paper: "Discovering Preference Optimization Algorithms with and for Large Language Models"
+    (arXiv 2406.08414).
+    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1; tau = 0.05 (TRL ``discopop_tau``).
+    """
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    z = beta * (c - d)
+    m = jax.nn.sigmoid(z / tau)
+    exp_term = jnp.exp(jnp.minimum(jax.nn.log_sigmoid(z / tau) - z, _EXP_CAP))
+    return (1.0 - m) * (-jax.nn.log_sigmoid(z)) + exp_term
+
+
+@register("ln_dpo", family="pairwise", aliases=("sigmoid_norm",))
+def ln_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+           chosen_lengths: Array, rejected_lengths: Array, *, beta: float = 0.1,
+           f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+    """Length-normalised DPO (TRL ``sigmoid_norm``).
+
+    Formula: loss = -ls(beta (c / n_w - d / n_l)), n clamped to >= 1.
+    Paper: DPO (arXiv 2305.18290) with per-token log-ratios, as in "Disentangling Length from Quality in
+    Direct Preference Optimization" (arXiv 2403.19159).
+    Shapes: four [B] log-probs, two [B] lengths -> [B]. Hyperparameters: beta = 0.1.
+    """
+    check_vectors(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_logps=chosen_logps)
+    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    x = c / clamp_lengths(chosen_lengths) - d / clamp_lengths(rejected_lengths)
+    return -jax.nn.log_sigmoid(beta * x)
+
+
+# ----------------------------------------------------------------------------- further pairwise objectives
+
+
+@register("dpo_split_beta", family="pairwise")
+def dpo_split_beta(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array,
+                   ref_rejected_logps: Array, *, beta_chosen: float = 0.1,
+                   beta_rejected: float = 0.05) -> Array:
+    """DPO with separate betas for the chosen and rejected log-ratios.
+
+    Formula: loss = -ls(beta_w u_w - beta_l u_l). beta_w = beta_l recovers DPO. A smaller beta_l slows
+    the rejected-likelihood collapse the paper analyses.
+    Paper: "3D-Properties: Identifying Challenges in DPO and Charting a Path Forward" (arXiv 2406.07327).
+    Shapes: four [B] -> [B]. Hyperparameters: beta_chosen = 0.1; beta_rejected = 0.05.
+    """
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    return -jax.nn.log_sigmoid(beta_chosen * uw - beta_rejected * ul)
+
+
+@register("gamma_dpo", family="pairwise")
+def gamma_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+              *, beta: float = 0.1, gamma: float = 0.5, ranking_margin: bool = False) -> Array:
+    """DPO with a target reward margin gamma (the ranking-accuracy fix).
+
+    Formula: z = beta (u_w - u_l);  loss = -ls(z - gamma_i), with
+      gamma_i = gamma                                 (ranking_margin=False), or
+      gamma_i = gamma + beta max(0, R_w - R_l)        (ranking_margin=True; the max is constant, no gradient).
+    Why: the paper shows R = 1[pi(y_w) >= pi(y_l)] holds iff z >= beta (R_l - R_w), i.e. iff the DPO loss is
+    below -ls(beta (R_l - R_w)): where the reference prefers y_w (R_w > R_l) DPO can reach a low loss while
+    still ranking y_l first. Requiring z to exceed the per-example bound beta (R_w - R_l)^+ (plus gamma)
+    makes a low loss imply a correct ranking. This is our reading (the paper diagnoses, it does not name a
+    loss): gamma = 0 and ranking_margin=False recovers DPO.
+    Paper: "Preference Learning Algorithms Do Not Learn Preference Rankings" (arXiv 2405.19534).
+    Shapes: four [B] -> [B].
+    Hyperparameters: beta = 0.1; gamma = 0.5 (margin in units of z); ranking_margin = False.
+    """
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    margin = jnp.asarray(gamma, jnp.float32)
+    if ranking_margin:
+        rw, rl = as_f32(ref_chosen_logps, ref_rejected_logps)
+        margin = margin + beta * jax.lax.stop_gradient(jax.nn.relu(rw - rl))
+    return -jax.nn.log_sigmoid(beta * (uw - ul) - margin)
+
+
+@register("adpo", family="pairwise", aliases=("adpo_pair",))
+def adpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+         chosen_probs: Array | None = None, *, tau: float = 10.0) -> Array:
+    """Anchored DPO, pairwise soft-target form.
+
+    Formula: u = (S - A) / tau with anchor log-probs A;  loss = -[q ls(u_w - u_l) + (1 - q) ls(u_l - u_w)].
+    q = 1, anchor = reference, tau = 1 / beta recovers DPO.
+    The anchor comes in the reference slot (``ref_chosen_logps, ref_rejected_logps``): the trainer fills it
+    with a frozen reference, a teacher, the old policy or an EMA, whichever reference it is configured with.
+    Paper: ADPO, "Anchored Direct Preference Optimization" (objectives.md; soft targets, anchors).
+    Shapes: four [B] log-probs; ``chosen_probs`` q [B] in [0, 1], the target probability that y_w is preferred
+    (None means 1, hard labels) -> [B].
+    Hyperparameters: tau = 10.0 (temperature; 10 = 1 / beta for DPO's beta = 0.1).
+    """
+    check_vectors(chosen_logps=chosen_logps, chosen_probs=chosen_probs)
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    x = (uw - ul) / tau
+    if chosen_probs is None:
+        return -jax.nn.log_sigmoid(x)
+    (q,) = as_f32(chosen_probs)
+    return -(q * jax.nn.log_sigmoid(x) + (1.0 - q) * jax.nn.log_sigmoid(-x))
+
+
+def _fuse(source_logps: Array, pivot: Array, clip_to_pivot: str, weights: Array) -> Array:
+    """sum_i gamma_i log Clip(M_i), on length-normalised log-probs [B, N] -> [B]."""
+    if clip_to_pivot == "max":
+        source_logps = jnp.maximum(source_logps, pivot[:, None])
+    elif clip_to_pivot == "min":
+        source_logps = jnp.minimum(source_logps, pivot[:, None])
+    return jnp.sum(weights * source_logps, axis=-1)
+
+
+@register("infifpo", family="pairwise")
+def infifpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rejected_lengths: Array,
+            source_chosen_logps: Array, source_rejected_logps: Array, *, beta: float = 0.1,
+            fusion: str = "max_margin", clip: bool = True) -> Array:
+    """InfiFPO: DPO whose reference is a fusion of N source models, on length-normalised log-probs.
+
+    Formula: lbar = S / n (policy, "pivot");  lbar_i = source i's length-normalised log-prob (given);
+      log Clip(M_i(y_w)) = max(lbar_i(y_w), sg(lbar(y_w))),
+      log Clip(M_i(y_l)) = min(lbar_i(y_l), sg(lbar(y_l)))
+        (clip=True: a source never pulls the reference below the pivot on y_w nor above it on y_l, so a weak
+        source cannot turn the implicit reward against the preference; sg = stop-gradient);
+      lbar_fu(y) = sum_i gamma_i log Clip(M_i(y)), gamma = 1/N ("mean") or one-hot on the source whose
+        |lbar_i(y_w) - lbar(y_w)| + |lbar_i(y_l) - lbar(y_l)| is largest ("max_margin", per example);
+      loss = -ls(beta [lbar(y_w) - lbar_fu(y_w)] - beta [lbar(y_l) - lbar_fu(y_l)]).
+    With one source and clip=False this is DPO on length-normalised log-probs.
+    Paper: "InfiFPO: Implicit Model Fusion via Preference Optimization in Large Language Models"
+    (arXiv 2505.13878).
+    Shapes: ``chosen_logps, rejected_logps`` summed [B]; lengths [B]; ``source_chosen_logps,
+    source_rejected_logps`` [B, N], already length-normalised per source (sources may use other tokenizers,
+    so each source normalises by its own token count) -> [B].
+    Hyperparameters: beta = 0.1; fusion = "max_margin" ("mean" or "max_margin"); clip = True.
+    """
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+                  rejected_lengths=rejected_lengths)
+    chex.assert_rank([source_chosen_logps, source_rejected_logps], 2)
+    chex.assert_equal_shape([source_chosen_logps, source_rejected_logps])
+    chex.assert_equal(source_chosen_logps.shape[0], chosen_logps.shape[0])
+    sw, sl, qw, ql = as_f32(chosen_logps, rejected_logps, source_chosen_logps, source_rejected_logps)
+    lw, ll = sw / clamp_lengths(chosen_lengths), sl / clamp_lengths(rejected_lengths)
+    pw, pl = jax.lax.stop_gradient(lw), jax.lax.stop_gradient(ll)
+    n = qw.shape[-1]
+    if fusion == "mean":
+        weights = jnp.full(qw.shape, 1.0 / n, jnp.float32)
+    elif fusion == "max_margin":
+        divergence = jnp.abs(qw - pw[:, None]) + jnp.abs(ql - pl[:, None])
+        weights = jax.nn.one_hot(jnp.argmax(divergence, axis=-1), n, dtype=jnp.float32)
+    else:
+        raise ValueError(f"infifpo fusion must be 'mean' or 'max_margin'; got {fusion!r}")
+    fw = _fuse(qw, pw, "max" if clip else "none", weights)
+    fl = _fuse(ql, pl, "min" if clip else "none", weights)
+    return -jax.nn.log_sigmoid(beta * (lw - fw) - beta * (ll - fl))
+
+
+@register("gpo_square", family="pairwise")
+def gpo_square(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+               preference_scores: Array, *, beta: float = 0.1, tau: float = 0.1) -> Array:
+    """GPO: SPPO-style square loss with win probabilities from General Preference Model scores.
+
+    Formula: P = s(score / tau) (the GPM probability that y_w beats y_l; score = <R v_w, v_l>);
+      loss = (u_w - (P - 1/2) / beta)^2 + (u_l - (1/2 - P) / beta)^2.
+    P = 1 recovers ``sppo_hard``. The scores are given (computed by the GPM head, no gradient here).
+    Paper: "Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment"
+    (arXiv 2410.02197);
+    the square loss is SPPO's (arXiv 2405.00675) with eta = 1 / beta.
+    Shapes: four [B] log-probs, ``preference_scores`` [B] -> [B].
+    Hyperparameters: beta = 0.1; tau = 0.1 (GPM temperature).
+    """
+    check_vectors(chosen_logps=chosen_logps, preference_scores=preference_scores)
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    (score,) = as_f32(preference_scores)
+    p = jax.lax.stop_gradient(jax.nn.sigmoid(score / tau))
+    return (uw - (p - 0.5) / beta) ** 2 + (ul - (0.5 - p) / beta) ** 2

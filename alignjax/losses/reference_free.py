@@ -1,0 +1,111 @@
+"""Reference-free pairwise losses: no reference model is run (no ``ref_*`` inputs).
+
+Arrays: ``chosen_logps, rejected_logps`` (summed policy log-probs S, [B]), ``chosen_lengths,
+rejected_lengths`` (token counts n, [B], clamped to >= 1). Returns per-example losses [B] in float32.
+NLL terms are per-token means, -S_w / n_w, per example (see ``modifiers.chosen_nll``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from alignjax.losses.pairwise import (
+    _smoothed_sigmoid,
+    as_f32,
+    check_probability,
+    check_vectors,
+    clamp_lengths,
+)
+from alignjax.losses.registry import register
+
+Array = jax.Array
+
+
+def log1mexp(x: Array) -> Array:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler's switch at x = -log 2)."""
+    return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(jnp.minimum(x, -1e-30))),
+                     jnp.log1p(-jnp.exp(jnp.minimum(x, -jnp.log(2.0)))))
+
+
+@register("simpo", family="reference_free")
+def simpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rejected_lengths: Array, *,
+          beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0) -> Array:
+    """SimPO: length-normalised reward with a target margin, no reference.
+
+    Formula: z = beta (S_w / n_w - S_l / n_l) - gamma;  loss = -(1 - eps) ls(z) - eps ls(-z).
+    Paper: "SimPO: Simple Preference Optimization with a Reference-Free Reward" (arXiv 2405.14734).
+    Shapes: two [B] log-probs, two [B] lengths -> [B].
+    Hyperparameters: beta = 2.0 (the paper's range is 2.0 to 2.5); gamma = 0.5 (TRL ``simpo_gamma``;
+    the margin in units of z); label_smoothing = 0.0.
+    """
+    check_probability("label_smoothing", label_smoothing)
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+                  rejected_lengths=rejected_lengths)
+    sw, sl = as_f32(chosen_logps, rejected_logps)
+    z = beta * (sw / clamp_lengths(chosen_lengths) - sl / clamp_lengths(rejected_lengths)) - gamma
+    return _smoothed_sigmoid(z, label_smoothing)
+
+
+@register("cpo", family="reference_free")
+def cpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, *, beta: float = 0.1,
+        label_smoothing: float = 0.0, nll_weight: float = 1.0) -> Array:
+    """CPO: reference-free DPO plus behaviour cloning on the chosen response.
+
+    Formula: z = beta (S_w - S_l);  loss = -(1 - eps) ls(z) - eps ls(-z) + nll_weight * (-S_w / n_w).
+    Paper: "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine
+    Translation" (arXiv 2401.08417).
+    Shapes: two [B] log-probs, ``chosen_lengths`` [B] -> [B].
+    Hyperparameters: beta = 0.1; label_smoothing = 0.0; nll_weight = 1.0 (NLL as a per-token mean).
+    """
+    check_probability("label_smoothing", label_smoothing)
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths)
+    sw, sl = as_f32(chosen_logps, rejected_logps)
+    nll = -sw / clamp_lengths(chosen_lengths)
+    return _smoothed_sigmoid(beta * (sw - sl), label_smoothing) + nll_weight * nll
+
+
+@register("orpo", family="reference_free")
+def orpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rejected_lengths: Array, *,
+         beta: float = 0.1) -> Array:
+    """ORPO: NLL on the chosen response plus an odds-ratio preference term.
+
+    Formula: lbar = S / n (mean token log-prob, so p = exp(lbar));  log odds(p) = lbar - log(1 - exp(lbar));
+      loss = -lbar_w - beta ls(log odds(p_w) - log odds(p_l)).
+    log(1 - exp(.)) is a stable log1mexp; lbar is capped at -1e-6 (p = 1 would make the odds infinite).
+    Paper: "ORPO: Monolithic Preference Optimization without Reference Model" (arXiv 2403.07691).
+    Shapes: two [B] summed log-probs, two [B] lengths -> [B].
+    Hyperparameters: beta = 0.1 (the paper's lambda; TRL's ``beta``).
+    """
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+                  rejected_lengths=rejected_lengths)
+    sw, sl = as_f32(chosen_logps, rejected_logps)
+    lw = sw / clamp_lengths(chosen_lengths)
+    ll = sl / clamp_lengths(rejected_lengths)
+    cw, cl = jnp.minimum(lw, -1e-6), jnp.minimum(ll, -1e-6)
+    log_odds = (cw - log1mexp(cw)) - (cl - log1mexp(cl))
+    return -lw - beta * jax.nn.log_sigmoid(log_odds)
+
+
+@register("alphapo", family="reference_free")
+def alphapo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rejected_lengths: Array, *,
+            beta: float = 2.0, gamma: float = 0.5, alpha: float = 0.25) -> Array:
+    """AlphaPO: SimPO with an alpha-shaped reward.
+
+    Formula: lbar = S / n;  r = (beta / alpha) (1 - exp(-alpha lbar))   (alpha = 0: r = beta lbar, SimPO);
+      loss = -ls(r_w - r_l - gamma). The exponent is capped at 80 so extreme inputs stay finite.
+    Paper: "AlphaPO: Reward Shape Matters for LLM Alignment" (arXiv 2501.03884).
+    Shapes: two [B] log-probs, two [B] lengths -> [B].
+    Hyperparameters: beta = 2.0; gamma = 0.5; alpha = 0.25.
+    """
+    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+                  rejected_lengths=rejected_lengths)
+    sw, sl = as_f32(chosen_logps, rejected_logps)
+    lw = sw / clamp_lengths(chosen_lengths)
+    ll = sl / clamp_lengths(rejected_lengths)
+    if abs(alpha) < 1e-8:
+        rw, rl = beta * lw, beta * ll
+    else:
+        rw = beta / alpha * (1.0 - jnp.exp(jnp.minimum(-alpha * lw, 80.0)))
+        rl = beta / alpha * (1.0 - jnp.exp(jnp.minimum(-alpha * ll, 80.0)))
+    return -jax.nn.log_sigmoid(rw - rl - gamma)
