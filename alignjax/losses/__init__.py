@@ -6,9 +6,20 @@ Each family module registers its losses on import; ``docs/losses.md`` lists them
 """
 
 # Family modules register their losses on import (modifiers imports pairwise itself).
-from alignjax.losses import listwise, modifiers, pairwise, reference_free, step_level
+from alignjax.losses import (
+    diffusion,
+    listwise,
+    modifiers,
+    pairwise,
+    reference_free,
+    reward,
+    step_level,
+    token_level,
+    unpaired,
+)
 from alignjax.losses.metrics import preference_metrics
 from alignjax.losses.registry import LossSpec, aliases, canonical, get, inputs, names, register, spec
 
 __all__ = ["LossSpec", "aliases", "canonical", "get", "inputs", "names", "register", "spec",
-           "pairwise", "reference_free", "listwise", "step_level", "modifiers", "preference_metrics"]
+           "pairwise", "reference_free", "listwise", "step_level", "modifiers", "unpaired", "token_level",
+           "reward", "diffusion", "preference_metrics"]
