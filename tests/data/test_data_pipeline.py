@@ -1,0 +1,100 @@
+"""Iterator: exact resume from state, disjoint process shards covering the epoch, global arrays on a mesh."""
+
+import json
+
+import numpy as np
+import pytest
+
+from alignjax.data import PreferenceData, make_preference_batches, synthetic
+
+RECORDS = synthetic.arithmetic_dpo_records(synthetic.arithmetic_splits(0)["train"][:28])
+TOK = synthetic.arithmetic_tokenizer()
+
+
+def _data(**kw):
+    args = dict(batch_size=4, max_length=10, seed=3, process_index=0, process_count=1)
+    args.update(kw)
+    return PreferenceData(RECORDS, TOK, **args)
+
+
+def _prompts(batch, b):
+    return [TOK.decode(row[:6]) for row in batch["input_ids"][:b]]
+
+
+def test_resume_gives_the_same_batches():
+    data = _data()
+    assert data.steps_per_epoch == 7
+    for _ in range(5):
+        next(data)
+    state = json.loads(json.dumps(data.get_state()))  # the state survives a JSON checkpoint
+    assert state == {"epoch": 0, "position": 5}
+    after = [next(data) for _ in range(3)]  # crosses into epoch 1
+    fresh = _data()
+    fresh.set_state(state)
+    for a, b in zip(after, [next(fresh) for _ in range(3)]):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert fresh.get_state() == {"epoch": 1, "position": 1}
+
+
+def test_epoch_order_is_seeded_and_changes_per_epoch():
+    data = _data()
+    e0, e1 = data.epoch_order(0), data.epoch_order(1)
+    np.testing.assert_array_equal(e0, np.random.default_rng([3, 0]).permutation(28))
+    assert sorted(e0) == sorted(e1) == list(range(28)) and not np.array_equal(e0, e1)
+    unshuffled = _data(shuffle=False)
+    assert _prompts(next(unshuffled), 4) == [r["prompt"] for r in RECORDS[:4]]
+
+
+def test_two_processes_disjoint_shards_cover_the_epoch():
+    seen = []
+    for p in range(2):
+        data = _data(process_index=p, process_count=2, num_epochs=1)
+        prompts = [pr for batch in data for pr in _prompts(batch, 2)]
+        assert len(prompts) == 14
+        seen.append(prompts)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(r["prompt"] for r in RECORDS)
+    # Host p's rows are the p-th half of the single-process global batch.
+    single = next(_data())
+    assert _prompts(single, 4) == [seen[0][0], seen[0][1], seen[1][0], seen[1][1]]
+
+
+def test_skip_bad_rows_and_prompt_budget(tmp_path):
+    path = tmp_path / "d.jsonl"
+    long_prompt = json.dumps({"prompt": "1234567890=", "chosen": "1", "rejected": "2"})  # 11 tokens
+    rows = [json.dumps(r) for r in RECORDS[:8]] + [
+        "oops", json.dumps({"prompt": "12+34=", "chosen": "1"}),
+        json.dumps({"prompt": "12+34=", "chosen": "1", "rejected": "2"}), long_prompt]
+    path.write_text("\n".join(rows) + "\n")
+    kw = dict(batch_size=3, max_length=10, process_count=1, process_index=0)
+    with pytest.raises(ValueError, match=rf"^{path}:9: not valid JSON"):
+        make_preference_batches(str(path), "arithmetic", **kw)
+    with pytest.raises(ValueError) as e:
+        make_preference_batches([json.loads(long_prompt)], "arithmetic", **kw)
+    assert str(e.value) == ("<records>:1: prompt has 11 tokens, leaving no room for a completion within "
+                            "max_length=10 (set max_prompt_length to truncate prompts)")
+    data, stats = make_preference_batches(str(path), "arithmetic", on_bad_row="skip", **kw)
+    assert (stats.rows_read, stats.rows_kept, data.steps_per_epoch) == (12, 9, 3)
+    assert dict(stats.skipped) == {"not_json": 1, "missing_field": 1, "prompt_too_long": 1}
+    assert stats.examples[-1].startswith(f"{path}:12: prompt has 11 tokens")
+    # With a prompt budget the long prompt is kept, cut to its last 4 tokens ("890=").
+    data, stats = make_preference_batches(str(path), "arithmetic", on_bad_row="skip", max_prompt_length=6, **kw)
+    assert stats.rows_kept == 10 and stats.truncated_prompts == 1
+    assert data.examples[-1].prompt == TOK.encode("567890=")[-6:] == TOK.encode("67890=")
+
+
+def test_make_preference_batches_global_batch_on_mesh():
+    from alignjax.sharding import global_batch, make_mesh
+
+    data, stats = make_preference_batches(RECORDS, "arithmetic", layout="packed", batch_size=8, max_length=10,
+                                          pack_length=20, pack_rows=8, seed=0, process_count=1, process_index=0)
+    host = next(data)
+    assert host["input_ids"].shape == (8, 20) and host["chosen_lengths"].shape == (8,)
+    assert stats.padding_fraction == 0.0  # 16 sequences of 10 tokens fill 8 rows of 20 exactly
+    mesh = make_mesh({"data": -1, "fsdp": 2})
+    arrays = global_batch(mesh, host)
+    for k, v in host.items():
+        np.testing.assert_array_equal(np.asarray(arrays[k]), v)
+    assert arrays["input_ids"].sharding.spec[0] == ("data", "fsdp")
