@@ -1,0 +1,163 @@
+"""The entry point: flags -> config -> run.
+
+  python -m alignjax.main --config=experiments/<file>.py[:args] --workdir=DIR [--config.key=value ...]
+
+``config.job`` picks what runs: ``train`` (preference or SFT training, :mod:`alignjax.train.loop`),
+``quickstart`` (SFT then DPO against the SFT model, :mod:`alignjax.train.pipeline`), ``score``
+(:func:`alignjax.eval.scoring.run_score`). Everything a user can get wrong in the command line (an
+unknown config key, loss name, model preset or job) fails here, before any compute, with the valid
+choices. The workdir receives ``config.json``; rerunning with the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+# Config files import ``experiments.common``: the repository root (the working directory of
+# ``python -m alignjax.main``) must be importable however the module was started.
+if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<file>.py[:args]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics, checkpoints, summary")
+
+JOBS = ("train", "quickstart", "score", "reward_model", "mcts_dpo")
+
+
+def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf of ``config`` (``loss.beta``, ``mesh.data``, ...)."""
+    keys = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ConfigDict):
+            keys.extend(flat_keys(value, path + "."))
+        else:
+            keys.append(path)
+    return keys
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """``path.py[:arg]`` -> ``get_config(arg)``, imported the way config_flags does."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config={spec}: no such config file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("_alignjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Fails on ``--config.key=value`` for a key the config does not have, naming the valid keys."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if config_arg is None or not overrides:
+        return
+    valid = flat_keys(load_config_file(config_arg))
+    prefixes = {k.rsplit(".", i)[0] for k in valid for i in range(k.count(".") + 1)}
+    for key in overrides:
+        if key not in prefixes:
+            raise SystemExit(
+                f"--config.{key}: unknown config key {key!r} in {config_arg}; valid keys:\n  "
+                + "\n  ".join(valid)
+            )
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks names a user can mistype (job, loss, model preset) before any compute."""
+    if config.job not in JOBS:
+        raise ValueError(f"config.job={config.job!r}; valid jobs: {list(JOBS)}")
+    if config.job in ("train",) and "loss" in config:
+        import alignjax.losses as losses
+
+        losses.canonical(config.loss.name)  # KeyError listing the registered losses
+    for key in ("model.path", "reference.path"):
+        section, field = key.split(".")
+        path = config.get(section, {}).get(field, "")
+        if path and not os.path.isdir(path):
+            check_model_name(path, key)
+
+
+def check_model_name(name: str, key: str) -> None:
+    """A model path that is not a directory must be a preset name."""
+    import alignjax.models as models
+
+    presets = _preset_names(models)
+    if presets is not None and name not in presets:
+        raise ValueError(
+            f"config.{key}={name!r} is neither a directory nor a model preset; presets: {sorted(presets)}"
+        )
+
+
+def _preset_names(models: Any) -> list[str] | None:
+    for attr in ("preset_names", "PRESETS", "presets"):
+        value = getattr(models, attr, None)
+        if callable(value):
+            return list(value())
+        if value is not None:
+            return list(value)
+    return None
+
+
+def write_config(config: ConfigDict, workdir: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2, sort_keys=True))
+
+
+def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs ``config.job`` in ``workdir`` and returns its summary."""
+    validate(config)
+    if config.get("distributed") is not None and config.distributed.enabled:
+        from alignjax.sharding import initialize_distributed
+
+        initialize_distributed(
+            coordinator_address=config.distributed.coordinator_address or None,
+            num_processes=config.distributed.num_processes,
+            process_id=config.distributed.process_id,
+        )
+    write_config(config, workdir)
+    if config.job == "train":
+        from alignjax.train.loop import run_train
+
+        return run_train(config, workdir)
+    if config.job == "quickstart":
+        from alignjax.train.pipeline import run_quickstart
+
+        return run_quickstart(config, workdir)
+    if config.job == "score":
+        from alignjax.eval.scoring import run_score  # the lead's scoring job (issue 2)
+
+        return run_score(config, workdir)
+    raise NotImplementedError(f"config.job={config.job!r} is not implemented yet")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    summary = run(_CONFIG.value, _WORKDIR.value)
+    public = {k: v for k, v in summary.items() if not k.startswith("_")}
+    print(json.dumps(public, indent=1, default=str))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    check_overrides(argv)
+    return flags.FLAGS(argv)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

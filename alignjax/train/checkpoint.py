@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the whole run: train state, data-iterator state and a shape manifest.
+
+A step directory only becomes visible when complete (orbax writes to a temporary directory and
+renames it on commit), so a run killed at any point restarts from the last complete checkpoint.
+The manifest (model config, parameter shapes) lets a restart refuse a checkpoint of another model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatch(ValueError):
+    """The workdir holds a checkpoint that does not fit the configured model."""
+
+
+def shape_manifest(abstract_state: Any, model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-able description of what a checkpoint must match: param paths -> shapes, model config."""
+    shapes = {
+        jax.tree_util.keystr(path): list(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state["params"])
+    }
+    return {"model_config": dict(model_config), "param_shapes": shapes}
+
+
+def check_manifest(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str) -> None:
+    """Raises CheckpointMismatch naming the first parameter (or config field) that differs."""
+    old, new = saved.get("param_shapes", {}), current["param_shapes"]
+    problems = [f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if problems:
+        diff = {k: (saved["model_config"].get(k), v) for k, v in current["model_config"].items()
+                if saved.get("model_config", {}).get(k) != v}
+        raise CheckpointMismatch(
+            f"{directory} holds a checkpoint of a different model and cannot be resumed: "
+            f"{problems[0]}" + (f" ({len(problems) - 1} more)" if len(problems) > 1 else "")
+            + (f"; model config differs in {diff} (checkpoint, now)" if diff else "")
+            + ". Use a fresh --workdir, or the model config the checkpoint was written with."
+        )
+
+
+class Checkpointer:
+    """``CheckpointManager`` with three items: ``state`` (pytree), ``data`` and ``manifest`` (JSON)."""
+
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "manifest"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(data_state)),
+            manifest=ocp.args.JsonSave(dict(manifest)),
+        ), force=True)
+
+    def restore(self, step: int, abstract_state: Any, manifest: Mapping[str, Any]) -> tuple[Any, dict]:
+        """Restores ``step`` into arrays with ``abstract_state``'s shapes and shardings, after the
+        manifest check."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
+        check_manifest(saved, manifest, self.directory)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["data"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def fingerprint(params: Any) -> list[float]:
+    """A cheap content fingerprint of a pytree of arrays: per leaf (sum, sum |x|, sum x * w) with a
+    fixed weight pattern w, rounded to 6 significant digits so that reduction order does not matter."""
+
+    @jax.jit
+    def stats(tree):
+        def one(x):
+            x = x.astype(np.float32).reshape(-1)
+            w = (jax.numpy.arange(x.shape[0]) % 7).astype(np.float32)
+            return jax.numpy.stack([x.sum(), abs(x).sum(), (x * w).sum()])
+        return [one(x) for x in jax.tree.leaves(tree)]
+
+    values = np.concatenate([np.asarray(v) for v in stats(params)]) if jax.tree.leaves(params) else np.zeros(0)
+    return [float(f"{v:.6g}") for v in values]

@@ -1,0 +1,393 @@
+"""The train loop, one function in sections (preference losses and SFT alike).
+
+mesh -> model -> data -> abstract init (``jax.eval_shape``) -> shardings -> ``jit(init,
+out_shardings)`` -> restore -> ``jit(step, donate_argnums=0)`` -> loop (metrics read one step late,
+periodic evaluation, orbax checkpoints, SIGTERM = save and exit, non-finite loss = stop) -> summary.
+
+Determinism: the data iterator, the params and the RNG are all in the checkpoint, and metrics
+past the restored step are dropped from ``metrics.jsonl``, so a run killed at any step and restarted
+writes the same ``metrics.jsonl`` as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alignjax import sharding
+from alignjax.train import checkpoint as ckpt
+from alignjax.train import reference as reflib
+from alignjax.train.metrics import MetricWriter, plot_curves
+from alignjax.train.optim import make_optimizer
+from alignjax.train.step import make_eval_fn, make_step_spec, make_train_step
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -> tuple[Any, Any]:
+    """``(model, pretrained_params or None)`` from ``config.model``.
+
+    A preset gets ``config.model.overrides`` (``vocab_size=0`` = grow to the tokenizer's vocabulary)
+    and is initialised by the train loop with ``config.seed``; a directory is loaded.
+    """
+    from alignjax import models
+
+    path = model_config.path
+    if path in models.PRESETS:
+        overrides = {k: v for k, v in dict(model_config.get("overrides", {})).items() if v not in (0, "", None)}
+        base = models.PRESETS[path]
+        if not overrides.get("vocab_size") and vocab_size > base.vocab_size:
+            overrides["vocab_size"] = vocab_size
+        cfg = base.replace(param_dtype=model_config.dtype, dtype=model_config.dtype, **overrides)
+        return models.Model(cfg, mesh=mesh, rules=rules), None
+    model = models.from_pretrained(path, dtype=model_config.dtype, mesh=mesh, rules=rules)
+    return model, model.params
+
+
+def data_iterator(config: Any, source: str, batch_size: int, *, shuffle: bool = True,
+                  num_epochs: int | None = None, seed: int | None = None) -> Any:
+    """The data pipeline for ``source`` with fixed-length batches (one compiled shape)."""
+    from alignjax.data import make_preference_batches
+
+    if not source:
+        raise ValueError("config.data.source is empty: give a dataset (e.g. synthetic:arithmetic_dpo:train)")
+    layout = config.data.layout
+    extra: dict[str, Any] = {"buckets": (config.data.max_length * (2 if layout == "shared_prompt" else 1),)}
+    if layout == "packed":
+        extra = {"pack_length": config.data.max_length * 2, "pack_rows": batch_size}
+    data, stats = make_preference_batches(
+        source, config.data.tokenizer, kind=config.data.kind, layout=layout, batch_size=batch_size,
+        max_length=config.data.max_length, seed=config.seed if seed is None else seed, shuffle=shuffle,
+        num_epochs=num_epochs, on_bad_row=config.data.on_bad_row, **extra)
+    return data, stats
+
+
+def globalize_ids(host: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """Process-local sequence ids -> global ones (sequences ``0..B-1`` chosen, ``B..2B-1`` rejected
+    over all processes): local id ``i < b`` becomes ``p b + i``, ``i >= b`` becomes ``B + p b + i - b``."""
+    p, n = jax.process_index(), jax.process_count()
+    if n == 1:
+        return host
+    b = next(len(v) for k, v in host.items() if np.ndim(v) == 1)
+    ids = host["example_ids"]
+    second = ids >= b
+    offset = np.where(second, n * b - b + p * b, p * b)
+    return dict(host, example_ids=np.where(ids >= 0, ids + offset, -1).astype(np.int32))
+
+
+def to_global(mesh: Any, host: Mapping[str, np.ndarray], stacked: bool) -> dict[str, jax.Array]:
+    """Host-local (optionally ``[k, ...]``-stacked) arrays -> global arrays split over the batch axes."""
+    out = {}
+    for key, value in host.items():
+        value = np.asarray(value)
+        lead = (None,) if stacked else ()
+        spec = PartitionSpec(*lead, sharding.BATCH_AXES, *([None] * (value.ndim - 1 - len(lead))))
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
+    return out
+
+
+def _tokens(host: Mapping[str, np.ndarray]) -> int:
+    return int(np.sum(np.asarray(host["segment_ids"]) > 0))
+
+
+def evaluate(eval_fn: Any, params: Any, ref_params: Any, batches: list[dict[str, jax.Array]],
+             beta: float) -> dict[str, float]:
+    """Held-out metrics: ranking accuracy, reward accuracy and the idealised bound (pairs), mean NLL."""
+    from alignjax.eval import ranking
+
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        for k, v in eval_fn(params, ref_params, batch).items():
+            parts.setdefault(k, []).append(np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True)))
+    vals = {k: np.concatenate(v) for k, v in parts.items()}
+    out = {"eval/nll_chosen": float(np.mean(-vals["chosen_logps"] / np.maximum(vals["chosen_lengths"], 1)))}
+    if "rejected_logps" in vals:
+        out["eval/ranking_accuracy"] = float(ranking.ranking_accuracy(vals["chosen_logps"], vals["rejected_logps"]))
+        if "ref_chosen_logps" in vals:
+            report = ranking.ranking_report(vals["chosen_logps"], vals["rejected_logps"],
+                                            vals["ref_chosen_logps"], vals["ref_rejected_logps"])
+            out.update(report)
+            out[f"eval/idealized_ranking_accuracy/beta={beta:g}"] = float(ranking.idealized_ranking_accuracy(
+                vals["ref_chosen_logps"], vals["ref_rejected_logps"], beta=beta))
+        else:
+            out["eval/reward_accuracy"] = float(ranking.reward_accuracy(vals["chosen_logps"], vals["rejected_logps"]))
+    return out
+
+
+class _Stop:
+    """SIGTERM flag: the loop saves a checkpoint at the next step boundary and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Stop:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def run_train(
+    config: Any,
+    workdir: str,
+    *,
+    init_params: Any = None,
+    ref_params: Any = None,
+    model: Any = None,
+) -> dict[str, Any]:
+    """Trains per ``config`` in ``workdir`` (resuming from its last checkpoint) and returns the summary.
+
+    ``init_params`` / ``ref_params`` (already on the mesh, optional) start the policy / reference from
+    given params, e.g. the SFT stage of the quickstart; ``model`` reuses a built model.
+    """
+    t_start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    # ---- mesh
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = sharding.rules_from_config(config.rules or None)
+    k = int(config.optim.grad_accum_steps)
+    if config.data.batch_size % k:
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
+                         f"config.optim.grad_accum_steps={k}")
+    micro_size = config.data.batch_size // k
+    num_steps = int(config.train.num_steps)
+
+    # ---- data
+    data, stats = data_iterator(config, config.data.source, micro_size)
+    eval_batches_host = []
+    if config.data.eval_source:
+        eval_data, _ = data_iterator(config, config.data.eval_source, config.data.eval_batch_size,
+                                     shuffle=False, num_epochs=1)
+        for host in eval_data:
+            eval_batches_host.append(globalize_ids(host, config.data.kind))
+            if len(eval_batches_host) * config.data.eval_batch_size >= config.data.num_eval:
+                break
+
+    # ---- model and step
+    if model is None:
+        model, pretrained = build_model(config.model, mesh, rules, data.tokenizer.vocab_size)
+        init_params = pretrained if init_params is None else init_params
+    ref_mode = reflib.step_reference_mode(config.reference.kind)
+    spec = make_step_spec(config, micro_size, ref_mode)
+    tx, schedule = make_optimizer(config.optim, num_steps)
+    keep_ref = spec.reference == "model"
+    sync_every = int(config.reference.sync_every) if config.reference.kind == "ema" else 0
+    loss_state0 = None
+    if spec.stateful:
+        import alignjax.losses as losses
+
+        loss_state0 = losses.get(spec.loss).init_state()
+
+    # ---- abstract init -> shardings -> jit(init, out_shardings)
+    param_shardings = model.shardings(mesh, rules)
+    repl = sharding.replicated(mesh)
+
+    def init(rng: jax.Array, params: Any, ref: Any) -> dict[str, Any]:
+        init_rng, rng = jax.random.split(rng)
+        params = model.init(init_rng) if params is None else params
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                 "rng": rng}
+        if keep_ref:
+            state["ref_params"] = jax.tree.map(lambda x: x.copy(), params if ref is None else ref)
+        if loss_state0 is not None:
+            state["loss_state"] = loss_state0
+        return state
+
+    rng0 = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init, rng0, init_params, ref_params)
+    state_shardings = {
+        "params": param_shardings,
+        "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_shardings,
+                                           transform_non_params=lambda _: repl),
+        "step": repl, "rng": repl,
+    }
+    if keep_ref:
+        state_shardings["ref_params"] = param_shardings
+    if loss_state0 is not None:
+        state_shardings["loss_state"] = jax.tree.map(lambda _: repl, abstract["loss_state"])
+    manifest = ckpt.shape_manifest(abstract, dataclasses.asdict(model.config))
+    checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                     async_save=config.train.async_checkpoints)
+    writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+    start = checkpointer.latest_step()
+    if start is not None:
+        # ---- restore (refuses a checkpoint of another model before reading any array)
+        state, data_state = checkpointer.restore(start, ckpt.abstract_with_shardings(abstract, state_shardings),
+                                                 manifest)
+        data.set_state(data_state)
+        writer.truncate_after(start)
+    else:
+        start = 0
+        if os.path.exists(writer.path) and writer.active:
+            os.remove(writer.path)
+        state = jax.jit(init, out_shardings=state_shardings)(rng0, init_params, ref_params)
+
+    # ---- reference cache (kind=cache): built once, then read into each batch
+    cache = None
+    if spec.reference == "batch":
+        ref_model_params = init_params if ref_params is None else ref_params
+        if ref_model_params is None:
+            ref_model_params = jax.jit(lambda r: model.init(jax.random.split(r)[0]),
+                                       out_shardings=param_shardings)(rng0)
+        cache = _build_cache(config, workdir, model, spec, ref_model_params, micro_size, num_steps * k)
+
+    train_step = jax.jit(make_train_step(model, spec, tx, schedule, sync_every=sync_every,
+                                         sync_alpha=float(config.reference.alpha)),
+                         donate_argnums=(0,), out_shardings=(state_shardings, None))
+    eval_fn = jax.jit(make_eval_fn(model, spec))
+    eval_batches = [to_global(mesh, h, stacked=False) for h in eval_batches_host]
+    beta = float(dict(spec.hyperparameters).get("beta", 1.0))
+
+    def run_eval(step: int) -> dict[str, float]:
+        if not eval_batches:
+            return {}
+        if cache is not None:
+            return {}  # held-out batches have no cached reference values
+        return evaluate(eval_fn, state["params"], state.get("ref_params", state["params"]), eval_batches, beta)
+
+    # ---- loop
+    progress = None
+    if config.train.progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=num_steps, initial=start, desc=f"{spec.loss}", dynamic_ncols=True)
+    pending: tuple[int, Any] | None = None
+    last_metrics: dict[str, float] = {}
+    last_saved = start if start else None
+    tokens, t_window = 0, time.time()
+
+    def drain(item: tuple[int, Any] | None) -> None:
+        """Reads a step's metrics (one step late), stops on a non-finite loss, logs."""
+        nonlocal last_metrics
+        if item is None:
+            return
+        step_no, metrics = item
+        values = {key: float(v) for key, v in jax.device_get(metrics).items()}
+        if not math.isfinite(values["loss"]):
+            checkpointer.wait()
+            raise NonFiniteLoss(
+                f"loss is {values['loss']} at step {step_no}; stopping. The last good checkpoint "
+                f"(step {last_saved}) is kept in {checkpointer.directory}; lower config.optim.learning_rate "
+                "or check the data, then rerun to resume from it."
+            )
+        last_metrics = values
+        if step_no % config.train.log_every == 0 or step_no == num_steps:
+            writer.write(step_no, values)
+
+    with _Stop() as stop:
+        try:
+            for step in range(start, num_steps):
+                micro = []
+                for j in range(k):
+                    host = globalize_ids(next(data), config.data.kind)
+                    if cache is not None:
+                        host.update(cache.lookup(step * k + j))
+                    micro.append(host)
+                tokens += sum(_tokens(h) for h in micro)
+                stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
+                state, metrics = train_step(state, to_global(mesh, stacked, stacked=True))
+                drain(pending)
+                pending = (step + 1, metrics)
+                step_no = step + 1
+                save_now = step_no % config.train.checkpoint_every == 0 or step_no == num_steps or stop.requested
+                if save_now:
+                    drain(pending)  # never checkpoint a step whose loss was not checked
+                    pending = None
+                    checkpointer.save(step_no, state, data.get_state(), manifest)
+                    last_saved = step_no
+                if config.train.eval_every and step_no % config.train.eval_every == 0 and step_no < num_steps:
+                    writer.write(step_no, run_eval(step_no))
+                if progress is not None:
+                    dt = max(time.time() - t_window, 1e-9)
+                    progress.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}",
+                                         tok_s=f"{tokens / dt:.0f}")
+                    progress.update(1)
+                    tokens, t_window = 0, time.time()
+                if stop.requested:
+                    checkpointer.wait()
+                    if progress is not None:
+                        progress.write(f"SIGTERM: saved checkpoint at step {step_no}; exiting")
+                    return {"stopped_at": step_no, "reason": "SIGTERM"}
+            drain(pending)
+            pending = None
+        finally:
+            if progress is not None:
+                progress.close()
+            checkpointer.close()
+            writer.close()
+
+    # ---- final evaluation and summary
+    final_eval = run_eval(num_steps)
+    summary = {"steps": num_steps, "loss": config.loss.name, "wall_s": time.time() - t_start,
+               **{f"train/{k_}": v for k_, v in last_metrics.items()}, **final_eval, **stats.summary()}
+    if jax.process_index() == 0:
+        if final_eval:
+            MetricWriter(workdir, tensorboard=False).write(num_steps, final_eval)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        if config.train.plot:
+            plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), spec.loss)
+    summary["_state"] = state
+    summary["_model"] = model
+    return summary
+
+
+def _build_cache(config: Any, workdir: str, model: Any, spec: Any, ref_params: Any, micro_size: int,
+                 num_micro: int) -> reflib.ReferenceCache:
+    """Precomputes the reference log-probs of every training micro-batch (resumable)."""
+    from alignjax import logprobs
+
+    mesh = model.mesh
+    settings = {k: config.data[k] for k in ("source", "tokenizer", "kind", "layout", "max_length")}
+    settings.update(micro_batch=micro_size, seed=config.seed, processes=jax.process_count(), num_micro=num_micro)
+    key = reflib.cache_key(model.config, ckpt.fingerprint(ref_params), settings)
+    directory = config.reference.cache_dir or os.path.join(workdir, "ref_cache")
+    cache = reflib.ReferenceCache(directory, key, spec.required)
+    if cache.complete(num_micro):
+        return cache
+    data, _ = data_iterator(config, config.data.source, micro_size)
+    n = spec.num_sequences
+    b = micro_size
+    out_sharding = sharding.batch_sharding(mesh, 1)
+
+    @jax.jit
+    def compute(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        seq, _ = logprobs.batch_sequence_logps(model, params, batch, n)
+        seq = jax.lax.with_sharding_constraint(seq, out_sharding)
+        first = jax.lax.with_sharding_constraint(seq[:b], out_sharding)
+        second = jax.lax.with_sharding_constraint(seq[b:2 * b] if n > b else seq[:0], out_sharding)
+        return {"ref_chosen_logps": first, "ref_rejected_logps": second, "ref_logps": first,
+                "ref_kl_logps": second}
+
+    batches = (globalize_ids(h, config.data.kind) for h in data)
+    cache.build(batches, num_micro, lambda h: compute(ref_params, to_global(mesh, h, stacked=False)))
+    return cache

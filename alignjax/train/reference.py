@@ -1,0 +1,130 @@
+"""Reference handling: frozen copy, reference-free, on-disk cache, EMA / TR-DPO synchronisation.
+
+``config.reference.kind``:
+
+* ``frozen`` - a copy of the initial policy params (or the model at ``config.reference.path``),
+  sharded like the policy, never differentiated;
+* ``none``   - reference-free: the step runs no reference forward (a loss that needs ``ref_*``
+  inputs is refused at start-up);
+* ``cache``  - the reference log-probs of every training batch are computed once, written under
+  ``<cache_dir>/<key>/`` (per process, in chunks, each written atomically, so an interrupted build
+  resumes) and then read into the batch as ``ref_chosen_logps`` / ``ref_rejected_logps``; ``key`` is
+  a content hash of the model config, a params fingerprint and the data settings, so a changed
+  model or dataset never reads a stale cache;
+* ``ema``    - TR-DPO: every ``sync_every`` steps ``ref <- alpha * policy + (1 - alpha) * ref``
+  ("Learn Your Reference Model for Real Good Alignment", arXiv:2404.09656; alpha = 1 is the hard
+  update), done inside the jitted step (:func:`alignjax.train.step.ema_update`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from alignjax.train.step import CACHEABLE, ema_update
+
+__all__ = ["KINDS", "step_reference_mode", "cache_key", "ReferenceCache", "ema_update", "local_rows"]
+
+KINDS = ("frozen", "none", "cache", "ema")
+CHUNK = 64  # micro-batches per cache file
+
+
+def step_reference_mode(kind: str) -> str:
+    """config.reference.kind -> what the step does: "model" (forward), "batch" (cached) or "none"."""
+    if kind not in KINDS:
+        raise ValueError(f"config.reference.kind={kind!r}; choose one of {list(KINDS)}")
+    return {"frozen": "model", "ema": "model", "cache": "batch", "none": "none"}[kind]
+
+
+def cache_key(model_config: Any, params_fingerprint: list[float], data_settings: Mapping[str, Any]) -> str:
+    """sha256 (first 16 hex) of the model config, params fingerprint and data/tokenization settings."""
+    cfg = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(model_config)
+    blob = json.dumps({"model": cfg, "params": params_fingerprint, "data": dict(data_settings)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (replicas dropped)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {}
+    for shard in x.addressable_shards:
+        start = shard.index[0].start or 0
+        shards.setdefault(start, np.asarray(shard.data))
+    return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
+
+
+class ReferenceCache:
+    """Per-process files ``p<process>_c<chunk>.npz`` holding ``[CHUNK, b_local]`` arrays per name.
+
+    Micro-batch ``i`` (counted over the whole run, ``step * k + j``) lives in chunk ``i // CHUNK``.
+    """
+
+    def __init__(self, directory: str, key: str, names: tuple[str, ...]):
+        self.directory = os.path.join(directory, key)
+        self.names = tuple(n for n in names if n in CACHEABLE)
+        self.process = jax.process_index()
+        self._loaded: dict[int, dict[str, np.ndarray]] = {}
+
+    def _path(self, chunk: int) -> str:
+        return os.path.join(self.directory, f"p{self.process}_c{chunk:06d}.npz")
+
+    def complete(self, num_micro: int) -> bool:
+        return all(os.path.exists(self._path(c)) for c in range(-(-num_micro // CHUNK)))
+
+    def build(
+        self,
+        batches: Iterator[Mapping[str, np.ndarray]],
+        num_micro: int,
+        compute: Callable[[Mapping[str, np.ndarray]], dict[str, jax.Array]],
+        progress: bool = False,
+    ) -> int:
+        """Computes and writes every missing chunk; returns the number of chunks written.
+
+        ``batches`` yields host-local micro-batches in training order; ``compute`` maps one to
+        global per-example arrays ``{name: [B]}`` (batch-sharded).
+        """
+        os.makedirs(self.directory, exist_ok=True)
+        written = 0
+        num_chunks = -(-num_micro // CHUNK)
+        for chunk in range(num_chunks):
+            count = min(CHUNK, num_micro - chunk * CHUNK)
+            if os.path.exists(self._path(chunk)):
+                for _ in range(count):  # already built: advance the iterator past it
+                    next(batches)
+                continue
+            rows: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+            for _ in range(count):
+                out = compute(next(batches))
+                for n in self.names:
+                    rows[n].append(local_rows(out[n]))
+            tmp = self._path(chunk) + ".tmp.npz"
+            np.savez(tmp, **{n: np.stack(v) for n, v in rows.items()})
+            os.replace(tmp, self._path(chunk))  # atomic: a chunk file is whole or absent
+            written += 1
+        return written
+
+    def lookup(self, micro_index: int) -> dict[str, np.ndarray]:
+        chunk, offset = divmod(micro_index, CHUNK)
+        if chunk not in self._loaded:
+            self._loaded = {chunk: dict(np.load(self._path(chunk)))}
+        return {n: self._loaded[chunk][n][offset] for n in self.names}
+
+
+def frozen_copy(params: Any) -> Any:
+    """A copy of ``params`` in new buffers with the same shardings (so donating the policy's
+    buffers to the step leaves the reference intact)."""
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params)
+
+
+def hard_sync(ref_params: Any, params: Any) -> Any:
+    """alpha = 1 of :func:`ema_update`: the reference becomes the current policy."""
+    return ema_update(ref_params, params, 1.0)

@@ -1,0 +1,145 @@
+"""Defaults shared by every experiment config, and big_vision-style typed string arguments.
+
+A config file is ``experiments/<name>.py`` with ``get_config(arg=None)``; ``arg`` is the text after
+the colon in ``--config=experiments/dpo.py:model=tiny,loss=ipo,runlocal``. :func:`parse_arg` turns it
+into a ConfigDict of typed values (defaults give the types; a bare name is a boolean flag).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
+    """Parses ``"a=1,b=x,flag"`` against ``defaults`` (which fix each value's type).
+
+    Unknown names raise a ValueError listing the valid ones; ``flag`` alone means ``flag=True``.
+    """
+    out = ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}")
+        default = defaults[key]
+        if not _:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r} must be true or false")
+            out[key] = value.lower() in ("true", "1")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_config() -> ConfigDict:
+    """Every key the trainer reads, with defaults. Experiment files change values, never add keys
+    here by copy: a key added in one place is valid everywhere."""
+    c = ConfigDict()
+    c.job = "train"  # train | score | quickstart
+    c.seed = 0
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules = ()  # ((logical_name, mesh_axis), ...) overriding alignjax.sharding.DEFAULT_RULES
+    c.distributed = ConfigDict(dict(enabled=False, coordinator_address="", num_processes=1, process_id=0))
+
+    c.model = ConfigDict(dict(path="tiny", dtype="float32"))
+    # ModelConfig fields replacing the preset's (presets only), e.g. vocab_size, hidden_size; vocab_size
+    # 0 = the tokenizer's vocabulary when that is larger than the preset's.
+    c.model.overrides = ConfigDict(dict(vocab_size=0))
+
+    c.data = ConfigDict()
+    # synthetic:<task>:<split> (alignjax.data.synthetic), a JSONL/Parquet path, tfds:NAME or seqio:NAME.
+    c.data.source = "synthetic:arithmetic_dpo:train"
+    c.data.eval_source = "synthetic:arithmetic_dpo:val"  # held-out pairs for evaluation ("" = none)
+    c.data.tokenizer = "arithmetic"  # a built-in name or a directory with tokenizer.json
+    c.data.kind = "pairwise"  # pairwise | sft | unpaired
+    c.data.on_bad_row = "error"  # error | skip (skips are counted in summary.json)
+    c.data.layout = "padded"  # padded | packed | shared_prompt
+    c.data.max_length = 16
+    c.data.batch_size = 16  # global examples (pairs) per optimizer step
+    c.data.eval_batch_size = 64
+    c.data.num_eval = 256  # held-out examples for periodic evaluation
+
+    # name + the loss's keyword-only hyperparameters (filled by fill_loss_hyperparameters) +
+    # nll_weight, the RPO modifier: + nll_weight * mean token NLL of the chosen completions.
+    c.loss = ConfigDict(dict(name="sigmoid", nll_weight=0.0))
+
+    c.reference = ConfigDict()
+    c.reference.kind = "frozen"  # frozen | none | cache | ema
+    c.reference.path = ""  # a separate reference model (preset or HF dir); "" = copy of the policy init
+    c.reference.cache_dir = ""  # kind=cache: where the precomputed log-probs live ("" = <workdir>/ref_cache)
+    c.reference.sync_every = 0  # kind=ema: tau, steps between synchronisations (TR-DPO)
+    c.reference.alpha = 1.0  # kind=ema: ref <- alpha * policy + (1 - alpha) * ref (1.0 = hard sync)
+
+    c.optim = ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 1e-4
+    c.optim.schedule = "cosine"  # cosine | linear | constant (after linear warmup)
+    c.optim.warmup_steps = 0
+    c.optim.end_learning_rate_factor = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 1.0  # 0 = no clipping
+    c.optim.grad_accum_steps = 1  # micro-batches per optimizer step (scanned; equals the full-batch gradient)
+
+    c.train = ConfigDict()
+    c.train.num_steps = 100
+    c.train.log_every = 1
+    c.train.eval_every = 0  # 0 = only at the end
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+    c.train.progress = True  # tqdm bar
+    c.train.plot = True  # training-curve PNG at the end
+    c.train.tensorboard = True
+    c.train.vocab_chunk = 0  # > 0: chunked log-probs (no [B, T, V] logits), this many vocab columns a chunk
+    c.train.seq_chunk = 0
+    c.train.nan_at_step = -1  # testing aid: inject a NaN loss at this step (-1 = never)
+
+    c.score = ConfigDict(dict(mode="ref"))
+    return c
+
+
+def runlocal(c: ConfigDict) -> ConfigDict:
+    """Shrinks a config to something this laptop-class machine runs in seconds."""
+    c.model.path = "tiny"
+    c.data.batch_size = 8
+    c.data.max_length = 16
+    c.data.num_eval = 32
+    c.data.eval_batch_size = 32
+    c.train.num_steps = 10
+    c.train.checkpoint_every = 5
+    return c
+
+
+def fill_loss_hyperparameters(c: ConfigDict, loss_name: str) -> None:
+    """Puts the loss's keyword-only hyperparameters (with their defaults) under ``config.loss``.
+
+    Existing values win; an unknown loss name raises with the list of registered names.
+    """
+    import alignjax.losses as losses
+
+    spec = losses.spec(loss_name)
+    c.loss.name = loss_name
+    for key, default in spec.hyperparameters.items():
+        # A None default (an optional array or "off") stays with the loss: it cannot be typed here.
+        if key not in c.loss and default is not None:
+            c.loss[key] = default
