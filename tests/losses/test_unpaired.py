@@ -200,3 +200,21 @@ def test_bco_extreme_and_registry(data):
     assert spec.stateful and spec.required == ("logps", "ref_logps", "labels", "state")
     assert spec.fn.init_state() == BCOState.initial()
     assert registry.spec("kto").required == ("logps", "ref_logps", "labels", "kl_logps", "ref_kl_logps")
+
+
+def test_batch_statistics_on_8_device_mesh():
+    """z0 and delta are batch-level means: on a data-sharded batch they must equal single-device values."""
+    mesh = jax.make_mesh((8,), ("data",))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    rng = np.random.default_rng(5)
+    lp, rp, kl, rkl = (jnp.asarray(rng.normal(-10, 3, 8), jnp.float32) for _ in range(4))
+    labels = jnp.asarray(rng.uniform(size=8) > 0.5)
+    put = lambda x: jax.device_put(x, shard)
+    kto_j = jax.jit(kto)
+    sharded = kto_j(*map(put, (lp, rp, labels, kl, rkl)))
+    np.testing.assert_allclose(sharded, kto(lp, rp, labels, kl, rkl), rtol=1e-6)
+    bco_j = jax.jit(bco)
+    got, s_got = bco_j(put(lp), put(rp), put(labels), bco.init_state())
+    want, s_want = bco(lp, rp, labels, bco.init_state())
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(s_got.mean, s_want.mean, rtol=1e-6)
