@@ -100,7 +100,7 @@ def register_seqio_task(
         task_name,
         source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir),
         preprocessors=[],
-        output_features={f: seqio.Feature(vocab, add_eos=False, dtype=tf.string) for f in fields},
+        output_features={f: seqio.Feature(vocab, add_eos=False, dtype=tf.string, rank=0) for f in fields},
     )
 
 

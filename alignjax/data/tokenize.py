@@ -44,6 +44,7 @@ def _token_str(value: Any) -> str | None:
 def _compile_template(template: str):
     """Jinja2 environment as in transformers' ``_compile_jinja_template`` (sandboxed, trim/lstrip blocks)."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):

@@ -65,22 +65,29 @@ def test_skip_bad_rows_and_prompt_budget(tmp_path):
     path = tmp_path / "d.jsonl"
     long_prompt = json.dumps({"prompt": "1234567890=", "chosen": "1", "rejected": "2"})  # 11 tokens
     rows = [json.dumps(r) for r in RECORDS[:8]] + [
-        "oops", json.dumps({"prompt": "12+34=", "chosen": "1"}),
-        json.dumps({"prompt": "12+34=", "chosen": "1", "rejected": "2"}), long_prompt]
+        "oops",
+        json.dumps({"prompt": "12+34=", "chosen": "1"}),
+        json.dumps({"prompt": "12+34=", "chosen": "1", "rejected": "2"}),
+        long_prompt,
+    ]
     path.write_text("\n".join(rows) + "\n")
     kw = dict(batch_size=3, max_length=10, process_count=1, process_index=0)
     with pytest.raises(ValueError, match=rf"^{path}:9: not valid JSON"):
         make_preference_batches(str(path), "arithmetic", **kw)
     with pytest.raises(ValueError) as e:
         make_preference_batches([json.loads(long_prompt)], "arithmetic", **kw)
-    assert str(e.value) == ("<records>:1: prompt has 11 tokens, leaving no room for a completion within "
-                            "max_length=10 (set max_prompt_length to truncate prompts)")
+    assert str(e.value) == (
+        "<records>:1: prompt has 11 tokens, leaving no room for a completion within "
+        "max_length=10 (set max_prompt_length to truncate prompts)"
+    )
     data, stats = make_preference_batches(str(path), "arithmetic", on_bad_row="skip", **kw)
     assert (stats.rows_read, stats.rows_kept, data.steps_per_epoch) == (12, 9, 3)
     assert dict(stats.skipped) == {"not_json": 1, "missing_field": 1, "prompt_too_long": 1}
     assert stats.examples[-1].startswith(f"{path}:12: prompt has 11 tokens")
     # With a prompt budget the long prompt is kept, cut to its last 4 tokens ("890=").
-    data, stats = make_preference_batches(str(path), "arithmetic", on_bad_row="skip", max_prompt_length=6, **kw)
+    data, stats = make_preference_batches(
+        str(path), "arithmetic", on_bad_row="skip", max_prompt_length=6, **kw
+    )
     assert stats.rows_kept == 10 and stats.truncated_prompts == 1
     assert data.examples[-1].prompt == TOK.encode("567890=")[-6:] == TOK.encode("67890=")
 
@@ -88,8 +95,18 @@ def test_skip_bad_rows_and_prompt_budget(tmp_path):
 def test_make_preference_batches_global_batch_on_mesh():
     from alignjax.sharding import global_batch, make_mesh
 
-    data, stats = make_preference_batches(RECORDS, "arithmetic", layout="packed", batch_size=8, max_length=10,
-                                          pack_length=20, pack_rows=8, seed=0, process_count=1, process_index=0)
+    data, stats = make_preference_batches(
+        RECORDS,
+        "arithmetic",
+        layout="packed",
+        batch_size=8,
+        max_length=10,
+        pack_length=20,
+        pack_rows=8,
+        seed=0,
+        process_count=1,
+        process_index=0,
+    )
     host = next(data)
     assert host["input_ids"].shape == (8, 20) and host["chosen_lengths"].shape == (8,)
     assert stats.padding_fraction == 0.0  # 16 sequences of 10 tokens fill 8 rows of 20 exactly

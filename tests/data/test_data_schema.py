@@ -16,31 +16,40 @@ def _write_jsonl(path, lines):
 
 @pytest.fixture
 def bad_file(tmp_path):
-    return _write_jsonl(tmp_path / "prefs.jsonl", [
-        json.dumps(GOOD),                                                   # 1 ok
-        "{not json",                                                        # 2
-        json.dumps({"prompt": "p", "chosen": "a"}),                         # 3 missing rejected
-        "",                                                                 # 4 blank: ignored
-        json.dumps({"prompt": "p", "chosen": "  ", "rejected": "b"}),       # 5 empty
-        json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}),          # 6 wrong type
-        json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),  # 7 identical
-        json.dumps({**GOOD, "margin": 1.5, "user_id": 3}),                  # 8 ok
-    ])
+    return _write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [
+            json.dumps(GOOD),  # 1 ok
+            "{not json",  # 2
+            json.dumps({"prompt": "p", "chosen": "a"}),  # 3 missing rejected
+            "",  # 4 blank: ignored
+            json.dumps({"prompt": "p", "chosen": "  ", "rejected": "b"}),  # 5 empty
+            json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}),  # 6 wrong type
+            json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),  # 7 identical
+            json.dumps({**GOOD, "margin": 1.5, "user_id": 3}),  # 8 ok
+        ],
+    )
 
 
-@pytest.mark.parametrize("line,message", [
-    (2, "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
-    (3, "missing field 'rejected'"),
-    (5, "field 'chosen' is empty"),
-    (6, "field 'chosen' must be a string or a list of chat messages, got int"),
-    (7, "chosen is identical to rejected"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        (2, "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+        (3, "missing field 'rejected'"),
+        (5, "field 'chosen' is empty"),
+        (6, "field 'chosen' must be a string or a list of chat messages, got int"),
+        (7, "chosen is identical to rejected"),
+    ],
+)
 def test_error_names_file_and_line(tmp_path, line, message):
     path = str(tmp_path / "one.jsonl")
-    src = {2: "{not json", 3: json.dumps({"prompt": "p", "chosen": "a"}),
-           5: json.dumps({"prompt": "p", "chosen": "  ", "rejected": "b"}),
-           6: json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}),
-           7: json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"})}[line]
+    src = {
+        2: "{not json",
+        3: json.dumps({"prompt": "p", "chosen": "a"}),
+        5: json.dumps({"prompt": "p", "chosen": "  ", "rejected": "b"}),
+        6: json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}),
+        7: json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),
+    }[line]
     _write_jsonl(tmp_path / "one.jsonl", [json.dumps(GOOD)] * (line - 1) + [src])
     with pytest.raises(DataError) as e:
         load_records(path, "pairwise", on_bad_row="error")
@@ -53,8 +62,13 @@ def test_skip_counts_every_bad_row_by_reason(bad_file):
     assert [w for w, _ in recs] == [f"{bad_file}:1", f"{bad_file}:8"]
     assert recs[1][1] == {**GOOD, "margin": 1.5, "user_id": 3}
     assert stats.rows_read == 7 and stats.rows_skipped == 5
-    assert dict(stats.skipped) == {"not_json": 1, "missing_field": 1, "empty_field": 1, "wrong_type": 1,
-                                   "chosen_equals_rejected": 1}
+    assert dict(stats.skipped) == {
+        "not_json": 1,
+        "missing_field": 1,
+        "empty_field": 1,
+        "wrong_type": 1,
+        "chosen_equals_rejected": 1,
+    }
     assert stats.examples[1] == f"{bad_file}:3: missing field 'rejected'"
     assert stats.summary()["data/skipped/not_json"] == 1
 
@@ -67,15 +81,22 @@ def test_implicit_prompt_is_common_prefix():
 
 
 def test_kinds_and_extras():
-    assert validate_record({"prompt": "p", "completion": "c", "label": True}, "unpaired", "f:1")["label"] is True
+    assert (
+        validate_record({"prompt": "p", "completion": "c", "label": True}, "unpaired", "f:1")["label"] is True
+    )
     with pytest.raises(DataError, match=r"^f:4: field 'label' must be a bool, got int$"):
         validate_record({"prompt": "p", "completion": "c", "label": 1}, "unpaired", "f:4")
-    rec = validate_record({"prompt": "p", "candidates": ["a", "b", "c"], "scores": [1, 0, 2]}, "listwise", "f:1")
+    rec = validate_record(
+        {"prompt": "p", "candidates": ["a", "b", "c"], "scores": [1, 0, 2]}, "listwise", "f:1"
+    )
     assert rec["scores"] == [1.0, 0.0, 2.0]
     with pytest.raises(DataError, match=r"^f:2: field 'scores' has 2 entries but 'candidates' has 3$"):
         validate_record({"prompt": "p", "candidates": ["a", "b", "c"], "scores": [1, 0]}, "listwise", "f:2")
-    rec = validate_record({**GOOD, "chosen_visits": 7, "rejected_visits": 2, "source_logps": [-1.0, -2.5],
-                           "rationale": "why"}, "step", "f:1")
+    rec = validate_record(
+        {**GOOD, "chosen_visits": 7, "rejected_visits": 2, "source_logps": [-1.0, -2.5], "rationale": "why"},
+        "step",
+        "f:1",
+    )
     assert (rec["chosen_visits"], rec["rejected_visits"]) == (7.0, 2.0)
     assert (rec["source_chosen_logps"], rec["source_rejected_logps"], rec["rationale"]) == (-1.0, -2.5, "why")
     with pytest.raises(DataError, match=r"^f:3: missing field 'chosen_visits'$"):
@@ -86,9 +107,14 @@ def test_parquet_matches_jsonl(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [GOOD, {"prompt": [{"role": "user", "content": "hi"}],
-                   "chosen": [{"role": "assistant", "content": "hello"}],
-                   "rejected": [{"role": "assistant", "content": "bye"}]}]
+    rows = [
+        GOOD,
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": "bye"}],
+        },
+    ]
     jpath = _write_jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in rows[1:]])
     ppath = str(tmp_path / "a.parquet")
     pq.write_table(pa.Table.from_pylist(rows[1:]), ppath)

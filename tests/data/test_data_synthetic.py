@@ -31,7 +31,9 @@ def test_answers_and_verifier():
     assert synthetic.spurious_carry_answer(12, 34) == "650"
     assert synthetic.arithmetic_answer(99, 99) == "891"
     assert synthetic.arithmetic_verify("18+25=", "340") and synthetic.arithmetic_verify("18+25=", "340<eos>")
-    assert not synthetic.arithmetic_verify("18+25=", "330") and not synthetic.arithmetic_verify("18+25=", "34")
+    assert not synthetic.arithmetic_verify("18+25=", "330") and not synthetic.arithmetic_verify(
+        "18+25=", "34"
+    )
 
 
 def test_sft_bad_habit(splits):
@@ -96,8 +98,12 @@ def test_multistep_task():
 
 def test_gsm8k_reader_and_verifier(tmp_path):
     path = tmp_path / "gsm.jsonl"
-    path.write_text(json.dumps({"question": "How many?", "answer": "3 + 4 = 7\n#### 1,234"}) + "\n"
-                    + json.dumps({"question": "Q", "answer": "no final"}) + "\n")
+    path.write_text(
+        json.dumps({"question": "How many?", "answer": "3 + 4 = 7\n#### 1,234"})
+        + "\n"
+        + json.dumps({"question": "Q", "answer": "no final"})
+        + "\n"
+    )
     with pytest.raises(DataError) as e:
         synthetic.read_gsm8k(str(path))
     assert str(e.value) == f"{path}:2: field 'answer' has no final answer after '####'"
@@ -110,7 +116,9 @@ def test_gsm8k_reader_and_verifier(tmp_path):
 
 
 def test_builtin_source_names():
-    assert synthetic.records("arithmetic_dpo", "val")[0] == synthetic.arithmetic_dpo_records(
-        synthetic.arithmetic_splits(0)["val"][:1])[0]
+    assert (
+        synthetic.records("arithmetic_dpo", "val")[0]
+        == synthetic.arithmetic_dpo_records(synthetic.arithmetic_splits(0)["val"][:1])[0]
+    )
     with pytest.raises(ValueError, match="unknown synthetic task 'nope'"):
         synthetic.records("nope")

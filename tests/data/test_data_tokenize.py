@@ -5,12 +5,29 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from alignjax.data import ChatTokenizer, DataError, DataStats, tokenize_record, truncate
 
-VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|user|>": 3, "<|assistant|>": 4, "what": 5, "is": 6, "2+2": 7,
-         "4": 8, "5": 9, "hi": 10, "hello": 11, "there": 12, "bye": 13, "<unk>": 14}
+VOCAB = {
+    "<pad>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<|user|>": 3,
+    "<|assistant|>": 4,
+    "what": 5,
+    "is": 6,
+    "2+2": 7,
+    "4": 8,
+    "5": 9,
+    "hi": 10,
+    "hello": 11,
+    "there": 12,
+    "bye": 13,
+    "<unk>": 14,
+}
 # BOS written by the template; assistant turns closed with EOS; a trailing space after EOS.
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-            "{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +36,9 @@ def tok_dir(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.add_special_tokens(["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"])
-    ct = ChatTokenizer(tok, chat_template=TEMPLATE, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                       unk_token="<unk>")
+    ct = ChatTokenizer(
+        tok, chat_template=TEMPLATE, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     path = tmp_path_factory.mktemp("tok")
     ct.save_pretrained(str(path))
     return str(path)
@@ -46,7 +64,8 @@ def test_chat_template_matches_transformers(tok_dir, hf):
     ct = ChatTokenizer.from_pretrained(tok_dir)
     for msgs, gen in ((PROMPT, True), (PROMPT + CHOSEN, False), (PROMPT + CHOSEN + PROMPT, True)):
         assert ct.apply_chat_template(msgs, add_generation_prompt=gen) == hf.apply_chat_template(
-            msgs, add_generation_prompt=gen, tokenize=False)
+            msgs, add_generation_prompt=gen, tokenize=False
+        )
     ex = tokenize_record({"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}, ct)
     # BOS once (template writes it), EOS once (template closes the turn; nothing appended).
     assert ex.prompt == [1, 3, 5, 6, 7, 4]
@@ -79,14 +98,22 @@ def test_truncation_order_and_modes():
     p, cs = truncate([1, 2, 3, 4, 5], [[6, 7, 8], [9]], max_length=5, max_prompt_length=3)
     assert (p, cs) == ([3, 4, 5], [[6, 7], [9]])
     stats = DataStats()
-    p, cs = truncate([1, 2, 3, 4, 5], [[6, 7, 8], [9]], max_length=5, max_prompt_length=3,
-                     truncation_mode="keep_start", stats=stats)
+    p, cs = truncate(
+        [1, 2, 3, 4, 5],
+        [[6, 7, 8], [9]],
+        max_length=5,
+        max_prompt_length=3,
+        truncation_mode="keep_start",
+        stats=stats,
+    )
     assert (p, cs) == ([1, 2, 3], [[6, 7], [9]])
     assert (stats.truncated_prompts, stats.truncated_completions) == (1, 1)
     with pytest.raises(DataError) as e:
         truncate([1, 2, 3, 4, 5], [[6]], max_length=5, where="d.jsonl:7")
-    assert str(e.value) == ("d.jsonl:7: prompt has 5 tokens, leaving no room for a completion within max_length=5 "
-                            "(set max_prompt_length to truncate prompts)")
+    assert str(e.value) == (
+        "d.jsonl:7: prompt has 5 tokens, leaving no room for a completion within max_length=5 "
+        "(set max_prompt_length to truncate prompts)"
+    )
     assert e.value.reason == "prompt_too_long"
 
 
@@ -94,4 +121,6 @@ def test_unknown_word_is_a_data_error(tok_dir):
     from alignjax.data import synthetic
 
     with pytest.raises(DataError, match=r"^x.jsonl:3: cannot tokenize 'ab\+cd=': "):
-        tokenize_record({"prompt": "ab+cd=", "completion": "1"}, synthetic.arithmetic_tokenizer(), where="x.jsonl:3")
+        tokenize_record(
+            {"prompt": "ab+cd=", "completion": "1"}, synthetic.arithmetic_tokenizer(), where="x.jsonl:3"
+        )
