@@ -59,7 +59,7 @@ def check_probability(name: str, value: float, *, low_open: bool = False, high: 
     hi_ok = value < high if high_open else value <= high
     if not (lo_ok and hi_ok):
         lo = "(0" if low_open else "[0"
-        hi = f"{high})" if high_open else f"{high}]"
+        hi = f"{high:g})" if high_open else f"{high:g}]"
         raise ValueError(f"{name} must be in {lo}, {hi}; got {value!r}")
 
 
