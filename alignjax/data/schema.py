@@ -14,7 +14,8 @@ Records are plain dicts. Five kinds are understood (``kind=`` everywhere in alig
 Optional per-example extras, carried into batches as ``[B]`` arrays: ``margin``, ``score``,
 ``weight``, ``user_id`` (int), ``ref_chosen_logps``, ``ref_rejected_logps``, and ``source_logps``
 (``[chosen, rejected]`` or ``{"chosen", "rejected"}``, stored as ``source_chosen_logps`` /
-``source_rejected_logps``). ``rationale`` (string) is kept on the record but never batched.
+``source_rejected_logps``). ``rationale`` and ``subset`` (RewardBench's subset name) are strings kept
+on the record but never batched.
 
 Every problem raises :class:`DataError` whose message starts with ``"<file>:<line>: "`` (line is
 1-based; for non-line sources the record number). With ``on_bad_row="skip"`` the row is dropped and
@@ -231,8 +232,9 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
     for field in INT_EXTRAS:
         if raw.get(field) is not None:
             rec[field] = _number(raw[field], field, where, int)
-    if raw.get("rationale") is not None:
-        rec["rationale"] = _check_text(raw["rationale"], "rationale", where, allow_messages=False)
+    for key in ("rationale", "subset"):
+        if raw.get(key) is not None:
+            rec[key] = _check_text(raw[key], key, where, allow_messages=False)
     if raw.get("source_logps") is not None:
         src = raw["source_logps"]
         if isinstance(src, Mapping) and "chosen" in src and "rejected" in src:
