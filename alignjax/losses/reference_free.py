@@ -106,6 +106,6 @@ def alphapo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, r
     if abs(alpha) < 1e-8:
         rw, rl = beta * lw, beta * ll
     else:
-        rw = beta / alpha * (1.0 - jnp.exp(jnp.minimum(-alpha * lw, 80.0)))
-        rl = beta / alpha * (1.0 - jnp.exp(jnp.minimum(-alpha * ll, 80.0)))
+        rw = -beta / alpha * jnp.expm1(jnp.minimum(-alpha * lw, 80.0))
+        rl = -beta / alpha * jnp.expm1(jnp.minimum(-alpha * ll, 80.0))
     return -jax.nn.log_sigmoid(rw - rl - gamma)
