@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import chex
@@ -16,6 +17,14 @@ from alignjax.sharding import logical_sharding, rules_from_config
 
 Array = jax.Array
 Params = Any
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config: ModelConfig, mesh: Mesh | None, rules: tuple) -> Any:
+    """One compiled init per (config, mesh, rules), so repeated ``from_pretrained(preset)`` is cheap."""
+    model = Model(config, mesh=mesh, rules=rules)
+    fn = lambda r: nn.unbox(model._boxed_init(r))
+    return jax.jit(fn) if mesh is None else jax.jit(fn, out_shardings=model.shardings())
 
 
 class Model:
@@ -87,10 +96,7 @@ class Model:
 
     def init(self, rng: Array) -> Params:
         """Random params (normal(0.02) kernels, unit norms, zero biases), sharded if a mesh is set."""
-        fn = lambda r: nn.unbox(self._boxed_init(r))
-        if self.mesh is None:
-            return jax.jit(fn)(rng)
-        return jax.jit(fn, out_shardings=self.shardings())(rng)
+        return _jitted_init(self.config, self.mesh, self.rules)(rng)
 
     # ---- forward ------------------------------------------------------------------------------
 

@@ -165,7 +165,7 @@ def test_export_roundtrip_loads_in_transformers(checkpoint, tmp_path):
 def test_hidden_times_unembedding_is_logits(checkpoint):
     _, _, _, model, apply = checkpoint
     ids, mask, positions = batch(3, False)
-    hidden = model.hidden(model.params, ids, positions=positions, segment_ids=mask)
+    hidden = jax.jit(lambda p: model.hidden(p, ids, positions=positions, segment_ids=mask))(model.params)
     logits = np.asarray(hidden) @ np.asarray(model.unembedding(model.params))
     np.testing.assert_allclose(logits, np.asarray(apply(model.params, ids, positions, mask)), atol=1e-5)
 
