@@ -210,3 +210,69 @@ def _evaluate(new_nodes: list[tuple[Tree, Node]], evaluate_fn: EvaluateFn | None
             node.outcome = float(o)
     for _, node in new_nodes:
         node.value = node.self_eval + (node.outcome or 0.0)
+
+
+def beam_search(
+    prompts: Sequence[tuple[Sequence[int], str]],
+    expand_fn: ExpandFn,
+    evaluate_fn: EvaluateFn | None,
+    outcome_fn: OutcomeFn | None,
+    *,
+    breadth: int,
+    keep: int,
+    depth: int,
+    stop_value: float | None = None,
+    roots: Sequence[Node] | None = None,
+    length_penalty: float = 1.25,
+    gamma: float = 1.0,
+    merge_duplicates: bool = True,
+) -> tuple[list[Tree], SearchStats]:
+    """Level-by-level tree search on the same trees, callbacks and statistics as :func:`search`.
+
+    At each level every active tree's frontier (at most ``keep`` nodes) is expanded into up to ``breadth``
+    children each, ALL trees' frontiers in ONE ``expand_fn`` call and all new children in ONE
+    ``evaluate_fn`` call; the next frontier is the ``keep`` new children of highest value (ties: earliest).
+    A tree stops after ``depth`` levels, or as soon as a new child reaches ``stop_value`` (a success).
+    Visits and ``Q``/``V`` are backed up for every expanded frontier node (so the trees read like MCTS
+    trees). This is SPaR's refinement search ("SPaR: Self-Play with Tree-Search Refinement to Improve
+    Instruction-Following in Large Language Models", arXiv:2412.11605: breadth 3, keep 2, depth 3).
+    """
+    if min(breadth, keep, depth) < 1:
+        raise ValueError(f"beam_search: breadth, keep and depth must be >= 1, got {breadth}, {keep}, {depth}")
+    if roots is not None and len(roots) != len(prompts):
+        raise ValueError(f"beam_search: {len(roots)} roots for {len(prompts)} prompts")
+    trees = [
+        Tree(i, tuple(int(t) for t in toks), text, roots[i] if roots is not None else Node())
+        for i, (toks, text) in enumerate(prompts)
+    ]
+    frontier = {t.index: [t.root] for t in trees}
+    stats = SearchStats()
+    for _ in range(depth):
+        jobs = [(t, n) for t in trees for n in frontier[t.index] if not n.terminal]
+        if not jobs:
+            break
+        stats.steps += 1
+        all_steps = expand_fn([t.prefix(n) for t, n in jobs])
+        if len(all_steps) != len(jobs):
+            raise ValueError(f"expand_fn returned {len(all_steps)} lists for {len(jobs)} prefixes")
+        new_nodes: list[tuple[Tree, Node]] = []
+        for (tree, node), steps in zip(jobs, all_steps):
+            if len(steps) > breadth:
+                raise ValueError(f"expand_fn returned {len(steps)} steps for one prefix, "
+                                 f"more than breadth={breadth}")
+            kids = add_children(node, steps, length_penalty, merge_duplicates)
+            tree.expansions += 1
+            stats.expanded_nodes += 1
+            new_nodes.extend((tree, k) for k in kids)
+        stats.new_children += len(new_nodes)
+        _evaluate(new_nodes, evaluate_fn, outcome_fn)
+        for _, node in jobs:
+            for child in node.children:
+                refresh(child, gamma)
+            backup(node.path(), gamma, visit=True)
+        for tree in trees:
+            kids = [n for t, n in new_nodes if t is tree]
+            done = stop_value is not None and any(k.value >= stop_value for k in kids)
+            ranked = sorted(range(len(kids)), key=lambda i: (-kids[i].value, i))
+            frontier[tree.index] = [] if done else [kids[i] for i in ranked[:keep]]
+    return trees, stats

@@ -18,6 +18,8 @@ from alignjax.search.tree import (
     select_child,
 )
 
+from .invariants import check_tree
+
 
 def test_prior_length_normalised():
     # |a| = 4: 4^1.25 = 4 * 4^0.25 = 4 * 1.414214 = 5.656854; -2 / 5.656854 = -0.353553; exp -> 0.702189
@@ -141,40 +143,13 @@ class FakeModel:
         return [1.0 if len(p.text) % 2 else -1.0 for p in prefixes]
 
 
-def _check_tree(tree, cfg, rollout):
-    root = tree.root
-    assert root.visits == cfg.num_iterations
-    for node in root.iter_nodes():
-        assert node.depth <= cfg.max_depth
-        assert len(node.children) <= cfg.num_children
-        assert len({c.text for c in node.children}) == len(node.children)  # merged duplicates
-        if node.children:
-            extra = 0 if rollout else 1  # the iteration that expanded a node ends there without rollout
-            if node is root or node.visits > 0:
-                assert node.visits == sum(c.visits for c in node.children) + extra
-            weights = [max(1, c.visits) for c in node.children]
-            v = sum(w * c.q for w, c in zip(weights, node.children)) / sum(weights)
-            assert node.v_children == pytest.approx(v)
-        else:
-            assert node.v_children == 0.0
-        assert node.q == pytest.approx(node.reward + node.v_children)
-        # telescoping: Q(node) = E[v of leaves below] - v(parent), v in [-1, 2]
-        if node.parent is not None:
-            lo = min(n.value for n in node.iter_nodes()) - node.parent.value
-            hi = max(n.value for n in node.iter_nodes()) - node.parent.value
-            assert lo - 1e-9 <= node.q <= hi + 1e-9
-        if node.terminal:
-            assert not node.children and node.outcome in (1.0, -1.0)
-            assert node.value == pytest.approx(node.self_eval + node.outcome)
-
-
 @pytest.mark.parametrize("rollout", [True, False])
 def test_budget_and_consistency(rollout):
     cfg = MCTSConfig(num_iterations=12, num_children=3, max_depth=4, expand_until_terminal=rollout)
     fake = FakeModel(3, seed=1)
     trees, stats = search([((1,), "p0"), ((2,), "p1")], fake.expand, fake.evaluate, fake.outcome, cfg)
     for tree in trees:
-        _check_tree(tree, cfg, rollout)
+        check_tree(tree, cfg, rollout)
     assert stats.steps == len(fake.expand_calls) == len(fake.eval_calls)
     assert stats.expanded_nodes == sum(t.expansions for t in trees)
     assert stats.new_children == sum(t.num_nodes() - 1 for t in trees)
