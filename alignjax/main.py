@@ -122,10 +122,12 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
     if config.get("distributed") is not None and config.distributed.enabled:
         from alignjax.sharding import initialize_distributed
 
+        # num_processes 0 = discover (TPU pods, SLURM); CPU runs give all three (launch/local.py).
+        count = int(config.distributed.num_processes) or None
         initialize_distributed(
             coordinator_address=config.distributed.coordinator_address or None,
-            num_processes=config.distributed.num_processes,
-            process_id=config.distributed.process_id,
+            num_processes=count,
+            process_id=int(config.distributed.process_id) if count else None,
         )
     write_config(config, workdir)
     if config.job == "train":

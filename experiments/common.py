@@ -56,12 +56,13 @@ def base_config() -> ConfigDict:
     c.seed = 0
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = ()  # ((logical_name, mesh_axis), ...) overriding alignjax.sharding.DEFAULT_RULES
-    c.distributed = ConfigDict(dict(enabled=False, coordinator_address="", num_processes=1, process_id=0))
+    c.distributed = ConfigDict(dict(enabled=False, coordinator_address="", num_processes=0, process_id=0))
 
     c.model = ConfigDict(dict(path="tiny", dtype="float32"))
     # ModelConfig fields replacing the preset's (presets only), e.g. vocab_size, hidden_size; vocab_size
     # 0 = the tokenizer's vocabulary when that is larger than the preset's.
-    c.model.overrides = ConfigDict(dict(vocab_size=0))
+    c.model.overrides = ConfigDict(dict(vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0,
+                                        head_dim=0, intermediate_size=0))
 
     c.data = ConfigDict()
     # synthetic:<task>:<split> (alignjax.data.synthetic), a JSONL/Parquet path, tfds:NAME or seqio:NAME.

@@ -263,7 +263,7 @@ def run_train(
     train_step = jax.jit(make_train_step(model, spec, tx, schedule, sync_every=sync_every,
                                          sync_alpha=float(config.reference.alpha)),
                          donate_argnums=(0,), out_shardings=(state_shardings, None))
-    eval_fn = jax.jit(make_eval_fn(model, spec))
+    eval_fn = jax.jit(make_eval_fn(model, dataclasses.replace(spec, batch_size=config.data.eval_batch_size)))
     eval_batches = [to_global(mesh, h, stacked=False) for h in eval_batches_host]
     beta = float(dict(spec.hyperparameters).get("beta", 1.0))
 

@@ -291,7 +291,7 @@ def make_train_step(
             poison = jnp.where(state["step"] + 1 == spec.nan_at_step, jnp.nan, 0.0)
             grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
             metrics["loss"] = metrics["loss"] + poison
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

@@ -1,0 +1,121 @@
+"""The train step: loss inputs from the registry spec, gradient accumulation, EMA, mesh invariance."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from alignjax import sharding
+from alignjax.train import step as steplib
+from alignjax.train.loop import to_global
+from tests.train.conftest import small_model, stack
+
+
+def _config(loss="sigmoid", kind="pairwise", **hyper):
+    return ml_collections.ConfigDict(dict(loss=dict(name=loss, nll_weight=0.0, **hyper),
+                                          data=dict(kind=kind), train=dict(nan_at_step=-1)))
+
+
+def _np_seq_logps(logits, batch, n):
+    """Independent NumPy: log-softmax, shifted gather, masked segment sums."""
+    logits = np.asarray(logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    ids = batch["input_ids"]
+    out = np.zeros(n)
+    for r in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            e = batch["example_ids"][r, t]
+            if e >= 0:
+                out[e] += batch["loss_mask"][r, t] * logp[r, t - 1, ids[r, t]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    model = small_model()
+    return model, model.init(jax.random.PRNGKey(1))
+
+
+def test_loss_inputs_and_dpo_at_reference_is_log2(model_params, pair_batches):
+    model, params = model_params
+    host = pair_batches[8][0]
+    spec = steplib.make_step_spec(_config(beta=0.5), 8, "model")
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    loss, (metrics, _) = jax.jit(steplib.make_loss_fn(model, spec))(params, params, None, batch)
+    seq = _np_seq_logps(model.apply(params, batch["input_ids"]), host, 16)
+    np.testing.assert_allclose(metrics["logps/chosen"], seq[:8].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["logps/rejected"], seq[8:].mean(), rtol=1e-5)
+    np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # policy == reference
+    assert float(metrics["rewards/margins"]) == pytest.approx(0.0, abs=1e-6)
+    lengths = host["loss_mask"].sum(1)
+    np.testing.assert_allclose(metrics["nll/chosen"], np.mean(-seq[:8] / lengths[:8]), rtol=1e-5)
+
+
+def test_sft_loss_is_mean_token_nll_and_reference_free(model_params):
+    from tests.train.conftest import host_batches
+
+    model, params = model_params
+    host = host_batches(4, 1, kind="sft", source="synthetic:arithmetic_sft:train")[0]
+    spec = steplib.make_step_spec(_config("sft", kind="sft"), 4, "model")
+    assert spec.reference == "none"  # the sft loss needs no ref_* input: no reference forward
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    loss, _ = steplib.make_loss_fn(model, spec)(params, None, None, batch)
+    seq = _np_seq_logps(model.apply(params, batch["input_ids"]), host, 4)
+    np.testing.assert_allclose(loss, np.mean(-seq / host["lengths"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs reference log-probs.*kind='none'"):
+        steplib.make_step_spec(_config("sigmoid"), 4, "none")
+    with pytest.raises(ValueError, match=r"config.loss.gamma: loss 'sigmoid' has no hyperparameter 'gamma'"):
+        steplib.make_step_spec(_config("sigmoid", gamma=1.0), 4, "model")
+
+
+def _one_update(model, params, batches, k, mesh, sync_every=0, alpha=1.0, steps=1):
+    spec = steplib.make_step_spec(_config(beta=0.5), 8 // k, "model")
+    tx = optax.sgd(1.0)
+    step = jax.jit(steplib.make_train_step(model, spec, tx, optax.constant_schedule(1.0),
+                                           sync_every=sync_every, sync_alpha=alpha))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(0), "ref_params": jax.tree.map(lambda x: x + 0.01, params)}
+    out = []
+    for _ in range(steps):
+        state, metrics = step(state, to_global(mesh, stack(batches), stacked=True))
+        out.append((state, metrics))
+    return out
+
+
+def test_grad_accumulation_equals_full_batch(model_params, pair_batches):
+    model, params = model_params
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    (full, m_full), = _one_update(model, params, pair_batches[8], 1, mesh)
+    (acc, m_acc), = _one_update(model, params, pair_batches[4], 2, mesh)
+    np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    assert float(m_full["grad_norm"]) > 0
+
+
+def test_ema_sync_every_tau_steps(model_params, pair_batches):
+    model, params = model_params
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    ref0 = jax.tree.map(lambda x: x + 0.01, params)
+    (s1, _), (s2, _) = _one_update(model, params, pair_batches[8], 1, mesh, sync_every=2, alpha=0.25, steps=2)
+    for r0, r1 in zip(jax.tree.leaves(ref0), jax.tree.leaves(s1["ref_params"])):
+        np.testing.assert_array_equal(r0, r1)  # step 1: no sync
+    for r0, p2, r2 in zip(jax.tree.leaves(ref0), jax.tree.leaves(s2["params"]), jax.tree.leaves(s2["ref_params"])):
+        np.testing.assert_allclose(r2, 0.25 * np.asarray(p2) + 0.75 * np.asarray(r0), atol=1e-6)
+
+
+def test_eight_device_mesh_equals_single_device(pair_batches):
+    one = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    eight = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    results = []
+    for mesh in (one, eight):
+        model = small_model(mesh)
+        params = model.init(jax.random.PRNGKey(1))
+        (state, metrics), = _one_update(model, params, pair_batches[8], 1, mesh)
+        results.append((float(metrics["loss"]), jax.device_get(state["params"])))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
