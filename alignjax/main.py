@@ -58,7 +58,7 @@ def load_config_file(spec: str) -> ConfigDict:
 def check_overrides(argv: Sequence[str]) -> None:
     """Fails on ``--config.key=value`` for a key the config does not have, naming the valid keys."""
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     if config_arg is None or not overrides:
         return
     valid = flat_keys(load_config_file(config_arg))

@@ -29,7 +29,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
         key, _, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}")
+            raise ValueError(
+                f"unknown config argument {key!r} in {arg!r}; valid arguments: {sorted(defaults)}"
+            )
         default = defaults[key]
         if not _:
             if not isinstance(default, bool):
@@ -61,8 +63,17 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(dict(path="tiny", dtype="float32"))
     # ModelConfig fields replacing the preset's (presets only), e.g. vocab_size, hidden_size; vocab_size
     # 0 = the tokenizer's vocabulary when that is larger than the preset's.
-    c.model.overrides = ConfigDict(dict(vocab_size=0, hidden_size=0, num_layers=0, num_heads=0, num_kv_heads=0,
-                                        head_dim=0, intermediate_size=0))
+    c.model.overrides = ConfigDict(
+        dict(
+            vocab_size=0,
+            hidden_size=0,
+            num_layers=0,
+            num_heads=0,
+            num_kv_heads=0,
+            head_dim=0,
+            intermediate_size=0,
+        )
+    )
 
     c.data = ConfigDict()
     # synthetic:<task>:<split> (alignjax.data.synthetic), a JSONL/Parquet path, tfds:NAME or seqio:NAME.

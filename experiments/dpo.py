@@ -14,8 +14,9 @@ from experiments import common
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, model="tiny", loss="sigmoid", source="", reference="frozen",
-                         steps=0, runlocal=False)
+    a = common.parse_arg(
+        arg, model="tiny", loss="sigmoid", source="", reference="frozen", steps=0, runlocal=False
+    )
     c = common.base_config()
     c.model.path = a.model
     if a.source:

@@ -1,6 +1,6 @@
 """KTO (unpaired desirable / undesirable completions with a batch KL estimate).
 
-  python -m alignjax.main --config=experiments/kto.py:runlocal --workdir=workdirs/kto
+python -m alignjax.main --config=experiments/kto.py:runlocal --workdir=workdirs/kto
 """
 
 from experiments import common

@@ -22,19 +22,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(main_args: list[str], num_processes: int, devices_per_process: int = 1,
-           log_dir: str | None = None, timeout: float | None = None) -> int:
+def launch(
+    main_args: list[str],
+    num_processes: int,
+    devices_per_process: int = 1,
+    log_dir: str | None = None,
+    timeout: float | None = None,
+) -> int:
     """Runs the processes to completion and returns the first non-zero exit status (or 0)."""
     address = f"127.0.0.1:{free_port()}"
     procs = []
     for i in range(num_processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-        cmd = [sys.executable, "-m", "alignjax.main", *main_args,
-               "--config.distributed.enabled=True", f"--config.distributed.coordinator_address={address}",
-               f"--config.distributed.num_processes={num_processes}", f"--config.distributed.process_id={i}"]
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "alignjax.main",
+            *main_args,
+            "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator_address={address}",
+            f"--config.distributed.num_processes={num_processes}",
+            f"--config.distributed.process_id={i}",
+        ]
         log = open(os.path.join(log_dir, f"process_{i}.log"), "w") if log_dir else None
-        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None), log))
+        procs.append(
+            (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None), log)
+        )
     codes = []
     for proc, log in procs:
         try:
@@ -50,7 +67,9 @@ def launch(main_args: list[str], num_processes: int, devices_per_process: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_processes", type=int, default=2)
     parser.add_argument("--devices_per_process", type=int, default=1)
     parser.add_argument("--log_dir", default=None)

@@ -41,8 +41,13 @@ def test_unknown_loss_lists_registered_names():
 
 
 def test_every_config_and_its_runlocal_variant():
-    for name, job in [("dpo", "train"), ("sft", "train"), ("kto", "train"), ("score", "score"),
-                      ("quickstart", "quickstart")]:
+    for name, job in [
+        ("dpo", "train"),
+        ("sft", "train"),
+        ("kto", "train"),
+        ("score", "score"),
+        ("quickstart", "quickstart"),
+    ]:
         full, local = _config(name), _config(name, "runlocal")
         assert full.job == local.job == job
         assert set(common.base_config().keys()) <= set(full.keys())
@@ -50,5 +55,5 @@ def test_every_config_and_its_runlocal_variant():
     assert _config("score", "mode=norm,reference=tiny").score.mode == "norm"
     with pytest.raises(ValueError, match="mode='bad'"):
         _config("score", "mode=bad")
-    q = _config("quickstart", "rpo")
+    q = _config("quickstart", "rpo=true")
     assert (q.dpo.loss.nll_weight, q.dpo.loss.beta) == (1.0, 0.5)

@@ -26,7 +26,9 @@ def test_validate_rejects_bad_loss_model_and_job():
         entry.validate(c)
     c = entry.load_config_file("experiments/dpo.py:runlocal")
     c.model.path = "giant"
-    with pytest.raises(ValueError, match=r"config.model.path='giant' is neither a directory nor a model preset.*tiny"):
+    with pytest.raises(
+        ValueError, match=r"config.model.path='giant' is neither a directory nor a model preset.*tiny"
+    ):
         entry.validate(c)
     c = entry.load_config_file("experiments/dpo.py:runlocal")
     c.job = "fly"
@@ -36,9 +38,19 @@ def test_validate_rejects_bad_loss_model_and_job():
 
 def test_command_line_fails_fast_on_unknown_key(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "alignjax.main", "--config=experiments/dpo.py:runlocal",
-         f"--workdir={tmp_path}", "--config.optim.lerning_rate=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "alignjax.main",
+            "--config=experiments/dpo.py:runlocal",
+            f"--workdir={tmp_path}",
+            "--config.optim.lerning_rate=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "unknown config key 'optim.lerning_rate'" in proc.stderr
     assert not os.path.exists(tmp_path / "config.json")  # nothing ran

@@ -32,14 +32,21 @@ def shape_manifest(abstract_state: Any, model_config: Mapping[str, Any]) -> dict
 def check_manifest(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str) -> None:
     """Raises CheckpointMismatch naming the first parameter (or config field) that differs."""
     old, new = saved.get("param_shapes", {}), current["param_shapes"]
-    problems = [f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
-                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    problems = [
+        f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
     if problems:
-        diff = {k: (saved["model_config"].get(k), v) for k, v in current["model_config"].items()
-                if saved.get("model_config", {}).get(k) != v}
+        diff = {
+            k: (saved["model_config"].get(k), v)
+            for k, v in current["model_config"].items()
+            if saved.get("model_config", {}).get(k) != v
+        }
         raise CheckpointMismatch(
             f"{directory} holds a checkpoint of a different model and cannot be resumed: "
-            f"{problems[0]}" + (f" ({len(problems) - 1} more)" if len(problems) > 1 else "")
+            f"{problems[0]}"
+            + (f" ({len(problems) - 1} more)" if len(problems) > 1 else "")
             + (f"; model config differs in {diff} (checkpoint, now)" if diff else "")
             + ". Use a fresh --workdir, or the model config the checkpoint was written with."
         )
@@ -50,29 +57,40 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "manifest"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "manifest")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(dict(data_state)),
-            manifest=ocp.args.JsonSave(dict(manifest)),
-        ), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(dict(data_state)),
+                manifest=ocp.args.JsonSave(dict(manifest)),
+            ),
+            force=True,
+        )
 
     def restore(self, step: int, abstract_state: Any, manifest: Mapping[str, Any]) -> tuple[Any, dict]:
         """Restores ``step`` into arrays with ``abstract_state``'s shapes and shardings, after the
         manifest check."""
-        saved = self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
+        saved = self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))[
+            "manifest"
+        ]
         check_manifest(saved, manifest, self.directory)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
         return restored["state"], dict(restored["data"])
 
     def wait(self) -> None:
@@ -97,7 +115,10 @@ def fingerprint(params: Any) -> list[float]:
             x = x.astype(np.float32).reshape(-1)
             w = (jax.numpy.arange(x.shape[0]) % 7).astype(np.float32)
             return jax.numpy.stack([x.sum(), abs(x).sum(), (x * w).sum()])
+
         return [one(x) for x in jax.tree.leaves(tree)]
 
-    values = np.concatenate([np.asarray(v) for v in stats(params)]) if jax.tree.leaves(params) else np.zeros(0)
+    values = (
+        np.concatenate([np.asarray(v) for v in stats(params)]) if jax.tree.leaves(params) else np.zeros(0)
+    )
     return [float(f"{v:.6g}") for v in values]

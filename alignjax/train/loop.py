@@ -51,7 +51,9 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
 
     path = model_config.path
     if path in models.PRESETS:
-        overrides = {k: v for k, v in dict(model_config.get("overrides", {})).items() if v not in (0, "", None)}
+        overrides = {
+            k: v for k, v in dict(model_config.get("overrides", {})).items() if v not in (0, "", None)
+        }
         base = models.PRESETS[path]
         if not overrides.get("vocab_size") and vocab_size > base.vocab_size:
             overrides["vocab_size"] = vocab_size
@@ -61,8 +63,15 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
     return model, model.params
 
 
-def data_iterator(config: Any, source: str, batch_size: int, *, shuffle: bool = True,
-                  num_epochs: int | None = None, seed: int | None = None) -> Any:
+def data_iterator(
+    config: Any,
+    source: str,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    seed: int | None = None,
+) -> Any:
     """The data pipeline for ``source`` with fixed-length batches (one compiled shape)."""
     from alignjax.data import make_preference_batches
 
@@ -73,9 +82,18 @@ def data_iterator(config: Any, source: str, batch_size: int, *, shuffle: bool = 
     if layout == "packed":
         extra = {"pack_length": config.data.max_length * 2, "pack_rows": batch_size}
     data, stats = make_preference_batches(
-        source, config.data.tokenizer, kind=config.data.kind, layout=layout, batch_size=batch_size,
-        max_length=config.data.max_length, seed=config.seed if seed is None else seed, shuffle=shuffle,
-        num_epochs=num_epochs, on_bad_row=config.data.on_bad_row, **extra)
+        source,
+        config.data.tokenizer,
+        kind=config.data.kind,
+        layout=layout,
+        batch_size=batch_size,
+        max_length=config.data.max_length,
+        seed=config.seed if seed is None else seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        on_bad_row=config.data.on_bad_row,
+        **extra,
+    )
     return data, stats
 
 
@@ -107,27 +125,41 @@ def _tokens(host: Mapping[str, np.ndarray]) -> int:
     return int(np.sum(np.asarray(host["segment_ids"]) > 0))
 
 
-def evaluate(eval_fn: Any, params: Any, ref_params: Any, batches: list[dict[str, jax.Array]],
-             beta: float) -> dict[str, float]:
+def evaluate(
+    eval_fn: Any, params: Any, ref_params: Any, batches: list[dict[str, jax.Array]], beta: float
+) -> dict[str, float]:
     """Held-out metrics: ranking accuracy, reward accuracy and the idealised bound (pairs), mean NLL."""
     from alignjax.eval import ranking
 
     parts: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         for k, v in eval_fn(params, ref_params, batch).items():
-            parts.setdefault(k, []).append(np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True)))
+            parts.setdefault(k, []).append(
+                np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
+            )
     vals = {k: np.concatenate(v) for k, v in parts.items()}
     out = {"eval/nll_chosen": float(np.mean(-vals["chosen_logps"] / np.maximum(vals["chosen_lengths"], 1)))}
     if "rejected_logps" in vals:
-        out["eval/ranking_accuracy"] = float(ranking.ranking_accuracy(vals["chosen_logps"], vals["rejected_logps"]))
+        out["eval/ranking_accuracy"] = float(
+            ranking.ranking_accuracy(vals["chosen_logps"], vals["rejected_logps"])
+        )
         if "ref_chosen_logps" in vals:
-            report = ranking.ranking_report(vals["chosen_logps"], vals["rejected_logps"],
-                                            vals["ref_chosen_logps"], vals["ref_rejected_logps"])
+            report = ranking.ranking_report(
+                vals["chosen_logps"],
+                vals["rejected_logps"],
+                vals["ref_chosen_logps"],
+                vals["ref_rejected_logps"],
+            )
             out.update(report)
-            out[f"eval/idealized_ranking_accuracy/beta={beta:g}"] = float(ranking.idealized_ranking_accuracy(
-                vals["ref_chosen_logps"], vals["ref_rejected_logps"], beta=beta))
+            out[f"eval/idealized_ranking_accuracy/beta={beta:g}"] = float(
+                ranking.idealized_ranking_accuracy(
+                    vals["ref_chosen_logps"], vals["ref_rejected_logps"], beta=beta
+                )
+            )
         else:
-            out["eval/reward_accuracy"] = float(ranking.reward_accuracy(vals["chosen_logps"], vals["rejected_logps"]))
+            out["eval/reward_accuracy"] = float(
+                ranking.reward_accuracy(vals["chosen_logps"], vals["rejected_logps"])
+            )
     return out
 
 
@@ -176,8 +208,10 @@ def run_train(
     rules = sharding.rules_from_config(config.rules or None)
     k = int(config.optim.grad_accum_steps)
     if config.data.batch_size % k:
-        raise ValueError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
-                         f"config.optim.grad_accum_steps={k}")
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} must be divisible by "
+            f"config.optim.grad_accum_steps={k}"
+        )
     micro_size = config.data.batch_size // k
     num_steps = int(config.train.num_steps)
 
@@ -185,8 +219,9 @@ def run_train(
     data, stats = data_iterator(config, config.data.source, micro_size)
     eval_batches_host = []
     if config.data.eval_source:
-        eval_data, _ = data_iterator(config, config.data.eval_source, config.data.eval_batch_size,
-                                     shuffle=False, num_epochs=1)
+        eval_data, _ = data_iterator(
+            config, config.data.eval_source, config.data.eval_batch_size, shuffle=False, num_epochs=1
+        )
         for host in eval_data:
             eval_batches_host.append(globalize_ids(host, config.data.kind))
             if len(eval_batches_host) * config.data.eval_batch_size >= config.data.num_eval:
@@ -214,8 +249,7 @@ def run_train(
     def init(rng: jax.Array, params: Any, ref: Any) -> dict[str, Any]:
         init_rng, rng = jax.random.split(rng)
         params = model.init(init_rng) if params is None else params
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                 "rng": rng}
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
         if keep_ref:
             state["ref_params"] = jax.tree.map(lambda x: x.copy(), params if ref is None else ref)
         if loss_state0 is not None:
@@ -226,23 +260,29 @@ def run_train(
     abstract = jax.eval_shape(init, rng0, init_params, ref_params)
     state_shardings = {
         "params": param_shardings,
-        "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_shardings,
-                                           transform_non_params=lambda _: repl),
-        "step": repl, "rng": repl,
+        "opt_state": optax.tree_map_params(
+            tx, lambda _, s: s, abstract["opt_state"], param_shardings, transform_non_params=lambda _: repl
+        ),
+        "step": repl,
+        "rng": repl,
     }
     if keep_ref:
         state_shardings["ref_params"] = param_shardings
     if loss_state0 is not None:
         state_shardings["loss_state"] = jax.tree.map(lambda _: repl, abstract["loss_state"])
     manifest = ckpt.shape_manifest(abstract, dataclasses.asdict(model.config))
-    checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-                                     async_save=config.train.async_checkpoints)
+    checkpointer = ckpt.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.train.keep_checkpoints,
+        async_save=config.train.async_checkpoints,
+    )
     writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
     start = checkpointer.latest_step()
     if start is not None:
         # ---- restore (refuses a checkpoint of another model before reading any array)
-        state, data_state = checkpointer.restore(start, ckpt.abstract_with_shardings(abstract, state_shardings),
-                                                 manifest)
+        state, data_state = checkpointer.restore(
+            start, ckpt.abstract_with_shardings(abstract, state_shardings), manifest
+        )
         data.set_state(data_state)
         writer.truncate_after(start)
     else:
@@ -256,13 +296,18 @@ def run_train(
     if spec.reference == "batch":
         ref_model_params = init_params if ref_params is None else ref_params
         if ref_model_params is None:
-            ref_model_params = jax.jit(lambda r: model.init(jax.random.split(r)[0]),
-                                       out_shardings=param_shardings)(rng0)
+            ref_model_params = jax.jit(
+                lambda r: model.init(jax.random.split(r)[0]), out_shardings=param_shardings
+            )(rng0)
         cache = _build_cache(config, workdir, model, spec, ref_model_params, micro_size, num_steps * k)
 
-    train_step = jax.jit(make_train_step(model, spec, tx, schedule, sync_every=sync_every,
-                                         sync_alpha=float(config.reference.alpha)),
-                         donate_argnums=(0,), out_shardings=(state_shardings, None))
+    train_step = jax.jit(
+        make_train_step(
+            model, spec, tx, schedule, sync_every=sync_every, sync_alpha=float(config.reference.alpha)
+        ),
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, None),
+    )
     eval_fn = jax.jit(make_eval_fn(model, dataclasses.replace(spec, batch_size=config.data.eval_batch_size)))
     eval_batches = [to_global(mesh, h, stacked=False) for h in eval_batches_host]
     beta = float(dict(spec.hyperparameters).get("beta", 1.0))
@@ -272,7 +317,9 @@ def run_train(
             return {}
         if cache is not None:
             return {}  # held-out batches have no cached reference values
-        return evaluate(eval_fn, state["params"], state.get("ref_params", state["params"]), eval_batches, beta)
+        return evaluate(
+            eval_fn, state["params"], state.get("ref_params", state["params"]), eval_batches, beta
+        )
 
     # ---- loop
     progress = None
@@ -318,7 +365,9 @@ def run_train(
                 drain(pending)
                 pending = (step + 1, metrics)
                 step_no = step + 1
-                save_now = step_no % config.train.checkpoint_every == 0 or step_no == num_steps or stop.requested
+                save_now = (
+                    step_no % config.train.checkpoint_every == 0 or step_no == num_steps or stop.requested
+                )
                 if save_now:
                     drain(pending)  # never checkpoint a step whose loss was not checked
                     pending = None
@@ -328,8 +377,9 @@ def run_train(
                     writer.write(step_no, run_eval(step_no))
                 if progress is not None:
                     dt = max(time.time() - t_window, 1e-9)
-                    progress.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}",
-                                         tok_s=f"{tokens / dt:.0f}")
+                    progress.set_postfix(
+                        loss=f"{last_metrics.get('loss', float('nan')):.4f}", tok_s=f"{tokens / dt:.0f}"
+                    )
                     progress.update(1)
                     tokens, t_window = 0, time.time()
                 if stop.requested:
@@ -347,28 +397,39 @@ def run_train(
 
     # ---- final evaluation and summary
     final_eval = run_eval(num_steps)
-    summary = {"steps": num_steps, "loss": config.loss.name, "wall_s": time.time() - t_start,
-               **{f"train/{k_}": v for k_, v in last_metrics.items()}, **final_eval, **stats.summary()}
+    summary = {
+        "steps": num_steps,
+        "loss": config.loss.name,
+        "wall_s": time.time() - t_start,
+        **{f"train/{k_}": v for k_, v in last_metrics.items()},
+        **final_eval,
+        **stats.summary(),
+    }
     if jax.process_index() == 0:
         if final_eval:
             MetricWriter(workdir, tensorboard=False).write(num_steps, final_eval)
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
         if config.train.plot:
-            plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), spec.loss)
+            plot_curves(
+                os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), spec.loss
+            )
     summary["_state"] = state
     summary["_model"] = model
     return summary
 
 
-def _build_cache(config: Any, workdir: str, model: Any, spec: Any, ref_params: Any, micro_size: int,
-                 num_micro: int) -> reflib.ReferenceCache:
+def _build_cache(
+    config: Any, workdir: str, model: Any, spec: Any, ref_params: Any, micro_size: int, num_micro: int
+) -> reflib.ReferenceCache:
     """Precomputes the reference log-probs of every training micro-batch (resumable)."""
     from alignjax import logprobs
 
     mesh = model.mesh
     settings = {k: config.data[k] for k in ("source", "tokenizer", "kind", "layout", "max_length")}
-    settings.update(micro_batch=micro_size, seed=config.seed, processes=jax.process_count(), num_micro=num_micro)
+    settings.update(
+        micro_batch=micro_size, seed=config.seed, processes=jax.process_count(), num_micro=num_micro
+    )
     key = reflib.cache_key(model.config, ckpt.fingerprint(ref_params), settings)
     directory = config.reference.cache_dir or os.path.join(workdir, "ref_cache")
     cache = reflib.ReferenceCache(directory, key, spec.required)
@@ -384,9 +445,13 @@ def _build_cache(config: Any, workdir: str, model: Any, spec: Any, ref_params: A
         seq, _ = logprobs.batch_sequence_logps(model, params, batch, n)
         seq = jax.lax.with_sharding_constraint(seq, out_sharding)
         first = jax.lax.with_sharding_constraint(seq[:b], out_sharding)
-        second = jax.lax.with_sharding_constraint(seq[b:2 * b] if n > b else seq[:0], out_sharding)
-        return {"ref_chosen_logps": first, "ref_rejected_logps": second, "ref_logps": first,
-                "ref_kl_logps": second}
+        second = jax.lax.with_sharding_constraint(seq[b : 2 * b] if n > b else seq[:0], out_sharding)
+        return {
+            "ref_chosen_logps": first,
+            "ref_rejected_logps": second,
+            "ref_logps": first,
+            "ref_kl_logps": second,
+        }
 
     batches = (globalize_ids(h, config.data.kind) for h in data)
     cache.build(batches, num_micro, lambda h: compute(ref_params, to_global(mesh, h, stacked=False)))

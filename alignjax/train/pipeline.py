@@ -47,18 +47,31 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
 
     tokenizer = resolve_tokenizer(config.data.tokenizer)
     held_out = synthetic.arithmetic_eval_records(
-        synthetic.arithmetic_splits(config.quickstart.split_seed)["test"][: config.quickstart.num_test])
+        synthetic.arithmetic_splits(config.quickstart.split_seed)["test"][: config.quickstart.num_test]
+    )
 
     def accuracy(model: Any, params: Any) -> dict[str, float]:
-        return task_accuracy(model, params, tokenizer, held_out, synthetic.arithmetic_verify,
-                             max_new_tokens=config.quickstart.max_new_tokens, group_key="carry")
+        return task_accuracy(
+            model,
+            params,
+            tokenizer,
+            held_out,
+            synthetic.arithmetic_verify,
+            max_new_tokens=config.quickstart.max_new_tokens,
+            group_key="carry",
+        )
 
     sft = run_train(stage_config(config, "sft"), os.path.join(workdir, "sft"))
     model, sft_params = sft["_model"], sft["_state"]["params"]
     before = accuracy(model, sft_params)
     t_sft = time.time() - t0
-    dpo = run_train(stage_config(config, "dpo"), os.path.join(workdir, "dpo"), init_params=sft_params,
-                    ref_params=sft_params, model=model)
+    dpo = run_train(
+        stage_config(config, "dpo"),
+        os.path.join(workdir, "dpo"),
+        init_params=sft_params,
+        ref_params=sft_params,
+        model=model,
+    )
     after = accuracy(model, dpo["_state"]["params"])
     summary = {
         "task_accuracy/sft": before["accuracy"],
@@ -79,11 +92,19 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
-        plot_curves(os.path.join(workdir, "dpo", "metrics.jsonl"), os.path.join(workdir, "curves.png"),
-                    f"DPO after SFT ({config.dpo.loss.name})")
-        plot_curves(os.path.join(workdir, "sft", "metrics.jsonl"), os.path.join(workdir, "sft_curves.png"), "SFT")
-        print(f"held-out task accuracy: SFT {before['accuracy']:.3f} -> DPO {after['accuracy']:.3f} "
-              f"({summary['task_accuracy/gain_points']:+.1f} points); pair accuracy "
-              f"{summary['pair_accuracy/sft']} -> {summary['pair_accuracy/dpo']}; {summary['wall_s/total']:.0f} s")
+        plot_curves(
+            os.path.join(workdir, "dpo", "metrics.jsonl"),
+            os.path.join(workdir, "curves.png"),
+            f"DPO after SFT ({config.dpo.loss.name})",
+        )
+        plot_curves(
+            os.path.join(workdir, "sft", "metrics.jsonl"), os.path.join(workdir, "sft_curves.png"), "SFT"
+        )
+        print(
+            f"held-out task accuracy: SFT {before['accuracy']:.3f} -> DPO {after['accuracy']:.3f} "
+            f"({summary['task_accuracy/gain_points']:+.1f} points); pair accuracy "
+            f"{summary['pair_accuracy/sft']} -> {summary['pair_accuracy/dpo']}; "
+            f"{summary['wall_s/total']:.0f} s"
+        )
     summary["_state"] = dpo["_state"]
     return summary

@@ -46,8 +46,9 @@ def step_reference_mode(kind: str) -> str:
 def cache_key(model_config: Any, params_fingerprint: list[float], data_settings: Mapping[str, Any]) -> str:
     """sha256 (first 16 hex) of the model config, params fingerprint and data/tokenization settings."""
     cfg = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(model_config)
-    blob = json.dumps({"model": cfg, "params": params_fingerprint, "data": dict(data_settings)},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"model": cfg, "params": params_fingerprint, "data": dict(data_settings)}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

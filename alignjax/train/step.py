@@ -32,15 +32,21 @@ State = dict[str, Any]
 KINDS = ("pairwise", "sft", "unpaired")  # alignjax.data kinds this step trains on
 # Names computed from model outputs (everything else comes from the batch).
 _SEQ = {
-    "chosen_logps": ("policy", "first"), "rejected_logps": ("policy", "second"),
-    "ref_chosen_logps": ("ref", "first"), "ref_rejected_logps": ("ref", "second"),
-    "logps": ("policy", "first"), "kl_logps": ("policy", "second"),
-    "ref_logps": ("ref", "first"), "ref_kl_logps": ("ref", "second"),
+    "chosen_logps": ("policy", "first"),
+    "rejected_logps": ("policy", "second"),
+    "ref_chosen_logps": ("ref", "first"),
+    "ref_rejected_logps": ("ref", "second"),
+    "logps": ("policy", "first"),
+    "kl_logps": ("policy", "second"),
+    "ref_logps": ("ref", "first"),
+    "ref_kl_logps": ("ref", "second"),
 }
 _LEN = {"chosen_lengths": "first", "rejected_lengths": "second", "lengths": "first"}
 _TOK = {
-    "chosen_token_logps": ("policy", "first"), "rejected_token_logps": ("policy", "second"),
-    "ref_chosen_token_logps": ("ref", "first"), "ref_rejected_token_logps": ("ref", "second"),
+    "chosen_token_logps": ("policy", "first"),
+    "rejected_token_logps": ("policy", "second"),
+    "ref_chosen_token_logps": ("ref", "first"),
+    "ref_rejected_token_logps": ("ref", "second"),
 }
 _MASK = {"chosen_mask": "first", "rejected_mask": "second"}
 # Reference values a precomputed cache can supply (per-sequence sums only).
@@ -103,27 +109,34 @@ def make_step_spec(config: Any, batch_size: int, reference: str) -> StepSpec:
     if kind not in KINDS:
         raise ValueError(f"config.data.kind={kind!r}; choose one of {list(KINDS)}")
     step_spec = StepSpec(
-        loss=spec.name, hyperparameters=tuple(sorted(hyper.items())), kind=kind, batch_size=int(batch_size),
-        reference=reference if spec.needs_reference else "none", nll_weight=float(config.loss.nll_weight),
+        loss=spec.name,
+        hyperparameters=tuple(sorted(hyper.items())),
+        kind=kind,
+        batch_size=int(batch_size),
+        reference=reference if spec.needs_reference else "none",
+        nll_weight=float(config.loss.nll_weight),
         vocab_chunk=config.get("train", {}).get("vocab_chunk") or None,
         seq_chunk=config.get("train", {}).get("seq_chunk") or None,
         nan_at_step=int(config.get("train", {}).get("nan_at_step", -1)),
     )
     if spec.needs_reference and reference == "none":
         raise ValueError(
-            f"loss {spec.name!r} needs reference log-probs ({[n for n in spec.required if n.startswith('ref_')]}) "
+            f"loss {spec.name!r} needs reference log-probs "
+            f"({[n for n in spec.required if n.startswith('ref_')]}) "
             "but config.reference.kind='none'; use frozen, cache or ema"
         )
     if reference == "batch":
         bad = [n for n in spec.required if n.startswith("ref_") and n not in CACHEABLE]
         if bad:
-            raise ValueError(f"config.reference.kind='cache' holds per-sequence sums only; loss "
-                             f"{spec.name!r} needs {bad}: use kind=frozen")
+            raise ValueError(
+                f"config.reference.kind='cache' holds per-sequence sums only; loss "
+                f"{spec.name!r} needs {bad}: use kind=frozen"
+            )
     return step_spec
 
 
 def _half(values: Array, which: str, b: int) -> Array:
-    return values[:b] if which == "first" else values[b:2 * b]
+    return values[:b] if which == "first" else values[b : 2 * b]
 
 
 def loss_inputs(
@@ -166,7 +179,9 @@ def loss_inputs(
             out[name] = _half(sources[source][0], which, b)
         elif name in _LEN:
             if lengths is None:
-                lengths = logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"], spec.num_sequences)
+                lengths = logprobs.sequence_lengths(
+                    batch["loss_mask"], batch["example_ids"], spec.num_sequences
+                )
             out[name] = _half(lengths, _LEN[name], b)
         elif name in _TOK:
             source, which = _TOK[name]
@@ -218,8 +233,9 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
     """``loss_fn(params, ref_params, loss_state, batch) -> (loss, (metrics, new_loss_state))``."""
 
     def forward(params: Any, batch: Mapping[str, Array]) -> tuple[Array, Array]:
-        return logprobs.batch_sequence_logps(model, params, batch, spec.num_sequences,
-                                             vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk)
+        return logprobs.batch_sequence_logps(
+            model, params, batch, spec.num_sequences, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk
+        )
 
     def loss_fn(params: Any, ref_params: Any, loss_state: Any, batch: Mapping[str, Array]):
         policy = forward(params, batch)
@@ -250,8 +266,11 @@ def ema_update(ref_params: Any, params: Any, alpha: float | Array) -> Any:
 
     "Learn Your Reference Model for Real Good Alignment" (Gorbatovski et al., arXiv:2404.09656).
     """
-    return jax.tree.map(lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32))
-                        .astype(r.dtype), ref_params, params)
+    return jax.tree.map(
+        lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
+        ref_params,
+        params,
+    )
 
 
 def make_train_step(
@@ -312,8 +331,9 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
     for one (un-stacked) sequence batch of held-out examples: the per-sequence values evaluation needs."""
 
     def forward(params: Any, batch: Mapping[str, Array]) -> tuple[Array, Array]:
-        return logprobs.batch_sequence_logps(model, params, batch, spec.num_sequences,
-                                             vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk)
+        return logprobs.batch_sequence_logps(
+            model, params, batch, spec.num_sequences, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk
+        )
 
     def evaluate(params: Any, ref_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
         policy = forward(params, batch)
@@ -322,11 +342,13 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
         lengths = logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"], spec.num_sequences)
         out = {"chosen_logps": policy[0][:b], "chosen_lengths": lengths[:b]}
         if spec.kind == "pairwise":
-            out.update(rejected_logps=policy[0][b:2 * b], rejected_lengths=lengths[b:2 * b])
+            out.update(rejected_logps=policy[0][b : 2 * b], rejected_lengths=lengths[b : 2 * b])
         if ref is not None:
-            out.update(ref_chosen_logps=ref[0][:b], ref_rejected_logps=ref[0][b:2 * b])
+            out.update(ref_chosen_logps=ref[0][:b], ref_rejected_logps=ref[0][b : 2 * b])
         elif "ref_chosen_logps" in batch:
-            out.update(ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
+            out.update(
+                ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"]
+            )
         return out
 
     return evaluate

@@ -6,8 +6,15 @@ import pytest
 from alignjax.data import make_preference_batches
 from alignjax.models import PRESETS, Model
 
-SMALL = dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
-             intermediate_size=64)
+SMALL = dict(
+    vocab_size=16,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=16,
+    intermediate_size=64,
+)
 
 
 def small_model(mesh=None):
@@ -15,8 +22,17 @@ def small_model(mesh=None):
 
 
 def host_batches(batch_size, n, kind="pairwise", source="synthetic:arithmetic_dpo:train"):
-    data, _ = make_preference_batches(source, "arithmetic", kind=kind, batch_size=batch_size, max_length=10,
-                                      buckets=(10,), seed=0, process_index=0, process_count=1)
+    data, _ = make_preference_batches(
+        source,
+        "arithmetic",
+        kind=kind,
+        batch_size=batch_size,
+        max_length=10,
+        buckets=(10,),
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
     return [next(data) for _ in range(n)]
 
 

@@ -11,19 +11,39 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMALL = ["--config.model.overrides.vocab_size=16", "--config.model.overrides.hidden_size=32",
-         "--config.model.overrides.num_layers=1", "--config.model.overrides.num_heads=2",
-         "--config.model.overrides.num_kv_heads=2", "--config.model.overrides.intermediate_size=64"]
-COMMON = ["--config=experiments/dpo.py:runlocal,steps=6", "--config.train.checkpoint_every=2",
-          "--config.optim.schedule=constant", "--config.optim.warmup_steps=0", "--config.data.max_length=10",
-          "--config.train.progress=False", "--config.train.tensorboard=False", "--config.data.num_eval=16",
-          "--config.data.eval_batch_size=16", "--config.train.async_checkpoints=True", *SMALL]
+SMALL = [
+    "--config.model.overrides.vocab_size=16",
+    "--config.model.overrides.hidden_size=32",
+    "--config.model.overrides.num_layers=1",
+    "--config.model.overrides.num_heads=2",
+    "--config.model.overrides.num_kv_heads=2",
+    "--config.model.overrides.intermediate_size=64",
+]
+COMMON = [
+    "--config=experiments/dpo.py:runlocal,steps=6",
+    "--config.train.checkpoint_every=2",
+    "--config.optim.schedule=constant",
+    "--config.optim.warmup_steps=0",
+    "--config.data.max_length=10",
+    "--config.train.progress=False",
+    "--config.train.tensorboard=False",
+    "--config.data.num_eval=16",
+    "--config.data.eval_batch_size=16",
+    "--config.train.async_checkpoints=True",
+    *SMALL,
+]
 
 
 def _start(workdir, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.Popen([sys.executable, "-m", "alignjax.main", *COMMON, f"--workdir={workdir}", *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "alignjax.main", *COMMON, f"--workdir={workdir}", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _steps(workdir):
@@ -63,8 +83,12 @@ def runs(tmp_path_factory):
     import local
 
     os.makedirs(dirs["multi"], exist_ok=True)
-    multi_rc = local.launch([*COMMON, f"--workdir={dirs['multi']}", "--config.train.num_steps=3"], 2,
-                            log_dir=dirs["multi"], timeout=300)
+    multi_rc = local.launch(
+        [*COMMON, f"--workdir={dirs['multi']}", "--config.train.num_steps=3"],
+        2,
+        log_dir=dirs["multi"],
+        timeout=300,
+    )
     clean_out = clean.communicate(timeout=300)[0]
     resumed_out = resumed.communicate(timeout=300)[0]
     assert clean.returncode == 0, clean_out
@@ -76,8 +100,17 @@ def test_sigkill_then_restart_gives_identical_metrics(runs):
     clean, killed = _steps(runs["dirs"]["clean"]), _steps(runs["dirs"]["killed"])
     assert [r["step"] for r in clean if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert clean == killed  # line by line, every metric, bit for bit
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"):
+    for name in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "learning_rate",
+    ):
         assert name in clean[0]
 
 
@@ -86,7 +119,9 @@ def test_summary_and_plot(runs):
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     assert summary["data/rows_kept"] == 7500 and summary["data/rows_skipped"] == 0
-    assert 0.0 <= summary["eval/ranking_accuracy"] <= 1.0 and "eval/idealized_ranking_accuracy/beta=1" in summary
+    assert (
+        0.0 <= summary["eval/ranking_accuracy"] <= 1.0 and "eval/idealized_ranking_accuracy/beta=1" in summary
+    )
     assert summary["train/loss"] == _steps(workdir)[-2]["loss"]  # the last train line precedes the eval line
     assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep 2, no tmp dirs
@@ -95,7 +130,9 @@ def test_summary_and_plot(runs):
 def test_sigterm_saves_and_exits_cleanly(runs):
     rc, out = runs["termed"]
     assert rc == 0, out
-    saved = max(int(d) for d in os.listdir(os.path.join(runs["dirs"]["termed"], "checkpoints")) if d.isdigit())
+    saved = max(
+        int(d) for d in os.listdir(os.path.join(runs["dirs"]["termed"], "checkpoints")) if d.isdigit()
+    )
     assert f"SIGTERM: saved checkpoint at step {saved}" in out
     assert 2 <= saved < 6
 
@@ -111,8 +148,9 @@ def _inprocess_config(workdir_steps=4, **changes):
     from alignjax.main import load_config_file
 
     c = load_config_file("experiments/dpo.py:runlocal,steps=4")
-    c.model.overrides.update(dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
-                                  intermediate_size=64))
+    c.model.overrides.update(
+        dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+    )
     c.data.max_length, c.data.num_eval, c.data.eval_batch_size = 10, 16, 16
     c.train.update(dict(checkpoint_every=2, progress=False, tensorboard=False, plot=False))
     for key, value in changes.items():
@@ -131,8 +169,11 @@ def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint_then_shape_mis
     assert [r["step"] for r in _steps(str(tmp_path))] == [1, 2]
     bigger = _inprocess_config()
     bigger.model.overrides.hidden_size = 48
-    with pytest.raises(CheckpointMismatch, match=r"different model and cannot be resumed: .*embedding.*\[16, 32\]"
-                                                 r" vs model \[16, 48\].*hidden_size"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"different model and cannot be resumed: .*embedding.*\[16, 32\]"
+        r" vs model \[16, 48\].*hidden_size",
+    ):
         run_train(bigger, str(tmp_path))
 
 
@@ -141,8 +182,10 @@ def test_reference_cache_equals_frozen_reference(tmp_path):
 
     frozen = run_train(_inprocess_config(train__num_steps=2), str(tmp_path / "frozen"))
     cache_dir = str(tmp_path / "cache")
-    cached = run_train(_inprocess_config(train__num_steps=2, reference__kind="cache",
-                                         reference__cache_dir=cache_dir), str(tmp_path / "cached"))
+    cached = run_train(
+        _inprocess_config(train__num_steps=2, reference__kind="cache", reference__cache_dir=cache_dir),
+        str(tmp_path / "cached"),
+    )
     a, b = _steps(str(tmp_path / "frozen")), _steps(str(tmp_path / "cached"))
     for ra, rb in zip(a[:2], b[:2]):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
@@ -150,7 +193,9 @@ def test_reference_cache_equals_frozen_reference(tmp_path):
     (key,) = os.listdir(cache_dir)
     files = os.listdir(os.path.join(cache_dir, key))
     mtimes = {f: os.path.getmtime(os.path.join(cache_dir, key, f)) for f in files}
-    run_train(_inprocess_config(train__num_steps=2, reference__kind="cache", reference__cache_dir=cache_dir),
-              str(tmp_path / "cached2"))
+    run_train(
+        _inprocess_config(train__num_steps=2, reference__kind="cache", reference__cache_dir=cache_dir),
+        str(tmp_path / "cached2"),
+    )
     assert {f: os.path.getmtime(os.path.join(cache_dir, key, f)) for f in files} == mtimes  # built once
     assert frozen["train/loss"] == pytest.approx(cached["train/loss"], rel=1e-5)

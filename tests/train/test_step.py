@@ -14,15 +14,19 @@ from tests.train.conftest import small_model, stack
 
 
 def _config(loss="sigmoid", kind="pairwise", **hyper):
-    return ml_collections.ConfigDict(dict(loss=dict(name=loss, nll_weight=0.0, **hyper),
-                                          data=dict(kind=kind), train=dict(nan_at_step=-1)))
+    return ml_collections.ConfigDict(
+        dict(loss=dict(name=loss, nll_weight=0.0, **hyper), data=dict(kind=kind), train=dict(nan_at_step=-1))
+    )
 
 
 def _np_seq_logps(logits, batch, n):
     """Independent NumPy: log-softmax, shifted gather, masked segment sums."""
     logits = np.asarray(logits, np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     ids = batch["input_ids"]
     out = np.zeros(n)
     for r in range(ids.shape[0]):
@@ -74,10 +78,18 @@ def test_sft_loss_is_mean_token_nll_and_reference_free(model_params):
 def _one_update(model, params, batches, k, mesh, sync_every=0, alpha=1.0, steps=1):
     spec = steplib.make_step_spec(_config(beta=0.5), 8 // k, "model")
     tx = optax.sgd(1.0)
-    step = jax.jit(steplib.make_train_step(model, spec, tx, optax.constant_schedule(1.0),
-                                           sync_every=sync_every, sync_alpha=alpha))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.PRNGKey(0), "ref_params": jax.tree.map(lambda x: x + 0.01, params)}
+    step = jax.jit(
+        steplib.make_train_step(
+            model, spec, tx, optax.constant_schedule(1.0), sync_every=sync_every, sync_alpha=alpha
+        )
+    )
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.PRNGKey(0),
+        "ref_params": jax.tree.map(lambda x: x + 0.01, params),
+    }
     out = []
     for _ in range(steps):
         state, metrics = step(state, to_global(mesh, stack(batches), stacked=True))
@@ -88,8 +100,8 @@ def _one_update(model, params, batches, k, mesh, sync_every=0, alpha=1.0, steps=
 def test_grad_accumulation_equals_full_batch(model_params, pair_batches):
     model, params = model_params
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
-    (full, m_full), = _one_update(model, params, pair_batches[8], 1, mesh)
-    (acc, m_acc), = _one_update(model, params, pair_batches[4], 2, mesh)
+    ((full, m_full),) = _one_update(model, params, pair_batches[8], 1, mesh)
+    ((acc, m_acc),) = _one_update(model, params, pair_batches[4], 2, mesh)
     np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
         np.testing.assert_allclose(a, b, atol=2e-6)
@@ -103,7 +115,9 @@ def test_ema_sync_every_tau_steps(model_params, pair_batches):
     (s1, _), (s2, _) = _one_update(model, params, pair_batches[8], 1, mesh, sync_every=2, alpha=0.25, steps=2)
     for r0, r1 in zip(jax.tree.leaves(ref0), jax.tree.leaves(s1["ref_params"])):
         np.testing.assert_array_equal(r0, r1)  # step 1: no sync
-    for r0, p2, r2 in zip(jax.tree.leaves(ref0), jax.tree.leaves(s2["params"]), jax.tree.leaves(s2["ref_params"])):
+    for r0, p2, r2 in zip(
+        jax.tree.leaves(ref0), jax.tree.leaves(s2["params"]), jax.tree.leaves(s2["ref_params"])
+    ):
         np.testing.assert_allclose(r2, 0.25 * np.asarray(p2) + 0.75 * np.asarray(r0), atol=1e-6)
 
 
@@ -114,7 +128,7 @@ def test_eight_device_mesh_equals_single_device(pair_batches):
     for mesh in (one, eight):
         model = small_model(mesh)
         params = model.init(jax.random.PRNGKey(1))
-        (state, metrics), = _one_update(model, params, pair_batches[8], 1, mesh)
+        ((state, metrics),) = _one_update(model, params, pair_batches[8], 1, mesh)
         results.append((float(metrics["loss"]), jax.device_get(state["params"])))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
