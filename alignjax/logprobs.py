@@ -23,6 +23,7 @@ memory of the log-prob computation is O(B T chunk) rather than O(B T V).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "masked_mean",
     "split_pairs",
     "batch_sequence_logps",
+    "model_vocab_shards",
 ]
 
 
@@ -99,17 +101,71 @@ def next_token_logps(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
 
 
 def _vocab_scan_logps(
-    hidden_NxD: jax.Array, unembedding_DxV: jax.Array, targets_N: jax.Array, vocab_chunk: int
+    hidden_NxD: jax.Array,
+    unembedding_DxV: jax.Array,
+    targets_N: jax.Array,
+    vocab_chunk: int,
+    vocab_shards: int = 1,
 ) -> jax.Array:
     """``z_y - logsumexp(z)`` with ``z = h W`` streamed over vocabulary chunks of ``vocab_chunk`` columns.
 
     Online logsumexp (as in "Online normalizer calculation for softmax", arXiv:1805.02867): with a
     running max ``m`` and running sum ``s = sum exp(z - m)``, a chunk ``c`` updates
     ``m' = max(m, max c)``, ``s' = s exp(m - m') + sum exp(c - m')``; at the end ``lse = m + log s``.
-    The target logit is picked from the chunk that holds it. When ``V`` is not a multiple of the
-    chunk, the last chunk's start is clamped to ``V - chunk`` and the columns already seen are masked
-    out, so no padded copy of the unembedding is made.
+    The target logit is picked from the chunk that holds it. When the (per-shard) vocabulary is not
+    a multiple of the chunk, the last chunk's start is clamped to ``V_shard - chunk`` and the columns
+    already seen are masked out, so no padded copy of the unembedding is made.
+
+    ``vocab_shards = S`` splits the vocabulary into ``S`` contiguous blocks (``W`` viewed as
+    ``[D, S, V/S]``) that are streamed side by side, with one running ``(m, s)`` per block, merged at
+    the end by ``lse = M + log sum_S s_S exp(m_S - M)``. With ``S`` = the size of the mesh axis that
+    splits the vocabulary (``tensor``), each device streams only its own shard of ``W``: the chunk
+    slice never crosses a shard boundary, so XLA does not all-gather the unembedding.
     """
+    if vocab_shards == 1:
+        return _vocab_scan_logps_unsharded(hidden_NxD, unembedding_DxV, targets_N, vocab_chunk)
+    num_rows, dim = hidden_NxD.shape
+    vocab = unembedding_DxV.shape[1]
+    shard_vocab = vocab // vocab_shards
+    vocab_chunk = min(vocab_chunk, shard_vocab)
+    num_chunks = -(-shard_vocab // vocab_chunk)
+    unembedding_DxSxC = unembedding_DxV.reshape(dim, vocab_shards, shard_vocab)
+    shard_offsets = (jnp.arange(vocab_shards) * shard_vocab)[:, None]  # [S, 1]
+
+    @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
+    def body(carry, index):
+        m, s, picked = carry  # [N, S] each
+        nominal_start = index * vocab_chunk
+        start = jnp.minimum(nominal_start, shard_vocab - vocab_chunk)
+        w_chunk = jax.lax.dynamic_slice_in_dim(unembedding_DxSxC, start, vocab_chunk, axis=2)
+        z = jnp.einsum("nd,dsc->nsc", hidden_NxD, w_chunk, preferred_element_type=jnp.float32)
+        local = start + jnp.arange(vocab_chunk)  # [chunk] column within the shard
+        fresh = local >= nominal_start  # drops the overlap of a clamped last chunk
+        z = jnp.where(fresh, z, -jnp.inf)
+        # d lse / d m = 0 exactly, so the running max carries no gradient (cheaper, and no ties in max).
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
+        hit = fresh & ((shard_offsets + local) == targets_N[:, None, None])  # [N, S, chunk]
+        picked = picked + jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
+        return (m_new, s, picked), None
+
+    init = (
+        jnp.full((num_rows, vocab_shards), -jnp.inf, jnp.float32),
+        jnp.zeros((num_rows, vocab_shards), jnp.float32),
+        jnp.zeros((num_rows, vocab_shards), jnp.float32),
+    )
+    # The first chunk has only finite logits, so m is finite after it and exp(m - m_new) never sees
+    # inf - inf; m starts at -inf and exp(-inf) = 0 scales the empty initial sum.
+    (m, s, picked), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+    top = jax.lax.stop_gradient(jnp.max(m, axis=-1))
+    lse = top + jnp.log(jnp.sum(s * jnp.exp(m - top[:, None]), axis=-1))
+    return jnp.sum(picked, axis=-1) - lse
+
+
+def _vocab_scan_logps_unsharded(
+    hidden_NxD: jax.Array, unembedding_DxV: jax.Array, targets_N: jax.Array, vocab_chunk: int
+) -> jax.Array:
+    """:func:`_vocab_scan_logps` with one vocabulary block: plain ``[N, chunk]`` logits (fewer buffers)."""
     num_rows = hidden_NxD.shape[0]
     vocab = unembedding_DxV.shape[1]
     num_chunks = -(-vocab // vocab_chunk)
@@ -122,12 +178,12 @@ def _vocab_scan_logps(
         w_chunk = jax.lax.dynamic_slice_in_dim(unembedding_DxV, start, vocab_chunk, axis=1)
         z = jnp.dot(hidden_NxD, w_chunk, preferred_element_type=jnp.float32)  # [N, chunk] fp32
         columns = start + jnp.arange(vocab_chunk)
-        z = jnp.where(columns[None, :] >= nominal_start, z, -jnp.inf)  # drop overlap of a clamped chunk
-        # d lse / d m = 0 exactly, so the running max carries no gradient (cheaper, and no ties in max).
-        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))
+        fresh = columns >= nominal_start  # drops the overlap of a clamped last chunk
+        z = jnp.where(fresh[None, :], z, -jnp.inf)
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))  # d lse / d m = 0
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=-1)
-        hit = columns[None, :] == targets_N[:, None]
-        picked = picked + jnp.sum(jnp.where(hit & (columns[None, :] >= nominal_start), z, 0.0), axis=-1)
+        hit = fresh[None, :] & (columns[None, :] == targets_N[:, None])
+        picked = picked + jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
         return (m_new, s, picked), None
 
     init = (
@@ -135,8 +191,6 @@ def _vocab_scan_logps(
         jnp.zeros((num_rows,), jnp.float32),
         jnp.zeros((num_rows,), jnp.float32),
     )
-    # The first chunk always has finite logits, so m is finite after it and exp(m - m_new) never
-    # sees inf - inf; m starts at -inf and exp(-inf) = 0 scales the empty initial sum.
     (m, s, picked), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
     return picked - (m + jnp.log(s))
 
@@ -148,6 +202,7 @@ def chunked_token_logps(
     *,
     vocab_chunk: int | None = None,
     seq_chunk: int | None = None,
+    vocab_shards: int = 1,
 ) -> jax.Array:
     """:func:`token_logps` of ``logits = hidden @ unembedding`` without forming the fp32 logits.
 
@@ -157,6 +212,9 @@ def chunked_token_logps(
       targets: ``[B, T]`` token ids.
       vocab_chunk: columns per vocabulary chunk (online logsumexp); ``None`` = whole vocabulary.
       seq_chunk: rows (of the flattened ``B * T`` positions) per sequence chunk; ``None`` = all.
+      vocab_shards: stream the vocabulary as this many contiguous blocks side by side; set it to the
+        number of devices the unembedding's vocabulary dimension is split over (the ``tensor`` mesh
+        axis), so that no device gathers the whole unembedding. Must divide ``V``; 1 by default.
 
     Returns:
       ``[B, T]`` fp32; the peak memory of the computation (forward and backward) holds one
@@ -170,13 +228,16 @@ def chunked_token_logps(
     for name, value in (("vocab_chunk", vocab_chunk), ("seq_chunk", seq_chunk)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be a positive integer or None, got {value}")
+    vocab_shards = int(vocab_shards)
+    if vocab_shards <= 0 or vocab % vocab_shards:
+        raise ValueError(f"vocab_shards={vocab_shards} must be a positive divisor of the vocabulary {vocab}")
     vocab_chunk = vocab if vocab_chunk is None else min(int(vocab_chunk), vocab)
     num_rows = batch * length
     hidden_NxD = hidden.reshape(num_rows, dim)
     targets_N = targets.reshape(num_rows).astype(jnp.int32)
 
     if seq_chunk is None or seq_chunk >= num_rows:
-        out = _vocab_scan_logps(hidden_NxD, unembedding, targets_N, vocab_chunk)
+        out = _vocab_scan_logps(hidden_NxD, unembedding, targets_N, vocab_chunk, vocab_shards)
         return out.reshape(batch, length)
 
     seq_chunk = int(seq_chunk)
@@ -189,7 +250,7 @@ def chunked_token_logps(
     @jax.checkpoint
     def block(args):
         h, y = args
-        return _vocab_scan_logps(h, unembedding, y, vocab_chunk)
+        return _vocab_scan_logps(h, unembedding, y, vocab_chunk, vocab_shards)
 
     out = jax.lax.map(block, (hidden_blocks, target_blocks)).reshape(-1)[:num_rows]
     return out.reshape(batch, length)
@@ -202,6 +263,7 @@ def chunked_next_token_logps(
     *,
     vocab_chunk: int | None = None,
     seq_chunk: int | None = None,
+    vocab_shards: int = 1,
 ) -> jax.Array:
     """:func:`next_token_logps` of ``logits = hidden @ unembedding``, computed chunk by chunk.
 
@@ -211,7 +273,9 @@ def chunked_next_token_logps(
     """
     chex.assert_rank(input_ids, 2)
     targets = jnp.roll(input_ids, -1, axis=1)
-    logps = chunked_token_logps(hidden, unembedding, targets, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+    logps = chunked_token_logps(
+        hidden, unembedding, targets, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk, vocab_shards=vocab_shards
+    )
     return _shift_right(logps)
 
 
@@ -291,6 +355,19 @@ def split_pairs(values: jax.Array) -> tuple[jax.Array, jax.Array]:
 # --------------------------------------------------------------------------------------------------
 
 
+def model_vocab_shards(model: Any, vocab: int) -> int:
+    """Devices ``model.mesh`` splits the vocabulary over (by ``model.rules``); 1 if none or indivisible."""
+    mesh = getattr(model, "mesh", None)
+    if mesh is None:
+        return 1
+    from alignjax.sharding import DEFAULT_RULES, logical_to_spec
+
+    axes = logical_to_spec(("vocab",), getattr(model, "rules", None) or DEFAULT_RULES)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in axes)
+    return size if vocab % size == 0 else 1
+
+
 def batch_sequence_logps(
     model: Any,
     params: Any,
@@ -299,11 +376,13 @@ def batch_sequence_logps(
     *,
     vocab_chunk: int | None = None,
     seq_chunk: int | None = None,
+    vocab_shards: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-sequence summed log-probs and per-token log-probs of a sequence batch under ``model``.
 
     With ``vocab_chunk`` or ``seq_chunk`` set, uses ``model.hidden`` and ``model.unembedding`` and the
-    chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`.
+    chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`. ``vocab_shards``
+    (chunked path) defaults to the number of devices the model's mesh splits the vocabulary over.
 
     Returns:
       ``(sequence_logps [N], token_logps [R, T])``; the token log-probs are already multiplied by
@@ -321,8 +400,12 @@ def batch_sequence_logps(
         logps = next_token_logps(logits, input_ids)
     else:
         hidden = model.hidden(params, input_ids, **inputs)
+        unembedding = model.unembedding(params)
+        if vocab_shards is None:
+            vocab_shards = model_vocab_shards(model, unembedding.shape[1])
         logps = chunked_next_token_logps(
-            hidden, model.unembedding(params), input_ids, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk
+            hidden, unembedding, input_ids,
+            vocab_chunk=vocab_chunk, seq_chunk=seq_chunk, vocab_shards=vocab_shards,
         )
     mask = batch["loss_mask"].astype(jnp.float32)
     return sequence_logps(logps, mask, batch["example_ids"], num_sequences), logps * mask

@@ -118,6 +118,29 @@ def test_chunked_equals_unchunked_values_and_grads(dense_problem, vocab_chunk, s
     np.testing.assert_allclose(gw, ww, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "vocab_shards,vocab_chunk,seq_chunk", [(2, 8, None), (4, 3, None), (5, 8, 6), (40, 1, None)]
+)
+def test_vocab_shards_equal_unchunked(vocab_shards, vocab_chunk, seq_chunk):
+    # V = 40 in S contiguous blocks streamed side by side (chunks ragged within a block).
+    rng = np.random.default_rng(6)
+    hidden = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+    unembed = jnp.asarray(rng.normal(size=(6, 40)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 40, size=(2, 5)), jnp.int32)
+    weights = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    kw = dict(vocab_chunk=vocab_chunk, seq_chunk=seq_chunk, vocab_shards=vocab_shards)
+    got = jax.jit(lambda h, w, i: lp.chunked_next_token_logps(h, w, i, **kw))(hidden, unembed, ids)
+    want = np_next_token_logps(np.asarray(hidden @ unembed), np.asarray(ids))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    loss = lambda h, w: jnp.sum(lp.chunked_next_token_logps(h, w, ids, **kw) * weights)
+    grads = jax.jit(jax.grad(loss, (0, 1)))
+    want_grads = jax.grad(_dense_loss, (0, 1))(hidden, unembed, ids, weights)
+    for got_g, want_g in zip(grads(hidden, unembed), want_grads):
+        np.testing.assert_allclose(got_g, want_g, atol=1e-5)
+    with pytest.raises(ValueError, match="vocab_shards=3 must be a positive divisor of the vocabulary 40"):
+        lp.chunked_next_token_logps(hidden, unembed, ids, vocab_shards=3)
+
+
 def test_chunked_gradient_matches_softmax_formula(dense_problem):
     # d/dz_v log p(y) = [v = y] - softmax(z)_v, so dL/dh = sum_t w_t (W[:, y] - W softmax(z)).
     hidden, unembed, ids, weights = dense_problem
@@ -173,14 +196,20 @@ def test_chunked_peak_memory_does_not_scale_with_vocab():
     def dense(h, w, i):
         return jax.grad(lambda hh: jnp.sum(lp.next_token_logps(jnp.einsum("btd,dv->btv", hh, w), i)))(h)
 
-    def chunked(h, w, i):
-        return jax.grad(lambda hh: jnp.sum(lp.chunked_next_token_logps(hh, w, i, vocab_chunk=chunk)))(h)
+    def chunked(shards):
+        def fn(h, w, i):
+            logps = lambda hh: lp.chunked_next_token_logps(hh, w, i, vocab_chunk=chunk, vocab_shards=shards)
+            return jax.grad(lambda hh: jnp.sum(logps(hh)))(h)
+
+        return fn
 
     dense_bytes = _peak_bytes(dense, hidden, unembed, ids)
-    chunked_bytes = _peak_bytes(chunked, hidden, unembed, ids)
     assert dense_bytes >= n_rows * vocab * 4  # the full fp32 logits exist
-    assert chunked_bytes * 4 <= dense_bytes, (chunked_bytes, dense_bytes)
-    assert chunked_bytes < n_rows * vocab * 4 / 4
+    for shards in (1, 2):
+        chunked_bytes = _peak_bytes(chunked(shards), hidden, unembed, ids)
+        assert chunked_bytes * 4 <= dense_bytes, (shards, chunked_bytes, dense_bytes)
+        # A few [N, S * chunk] blocks, whatever V is.
+        assert chunked_bytes <= 4 * n_rows * shards * chunk * 4, (shards, chunked_bytes)
 
 
 # ------------------------------------------------------------------------------ sequence reductions
