@@ -384,8 +384,11 @@ def run_train(
                     tokens, t_window = 0, time.time()
                 if stop.requested:
                     checkpointer.wait()
+                    message = f"SIGTERM: saved checkpoint at step {step_no}; exiting"
                     if progress is not None:
-                        progress.write(f"SIGTERM: saved checkpoint at step {step_no}; exiting")
+                        progress.write(message)
+                    else:
+                        print(message, flush=True)
                     return {"stopped_at": step_no, "reason": "SIGTERM"}
             drain(pending)
             pending = None
