@@ -1,0 +1,162 @@
+"""Shared pieces of the reproductions and notebooks: a small SFT -> preference pipeline on the arithmetic
+task (through :func:`alignjax.train.loop.run_train`), per-pair log-probs of held-out pairs, tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from alignjax import logprobs
+
+PAIRS_VAL = "synthetic:arithmetic_dpo:val"
+
+
+def repo_root() -> str:
+    """The repository root (holds ``experiments/``), put on ``sys.path`` for config imports."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return root
+
+
+def small_config(*, seed: int = 0, sft_steps: int = 60, pref_steps: int = 20,
+                 loss: Mapping[str, Any] | None = None, batch_size: int = 32, num_eval: int = 128,
+                 learning_rate: float = 1e-3,
+                 warmup_steps: int = 2) -> Any:
+    """The quickstart config (experiments/quickstart.py: 2 layers, width 64) shrunk for a 2-core machine.
+
+    ``loss``: the preference stage's ``config.loss`` section (name, hyperparameters, nll_weight).
+    Quiet and checkpoint-light: no progress bar, no plots, one synchronous checkpoint per stage.
+    """
+    repo_root()
+    from experiments import quickstart
+
+    c = quickstart.get_config()
+    c.seed = seed
+    c.data.batch_size = batch_size
+    c.data.num_eval = num_eval
+    c.data.eval_batch_size = num_eval
+    c.train.progress = False
+    c.train.plot = False
+    c.train.tensorboard = False
+    c.train.log_every = 1
+    c.train.async_checkpoints = False
+    c.train.checkpoint_every = 10 ** 6
+    c.sft.train = dict(num_steps=sft_steps)
+    c.dpo.train = dict(num_steps=pref_steps)
+    c.dpo.optim = dict(learning_rate=learning_rate, warmup_steps=warmup_steps, schedule="cosine")
+    c.dpo.loss = dict(loss or dict(name="sigmoid", beta=2.0, nll_weight=0.0))
+    return c
+
+
+def run_sft(config: Any, workdir: str) -> tuple[Any, Any]:
+    """Trains the SFT stage; returns ``(model, sft_params)``."""
+    from alignjax.train.loop import run_train
+    from alignjax.train.pipeline import stage_config
+
+    out = run_train(stage_config(config, "sft"), os.path.join(workdir, "sft"))
+    return out["_model"], out["_state"]["params"]
+
+
+def run_preference(config: Any, workdir: str, model: Any, sft_params: Any,
+                   loss: Mapping[str, Any] | None = None, name: str = "dpo") -> dict[str, Any]:
+    """Trains the preference stage from ``sft_params`` (also the frozen reference) with ``loss``
+    (a ``config.loss`` section; default: the config's). Returns the run summary (with ``_state``)."""
+    from alignjax.train.loop import run_train
+    from alignjax.train.pipeline import stage_config
+
+    c = stage_config(config, "dpo")
+    if loss is not None:
+        with c.unlocked():
+            c.loss = type(c.loss)(dict(loss))
+    return run_train(c, os.path.join(workdir, name), init_params=sft_params, ref_params=sft_params,
+                     model=model)
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """Rows of ``<workdir>/metrics.jsonl``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pair_logps(model: Any, params: Any, config: Any, *, source: str = PAIRS_VAL, num_pairs: int = 256,
+               batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Summed log-probs and lengths of the first ``num_pairs`` pairs of ``source`` (unshuffled) under
+    ``params``: ``chosen_logps, rejected_logps, chosen_lengths, rejected_lengths`` [num_pairs]."""
+    from alignjax.train.loop import data_iterator, to_global
+
+    data, _ = data_iterator(config, source, batch_size, shuffle=False, num_epochs=1)
+    fn = jax.jit(lambda p, b: logprobs.batch_sequence_logps(model, p, b, 2 * batch_size)[0])
+    parts: dict[str, list[np.ndarray]] = {}
+    seen = 0
+    for host in data:
+        batch = to_global(model.mesh, host, stacked=False)
+        seq = np.asarray(fn(params, batch))
+        lengths = np.asarray(logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"],
+                                                       2 * batch_size))
+        b = batch_size
+        for key, value in (("chosen_logps", seq[:b]), ("rejected_logps", seq[b:]),
+                           ("chosen_lengths", lengths[:b]), ("rejected_lengths", lengths[b:])):
+            parts.setdefault(key, []).append(value)
+        seen += batch_size
+        if seen >= num_pairs:
+            break
+    return {k: np.concatenate(v)[:num_pairs] for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of per-seed values."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+    """``mean ± sd`` of per-seed values."""
+    m, s = mean_spread(values)
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_table(workdir: str, payload: Mapping[str, Any], markdown: str) -> None:
+    """``<workdir>/table.json`` (all per-seed numbers) and ``<workdir>/table.md``."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "table.json"), "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=float)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(markdown + "\n")
+
+
+def cli(run: Callable[[Any, str], dict[str, Any]], default_config: str,
+        argv: Sequence[str] | None = None) -> int:
+    """``--config=experiments/repro_X.py[:arg] --workdir=DIR``: loads the config and runs ``run(config,
+    workdir)``, printing the Markdown table it returns under ``"markdown"``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=default_config, help="experiments/repro_<name>.py[:arg]")
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args(argv)
+    repo_root()
+    from alignjax.main import load_config_file
+
+    config = load_config_file(args.config)
+    out = run(config, args.workdir)
+    print(out["markdown"])
+    return 0
