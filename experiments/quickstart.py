@@ -17,7 +17,7 @@ from experiments import common
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(
-        arg, seed=0, loss="sigmoid", beta=2.0, rpo=True, sft_steps=1000, dpo_steps=300, runlocal=False
+        arg, seed=0, loss="sigmoid", beta=2.0, rpo=True, sft_steps=1500, dpo_steps=300, runlocal=False
     )
     c = common.base_config()
     c.job = "quickstart"
