@@ -1,0 +1,92 @@
+"""Iterative MCTS-DPO (arXiv:2405.00451) on the built-in multi-step arithmetic task, and its
+instance-level DPO baseline at the same sample budget (see alignjax/search/iterate.py).
+
+  python -m alignjax.main --config=experiments/mcts_dpo.py --workdir=workdirs/mcts_dpo
+  python -m alignjax.main --config=experiments/mcts_dpo.py:method=instance,budget_from=workdirs/mcts_dpo \\
+      --workdir=workdirs/instance --config.mcts_dpo.sft_dir=workdirs/mcts_dpo/sft
+  python -m alignjax.main --config=experiments/mcts_dpo.py:runlocal --workdir=/tmp/mcts   # seconds
+  python -m experiments.mcts_dpo --workdir=workdirs/mcts_repro --seeds=0,1,2   # the reproduction table
+
+A GSM8K-style JSONL: ``--config.data.source=train.jsonl --config.mcts_dpo.test_source=test.jsonl
+--config.data.tokenizer=<tokenizer dir> --config.model.path=<HF dir> --config.mcts_dpo.init=<HF dir>``.
+Arguments: seed, method (mcts | instance), rounds, prompts, max_operand, drop_rate, sft_steps, dpo_steps,
+iterations, children, beta, nll_weight, budget_from, runlocal.
+"""
+
+from __future__ import annotations
+
+from experiments import common
+
+
+def get_config(arg: str | None = None):
+    a = common.parse_arg(
+        arg, seed=0, method="mcts", rounds=2, prompts=128, max_operand=9, drop_rate=0.8, sft_steps=600,
+        dpo_steps=60, iterations=4, children=3, beta=0.5, nll_weight=1.0, budget_from="", runlocal=False,
+    )
+    c = common.base_config()
+    c.job = "mcts_dpo"
+    c.seed = a.seed
+    c.model.path = "tiny"
+    c.model.overrides = common.ConfigDict(
+        dict(vocab_size=24, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
+             intermediate_size=256, tie_word_embeddings=True)
+    )
+    c.data.source = "synthetic:multistep"  # or a GSM8K-style JSONL path
+    c.data.eval_source = ""
+    c.data.tokenizer = "multistep"
+    c.data.max_length = 48
+    c.data.batch_size = 64
+    c.train.log_every = 10
+    c.train.checkpoint_every = 1000
+    c.train.tensorboard = False
+    c.train.progress = False
+    c.train.plot = False
+
+    c.mcts_dpo = common.ConfigDict(
+        dict(
+            method=a.method,  # mcts | instance
+            rounds=a.rounds,
+            prompts_per_round=a.prompts,
+            num_test=200,
+            split_seed=0,
+            max_operand=a.max_operand,  # 99 = synthetic.multistep_splits
+            drop_rate=a.drop_rate,  # SFT habit: each addition step drops its units carry w.p. drop_rate
+            sft_dir="",  # "" = <workdir>/sft; another run's sft dir reuses its finished SFT
+            init="",  # an HF dir / preset used as the SFT model as it is (no SFT stage)
+            test_source="",  # GSM8K-style held-out JSONL ("" = the last num_test rows of data.source)
+            eval_max_new_tokens=40,
+            step_loss="mcts_dpo",
+            step_delimiter="\n",
+            step_eos=True,  # train step pairs with the delimiter as EOS (no EOS after an intermediate step)
+            instance_loss="sigmoid",
+            budget_from=a.budget_from,  # instance: the MCTS workdir whose per-prompt token budget to spend
+            budget_tokens=0,  # instance: tokens per prompt when there is no budget_from
+            max_samples=32,  # instance: whole solutions drawn per prompt (used until the budget is spent)
+        )
+    )
+    c.search = common.ConfigDict(
+        dict(num_iterations=a.iterations, num_children=a.children, max_depth=4, c_puct=1.0,
+             length_penalty=1.25, max_step_tokens=12, temperature=1.0, top_p=1.0, self_eval=False,
+             max_pairs_per_tree=3, min_q_gap=0.0)
+    )
+
+    c.sft = common.ConfigDict()
+    c.sft.loss = dict(name="sft", nll_weight=0.0)
+    c.sft.reference = dict(kind="none")
+    c.sft.optim = dict(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    c.sft.train = dict(num_steps=a.sft_steps)
+
+    c.dpo = common.ConfigDict()
+    c.dpo.loss = dict(name="mcts_dpo", beta=a.beta, nll_weight=a.nll_weight)
+    c.dpo.reference = dict(kind="frozen")
+    c.dpo.optim = dict(learning_rate=3e-4, warmup_steps=5, schedule="cosine")
+    c.dpo.train = dict(num_steps=a.dpo_steps)
+    if a.runlocal:
+        c.sft.train = dict(num_steps=20)
+        c.dpo.train = dict(num_steps=4)
+        c.data.batch_size = 16
+        c.mcts_dpo.rounds = 1
+        c.mcts_dpo.prompts_per_round = 8
+        c.mcts_dpo.num_test = 32
+        c.search.num_iterations = 2
+    return c

@@ -1,0 +1,183 @@
+"""The iterative MCTS-DPO loop end to end on a tiny model: one round of search -> pairs -> mcts_dpo -> eval.
+
+Asserts that ``round_0/pairs.jsonl`` is exactly what an independent search with the same policy and key
+extracts; that the train step consumed those pairs (each example's policy and reference log-probs at step 1
+equal a full forward of the SFT model on one pair of the file, with that pair's visit counts, and the
+loss's label smoothing equals ``min(N_l / (max(1, N_w) + N_l), 0.5)`` computed in NumPy); and that a
+restart skips the finished round (no search, no train step, the same params fingerprint).
+"""
+
+import dataclasses
+import json
+import os
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alignjax.losses import registry
+from alignjax.losses.step_level import mcts_dpo, visit_label_smoothing
+from alignjax.search import iterate
+from alignjax.search.pairs import extract_pairs
+from alignjax.search.run import search_policy
+from alignjax.train.checkpoint import fingerprint
+from experiments import mcts_dpo as experiment
+
+RECORDED: list[list[np.ndarray]] = []
+
+
+def spy_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_visits,
+             rejected_visits, *, beta=0.1):
+    """mcts_dpo that also hands its inputs and eps to the host (one record per micro-batch)."""
+    eps = visit_label_smoothing(chosen_visits, rejected_visits)
+    jax.debug.callback(lambda *a: RECORDED.append([np.asarray(x) for x in a]), chosen_logps, rejected_logps,
+                       ref_chosen_logps, ref_rejected_logps, chosen_visits, rejected_visits, eps)
+    return mcts_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_visits,
+                    rejected_visits, beta=beta)
+
+
+def tiny_config():
+    c = experiment.get_config("runlocal")
+    c.model.overrides.update(dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                                  intermediate_size=64))
+    c.data.batch_size = 8
+    c.data.max_length = 32
+    c.sft.train = dict(num_steps=2)
+    c.dpo.train = dict(num_steps=2)
+    c.train.async_checkpoints = False
+    c.mcts_dpo.prompts_per_round = 6
+    c.mcts_dpo.num_test = 8
+    c.mcts_dpo.eval_max_new_tokens = 16
+    c.search.update(dict(num_iterations=2, num_children=3, max_depth=3, max_step_tokens=8))
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("mcts_dpo"))
+    config = tiny_config()
+    spec = registry.spec("mcts_dpo")
+    with mock.patch.dict(registry._REGISTRY, {"mcts_dpo": dataclasses.replace(spec, fn=spy_loss)}):
+        RECORDED.clear()
+        first = iterate.run_mcts_dpo(config, workdir)
+        recorded = list(RECORDED)
+        RECORDED.clear()
+        pairs_path = os.path.join(workdir, "round_0", "pairs.jsonl")
+        mtime = os.path.getmtime(pairs_path)
+        with mock.patch.object(iterate, "search_policy", side_effect=AssertionError("searched again")):
+            second = iterate.run_mcts_dpo(config, workdir)
+        rerun_recorded = list(RECORDED)
+    return dict(config=config, workdir=workdir, first=first, second=second, recorded=recorded,
+                rerun_recorded=rerun_recorded, mtime=mtime, pairs_path=pairs_path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_pairs_file_is_the_search_output(run):
+    config, first = run["config"], run["first"]
+    task = iterate.make_task(config)
+    prompts = iterate.round_prompts(task, 0, config.mcts_dpo.prompts_per_round, config.mcts_dpo.split_seed)
+    from alignjax.data.pipeline import resolve_tokenizer
+
+    tok = resolve_tokenizer(config.data.tokenizer)
+    policy = iterate.Policy(first["_model"], first["_sft_params"], tok, task.verify, task.is_final_step,
+                            generator=first["_generator"])
+    scfg = iterate.search_config(config)
+    trees, _, counters = search_policy(policy, prompts, scfg, jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    pairs = [p for p in extract_pairs(trees, scfg.max_pairs_per_tree) if p.chosen.strip() and p.rejected.strip()]
+    expected = []
+    for p in pairs:
+        rec = p.to_record()
+        for side in ("chosen", "rejected"):  # terminal steps carry the EOS text
+            if getattr(p, f"{side}_ids")[-1] == tok.eos_id:
+                rec[side] += "<eos>"
+        expected.append(rec)
+    rows = read_jsonl(run["pairs_path"])
+    assert rows == expected and len(rows) >= 2
+    stats = json.load(open(os.path.join(run["workdir"], "round_0", "search.json")))
+    assert stats["generated_tokens"] == counters["generated_tokens"] == sum(stats["tokens_per_prompt"])
+
+
+def sequence_logps(model, params, tok, prompt, completion):
+    """Summed completion log-probs by a full forward (the step tokenizer: EOS = the step delimiter)."""
+    p_ids = tok.encode_prompt(prompt)
+    c_ids = tok.encode_completion(prompt, completion, p_ids)
+    ids = jnp.asarray([p_ids + c_ids])
+    logits = model.apply(params, ids)[0].astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits, -1)[jnp.arange(ids.shape[1] - 1), ids[0, 1:]]
+    return float(lp[len(p_ids) - 1 :].sum())
+
+
+def test_training_consumed_the_pairs_with_visit_smoothing(run):
+    first, config = run["first"], run["config"]
+    rows = read_jsonl(run["pairs_path"])
+    recorded = run["recorded"]
+    assert len(recorded) == config.dpo.train["num_steps"]  # one micro-batch per step
+    from alignjax.data.tokenize import ChatTokenizer
+
+    step_tok = ChatTokenizer.from_pretrained(os.path.join(run["workdir"], "step_tokenizer"))
+    assert step_tok.eos_id == step_tok.encode("\n")[0]
+    model, sft = first["_model"], first["_sft_params"]
+    table = np.array([[sequence_logps(model, sft, step_tok, r["prompt"], r["chosen"]),
+                       sequence_logps(model, sft, step_tok, r["prompt"], r["rejected"]),
+                       r["chosen_visits"], r["rejected_visits"]] for r in rows])
+    matched = []
+    for step, (c, r, rc, rr, nw, nl, eps) in enumerate(recorded):
+        # the NumPy formula of the visit-count label smoothing
+        np.testing.assert_allclose(eps, np.minimum(nl / (np.maximum(nw, 1.0) + nl), 0.5), rtol=1e-6)
+        if step == 0:  # the policy starts at the SFT params, which are the reference
+            np.testing.assert_allclose(np.stack([c, r]), np.stack([rc, rr]), atol=1e-5)
+        # the frozen SFT reference at every step: each example is one row of the pairs file
+        for row in np.stack([rc, rr, nw, nl], 1):
+            hits = np.flatnonzero(np.all(np.isclose(table, row[None], atol=2e-4), axis=1))
+            assert hits.size, f"step {step + 1}: example {row} is not a pair of {run['pairs_path']}"
+            matched.append(int(hits[0]))
+    # the first step's examples are distinct pairs of the file (one epoch is a permutation)
+    b = len(recorded[0][0])
+    assert len(set(matched[:b])) == b and b == iterate.round_batch_size(8, len(rows), jax.device_count())
+
+
+def test_restart_skips_the_finished_round(run):
+    first, second = run["first"], run["second"]
+    assert fingerprint(first["_params"]) == fingerprint(second["_params"])
+    assert fingerprint(first["_params"]) != fingerprint(first["_sft_params"])  # the round did train
+    assert os.path.getmtime(run["pairs_path"]) == run["mtime"]
+    assert run["rerun_recorded"] == []  # no train step ran
+    done = json.load(open(os.path.join(run["workdir"], "round_0", "done.json")))
+    assert done["fingerprint"] == fingerprint(first["_params"])
+    s = {k: v for k, v in second.items() if not k.startswith("_") and not k.startswith("wall_s")}
+    f = {k: v for k, v in first.items() if not k.startswith("_") and not k.startswith("wall_s")}
+    assert s == f
+
+
+def test_instance_budget_and_pairs(run):
+    """Instance-level pairs spend the MCTS run's per-prompt token budget, rounded up to one sample."""
+    config, first = run["config"], run["first"]
+    task = iterate.make_task(config)
+    prompts = iterate.round_prompts(task, 0, 4, 0)
+    from alignjax.data.pipeline import resolve_tokenizer
+
+    tok = resolve_tokenizer(config.data.tokenizer)
+    policy = iterate.Policy(first["_model"], first["_sft_params"], tok, task.verify, task.is_final_step,
+                            generator=first["_generator"])
+    budgets = [30, 1, 60, 45]
+    records, stats = iterate.instance_pairs(policy, prompts, budgets, jax.random.PRNGKey(1), max_samples=8,
+                                            max_new_tokens=16, temperature=1.0, top_p=1.0)
+    out = policy.generator.generate(policy.params, [policy.prompt_ids(p) for p in prompts],
+                                    jax.random.PRNGKey(1), num_samples=8, max_new_tokens=16,
+                                    stop_tokens=(tok.eos_id,))
+    used_tokens = used = 0
+    for i, b in enumerate(budgets):
+        lengths = out.lengths[i]
+        k = int(np.searchsorted(np.cumsum(lengths), b) + 1) if lengths.sum() >= b else len(lengths)
+        assert np.cumsum(lengths)[k - 1] >= min(b, lengths.sum()) and (k == 1 or np.cumsum(lengths)[k - 2] < b)
+        used_tokens += int(lengths[:k].sum())
+        used += k
+    assert stats["generated_tokens"] == used_tokens and stats["samples"] == used
+    for rec in records:
+        assert task.verify(rec["prompt"], rec["chosen"]) and not task.verify(rec["prompt"], rec["rejected"])
