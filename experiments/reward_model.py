@@ -1,8 +1,8 @@
 """Reward models on the shared decoder: Bradley-Terry, Secrets of RLHF II, GPM, PAL.
 
   python -m alignjax.main --config=experiments/reward_model.py:objective=bt,runlocal --workdir=workdirs/rm_bt
-  python -m alignjax.main --config=experiments/reward_model.py:objective=secrets,runlocal --workdir=workdirs/rm_s
-  python -m alignjax.main --config=experiments/reward_model.py:objective=gpm,runlocal --workdir=workdirs/rm_gpm
+  python -m alignjax.main --config=experiments/reward_model.py:objective=secrets,runlocal --workdir=wd/rm_s
+  python -m alignjax.main --config=experiments/reward_model.py:objective=gpm,runlocal --workdir=wd/rm_gpm
   python -m alignjax.main --config=experiments/reward_model.py:objective=bt --workdir=workdirs/rm \
       --config.model.path=/ckpt/Qwen2.5-0.5B --config.data.source=/data/pairs.jsonl \
       --config.data.tokenizer=/ckpt/Qwen2.5-0.5B --config.reward.eval_source=/data/rewardbench.jsonl \
@@ -43,10 +43,11 @@ def get_config(arg: str | None = None):
             use_margin=False,  # bt: subtract each row's 'margin' field
             gpm_dim=4,  # 2k
             gpm_prompt_scales=False,
+            gpm_normalize=True,  # unit-norm embeddings, as the GPM paper
             pal_dim=16,
             pal_prototypes=2,
             pal_users=1,
-            eval_source=a.eval,  # RewardBench-format file (prompt, chosen, rejected, subset) scored at the end
+            eval_source=a.eval,  # RewardBench-format file, scored at the end
             export_dir="",  # value heads: write an HF AutoModelForSequenceClassification here
         )
     )

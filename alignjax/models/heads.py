@@ -83,6 +83,7 @@ class HeadConfig:
     num_heads: int = 1
     gpm_dim: int = 2
     gpm_prompt_scales: bool = False
+    gpm_normalize: bool = True
     pal_dim: int = 16
     pal_prototypes: int = 2
     pal_users: int = 1
@@ -119,10 +120,16 @@ class GPMHead(nn.Module):
     L2-normalised (the paper normalises v to the unit sphere so that the score is bounded by the
     scales and tau sets the sharpness); the scales lambda_b(x) >= 0 come from the prompt's last
     token through a softplus ("eigenvalue scale gate").
+
+    ``normalize=False`` keeps the raw linear embedding. Why it exists: when every response's features
+    share one dominant direction (a small decoder at initialisation), unit-norm embeddings start
+    collapsed at one angle, and there a balanced preference cycle is a local minimum of the loss
+    (the first-order angle terms cancel around the cycle); raw embeddings escape it.
     """
 
     dim: int = 2
     prompt_scales: bool = False
+    normalize: bool = True
 
     @nn.compact
     def __call__(self, features: Array, prompt_features: Array | None = None) -> tuple[Array, Array | None]:
@@ -130,7 +137,8 @@ class GPMHead(nn.Module):
         d = features.shape[-1]
         w = self.param("embed", _init(("embed", "value")), (d, self.dim), jnp.float32)
         v = features.astype(jnp.float32) @ w
-        v = v * jax.lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True) + 1e-12)
+        if self.normalize:
+            v = v * jax.lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True) + 1e-12)
         scales = None
         if self.prompt_scales:
             ws = self.param("scale_gate", _init(("embed", "value")), (d, self.dim // 2), jnp.float32)
@@ -186,5 +194,7 @@ def make_head(config: HeadConfig) -> nn.Module:
     if config.kind == "value":
         return ValueHead(num_heads=config.num_heads)
     if config.kind == "gpm":
-        return GPMHead(dim=config.gpm_dim, prompt_scales=config.gpm_prompt_scales)
+        return GPMHead(
+            dim=config.gpm_dim, prompt_scales=config.gpm_prompt_scales, normalize=config.gpm_normalize
+        )
     return PALHead(dim=config.pal_dim, num_prototypes=config.pal_prototypes, num_users=config.pal_users)

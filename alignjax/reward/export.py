@@ -76,7 +76,8 @@ def load_classifier(path: str, *, dtype: str = "float32", mesh: Any = None, rule
         score = f.get_tensor("score.weight")
     if score.shape[1] != decoder.config.hidden_size:
         raise ValueError(
-            f"{weights}: score.weight has shape {score.shape}, expected [num_labels, {decoder.config.hidden_size}]"
+            f"{weights}: score.weight has shape {score.shape}, expected "
+            f"[num_labels, {decoder.config.hidden_size}]"
         )
     rm = RewardModel(decoder, HeadConfig(kind="value", num_heads=score.shape[0]))
     rm.params = {"decoder": decoder.params, "head": {"score": jax.numpy.asarray(score.T.astype(np.float32))}}

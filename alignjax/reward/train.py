@@ -67,6 +67,7 @@ def head_config(config: Any) -> HeadConfig:
         num_heads=int(r.num_heads) if kind == "value" else 1,
         gpm_dim=int(r.gpm_dim),
         gpm_prompt_scales=bool(r.gpm_prompt_scales),
+        gpm_normalize=bool(r.get("gpm_normalize", True)),
         pal_dim=int(r.pal_dim),
         pal_prototypes=int(r.pal_prototypes),
         pal_users=int(r.pal_users),
@@ -201,7 +202,8 @@ def per_example_loss(spec: RewardSpec, inputs: Mapping[str, Array], batch: Mappi
         if "margin" not in batch:
             raise ValueError(
                 "objective 'secrets' reads each pair's ensemble preference strength from the row's 'margin' "
-                "field, which this data lacks: run the Secrets-II pipeline (alignjax.reward.secrets.run_secrets, "
+                "field, which this data lacks: run the Secrets-II pipeline "
+                "(alignjax.reward.secrets.run_secrets, "
                 "experiments/reward_model.py:objective=secrets), which writes it"
             )
         return fn(inputs["chosen_all"][:, 0], inputs["rejected_all"][:, 0], batch["margin"], **hyper)
@@ -381,8 +383,8 @@ def run_reward_model(config: Any, workdir: str) -> dict[str, Any]:
             with open(os.path.join(final_dir, "rewardbench.json"), "w") as f:
                 json.dump(report, f, indent=2, sort_keys=True)
     if config.reward.export_dir:
-        from alignjax.reward.export import save_classifier
         from alignjax.data import resolve_tokenizer
+        from alignjax.reward.export import save_classifier
 
         save_classifier(
             model,
