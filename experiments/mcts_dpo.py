@@ -20,16 +20,37 @@ from experiments import common
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(
-        arg, seed=0, method="mcts", rounds=2, prompts=128, max_operand=9, drop_rate=0.8, sft_steps=600,
-        dpo_steps=60, iterations=4, children=3, beta=0.5, nll_weight=1.0, budget_from="", runlocal=False,
+        arg,
+        seed=0,
+        method="mcts",
+        rounds=2,
+        prompts=128,
+        max_operand=9,
+        drop_rate=0.8,
+        sft_steps=600,
+        dpo_steps=60,
+        iterations=4,
+        children=3,
+        beta=0.5,
+        nll_weight=1.0,
+        budget_from="",
+        runlocal=False,
     )
     c = common.base_config()
     c.job = "mcts_dpo"
     c.seed = a.seed
     c.model.path = "tiny"
     c.model.overrides = common.ConfigDict(
-        dict(vocab_size=24, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
-             intermediate_size=256, tie_word_embeddings=True)
+        dict(
+            vocab_size=24,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=16,
+            intermediate_size=256,
+            tie_word_embeddings=True,
+        )
     )
     c.data.source = "synthetic:multistep"  # or a GSM8K-style JSONL path
     c.data.eval_source = ""
@@ -65,9 +86,19 @@ def get_config(arg: str | None = None):
         )
     )
     c.search = common.ConfigDict(
-        dict(num_iterations=a.iterations, num_children=a.children, max_depth=4, c_puct=1.0,
-             length_penalty=1.25, max_step_tokens=12, temperature=1.0, top_p=1.0, self_eval=False,
-             max_pairs_per_tree=3, min_q_gap=0.0)
+        dict(
+            num_iterations=a.iterations,
+            num_children=a.children,
+            max_depth=4,
+            c_puct=1.0,
+            length_penalty=1.25,
+            max_step_tokens=12,
+            temperature=1.0,
+            top_p=1.0,
+            self_eval=False,
+            max_pairs_per_tree=3,
+            min_q_gap=0.0,
+        )
     )
 
     c.sft = common.ConfigDict()
@@ -90,3 +121,82 @@ def get_config(arg: str | None = None):
         c.mcts_dpo.num_test = 32
         c.search.num_iterations = 2
     return c
+
+
+def reproduce(workdir: str, seeds: tuple[int, ...] = (0, 1, 2), arg: str = "") -> dict:
+    """The issue-6 reproduction: per seed, SFT -> MCTS step-level DPO rounds, and the instance-level DPO
+    baseline from the same SFT at the MCTS run's per-prompt token budget; held-out greedy accuracy of
+    SFT, instance-level DPO and MCTS-DPO per seed, with mean and standard deviation over seeds.
+    Writes ``<workdir>/results.json`` and ``<workdir>/table.md``; finished runs are reused (resumable)."""
+    import json
+    import os
+    import time
+
+    import numpy as np
+
+    from alignjax.search.iterate import run_mcts_dpo
+
+    t0 = time.time()
+    rows = []
+    for seed in seeds:
+        base = os.path.join(workdir, f"seed_{seed}")
+        extra = f"seed={seed}" + (f",{arg}" if arg else "")
+        out = {}
+        for method in ("mcts", "instance"):
+            budget = f",budget_from={os.path.join(base, 'mcts')}" if method == "instance" else ""
+            c = get_config(f"{extra},method={method}{budget}")
+            c.mcts_dpo.sft_dir = os.path.join(base, "sft")
+            out[method] = run_mcts_dpo(c, os.path.join(base, method))
+        rows.append(
+            {
+                "seed": seed,
+                "sft": out["mcts"]["task_accuracy/sft"],
+                "instance": out["instance"]["task_accuracy/final"],
+                "mcts": out["mcts"]["task_accuracy/final"],
+                "instance_rounds": out["instance"]["task_accuracy/rounds"],
+                "mcts_rounds": out["mcts"]["task_accuracy/rounds"],
+                "pairs/instance": out["instance"]["num_pairs/rounds"],
+                "pairs/mcts": out["mcts"]["num_pairs/rounds"],
+                "tokens/instance": out["instance"]["generated_tokens/rounds"],
+                "tokens/mcts": out["mcts"]["generated_tokens/rounds"],
+            }
+        )
+    stats = {
+        k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows], ddof=1)))
+        for k in ("sft", "instance", "mcts")
+    }
+    ordered = sum(r["sft"] < r["instance"] < r["mcts"] for r in rows)
+    lines = [
+        "| seed | SFT | instance-level DPO | MCTS step-level DPO | pairs inst/MCTS | tokens inst/MCTS |"
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seed']} | {r['sft']:.3f} | {r['instance']:.3f} | {r['mcts']:.3f} | "
+            f"{r['pairs/instance']} / {r['pairs/mcts']} | {r['tokens/instance']} / {r['tokens/mcts']} |"
+        )
+    lines.append(
+        "| mean ± std | "
+        + " | ".join(f"{stats[k][0]:.3f} ± {stats[k][1]:.3f}" for k in ("sft", "instance", "mcts"))
+        + " | | |"
+    )
+    result = {"rows": rows, "mean_std": stats, "seeds_with_ordering": ordered, "wall_s": time.time() - t0}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"SFT < instance < MCTS on {ordered}/{len(rows)} seeds; {result['wall_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=reproduce.__doc__)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--arg", default="", help="get_config arguments, e.g. rounds=3,prompts=256")
+    flags = parser.parse_args()
+    reproduce(flags.workdir, tuple(int(s) for s in flags.seeds.split(",")), flags.arg)

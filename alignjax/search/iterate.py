@@ -81,7 +81,9 @@ def habit_solution(a: int, b: int, c: int, rng: np.random.Generator, drop_rate: 
     return f"{a}+{b}={x}\n{x}+{c}={y}\nanswer {y}"
 
 
-def multistep_problem_splits(max_operand: int, n_test: int, seed: int) -> dict[str, list[tuple[int, int, int]]]:
+def multistep_problem_splits(
+    max_operand: int, n_test: int, seed: int
+) -> dict[str, list[tuple[int, int, int]]]:
     """Disjoint ``train``/``test`` triples with operands in ``0..max_operand`` (99: the built-in
     :func:`alignjax.data.synthetic.multistep_splits` with 2,000 training problems)."""
     from alignjax.data import synthetic
@@ -91,20 +93,22 @@ def multistep_problem_splits(max_operand: int, n_test: int, seed: int) -> dict[s
         return {"train": s["train"], "test": s["test"]}
     m = max_operand + 1
     if n_test >= m**3:
-        raise ValueError(f"config.mcts_dpo.num_test={n_test} leaves no training problem among {m ** 3}")
+        raise ValueError(f"config.mcts_dpo.num_test={n_test} leaves no training problem among {m**3}")
     order = np.random.default_rng(seed).permutation(m**3)
     problems = [(int(v // (m * m)), int(v // m % m), int(v % m)) for v in order]
     return {"test": problems[:n_test], "train": problems[n_test:]}
 
 
 def multistep_task(max_operand: int, n_test: int, drop_rate: float, seed: int) -> Task:
-    """The built-in multi-step arithmetic task with a carry-dropping SFT habit (see :func:`habit_solution`)."""
+    """The built-in multi-step arithmetic task with a carry-dropping SFT habit (:func:`habit_solution`)."""
     from alignjax.data import synthetic
 
     splits = multistep_problem_splits(max_operand, n_test, seed)
     rng = np.random.default_rng([seed, 1])
-    sft = [{"prompt": synthetic.multistep_prompt(*p), "completion": habit_solution(*p, rng, drop_rate)}
-           for p in splits["train"]]
+    sft = [
+        {"prompt": synthetic.multistep_prompt(*p), "completion": habit_solution(*p, rng, drop_rate)}
+        for p in splits["train"]
+    ]
     return Task(
         train_prompts=[synthetic.multistep_prompt(*p) for p in splits["train"]],
         test_prompts=[synthetic.multistep_prompt(*p) for p in splits["test"]],
@@ -125,8 +129,10 @@ def gsm8k_task(path: str, test_path: str, n_test: int) -> Task:
     test = synthetic.read_gsm8k(test_path) if test_path else rows[-n_test:]
     train = rows if test_path else rows[:-n_test]
     if not train or not test:
-        raise ValueError(f"{path}: {len(rows)} rows leave {len(train)} for training and {len(test)} for "
-                         f"testing (config.mcts_dpo.num_test={n_test}); give more rows or test_source")
+        raise ValueError(
+            f"{path}: {len(rows)} rows leave {len(train)} for training and {len(test)} for "
+            f"testing (config.mcts_dpo.num_test={n_test}); give more rows or test_source"
+        )
     finals = {r["prompt"]: r["final"] for r in train + test}
 
     def verify(prompt: str, completion: str) -> bool:
@@ -147,8 +153,10 @@ def make_task(config: Any) -> Task:
     source = config.data.source
     if source.startswith("synthetic:"):
         if not source.startswith("synthetic:multistep"):
-            raise ValueError(f"config.data.source={source!r}: the MCTS-DPO loop runs on synthetic:multistep "
-                             "or a GSM8K-style JSONL path")
+            raise ValueError(
+                f"config.data.source={source!r}: the MCTS-DPO loop runs on synthetic:multistep "
+                "or a GSM8K-style JSONL path"
+            )
         return multistep_task(int(m.max_operand), int(m.num_test), float(m.drop_rate), int(m.split_seed))
     if not os.path.exists(source):
         raise FileNotFoundError(f"config.data.source={source!r}: no such file (a GSM8K-style JSONL)")
@@ -168,13 +176,23 @@ def round_prompts(task: Task, round_index: int, n: int, seed: int) -> list[str]:
 def search_config(config: Any) -> SearchConfig:
     """``config.search`` -> :class:`SearchConfig` (self_eval: the default "\\n=" -> "1"/"0" format or off)."""
     s = config.search
-    mcts = MCTSConfig(num_iterations=int(s.num_iterations), num_children=int(s.num_children),
-                      max_depth=int(s.max_depth), c_puct=float(s.c_puct),
-                      length_penalty=float(s.length_penalty))
-    return SearchConfig(mcts=mcts, max_step_tokens=int(s.max_step_tokens), temperature=float(s.temperature),
-                        top_p=float(s.top_p), self_eval=SelfEvalFormat() if s.self_eval else None,
-                        max_pairs_per_tree=int(s.max_pairs_per_tree), min_q_gap=float(s.min_q_gap),
-                        seed=int(config.seed))
+    mcts = MCTSConfig(
+        num_iterations=int(s.num_iterations),
+        num_children=int(s.num_children),
+        max_depth=int(s.max_depth),
+        c_puct=float(s.c_puct),
+        length_penalty=float(s.length_penalty),
+    )
+    return SearchConfig(
+        mcts=mcts,
+        max_step_tokens=int(s.max_step_tokens),
+        temperature=float(s.temperature),
+        top_p=float(s.top_p),
+        self_eval=SelfEvalFormat() if s.self_eval else None,
+        max_pairs_per_tree=int(s.max_pairs_per_tree),
+        min_q_gap=float(s.min_q_gap),
+        seed=int(config.seed),
+    )
 
 
 def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -184,25 +202,43 @@ def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
 
 
-def greedy_accuracy(policy: Policy, prompts: Sequence[str], max_new_tokens: int,
-                    batch: int = 256) -> dict[str, Any]:
+def greedy_accuracy(
+    policy: Policy, prompts: Sequence[str], max_new_tokens: int, batch: int = 256
+) -> dict[str, Any]:
     """Share of ``prompts`` whose greedy completion (cut at EOS) ``policy.verifier`` accepts."""
     eos = int(policy.tokenizer.eos_id)
     correct = []
     for i in range(0, len(prompts), batch):
         chunk = list(prompts[i : i + batch])
-        out = policy.generator.generate(policy.params, [policy.prompt_ids(p) for p in chunk],
-                                        jax.random.PRNGKey(0), max_new_tokens=max_new_tokens, greedy=True,
-                                        stop_tokens=(eos,))
+        out = policy.generator.generate(
+            policy.params,
+            [policy.prompt_ids(p) for p in chunk],
+            jax.random.PRNGKey(0),
+            max_new_tokens=max_new_tokens,
+            greedy=True,
+            stop_tokens=(eos,),
+        )
         for j, p in enumerate(chunk):
             ids, _ = out.row(j, 0)
             correct.append(bool(policy.verifier(p, completion_text(policy.tokenizer, ids))))
-    return {"accuracy": float(np.mean(correct)), "num_prompts": len(prompts), "num_correct": int(sum(correct))}
+    return {
+        "accuracy": float(np.mean(correct)),
+        "num_prompts": len(prompts),
+        "num_correct": int(sum(correct)),
+    }
 
 
-def instance_pairs(policy: Policy, prompts: Sequence[str], budgets: Sequence[int], key: jax.Array, *,
-                   max_samples: int, max_new_tokens: int, temperature: float,
-                   top_p: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def instance_pairs(
+    policy: Policy,
+    prompts: Sequence[str],
+    budgets: Sequence[int],
+    key: jax.Array,
+    *,
+    max_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Instance-level pairs at a per-prompt token budget (the MCTS-DPO paper's baseline).
 
     ``max_samples`` whole solutions are drawn per prompt in one batched call; prompt ``i`` *uses* them in
@@ -211,9 +247,16 @@ def instance_pairs(policy: Policy, prompts: Sequence[str], budgets: Sequence[int
     used samples are all correct or all wrong gives none. Returns ``(records, stats)``.
     """
     eos = int(policy.tokenizer.eos_id)
-    out = policy.generator.generate(policy.params, [policy.prompt_ids(p) for p in prompts], key,
-                                    num_samples=max_samples, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, stop_tokens=(eos,))
+    out = policy.generator.generate(
+        policy.params,
+        [policy.prompt_ids(p) for p in prompts],
+        key,
+        num_samples=max_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop_tokens=(eos,),
+    )
     records, used_tokens, used_samples, exhausted = [], 0, 0, 0
     for i, p in enumerate(prompts):
         spent, good, bad = 0, None, None
@@ -233,8 +276,12 @@ def instance_pairs(policy: Policy, prompts: Sequence[str], budgets: Sequence[int
         used_tokens += spent
         if good is not None and bad is not None and good.strip() and bad.strip():
             records.append({"prompt": p, "chosen": good, "rejected": bad})
-    stats = {"generated_tokens": used_tokens, "samples": used_samples, "budget_tokens": int(sum(budgets)),
-             "prompts_budget_not_reached": exhausted}
+    stats = {
+        "generated_tokens": used_tokens,
+        "samples": used_samples,
+        "budget_tokens": int(sum(budgets)),
+        "prompts_budget_not_reached": exhausted,
+    }
     return records, stats
 
 
@@ -334,8 +381,11 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         from alignjax import sharding
         from alignjax.train.loop import build_model
 
-        model, sft_params = build_model(init_cfg.model, sharding.make_mesh(dict(config.mesh)),
-                                        sharding.rules_from_config(config.rules or None))
+        model, sft_params = build_model(
+            init_cfg.model,
+            sharding.make_mesh(dict(config.mesh)),
+            sharding.rules_from_config(config.rules or None),
+        )
     else:
         os.makedirs(sft_dir, exist_ok=True)
         sft_data = os.path.join(sft_dir, "sft_data.jsonl")
@@ -347,8 +397,15 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
     generator = Generator(model, pad_id=int(tokenizer.pad_id or 0), min_prompt_bucket=16, min_batch_bucket=8)
 
     def policy_for(params: Any) -> Policy:
-        return Policy(model, params, tokenizer, task.verify, task.is_final_step,
-                      step_delimiter=m.step_delimiter, generator=generator)
+        return Policy(
+            model,
+            params,
+            tokenizer,
+            task.verify,
+            task.is_final_step,
+            step_delimiter=m.step_delimiter,
+            generator=generator,
+        )
 
     test_prompts = task.test_prompts[: int(m.num_test)]
     sft_eval_path = os.path.join(sft_dir if not m.init else workdir, "eval.json")
@@ -382,9 +439,15 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
             else:
                 budgets = _instance_budgets(config, k, prompts)
                 records, stats = instance_pairs(
-                    policy_for(params), prompts, budgets, key, max_samples=int(m.max_samples),
-                    max_new_tokens=int(m.eval_max_new_tokens), temperature=float(config.search.temperature),
-                    top_p=float(config.search.top_p))
+                    policy_for(params),
+                    prompts,
+                    budgets,
+                    key,
+                    max_samples=int(m.max_samples),
+                    max_new_tokens=int(m.eval_max_new_tokens),
+                    temperature=float(config.search.temperature),
+                    top_p=float(config.search.top_p),
+                )
             _write_records(records, pairs_path)
             _write_json(stats_path, stats)
         stats = _read_json(stats_path)
@@ -395,13 +458,24 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         if trainable:
             params = _train_round(config, rdir, pairs_path, model, params, sft_params)
         ev = greedy_accuracy(policy_for(params), test_prompts, int(m.eval_max_new_tokens))
-        info = {"round": k, "num_pairs": num_pairs, "trained": trainable, "data_path": pairs_path, "search": stats,
-                "eval": ev, "fingerprint": fingerprint(params), "wall_s/search": t_search,
-                "wall_s/round": time.time() - t_round}
+        info = {
+            "round": k,
+            "num_pairs": num_pairs,
+            "trained": trainable,
+            "data_path": pairs_path,
+            "search": stats,
+            "eval": ev,
+            "fingerprint": fingerprint(params),
+            "wall_s/search": t_search,
+            "wall_s/round": time.time() - t_round,
+        }
         _write_json(done_path, info)
         rounds.append(info)
-        print(f"[{m.method}] round {k}: {num_pairs} pairs, held-out accuracy {ev['accuracy']:.3f} "
-              f"({info['wall_s/round']:.0f} s)", flush=True)
+        print(
+            f"[{m.method}] round {k}: {num_pairs} pairs, held-out accuracy {ev['accuracy']:.3f} "
+            f"({info['wall_s/round']:.0f} s)",
+            flush=True,
+        )
 
     summary = {
         "method": m.method,
@@ -452,13 +526,20 @@ def step_tokenizer(tokenizer: Any, delimiter: str) -> Any:
     if len(ids) != 1:
         return None
     sp = tokenizer.special
-    return ChatTokenizer(tokenizer.tokenizer, chat_template=tokenizer.chat_template, bos_token=sp["bos_token"],
-                         eos_token=delimiter, pad_token=sp["pad_token"], unk_token=sp["unk_token"],
-                         extra_config=tokenizer.extra_config)
+    return ChatTokenizer(
+        tokenizer.tokenizer,
+        chat_template=tokenizer.chat_template,
+        bos_token=sp["bos_token"],
+        eos_token=delimiter,
+        pad_token=sp["pad_token"],
+        unk_token=sp["unk_token"],
+        extra_config=tokenizer.extra_config,
+    )
 
 
-def _search_round(policy: Policy, prompts: Sequence[str], scfg: SearchConfig,
-                  key: jax.Array) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _search_round(
+    policy: Policy, prompts: Sequence[str], scfg: SearchConfig, key: jax.Array
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """MCTS on ``prompts`` -> step-pair records (:func:`step_records`) and the search statistics."""
     trees, sstats, counters = search_policy(policy, prompts, scfg, key)
     pairs = extract_pairs(trees, scfg.max_pairs_per_tree, scfg.min_q_gap)
@@ -466,10 +547,15 @@ def _search_round(policy: Policy, prompts: Sequence[str], scfg: SearchConfig,
     # (and counted) rather than rejected by the data loader.
     kept = [p for p in pairs if p.chosen.strip() and p.rejected.strip()]
     per_prompt = [sum(len(n.tokens) * n.count for n in t.root.iter_nodes() if n is not t.root) for t in trees]
-    stats = {"generated_tokens": int(counters["generated_tokens"]), "tokens_per_prompt": per_prompt,
-             "expanded_nodes": sstats.expanded_nodes, "new_children": sstats.new_children,
-             "expand_calls": counters["expand_calls"], "pairs_dropped_blank": len(pairs) - len(kept),
-             "solved_trees": sum(any(n.outcome == 1.0 for n in t.root.iter_nodes()) for t in trees)}
+    stats = {
+        "generated_tokens": int(counters["generated_tokens"]),
+        "tokens_per_prompt": per_prompt,
+        "expanded_nodes": sstats.expanded_nodes,
+        "new_children": sstats.new_children,
+        "expand_calls": counters["expand_calls"],
+        "pairs_dropped_blank": len(pairs) - len(kept),
+        "solved_trees": sum(any(n.outcome == 1.0 for n in t.root.iter_nodes()) for t in trees),
+    }
     return step_records(kept, policy.tokenizer), stats
 
 
@@ -479,15 +565,19 @@ def _instance_budgets(config: Any, k: int, prompts: Sequence[str]) -> list[int]:
     if m.budget_from:
         path = os.path.join(m.budget_from, f"round_{k}", "search.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"config.mcts_dpo.budget_from={m.budget_from!r}: {path} is missing "
-                                    "(run the MCTS method first, with the same prompts_per_round)")
+            raise FileNotFoundError(
+                f"config.mcts_dpo.budget_from={m.budget_from!r}: {path} is missing "
+                "(run the MCTS method first, with the same prompts_per_round)"
+            )
         per_prompt = _read_json(path)["tokens_per_prompt"]
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{path}: {len(per_prompt)} prompts searched, this round has {len(prompts)}")
         return [int(b) for b in per_prompt]
     if int(m.budget_tokens) <= 0:
-        raise ValueError("method='instance' needs config.mcts_dpo.budget_from (an MCTS workdir) or "
-                         "config.mcts_dpo.budget_tokens > 0 (generated tokens per prompt)")
+        raise ValueError(
+            "method='instance' needs config.mcts_dpo.budget_from (an MCTS workdir) or "
+            "config.mcts_dpo.budget_tokens > 0 (generated tokens per prompt)"
+        )
     return [int(m.budget_tokens)] * len(prompts)
 
 
@@ -512,7 +602,13 @@ def _train_round(config: Any, rdir: str, data_path: str, model: Any, params: Any
         from alignjax.data.pipeline import resolve_tokenizer
 
         step_tok = step_tokenizer(resolve_tokenizer(config.data.tokenizer), m.step_delimiter)
-        if step_tok is not None:
+        if step_tok is None:
+            print(
+                f"warning: step_delimiter={m.step_delimiter!r} is not one token of "
+                f"{config.data.tokenizer!r}: step pairs train with an EOS after intermediate steps",
+                flush=True,
+            )
+        else:
             path = os.path.join(os.path.dirname(rdir), "step_tokenizer")
             if not os.path.exists(os.path.join(path, "tokenizer_config.json")) and jax.process_index() == 0:
                 step_tok.save_pretrained(path)
@@ -521,5 +617,7 @@ def _train_round(config: Any, rdir: str, data_path: str, model: Any, params: Any
     with cfg.unlocked():
         cfg.loss.name = loss
         cfg.reference.kind = "frozen"
-    out = train_stage(cfg, os.path.join(rdir, "train"), init_params=params, ref_params=sft_params, model=model)
+    out = train_stage(
+        cfg, os.path.join(rdir, "train"), init_params=params, ref_params=sft_params, model=model
+    )
     return out["_state"]["params"]

@@ -28,20 +28,44 @@ from experiments import mcts_dpo as experiment
 RECORDED: list[list[np.ndarray]] = []
 
 
-def spy_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_visits,
-             rejected_visits, *, beta=0.1):
+def spy_loss(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_visits,
+    rejected_visits,
+    *,
+    beta=0.1,
+):
     """mcts_dpo that also hands its inputs and eps to the host (one record per micro-batch)."""
     eps = visit_label_smoothing(chosen_visits, rejected_visits)
-    jax.debug.callback(lambda *a: RECORDED.append([np.asarray(x) for x in a]), chosen_logps, rejected_logps,
-                       ref_chosen_logps, ref_rejected_logps, chosen_visits, rejected_visits, eps)
-    return mcts_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_visits,
-                    rejected_visits, beta=beta)
+    jax.debug.callback(
+        lambda *a: RECORDED.append([np.asarray(x) for x in a]),
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_visits,
+        rejected_visits,
+        eps,
+    )
+    return mcts_dpo(
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_visits,
+        rejected_visits,
+        beta=beta,
+    )
 
 
 def tiny_config():
     c = experiment.get_config("runlocal")
-    c.model.overrides.update(dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
-                                  intermediate_size=64))
+    c.model.overrides.update(
+        dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, intermediate_size=64)
+    )
     c.data.batch_size = 8
     c.data.max_length = 32
     c.sft.train = dict(num_steps=2)
@@ -69,8 +93,16 @@ def run(tmp_path_factory):
         with mock.patch.object(iterate, "search_policy", side_effect=AssertionError("searched again")):
             second = iterate.run_mcts_dpo(config, workdir)
         rerun_recorded = list(RECORDED)
-    return dict(config=config, workdir=workdir, first=first, second=second, recorded=recorded,
-                rerun_recorded=rerun_recorded, mtime=mtime, pairs_path=pairs_path)
+    return dict(
+        config=config,
+        workdir=workdir,
+        first=first,
+        second=second,
+        recorded=recorded,
+        rerun_recorded=rerun_recorded,
+        mtime=mtime,
+        pairs_path=pairs_path,
+    )
 
 
 def read_jsonl(path):
@@ -85,11 +117,19 @@ def test_pairs_file_is_the_search_output(run):
     from alignjax.data.pipeline import resolve_tokenizer
 
     tok = resolve_tokenizer(config.data.tokenizer)
-    policy = iterate.Policy(first["_model"], first["_sft_params"], tok, task.verify, task.is_final_step,
-                            generator=first["_generator"])
+    policy = iterate.Policy(
+        first["_model"],
+        first["_sft_params"],
+        tok,
+        task.verify,
+        task.is_final_step,
+        generator=first["_generator"],
+    )
     scfg = iterate.search_config(config)
     trees, _, counters = search_policy(policy, prompts, scfg, jax.random.fold_in(jax.random.PRNGKey(0), 0))
-    pairs = [p for p in extract_pairs(trees, scfg.max_pairs_per_tree) if p.chosen.strip() and p.rejected.strip()]
+    pairs = [
+        p for p in extract_pairs(trees, scfg.max_pairs_per_tree) if p.chosen.strip() and p.rejected.strip()
+    ]
     expected = []
     for p in pairs:
         rec = p.to_record()
@@ -103,14 +143,24 @@ def test_pairs_file_is_the_search_output(run):
     assert stats["generated_tokens"] == counters["generated_tokens"] == sum(stats["tokens_per_prompt"])
 
 
-def sequence_logps(model, params, tok, prompt, completion):
-    """Summed completion log-probs by a full forward (the step tokenizer: EOS = the step delimiter)."""
-    p_ids = tok.encode_prompt(prompt)
-    c_ids = tok.encode_completion(prompt, completion, p_ids)
-    ids = jnp.asarray([p_ids + c_ids])
-    logits = model.apply(params, ids)[0].astype(jnp.float32)
-    lp = jax.nn.log_softmax(logits, -1)[jnp.arange(ids.shape[1] - 1), ids[0, 1:]]
-    return float(lp[len(p_ids) - 1 :].sum())
+def completion_logps(model, params, tok, rows, side):
+    """Summed completion log-probs of ``rows[i][side]`` by one full forward of the padded batch (the step
+    tokenizer: EOS = the step delimiter; right padding cannot change earlier positions)."""
+    seqs = []
+    for r in rows:
+        p_ids = tok.encode_prompt(r["prompt"])
+        seqs.append((p_ids, tok.encode_completion(r["prompt"], r[side], p_ids)))
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width - 1), np.float32)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = p + c
+        mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
+    logits = jax.jit(model.apply)(params, jnp.asarray(ids)).astype(jnp.float32)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), jnp.asarray(ids)[:, 1:, None], -1)[
+        ..., 0
+    ]
+    return np.asarray((lp * mask).sum(-1))
 
 
 def test_training_consumed_the_pairs_with_visit_smoothing(run):
@@ -123,9 +173,15 @@ def test_training_consumed_the_pairs_with_visit_smoothing(run):
     step_tok = ChatTokenizer.from_pretrained(os.path.join(run["workdir"], "step_tokenizer"))
     assert step_tok.eos_id == step_tok.encode("\n")[0]
     model, sft = first["_model"], first["_sft_params"]
-    table = np.array([[sequence_logps(model, sft, step_tok, r["prompt"], r["chosen"]),
-                       sequence_logps(model, sft, step_tok, r["prompt"], r["rejected"]),
-                       r["chosen_visits"], r["rejected_visits"]] for r in rows])
+    table = np.stack(
+        [
+            completion_logps(model, sft, step_tok, rows, "chosen"),
+            completion_logps(model, sft, step_tok, rows, "rejected"),
+            [r["chosen_visits"] for r in rows],
+            [r["rejected_visits"] for r in rows],
+        ],
+        1,
+    )
     matched = []
     for step, (c, r, rc, rr, nw, nl, eps) in enumerate(recorded):
         # the NumPy formula of the visit-count label smoothing
@@ -163,21 +219,64 @@ def test_instance_budget_and_pairs(run):
     from alignjax.data.pipeline import resolve_tokenizer
 
     tok = resolve_tokenizer(config.data.tokenizer)
-    policy = iterate.Policy(first["_model"], first["_sft_params"], tok, task.verify, task.is_final_step,
-                            generator=first["_generator"])
+    policy = iterate.Policy(
+        first["_model"],
+        first["_sft_params"],
+        tok,
+        task.verify,
+        task.is_final_step,
+        generator=first["_generator"],
+    )
     budgets = [30, 1, 60, 45]
-    records, stats = iterate.instance_pairs(policy, prompts, budgets, jax.random.PRNGKey(1), max_samples=8,
-                                            max_new_tokens=16, temperature=1.0, top_p=1.0)
-    out = policy.generator.generate(policy.params, [policy.prompt_ids(p) for p in prompts],
-                                    jax.random.PRNGKey(1), num_samples=8, max_new_tokens=16,
-                                    stop_tokens=(tok.eos_id,))
+    records, stats = iterate.instance_pairs(
+        policy,
+        prompts,
+        budgets,
+        jax.random.PRNGKey(1),
+        max_samples=8,
+        max_new_tokens=16,
+        temperature=1.0,
+        top_p=1.0,
+    )
+    out = policy.generator.generate(
+        policy.params,
+        [policy.prompt_ids(p) for p in prompts],
+        jax.random.PRNGKey(1),
+        num_samples=8,
+        max_new_tokens=16,
+        stop_tokens=(tok.eos_id,),
+    )
     used_tokens = used = 0
     for i, b in enumerate(budgets):
         lengths = out.lengths[i]
-        k = int(np.searchsorted(np.cumsum(lengths), b) + 1) if lengths.sum() >= b else len(lengths)
-        assert np.cumsum(lengths)[k - 1] >= min(b, lengths.sum()) and (k == 1 or np.cumsum(lengths)[k - 2] < b)
+        cum = np.cumsum(lengths)
+        k = int(np.searchsorted(cum, b) + 1) if cum[-1] >= b else len(lengths)  # first k reaching b
+        assert cum[k - 1] >= min(b, cum[-1]) and (k == 1 or cum[k - 2] < b)
         used_tokens += int(lengths[:k].sum())
         used += k
     assert stats["generated_tokens"] == used_tokens and stats["samples"] == used
     for rec in records:
         assert task.verify(rec["prompt"], rec["chosen"]) and not task.verify(rec["prompt"], rec["rejected"])
+
+
+def test_gsm8k_task(tmp_path):
+    """A GSM8K-style JSONL is a task: prompts, SFT records, and a verifier reading the ``####`` answer."""
+    rows = [
+        {"question": f"Tom has {i} apples and buys 2. How many?", "answer": f"{i}+2={i + 2}\n#### {i + 2}"}
+        for i in range(5)
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config()
+    config.data.source = str(path)
+    config.mcts_dpo.num_test = 2
+    task = iterate.make_task(config)
+    assert task.train_prompts == [r["question"] for r in rows[:3]]
+    assert task.test_prompts == [r["question"] for r in rows[3:]]
+    assert task.sft_records[0] == {"prompt": rows[0]["question"], "completion": rows[0]["answer"]}
+    q = rows[4]["question"]
+    assert task.verify(q, "4+2=6\n#### 6") and not task.verify(q, "4+2=7\n#### 7")
+    assert task.is_final_step("#### 6") and not task.is_final_step("4+2=6\n")
+    config.data.source = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="config.data.source"):
+        iterate.make_task(config)
