@@ -87,7 +87,7 @@ def layout_batch(examples: list[TokenizedExample], layout: str, *, max_length: i
     if layout == "padded":
         return make_batch(examples, "padded", pad_id=0, buckets=(max_length,))
     if layout == "packed":
-        lengths = [len(ex.prompt) + len(c) for c in (0, 1) for ex in examples for c in [ex.completions[c]]]
+        lengths = [len(ex.prompt) + len(ex.completions[j]) for j in (0, 1) for ex in examples]
         rows = len(first_fit(lengths, 2 * max_length))
         return make_batch(examples, "packed", pad_id=0, pack_length=2 * max_length, pack_rows=rows)
     if layout == "shared_prompt":
@@ -521,6 +521,12 @@ def machine() -> dict[str, Any]:
             )
     except (OSError, StopIteration):
         pass
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):  # the GPU's name and driver, where there is one
+        q = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        info["nvidia_smi"] = subprocess.run(q, capture_output=True, text=True, check=False).stdout.strip()
     return info
 
 

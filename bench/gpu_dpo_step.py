@@ -1,0 +1,206 @@
+"""The DPO-step benchmark on one accelerator: a 1B Llama-shape model (``llama3-1b``) at 2048 tokens, bf16.
+
+alignjax's jitted step (fp32 master weights, bf16 compute, reference forward) and, where PyTorch
+with CUDA is importable, the PyTorch/TRL step beside it (``torch.autocast(bfloat16)``, fused AdamW,
+SDPA attention) on the same weights and batch, interleaved in one process; then, time permitting,
+a per-component timing of the alignjax side (forward to hidden states, forward to log-probs,
+forward+backward) that says where the step time goes. The JAX side uses no CUDA-specific call and
+runs unchanged on TPU (PyTorch is then skipped). Results: stdout and ``--out``/gpu_dpo_step.json.
+
+    python3 bench/gpu_dpo_step.py --out=$OUT                 # GPU machine, about 3-5 minutes
+    .venv/bin/python bench/gpu_dpo_step.py --smoke            # CPU: the same code on a 2-layer model
+
+Other flags are those of ``bench/dpo_step.py`` (``--pairs``, ``--remat``, ``--vocab-chunk``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+
+# PyTorch shares the device with XLA in this process: let XLA grow its pool instead of taking 75%.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common as bc  # noqa: E402
+from bench import dpo_step  # noqa: E402
+
+# Dense bf16 peak by datasheet (TFLOP/s), the MFU denominator; other devices: a measured matmul.
+PEAK_BF16_TFLOPS = {
+    "H100": 989.4,
+    "H200": 989.4,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v6 lite": 918.0,
+}
+SMOKE = dict(
+    overrides=json.dumps(
+        dict(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            vocab_size=512,
+        )
+    ),
+    length=64,
+    pairs=2,
+    rounds=1,
+    steps=1,
+)
+
+
+def timed(fn: Any, *args: Any, repeats: int = 3) -> float:
+    """Median seconds of ``fn(*args)`` after one warm-up call (compile)."""
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t0)
+    return float(np.median(out))
+
+
+def components(bench: dpo_step.Bench, step_s: float) -> dict[str, float]:
+    """Where the alignjax step's time goes: forward to hidden states, forward to per-sequence
+    log-probs (the difference is the unembedding matmul + log-softmax), forward+backward of the
+    policy; the rest of the step (reference forward ~ one forward, loss, AdamW) by difference."""
+    from alignjax import logprobs
+
+    m, host = bench.main_model, bench.host
+    mesh = bc.sharding.make_mesh({"data": -1})
+    batch = bc.place(mesh, {k: v for k, v in host.items() if k != "label"}, stacked=False)
+    n = 2 * len(host["chosen_lengths"])
+    chunk = bench.args.vocab_chunk
+    hidden = jax.jit(
+        lambda p, b: m.hidden(p, b["input_ids"], positions=b["positions"], segment_ids=b["segment_ids"])
+    )
+    fwd = jax.jit(lambda p, b: logprobs.batch_sequence_logps(m, p, b, n, vocab_chunk=chunk)[0])
+    grad = jax.jit(
+        jax.grad(lambda p, b: logprobs.batch_sequence_logps(m, p, b, n, vocab_chunk=chunk)[0].sum())
+    )
+    out = {"step_s": step_s}
+    for name, fn in (("forward_hidden_s", hidden), ("forward_logps_s", fwd), ("forward_backward_s", grad)):
+        if bench.deadline is not None and time.time() > bench.deadline + bench.args.profile_grace_s:
+            break
+        out[name] = timed(fn, m.params, batch)
+        print(f"  {name}: {out[name]:.4f}", flush=True)
+    if "forward_backward_s" in out:
+        out["lm_head_logsoftmax_fwd_s"] = out["forward_logps_s"] - out["forward_hidden_s"]
+        out["backward_s"] = out["forward_backward_s"] - out["forward_logps_s"]
+        out["rest_s (ref forward + loss + AdamW + clip)"] = step_s - out["forward_backward_s"]
+        out["rest_minus_one_forward_s (loss + AdamW + clip)"] = (
+            step_s - out["forward_backward_s"] - out["forward_logps_s"]
+        )
+    return out
+
+
+def main() -> None:
+    ap = dpo_step.parser()
+    ap.set_defaults(
+        preset="llama3-1b",
+        pairs=1,
+        length=2048,
+        dtype="bfloat16",
+        groups="main",
+        no_cached_torch=True,
+        no_cached_jax=True,
+        weights="memory",
+        rounds=4,
+        steps=3,
+        budget_s=240.0,
+        lr=5e-7,
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny 2-layer llama3-1b-shaped model (CPU check)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profile-grace-s", type=float, default=60.0)
+    args = ap.parse_args()
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    t_start = time.time()
+    kind = jax.devices()[0].device_kind
+    backend = jax.default_backend()
+    if not args.peak_tflops:
+        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
+        args.peak_dtype, args.peak_size = ("bfloat16", 8192) if backend != "cpu" else ("float32", 1024)
+    torch_ok = False
+    try:
+        import torch
+
+        torch_ok = backend == "cpu" or (backend == "gpu" and torch.cuda.is_available())
+        args.torch_device = "cuda" if backend == "gpu" else "cpu"
+        print(f"torch {torch.__version__}, device {args.torch_device}", flush=True)
+    except ImportError as e:
+        print(f"PyTorch baseline could not run: {e}", flush=True)
+    if not torch_ok:
+        args.no_torch = True
+    measured = bc.matmul_peak(args.peak_dtype, args.peak_size) if backend != "cpu" else None
+    if measured:
+        print(
+            f"measured {args.peak_dtype} {args.peak_size}^3 matmul: {measured / 1e12:.1f} TFLOP/s", flush=True
+        )
+    bench = dpo_step.Bench(args)
+    report: dict[str, Any] = dict(
+        machine=bench.info,
+        args=vars(args),
+        results=bench.results,
+        device_kind=kind,
+        measured_matmul_flops=measured,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_dpo_step.json")
+    try:
+        bench.run()
+    except Exception:  # noqa: BLE001  (keep whatever was measured)
+        import traceback
+
+        report["error"] = traceback.format_exc()
+        print(report["error"], flush=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        raise
+    main_rows = {r["variant"]: r for r in bench.results[0]["rows"]}
+    aj = main_rows["alignjax"]
+    print(
+        f"\nalignjax DPO step: {aj['step_s']:.4f} s, {aj['tokens_per_s']:.0f} tokens/s, "
+        f"MFU {100 * aj['mfu']:.1f}% of {bench.peak / 1e12:.1f} TFLOP/s",
+        flush=True,
+    )
+    if measured:
+        print(f"  = {100 * aj['achieved_tflop_per_s'] * 1e12 / measured:.1f}% of the measured matmul rate")
+    if "pytorch" in main_rows:
+        print(
+            f"alignjax / pytorch tokens/s: {aj['tokens_per_s'] / main_rows['pytorch']['tokens_per_s']:.2f}x"
+        )
+    else:
+        print("PyTorch baseline could not run here (no torch with this accelerator)")
+    if not args.no_profile:
+        import gc
+
+        gc.collect()
+        if torch_ok and args.torch_device == "cuda":
+            torch.cuda.empty_cache()
+        print("component timing (alignjax policy, same batch):", flush=True)
+        report["components"] = components(bench, aj["step_s"])
+    report["wall_s"] = time.time() - t_start
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print("JSON " + json.dumps(report.get("components", {})))
+    print(f"wall {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
