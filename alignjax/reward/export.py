@@ -91,24 +91,17 @@ def load_checkpoint_params(workdir: str, step: int | None = None) -> Any:
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "manifest"))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+    if step is None:
+        steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+        if not steps:
             raise FileNotFoundError(f"{directory}: no checkpoint to load")
-        meta = manager.item_metadata(step)["state"]
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(
-                m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            ),
-            meta["params"],
-        )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)
-            ),
-        )
-    finally:
-        manager.close()
-    return jax.tree.map(np.asarray, restored["state"]["params"])
+        step = max(steps)
+    item = os.path.join(directory, str(step), "state")
+    meta = ocp.StandardCheckpointer().metadata(item)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])
+    restored = ocp.PyTreeCheckpointer().restore(
+        item, args=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)
+    )
+    return jax.tree.map(np.asarray, restored["params"])
