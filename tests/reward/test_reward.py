@@ -260,7 +260,7 @@ def test_bad_input_errors(tmp_path):
         train_reward_model(small_config("bt", str(bad), 2, batch_size=8), str(tmp_path / "w"))
     with pytest.raises(ValueError, match="objective='nope'"):
         R.get_config("objective=nope")
-    good = S.write_jsonl(S.linear_bt_pairs(16, weights=S.linear_weights(0))[0], str(tmp_path / "good.jsonl"))
+    good = S.write_jsonl(S.linear_bt_pairs(64, weights=S.linear_weights(0))[0], str(tmp_path / "good.jsonl"))
     c = small_config("gpm", good, 2)
     c.loss.beta = 0.1
     with pytest.raises(ValueError, match=r"config\.loss\.beta.*tau"):
