@@ -167,7 +167,7 @@ def reproduce(workdir: str, seeds: tuple[int, ...] = (0, 1, 2), arg: str = "") -
     }
     ordered = sum(r["sft"] < r["instance"] < r["mcts"] for r in rows)
     lines = [
-        "| seed | SFT | instance-level DPO | MCTS step-level DPO | pairs inst/MCTS | tokens inst/MCTS |"
+        "| seed | SFT | instance-level DPO | MCTS step-level DPO | pairs inst/MCTS | tokens inst/MCTS |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
