@@ -23,12 +23,12 @@ def get_config(arg: str | None = None):
         arg,
         seed=0,
         method="mcts",
-        rounds=2,
+        rounds=3,
         prompts=128,
         max_operand=9,
-        drop_rate=0.8,
+        drop_rate=0.6,
         sft_steps=600,
-        dpo_steps=60,
+        dpo_steps=20,
         iterations=4,
         children=3,
         beta=0.5,
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
     c.data.source = "synthetic:multistep"  # or a GSM8K-style JSONL path
     c.data.eval_source = ""
     c.data.tokenizer = "multistep"
-    c.data.max_length = 48
+    c.data.max_length = 32 if a.max_operand <= 9 else 48
     c.data.batch_size = 64
     c.train.log_every = 10
     c.train.checkpoint_every = 1000

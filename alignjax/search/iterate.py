@@ -381,11 +381,11 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         from alignjax import sharding
         from alignjax.train.loop import build_model
 
-        model, sft_params = build_model(
-            init_cfg.model,
-            sharding.make_mesh(dict(config.mesh)),
-            sharding.rules_from_config(config.rules or None),
-        )
+        mesh, rules = sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.rules or None)
+        model, sft_params = build_model(init_cfg.model, mesh, rules, tokenizer.vocab_size)
+        if sft_params is None:  # a preset: randomly initialised with config.seed
+            init = jax.jit(model.init, out_shardings=model.shardings(mesh, rules))
+            sft_params = init(jax.random.PRNGKey(config.seed))
     else:
         os.makedirs(sft_dir, exist_ok=True)
         sft_data = os.path.join(sft_dir, "sft_data.jsonl")
