@@ -5,7 +5,6 @@ import importlib
 import pytest
 
 import alignjax.losses as losses
-from alignjax.train import sft as _sft  # noqa: F401  (registers "sft")
 from experiments import common
 
 

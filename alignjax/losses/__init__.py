@@ -14,6 +14,7 @@ from alignjax.losses import (
     reference_free,
     reward,
     step_level,
+    supervised,
     token_level,
     unpaired,
 )
@@ -22,4 +23,4 @@ from alignjax.losses.registry import LossSpec, aliases, canonical, get, inputs, 
 
 __all__ = ["LossSpec", "aliases", "canonical", "get", "inputs", "names", "register", "spec",
            "pairwise", "reference_free", "listwise", "step_level", "modifiers", "unpaired", "token_level",
-           "reward", "diffusion", "preference_metrics"]
+           "reward", "diffusion", "supervised", "preference_metrics"]

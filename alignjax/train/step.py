@@ -24,7 +24,7 @@ import optax
 
 import alignjax.losses as losses
 from alignjax import logprobs
-from alignjax.train import sft as _sft  # noqa: F401  (registers the "sft" loss)
+from alignjax.losses.metrics import preference_metrics
 
 Array = jax.Array
 State = dict[str, Any]
@@ -207,28 +207,6 @@ def _call_loss(spec: StepSpec, inputs: Mapping[str, Array]) -> tuple[Array, Any]
     return result, None
 
 
-def pair_metrics(inputs: Mapping[str, Array], beta: float) -> dict[str, Array]:
-    """TRL's metric names: rewards are beta (S - R) (R = 0 when reference-free).
-
-    rewards/chosen, rewards/rejected: batch means; rewards/accuracies: mean 1[r_w > r_l];
-    rewards/margins: mean (r_w - r_l); logps/chosen, logps/rejected: mean summed log-probs.
-    """
-    c, r = inputs["chosen_logps"], inputs["rejected_logps"]
-    rc = inputs.get("ref_chosen_logps", inputs.get("ref_logps"))
-    rr = inputs.get("ref_rejected_logps", inputs.get("ref_kl_logps"))
-    rc = jnp.zeros_like(c) if rc is None else rc
-    rr = jnp.zeros_like(r) if rr is None else rr
-    reward_c, reward_r = beta * (c - rc), beta * (r - rr)
-    return {
-        "rewards/chosen": jnp.mean(reward_c),
-        "rewards/rejected": jnp.mean(reward_r),
-        "rewards/accuracies": jnp.mean((reward_c > reward_r).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(reward_c - reward_r),
-        "logps/chosen": jnp.mean(c),
-        "logps/rejected": jnp.mean(r),
-    }
-
-
 def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple[dict[str, Array], Any]]]:
     """``loss_fn(params, ref_params, loss_state, batch) -> (loss, (metrics, new_loss_state))``."""
 
@@ -254,7 +232,16 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
         metrics["loss"] = loss
         if spec.kind == "pairwise":
             beta = float(dict(spec.hyperparameters).get("beta", 1.0))
-            metrics.update(pair_metrics(inputs, beta))
+            # TRL's metrics; rewards use R = 0 when the step runs reference-free.
+            metrics.update(
+                preference_metrics(
+                    inputs["chosen_logps"],
+                    inputs["rejected_logps"],
+                    inputs.get("ref_chosen_logps"),
+                    inputs.get("ref_rejected_logps"),
+                    beta=beta,
+                )
+            )
         metrics["logps/chosen"] = jnp.mean(inputs["chosen_logps"])
         return loss, (metrics, new_state)
 
