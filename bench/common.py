@@ -556,3 +556,59 @@ __all__ = [
     "synthetic_pairs",
     "summarize",
 ]
+
+
+# ------------------------------------------------------------------------ what-if: fused attention
+
+
+def use_fused_attention(implementation: str | None) -> None:
+    """What-if for the model's owner (``alignjax/models/transformer.py`` is not changed): swap the
+    decoder's attention core -- the masked einsum softmax over fp32 ``[B, K, G, T, T]`` scores -- for
+    ``jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=...)`` (``"cudnn"``:
+    cuDNN flash attention on NVIDIA GPUs; ``"xla"``: XLA's reference). Projections, RoPE, parameter
+    names and sharding constraints are the model's own. **Padded layout only**: the causal mask
+    equals the model's rule for right-padded single-segment rows on every scored token, but ignores
+    packed segments and shared-prompt branches. ``None`` restores the model's attention.
+    """
+    import flax.linen as nn
+
+    from alignjax.models import transformer as tr
+
+    original = getattr(tr, "_bench_original_attention", tr.Attention)
+    tr._bench_original_attention = original
+    if implementation is None:
+        tr.Attention = original
+        return
+
+    class FusedAttention(original):
+        @nn.compact
+        def __call__(self, x: jax.Array, positions: jax.Array, mask: Any, cache: Any):
+            if cache is not None:
+                raise ValueError("use_fused_attention is for the training forward (no KV cache)")
+            cfg = self.config
+            dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+            D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+            def proj(name, out, axes, bias):
+                return tr.Proj((D,), out, axes, bias, dt, pdt, name=name)
+
+            q = proj("q_proj", (H, Dh), ("embed", "heads", "head_dim"), cfg.attention_bias)(x)
+            k = proj("k_proj", (K, Dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias)(x)
+            v = proj("v_proj", (K, Dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias)(x)
+            if cfg.qk_norm:
+                q = tr.RMSNorm(cfg.rms_norm_eps, pdt, name="q_norm")(q)
+                k = tr.RMSNorm(cfg.rms_norm_eps, pdt, name="k_norm")(k)
+            inv_freq = tr.rope_inv_freq(cfg)
+            q = tr.apply_rope(q, positions, inv_freq)
+            k = tr.apply_rope(k, positions, inv_freq)
+            q = tr.constrain(q, ("batch", "length", "act_heads", None), self.mesh, self.rules)
+            k = tr.constrain(k, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
+            v = tr.constrain(v, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+            out = tr.constrain(out, ("batch", "length", "act_heads", None), self.mesh, self.rules)
+            o = tr.Proj(
+                (H, Dh), (D,), ("heads", "head_dim", "embed"), cfg.attention_out_bias, dt, pdt, name="o_proj"
+            )
+            return o(out), None
+
+    tr.Attention = FusedAttention

@@ -257,6 +257,13 @@ class Bench:
             runners["alignjax cached-ref"], meta["alignjax cached-ref"] = self.jax_runner(
                 m, host, "batch", vocab_chunk=a.vocab_chunk
             )
+        if a.compare_attention:  # what-if: the model's attention core swapped for a fused kernel
+            name = f"alignjax attn={a.compare_attention}"
+            bc.use_fused_attention(a.compare_attention)
+            try:
+                runners[name], meta[name] = self.jax_runner(m, host, "model", vocab_chunk=a.vocab_chunk)
+            finally:
+                bc.use_fused_attention(None)
         try:
             if not a.no_torch:
                 source = self.torch_source(m)
@@ -356,6 +363,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-cached-torch", action="store_true", help="main group: skip PyTorch cached-ref")
     ap.add_argument("--no-cached-jax", action="store_true", help="main group: skip alignjax cached-ref")
+    ap.add_argument(
+        "--compare-attention",
+        choices=("xla", "cudnn"),
+        default=None,
+        help="main group: add alignjax with jax.nn.dot_product_attention (what-if, padded only)",
+    )
     ap.add_argument("--overrides", default="", help='JSON ModelConfig fields, e.g. {"num_layers": 2}')
     ap.add_argument(
         "--weights",
