@@ -2,15 +2,17 @@
 
   python -m alignjax.main --config=experiments/<file>.py[:args] --workdir=DIR [--config.key=value ...]
 
-``config.job`` picks what runs: ``train`` (preference or SFT training, :mod:`alignjax.train.loop`),
-``quickstart`` (SFT then DPO against the SFT model, :mod:`alignjax.train.pipeline`), ``score``
-(:func:`alignjax.eval.scoring.run_score`). Everything a user can get wrong in the command line (an
+``config.job`` picks what runs (:data:`JOBS`): ``train`` (preference or SFT training),
+``quickstart`` (the embedded default: SFT then DPO against the SFT model), ``score`` (implicit-reward
+scoring), ``reward_model``, ``mcts_dpo`` (search-then-train rounds) and the paper reproductions
+``repro_*``. Everything a user can get wrong in the command line (an
 unknown config key, loss name, model preset or job) fails here, before any compute, with the valid
 choices. The workdir receives ``config.json``; rerunning with the same workdir resumes.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -29,7 +31,19 @@ if os.getcwd() not in sys.path:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<file>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics, checkpoints, summary")
 
-JOBS = ("train", "quickstart", "score", "reward_model", "mcts_dpo")
+# job -> "module:function(config, workdir) -> summary", imported on demand so that a job pays only
+# for what it uses.
+JOBS = {
+    "train": "alignjax.train.loop:run_train",
+    "quickstart": "alignjax.train.pipeline:run_quickstart",
+    "score": "alignjax.eval.scoring:run_score",
+    "reward_model": "alignjax.reward.train:run_reward_model",
+    "mcts_dpo": "alignjax.search.iterate:run_mcts_dpo",
+    "repro_ranking": "alignjax.repro.ranking:run",
+    "repro_adpo_noise": "alignjax.repro.adpo_noise:run",
+    "repro_three_d": "alignjax.repro.three_d:run",
+    "repro_diffusion2d": "alignjax.repro.diffusion2d:run",
+}
 
 
 def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
@@ -74,7 +88,7 @@ def check_overrides(argv: Sequence[str]) -> None:
 def validate(config: ConfigDict) -> None:
     """Checks names a user can mistype (job, loss, model preset) before any compute."""
     if config.job not in JOBS:
-        raise ValueError(f"config.job={config.job!r}; valid jobs: {list(JOBS)}")
+        raise ValueError(f"config.job={config.job!r}; valid jobs: {sorted(JOBS)}")
     if config.job in ("train",) and "loss" in config:
         import alignjax.losses as losses
 
@@ -88,23 +102,12 @@ def validate(config: ConfigDict) -> None:
 
 def check_model_name(name: str, key: str) -> None:
     """A model path that is not a directory must be a preset name."""
-    import alignjax.models as models
+    from alignjax.models import PRESETS
 
-    presets = _preset_names(models)
-    if presets is not None and name not in presets:
+    if name not in PRESETS:
         raise ValueError(
-            f"config.{key}={name!r} is neither a directory nor a model preset; presets: {sorted(presets)}"
+            f"config.{key}={name!r} is neither a directory nor a model preset; presets: {sorted(PRESETS)}"
         )
-
-
-def _preset_names(models: Any) -> list[str] | None:
-    for attr in ("preset_names", "PRESETS", "presets"):
-        value = getattr(models, attr, None)
-        if callable(value):
-            return list(value())
-        if value is not None:
-            return list(value)
-    return None
 
 
 def write_config(config: ConfigDict, workdir: str) -> None:
@@ -130,19 +133,8 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
             process_id=int(config.distributed.process_id) if count else None,
         )
     write_config(config, workdir)
-    if config.job == "train":
-        from alignjax.train.loop import run_train
-
-        return run_train(config, workdir)
-    if config.job == "quickstart":
-        from alignjax.train.pipeline import run_quickstart
-
-        return run_quickstart(config, workdir)
-    if config.job == "score":
-        from alignjax.eval.scoring import run_score  # the lead's scoring job (issue 2)
-
-        return run_score(config, workdir)
-    raise NotImplementedError(f"config.job={config.job!r} is not implemented yet")
+    module, function = JOBS[config.job].split(":")
+    return getattr(importlib.import_module(module), function)(config, workdir)
 
 
 def main(argv: Sequence[str]) -> None:

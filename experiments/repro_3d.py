@@ -1,7 +1,7 @@
 """Reproduction: rejected/chosen likelihood collapse under DPO and its remedies (arXiv 2406.07327).
 
-  python -m alignjax.repro.three_d --config=experiments/repro_3d.py --workdir=workdirs/repro_3d
-  python -m alignjax.repro.three_d --config=experiments/repro_3d.py:quick --workdir=/tmp/r3   # seconds
+  python -m alignjax.main --config=experiments/repro_3d.py --workdir=workdirs/repro_3d
+  python -m alignjax.main --config=experiments/repro_3d.py:quick --workdir=/tmp/r3   # seconds
 
 The quickstart model on 2-digit addition: SFT, then from the same SFT model (also the frozen reference)
 DPO, DPO with a separate (smaller) beta on the rejected term, and DPO + NLL(y_w). Arguments: beta, quick.
@@ -13,6 +13,7 @@ from experiments import common
 def get_config(arg: str | None = None):
     a = common.parse_arg(arg, beta=0.5, quick=False)
     c = common.ConfigDict()
+    c.job = "repro_three_d"
     c.seeds = (0, 1, 2)
     c.sft_steps = 300
     c.pref_steps = 100

@@ -1,7 +1,7 @@
 """Reproduction: ADPO (soft targets, anchored) vs DPO with 0-40% flipped labels, tabular synthetic task.
 
-  python -m alignjax.repro.adpo_noise --config=experiments/repro_adpo_noise.py --workdir=workdirs/repro_adpo
-  python -m alignjax.repro.adpo_noise --config=experiments/repro_adpo_noise.py:quick --workdir=/tmp/ra
+  python -m alignjax.main --config=experiments/repro_adpo_noise.py --workdir=workdirs/repro_adpo
+  python -m alignjax.main --config=experiments/repro_adpo_noise.py:quick --workdir=/tmp/ra
 
 Arguments: beta, quick.
 """
@@ -12,6 +12,7 @@ from experiments import common
 def get_config(arg: str | None = None):
     a = common.parse_arg(arg, beta=0.5, quick=False)
     c = common.ConfigDict()
+    c.job = "repro_adpo_noise"
     c.seeds = (0, 1, 2)
     c.noise_levels = (0.0, 0.1, 0.2, 0.3, 0.4)
     c.num_prompts = 64

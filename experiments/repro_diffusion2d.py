@@ -1,7 +1,7 @@
 """Reproduction: Diffusion-DPO on a 2-D diffusion model with a preferred region (arXiv 2311.12908).
 
-  python -m alignjax.repro.diffusion2d --config=experiments/repro_diffusion2d.py --workdir=workdirs/repro_diff
-  python -m alignjax.repro.diffusion2d --config=experiments/repro_diffusion2d.py:quick --workdir=/tmp/rd
+  python -m alignjax.main --config=experiments/repro_diffusion2d.py --workdir=workdirs/repro_diff
+  python -m alignjax.main --config=experiments/repro_diffusion2d.py:quick --workdir=/tmp/rd
 
 Arguments: beta, quick.
 """
@@ -12,6 +12,7 @@ from experiments import common
 def get_config(arg: str | None = None):
     a = common.parse_arg(arg, beta=50.0, quick=False)
     c = common.ConfigDict()
+    c.job = "repro_diffusion2d"
     c.seeds = (0, 1, 2)
     c.num_steps = 50  # diffusion steps T
     c.batch_size = 256

@@ -1,7 +1,7 @@
 """Reproduction: ranking accuracy after DPO vs the idealised bound (arXiv 2405.19534).
 
-  python -m alignjax.repro.ranking --config=experiments/repro_ranking.py --workdir=workdirs/repro_ranking
-  python -m alignjax.repro.ranking --config=experiments/repro_ranking.py:quick --workdir=/tmp/rr   # seconds
+  python -m alignjax.main --config=experiments/repro_ranking.py --workdir=workdirs/repro_ranking
+  python -m alignjax.main --config=experiments/repro_ranking.py:quick --workdir=/tmp/rr   # seconds
 
 The quickstart model (2 layers, width 64) on 2-digit addition: SFT, then DPO against the SFT model;
 held-out pairs scored under both. Arguments: beta, quick.
@@ -13,6 +13,7 @@ from experiments import common
 def get_config(arg: str | None = None):
     a = common.parse_arg(arg, beta=0.5, quick=False)
     c = common.ConfigDict()
+    c.job = "repro_ranking"
     c.seeds = (0, 1, 2)
     c.beta = a.beta
     c.sft_steps = 400

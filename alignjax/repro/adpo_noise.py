@@ -18,12 +18,11 @@ Note: the soft pairwise loss is symmetric under swapping (y_w, y_l) together wit
 scorer-derived q the flipped labels change nothing; the robustness then comes from the scorer, which DPO
 does not see. ``adpo_label_only`` is the comparison on equal information.
 
-    python -m alignjax.repro.adpo_noise --config=experiments/repro_adpo_noise.py --workdir=workdirs/repro_adpo
+    python -m alignjax.main --config=experiments/repro_adpo_noise.py --workdir=workdirs/repro_adpo
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
@@ -131,11 +130,3 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     markdown = common.markdown_table(header, table)
     common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.cli(run, "experiments/repro_adpo_noise.py", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,12 +4,11 @@ task (through :func:`alignjax.train.loop.run_train`), per-pair log-probs of held
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -143,20 +142,3 @@ def write_table(workdir: str, payload: Mapping[str, Any], markdown: str) -> None
         json.dump(payload, f, indent=2, sort_keys=True, default=float)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(markdown + "\n")
-
-
-def cli(run: Callable[[Any, str], dict[str, Any]], default_config: str,
-        argv: Sequence[str] | None = None) -> int:
-    """``--config=experiments/repro_X.py[:arg] --workdir=DIR``: loads the config and runs ``run(config,
-    workdir)``, printing the Markdown table it returns under ``"markdown"``."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default=default_config, help="experiments/repro_<name>.py[:arg]")
-    parser.add_argument("--workdir", required=True)
-    args = parser.parse_args(argv)
-    repo_root()
-    from alignjax.main import load_config_file
-
-    config = load_config_file(args.config)
-    out = run(config, args.workdir)
-    print(out["markdown"])
-    return 0

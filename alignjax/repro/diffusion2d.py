@@ -11,13 +11,12 @@ half-plane; the winner is the one with x > 0. Diffusion-DPO (``alignjax.losses.g
 same t and noise for winner and loser) fine-tunes a copy. Metric: the share of 2,000 ancestral samples
 with x > 0, and the share within 3 std of either mode (sample quality).
 
-    python -m alignjax.repro.diffusion2d --config=experiments/repro_diffusion2d.py \
+    python -m alignjax.main --config=experiments/repro_diffusion2d.py \
         --workdir=workdirs/repro_diff
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -185,11 +184,3 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     markdown = common.markdown_table(header, table)
     common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.cli(run, "experiments/repro_diffusion2d.py", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

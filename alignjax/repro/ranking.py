@@ -5,13 +5,12 @@ the ranking accuracy R = mean 1[pi(y_w) >= pi(y_l)] of a DPO policy stays far be
 accuracy R* of the optimal DPO policy (Theorem 3.1), and DPO rarely flips a pair that the reference
 ranks wrongly (Theorem 4.1: the pair is ranked correctly iff L_DPO <= -ls(beta c)).
 
-    python -m alignjax.repro.ranking --config=experiments/repro_ranking.py --workdir=workdirs/repro_ranking
+    python -m alignjax.main --config=experiments/repro_ranking.py --workdir=workdirs/repro_ranking
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,11 +71,3 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     markdown = common.markdown_table(header, table)
     common.write_table(workdir, {"beta": config.beta, "rows": rows, "config": config.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.cli(run, "experiments/repro_ranking.py", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

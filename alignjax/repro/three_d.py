@@ -6,13 +6,12 @@ under DPO the rejected responses' likelihood falls fast, and the chosen response
 (-ls(beta_w u_w - beta_l u_l)) slows the rejected collapse, and adding lambda NLL(y_w) keeps the chosen
 likelihood up.
 
-    python -m alignjax.repro.three_d --config=experiments/repro_3d.py --workdir=workdirs/repro_3d
+    python -m alignjax.main --config=experiments/repro_3d.py --workdir=workdirs/repro_3d
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,11 +57,3 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     markdown = common.markdown_table(header, table)
     common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}
-
-
-def main(argv: list[str] | None = None) -> int:
-    return common.cli(run, "experiments/repro_3d.py", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,9 +24,7 @@ s(y_w > y_l), the rejected side's s(y_l > y_w) = -s).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -248,20 +246,11 @@ def make_reward_train_step(
 ) -> Callable:
     """``alignjax.train.step.make_train_step`` with the reward loss function.
 
-    Uses its ``loss_fn=`` argument where it has one; until then, swaps ``step.make_loss_fn`` for the
-    duration of the (non-traced) construction call only.
     """
     from alignjax.train import step as steplib
 
     loss_fn = make_reward_loss_fn(model, spec)
-    if "loss_fn" in inspect.signature(steplib.make_train_step).parameters:
-        return steplib.make_train_step(model, spec, tx, schedule, loss_fn=loss_fn, **kwargs)
-    original = steplib.make_loss_fn
-    steplib.make_loss_fn = lambda _model, _spec: loss_fn
-    try:
-        return steplib.make_train_step(model, spec, tx, schedule, **kwargs)
-    finally:
-        steplib.make_loss_fn = original
+    return steplib.make_train_step(model, spec, tx, schedule, loss_fn=loss_fn, **kwargs)
 
 
 def make_reward_eval_fn(
@@ -307,22 +296,6 @@ class RewardObjective:
     evaluate = staticmethod(evaluate_reward)
 
 
-@contextlib.contextmanager
-def _loop_with(objective: RewardObjective):
-    """Until ``run_train`` takes ``objective=``: point the loop's four step names at the objective's."""
-    from alignjax.train import loop
-
-    names = ("make_step_spec", "make_train_step", "make_eval_fn", "evaluate")
-    saved = {n: getattr(loop, n) for n in names}
-    try:
-        for n in names:
-            setattr(loop, n, getattr(objective, n))
-        yield loop
-    finally:
-        for n, v in saved.items():
-            setattr(loop, n, v)
-
-
 # ------------------------------------------------------------------------------------------ the job
 
 
@@ -351,11 +324,9 @@ def train_reward_model(config: Any, workdir: str) -> dict[str, Any]:
     model, init_params = build_reward_model(
         config.model, head_config(config), mesh, rules, vocab, rng=jax.random.PRNGKey(config.seed + 1)
     )
-    objective = RewardObjective(config)
-    if "objective" in inspect.signature(loop.run_train).parameters:
-        return loop.run_train(config, workdir, model=model, init_params=init_params, objective=objective)
-    with _loop_with(objective) as patched:
-        return patched.run_train(config, workdir, model=model, init_params=init_params)
+    return loop.run_train(
+        config, workdir, model=model, init_params=init_params, objective=RewardObjective(config)
+    )
 
 
 def run_reward_model(config: Any, workdir: str) -> dict[str, Any]:

@@ -163,6 +163,25 @@ def evaluate(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the loop takes from a training objective; preference/SFT training is :data:`PREFERENCE`.
+
+    ``make_step_spec(config, micro_batch_size, reference_mode) -> spec``,
+    ``make_train_step(model, spec, tx, schedule, *, sync_every, sync_alpha) -> step``,
+    ``make_eval_fn(model, spec) -> eval_fn`` and ``evaluate(eval_fn, params, ref_params, batches, beta)``.
+    Reward models (:mod:`alignjax.reward.train`) supply their own and reuse the rest of the loop.
+    """
+
+    make_step_spec: Any
+    make_train_step: Any
+    make_eval_fn: Any
+    evaluate: Any
+
+
+PREFERENCE = Objective(make_step_spec, make_train_step, make_eval_fn, evaluate)
+
+
 class _Stop:
     """SIGTERM flag: the loop saves a checkpoint at the next step boundary and exits cleanly."""
 
@@ -195,11 +214,13 @@ def run_train(
     init_params: Any = None,
     ref_params: Any = None,
     model: Any = None,
+    objective: Objective = PREFERENCE,
 ) -> dict[str, Any]:
     """Trains per ``config`` in ``workdir`` (resuming from its last checkpoint) and returns the summary.
 
     ``init_params`` / ``ref_params`` (already on the mesh, optional) start the policy / reference from
-    given params, e.g. the SFT stage of the quickstart; ``model`` reuses a built model.
+    given params, e.g. the SFT stage of the quickstart; ``model`` reuses a built model; ``objective``
+    replaces the preference step (see :class:`Objective`).
     """
     t_start = time.time()
     os.makedirs(workdir, exist_ok=True)
@@ -232,7 +253,7 @@ def run_train(
         model, pretrained = build_model(config.model, mesh, rules, data.tokenizer.vocab_size)
         init_params = pretrained if init_params is None else init_params
     ref_mode = reflib.step_reference_mode(config.reference.kind)
-    spec = make_step_spec(config, micro_size, ref_mode)
+    spec = objective.make_step_spec(config, micro_size, ref_mode)
     tx, schedule = make_optimizer(config.optim, num_steps)
     keep_ref = spec.reference == "model"
     sync_every = int(config.reference.sync_every) if config.reference.kind == "ema" else 0
@@ -302,13 +323,14 @@ def run_train(
         cache = _build_cache(config, workdir, model, spec, ref_model_params, micro_size, num_steps * k)
 
     train_step = jax.jit(
-        make_train_step(
+        objective.make_train_step(
             model, spec, tx, schedule, sync_every=sync_every, sync_alpha=float(config.reference.alpha)
         ),
         donate_argnums=(0,),
         out_shardings=(state_shardings, None),
     )
-    eval_fn = jax.jit(make_eval_fn(model, dataclasses.replace(spec, batch_size=config.data.eval_batch_size)))
+    eval_spec = dataclasses.replace(spec, batch_size=config.data.eval_batch_size)
+    eval_fn = jax.jit(objective.make_eval_fn(model, eval_spec))
     eval_batches = [to_global(mesh, h, stacked=False) for h in eval_batches_host]
     beta = float(dict(spec.hyperparameters).get("beta", 1.0))
 
@@ -317,7 +339,7 @@ def run_train(
             return {}
         if cache is not None:
             return {}  # held-out batches have no cached reference values
-        return evaluate(
+        return objective.evaluate(
             eval_fn, state["params"], state.get("ref_params", state["params"]), eval_batches, beta
         )
 

@@ -268,14 +268,17 @@ def make_train_step(
     *,
     sync_every: int = 0,
     sync_alpha: float = 1.0,
+    loss_fn: Callable[..., Any] | None = None,
 ) -> Callable[[State, Mapping[str, Array]], tuple[State, dict[str, Array]]]:
     """``step(state, batch) -> (state, metrics)``; ``batch`` leaves are ``[k, ...]`` micro-batches.
 
     ``state``: ``params``, ``opt_state``, ``step`` (int32 scalar), ``rng``, and where used
     ``ref_params`` and ``loss_state``. With ``sync_every > 0`` the reference is EMA-updated after
-    every ``sync_every``-th optimiser step.
+    every ``sync_every``-th optimiser step. ``loss_fn`` (default :func:`make_loss_fn`) has the
+    signature ``loss_fn(params, ref_params, loss_state, batch) -> (loss, (metrics, new_loss_state))``;
+    other objectives (reward models) pass their own and reuse everything else.
     """
-    loss_fn = make_loss_fn(model, spec)
+    loss_fn = make_loss_fn(model, spec) if loss_fn is None else loss_fn
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: State, batch: Mapping[str, Array]) -> tuple[State, dict[str, Array]]:
