@@ -10,7 +10,7 @@ instance-level DPO baseline at the same sample budget (see alignjax/search/itera
 A GSM8K-style JSONL: ``--config.data.source=train.jsonl --config.mcts_dpo.test_source=test.jsonl
 --config.data.tokenizer=<tokenizer dir> --config.model.path=<HF dir> --config.mcts_dpo.init=<HF dir>``.
 Arguments: seed, method (mcts | instance), rounds, prompts, max_operand, drop_rate, sft_steps, dpo_steps,
-iterations, children, beta, nll_weight, budget_from, runlocal.
+iterations, children, beta, nll_weight, dpo_lr, budget_from, runlocal.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def get_config(arg: str | None = None):
         children=3,
         beta=0.5,
         nll_weight=1.0,
+        dpo_lr=1e-4,
         budget_from="",
         runlocal=False,
     )
@@ -82,7 +83,7 @@ def get_config(arg: str | None = None):
             instance_loss="sigmoid",
             budget_from=a.budget_from,  # instance: the MCTS workdir whose per-prompt token budget to spend
             budget_tokens=0,  # instance: tokens per prompt when there is no budget_from
-            max_samples=32,  # instance: whole solutions drawn per prompt (used until the budget is spent)
+            max_samples=12,  # instance: whole solutions drawn per prompt (used until the budget is spent)
         )
     )
     c.search = common.ConfigDict(
@@ -110,7 +111,7 @@ def get_config(arg: str | None = None):
     c.dpo = common.ConfigDict()
     c.dpo.loss = dict(name="mcts_dpo", beta=a.beta, nll_weight=a.nll_weight)
     c.dpo.reference = dict(kind="frozen")
-    c.dpo.optim = dict(learning_rate=3e-4, warmup_steps=5, schedule="cosine")
+    c.dpo.optim = dict(learning_rate=a.dpo_lr, warmup_steps=5, schedule="cosine")
     c.dpo.train = dict(num_steps=a.dpo_steps)
     if a.runlocal:
         c.sft.train = dict(num_steps=20)
@@ -127,7 +128,7 @@ def reproduce(workdir: str, seeds: tuple[int, ...] = (0, 1, 2), arg: str = "") -
     """The issue-6 reproduction: per seed, SFT -> MCTS step-level DPO rounds, and the instance-level DPO
     baseline from the same SFT at the MCTS run's per-prompt token budget; held-out greedy accuracy of
     SFT, instance-level DPO and MCTS-DPO per seed, with mean and standard deviation over seeds.
-    Writes ``<workdir>/results.json`` and ``<workdir>/table.md``; finished runs are reused (resumable)."""
+    Writes ``<workdir>/table.json`` and ``<workdir>/table.md``; finished runs are reused (resumable)."""
     import json
     import os
     import time
@@ -182,7 +183,7 @@ def reproduce(workdir: str, seeds: tuple[int, ...] = (0, 1, 2), arg: str = "") -
     )
     result = {"rows": rows, "mean_std": stats, "seeds_with_ordering": ordered, "wall_s": time.time() - t0}
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    with open(os.path.join(workdir, "table.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

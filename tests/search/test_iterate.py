@@ -219,22 +219,21 @@ def test_instance_budget_and_pairs(run):
     from alignjax.data.pipeline import resolve_tokenizer
 
     tok = resolve_tokenizer(config.data.tokenizer)
+
+    def verify(prompt, completion):  # a stand-in verifier that splits random samples both ways
+        return len(completion) % 2 == 0
+
     policy = iterate.Policy(
-        first["_model"],
-        first["_sft_params"],
-        tok,
-        task.verify,
-        task.is_final_step,
-        generator=first["_generator"],
+        first["_model"], first["_sft_params"], tok, verify, task.is_final_step, generator=first["_generator"]
     )
-    budgets = [30, 1, 60, 45]
+    budgets = [12, 1, 40, 20]
     records, stats = iterate.instance_pairs(
         policy,
         prompts,
         budgets,
         jax.random.PRNGKey(1),
-        max_samples=8,
-        max_new_tokens=16,
+        max_samples=3,
+        max_new_tokens=8,
         temperature=1.0,
         top_p=1.0,
     )
@@ -242,11 +241,12 @@ def test_instance_budget_and_pairs(run):
         policy.params,
         [policy.prompt_ids(p) for p in prompts],
         jax.random.PRNGKey(1),
-        num_samples=8,
-        max_new_tokens=16,
+        num_samples=3,
+        max_new_tokens=8,
         stop_tokens=(tok.eos_id,),
     )
     used_tokens = used = 0
+    expected = []
     for i, b in enumerate(budgets):
         lengths = out.lengths[i]
         cum = np.cumsum(lengths)
@@ -254,9 +254,13 @@ def test_instance_budget_and_pairs(run):
         assert cum[k - 1] >= min(b, cum[-1]) and (k == 1 or cum[k - 2] < b)
         used_tokens += int(lengths[:k].sum())
         used += k
+        texts = [iterate.completion_text(tok, out.row(i, j)[0]) for j in range(k)]
+        good = [t for t in texts if verify(prompts[i], t)]
+        bad = [t for t in texts if not verify(prompts[i], t)]
+        if good and bad and good[0].strip() and bad[0].strip():
+            expected.append({"prompt": prompts[i], "chosen": good[0], "rejected": bad[0]})
     assert stats["generated_tokens"] == used_tokens and stats["samples"] == used
-    for rec in records:
-        assert task.verify(rec["prompt"], rec["chosen"]) and not task.verify(rec["prompt"], rec["rejected"])
+    assert records == expected and stats["budget_tokens"] == sum(budgets)
 
 
 def test_gsm8k_task(tmp_path):
