@@ -5,7 +5,7 @@ instance-level DPO baseline at the same sample budget (see alignjax/search/itera
   python -m alignjax.main --config=experiments/mcts_dpo.py:method=instance,budget_from=workdirs/mcts_dpo \\
       --workdir=workdirs/instance --config.mcts_dpo.sft_dir=workdirs/mcts_dpo/sft
   python -m alignjax.main --config=experiments/mcts_dpo.py:runlocal --workdir=/tmp/mcts   # seconds
-  python -m experiments.mcts_dpo --workdir=workdirs/mcts_repro --seeds=0,1,2   # the reproduction table
+  python -m experiments.mcts_dpo --workdir=workdirs/mcts_repro --seeds=0,1,2 --jobs=3  # the reproduction
 
 A GSM8K-style JSONL: ``--config.data.source=train.jsonl --config.mcts_dpo.test_source=test.jsonl
 --config.data.tokenizer=<tokenizer dir> --config.model.path=<HF dir> --config.mcts_dpo.init=<HF dir>``.
@@ -199,5 +199,24 @@ if __name__ == "__main__":
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--arg", default="", help="get_config arguments, e.g. rounds=3,prompts=256")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run as this many parallel processes")
     flags = parser.parse_args()
-    reproduce(flags.workdir, tuple(int(s) for s in flags.seeds.split(",")), flags.arg)
+    seeds = tuple(int(s) for s in flags.seeds.split(","))
+    if flags.jobs > 1:  # one process per seed (resumable runs), then the table from the finished runs
+        import subprocess
+        import sys
+
+        base = [
+            sys.executable,
+            "-m",
+            "experiments.mcts_dpo",
+            f"--workdir={flags.workdir}",
+            f"--arg={flags.arg}",
+        ]
+        pending = list(seeds)
+        while pending:
+            batch, pending = pending[: flags.jobs], pending[flags.jobs :]
+            procs = [subprocess.Popen([*base, f"--seeds={s}"]) for s in batch]
+            if any(p.wait() for p in procs):
+                raise SystemExit(f"a seed run failed (see the output above); rerun to resume {flags.workdir}")
+    reproduce(flags.workdir, seeds, flags.arg)
