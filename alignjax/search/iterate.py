@@ -29,14 +29,12 @@ and not regenerated, and ``run_train`` resumes from its own checkpoints in ``rou
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from unittest import mock
 
 import jax
 import numpy as np
@@ -45,6 +43,7 @@ from alignjax.search.generate import Generator, SelfEvalFormat
 from alignjax.search.mcts import MCTSConfig
 from alignjax.search.pairs import extract_pairs, write_jsonl
 from alignjax.search.run import Policy, SearchConfig, search_policy
+from alignjax.train.loop import run_train
 
 METHODS = ("mcts", "instance")
 
@@ -285,43 +284,6 @@ def instance_pairs(
     return records, stats
 
 
-@contextlib.contextmanager
-def _step_kind_bridge(config: Any):
-    """Yields the config ``run_train`` gets for step-level pairs.
-
-    Step pairs are loaded as ``data.kind="step"`` (which carries the visit counts). Until the train step
-    lists "step" among its kinds (the same two-sequence batch as "pairwise"), the step runs as "pairwise"
-    while the data loader alone sees "step"; the patch is scoped to this call.
-    """
-    from alignjax.train import loop
-    from alignjax.train import step as train_step
-
-    if config.data.kind != "step" or "step" in train_step.KINDS:
-        yield config
-        return
-    original = loop.data_iterator
-
-    def data_iterator(cfg: Any, source: str, batch_size: int, **kwargs: Any) -> Any:
-        cfg = cfg.copy_and_resolve_references()
-        with cfg.unlocked():
-            cfg.data.kind = "step"
-        return original(cfg, source, batch_size, **kwargs)
-
-    patched = config.copy_and_resolve_references()
-    with patched.unlocked():
-        patched.data.kind = "pairwise"
-    with mock.patch.object(loop, "data_iterator", data_iterator):
-        yield patched
-
-
-def train_stage(config: Any, workdir: str, **kwargs: Any) -> dict[str, Any]:
-    """:func:`alignjax.train.loop.run_train` (resuming in ``workdir``), with step-level data bridged."""
-    from alignjax.train.loop import run_train
-
-    with _step_kind_bridge(config) as cfg:
-        return run_train(cfg, workdir, **kwargs)
-
-
 def stage_config(config: Any, stage: str, **data: Any) -> Any:
     """The train config of ``stage`` (``config.<stage>`` overrides), with ``data`` keys replaced."""
     from alignjax.train.pipeline import stage_config as base_stage
@@ -391,7 +353,7 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         sft_data = os.path.join(sft_dir, "sft_data.jsonl")
         if not os.path.exists(sft_data):
             _write_records(task.sft_records, sft_data)
-        sft = train_stage(stage_config(config, "sft", kind="sft", source=sft_data, eval_source=""), sft_dir)
+        sft = run_train(stage_config(config, "sft", kind="sft", source=sft_data, eval_source=""), sft_dir)
         model, sft_params = sft["_model"], sft["_state"]["params"]
     t_sft = time.time() - t_sft
     generator = Generator(model, pad_id=int(tokenizer.pad_id or 0), min_prompt_bucket=16, min_batch_bucket=8)
@@ -617,7 +579,7 @@ def _train_round(config: Any, rdir: str, data_path: str, model: Any, params: Any
     with cfg.unlocked():
         cfg.loss.name = loss
         cfg.reference.kind = "frozen"
-    out = train_stage(
+    out = run_train(
         cfg, os.path.join(rdir, "train"), init_params=params, ref_params=sft_params, model=model
     )
     return out["_state"]["params"]

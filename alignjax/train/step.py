@@ -29,7 +29,9 @@ from alignjax.losses.metrics import preference_metrics
 Array = jax.Array
 State = dict[str, Any]
 
-KINDS = ("pairwise", "sft", "unpaired")  # alignjax.data kinds this step trains on
+KINDS = ("pairwise", "step", "sft", "unpaired")  # alignjax.data kinds this step trains on
+# Kinds whose batches hold two sequences an example (chosen, rejected); "step" adds visit counts.
+PAIRED = ("pairwise", "step")
 # Names computed from model outputs (everything else comes from the batch).
 _SEQ = {
     "chosen_logps": ("policy", "first"),
@@ -73,7 +75,7 @@ class StepSpec:
 
     @property
     def num_sequences(self) -> int:
-        return 2 * self.batch_size if self.kind == "pairwise" else self.batch_size
+        return 2 * self.batch_size if self.kind in PAIRED else self.batch_size
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -155,9 +157,9 @@ def loss_inputs(
     b = spec.batch_size
     sources = {"policy": policy, "ref": ref}
     names = set(spec.required) | {"chosen_logps", "chosen_lengths"}
-    if spec.kind == "pairwise":
+    if spec.kind in PAIRED:
         names |= {"rejected_logps", "rejected_lengths"}
-    if ref is not None and spec.kind == "pairwise":
+    if ref is not None and spec.kind in PAIRED:
         names |= {"ref_chosen_logps", "ref_rejected_logps"}
     lengths = None
     out: dict[str, Array] = {}
@@ -168,7 +170,7 @@ def loss_inputs(
             out[name] = jnp.zeros((0,), jnp.float32)
         elif name == "labels" and "label" in batch:
             out[name] = batch["label"]
-        elif name == "chosen_lengths" and "lengths" in batch and spec.kind != "pairwise":
+        elif name == "chosen_lengths" and "lengths" in batch and spec.kind not in PAIRED:
             out[name] = batch["lengths"]
         elif name in batch and (name.startswith("ref_") or name not in _SEQ):
             out[name] = batch[name]  # per-example arrays and cached reference log-probs
@@ -230,7 +232,7 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
         metrics["nll/chosen"] = nll
         loss = loss + spec.nll_weight * nll
         metrics["loss"] = loss
-        if spec.kind == "pairwise":
+        if spec.kind in PAIRED:
             beta = float(dict(spec.hyperparameters).get("beta", 1.0))
             # TRL's metrics; rewards use R = 0 when the step runs reference-free.
             metrics.update(
@@ -331,7 +333,7 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
         b = spec.batch_size
         lengths = logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"], spec.num_sequences)
         out = {"chosen_logps": policy[0][:b], "chosen_lengths": lengths[:b]}
-        if spec.kind == "pairwise":
+        if spec.kind in PAIRED:
             out.update(rejected_logps=policy[0][b : 2 * b], rejected_lengths=lengths[b : 2 * b])
         if ref is not None:
             out.update(ref_chosen_logps=ref[0][:b], ref_rejected_logps=ref[0][b : 2 * b])
