@@ -83,7 +83,7 @@ def synthetic_pairs(
 def layout_batch(examples: list[TokenizedExample], layout: str, *, max_length: int) -> dict[str, np.ndarray]:
     """One host batch of ``examples`` in ``layout`` (``padded`` rows of ``max_length``; ``packed``
     rows of ``2 * max_length``, as many as first-fit needs; ``shared_prompt`` rows rounded up to a
-    multiple of 64)."""
+    multiple of 16)."""
     if layout == "padded":
         return make_batch(examples, "padded", pad_id=0, buckets=(max_length,))
     if layout == "packed":
@@ -92,7 +92,7 @@ def layout_batch(examples: list[TokenizedExample], layout: str, *, max_length: i
         return make_batch(examples, "packed", pad_id=0, pack_length=2 * max_length, pack_rows=rows)
     if layout == "shared_prompt":
         longest = max(len(ex.prompt) + len(ex.completions[0]) + len(ex.completions[1]) + 1 for ex in examples)
-        return make_batch(examples, "shared_prompt", pad_id=0, buckets=(-(-longest // 64) * 64,))
+        return make_batch(examples, "shared_prompt", pad_id=0, buckets=(-(-longest // 16) * 16,))
     raise ValueError(f"layout={layout!r}; choose padded, packed or shared_prompt")
 
 
