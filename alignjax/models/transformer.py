@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,6 @@ from alignjax.models.config import ModelConfig
 
 Array = jax.Array
 Rules = tuple[tuple[str, Any], ...]
-_NEG = float(np.finfo(np.float32).min)
 
 
 def fit_spec(
@@ -120,6 +120,48 @@ def attention_mask(
     if sliding_window is not None:
         mask &= q(q_pos) - k(kv_pos) < sliding_window
     return mask
+
+
+def attention_implementation(q: Array, k: Array) -> str:
+    """``"cudnn"`` (cuDNN flash attention) where it applies, else ``"xla"``; a trace-time decision.
+
+    ``jax.nn.dot_product_attention(implementation=None)`` always takes the XLA path in jax 0.10-0.11
+    (its auto-selection is a TODO), so we pick explicitly: cuDNN needs a CUDA backend, bf16/fp16
+    q/k/v, head dim a multiple of 8 and <= 256 (<= 128 before Hopper; cuDNN itself rejects the rest),
+    and even sequence lengths when a mask (lowered to an additive bias) is trained through.
+    """
+    Tq, Tk, Dh = q.shape[1], k.shape[1], q.shape[-1]
+    ok = (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and k.dtype == q.dtype
+        and Dh % 8 == 0
+        and Dh <= 256
+        and Tq % 2 == 0
+        and Tk % 2 == 0
+    )
+    return "cudnn" if ok else "xla"
+
+
+def attention_core(q: Array, k: Array, v: Array, mask: Array, *, implementation: str = "xla") -> Array:
+    """softmax(q k^T / sqrt(Dh), masked) v with grouped-query heads, via ``jax.nn.dot_product_attention``.
+
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K (query head h uses kv head h // (H/K),
+    HF's repeat_kv); mask: bool [B, T, S] (``attention_mask``). Returns [B, T, H, Dh] in q's dtype.
+    Scores and softmax are fp32 on the XLA path (as HF's eager attention). ``"cudnn"``: flash
+    attention, which never writes the T x S scores; the boolean mask becomes one additive bias
+    [B, 1, T, S] shared by all heads, and ``is_causal`` (implied by every mask built here: j <= i)
+    lets it skip the upper triangle. A fully masked (padding) query row gets an arbitrary finite
+    output on either path; nothing reads it.
+    """
+    chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
+    chex.assert_equal_shape([k, v])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation="cudnn"
+        )
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
 
 def _init(axes: tuple[str | None, ...], init: Any = None) -> Any:
@@ -215,12 +257,9 @@ class Attention(nn.Module):
                 positions, slots, ones_q, ones_k, zeros_q, zeros_k, positions, slots, cfg.sliding_window
             )
             k, v = k_all.astype(dt), v_all.astype(dt)
-        G = H // K
-        qg = q.reshape(B, T, K, G, Dh)  # HF repeat_kv: query head h uses kv head h // G
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
-        scores = jnp.where(mask[:, None, None], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+        # Decoding keeps the XLA path: its mask is not the top-left causal one cuDNN's is_causal means.
+        impl = attention_implementation(q, k) if cache is None else "xla"
+        out = attention_core(q, k, v, mask, implementation=impl)
         out = constrain(out, ("batch", "length", "act_heads", None), self.mesh, self.rules)
         o = Proj(
             (H, Dh), (D,), ("heads", "head_dim", "embed"), cfg.attention_out_bias, dt, pdt, name="o_proj"
