@@ -164,6 +164,42 @@ def attention_core(q: Array, k: Array, v: Array, mask: Array, *, implementation:
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
 
+@jax.custom_vjp
+def _dense_cpu(x: Array, kernel: Array) -> Array:
+    """x [..., I] @ kernel [I, O]."""
+    return x @ kernel
+
+
+def _dense_cpu_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+    return x @ kernel, (x, kernel)
+
+
+def _dense_cpu_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    # Why: XLA:CPU computes dW = x^T g with g transposed, and fuses that transpose into the
+    # elementwise producer of g (e.g. the SwiGLU backward): a strided loop that cost more than the
+    # matmuls (profile in docs/benchmarks.md). Transposing x instead, behind a barrier so the
+    # simplifier cannot fold it back into the dot, leaves plain row-major matmuls.
+    x, kernel = res
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = jax.lax.optimization_barrier(x2.T) @ g2
+    return g @ kernel.T, dw
+
+
+_dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
+
+
+def dense(x: Array, kernel: Array, n_in: int) -> Array:
+    """y = x . kernel contracting the last ``n_in`` dims of x with the first ``n_in`` of kernel.
+
+    Same values and gradients everywhere; on the CPU backend the gradient goes through
+    ``_dense_cpu_bwd`` (a trace-time choice: GPU/TPU keep XLA's own transpose rule).
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.tensordot(x, kernel, axes=n_in)
+    lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
+    y = _dense_cpu(x.reshape(*lead, -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
+    return y.reshape(*lead, *out)
+
 def _init(axes: tuple[str | None, ...], init: Any = None) -> Any:
     return nn.with_logical_partitioning(init or nn.initializers.normal(0.02), axes)
 
@@ -203,7 +239,7 @@ class Proj(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", _init(self.axes), self.in_shape + self.out_shape, self.param_dtype)
         n_in = len(self.in_shape)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        y = dense(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
         if self.use_bias:
             bias_axes = self.axes[n_in:]
             bias = self.param(
