@@ -399,9 +399,9 @@ def run_train(
                     writer.write(step_no, run_eval(step_no))
                 if progress is not None:
                     dt = max(time.time() - t_window, 1e-9)
-                    progress.set_postfix(
-                        loss=f"{last_metrics.get('loss', float('nan')):.4f}", tok_s=f"{tokens / dt:.0f}"
-                    )
+                    # Metrics arrive one step late (async dispatch): no loss to show before then.
+                    shown = {"loss": f"{last_metrics['loss']:.4f}"} if "loss" in last_metrics else {}
+                    progress.set_postfix(**shown, tok_s=f"{tokens / dt:.0f}")
                     progress.update(1)
                     tokens, t_window = 0, time.time()
                 if stop.requested:
