@@ -130,6 +130,23 @@ def base_config() -> ConfigDict:
     return c
 
 
+def quickstart_model(vocab_size: int) -> ConfigDict:
+    """``config.model.overrides`` of the quickstart-sized decoder on a built-in character vocabulary:
+    2 layers, width 64, 4 heads, MLP 256, tied embeddings (about 100k parameters)."""
+    return ConfigDict(
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=16,
+            intermediate_size=256,
+            tie_word_embeddings=True,
+        )
+    )
+
+
 def runlocal(c: ConfigDict) -> ConfigDict:
     """Shrinks a config to something this laptop-class machine runs in seconds."""
     c.model.path = "tiny"

@@ -41,18 +41,7 @@ def get_config(arg: str | None = None):
     c.job = "mcts_dpo"
     c.seed = a.seed
     c.model.path = "tiny"
-    c.model.overrides = common.ConfigDict(
-        dict(
-            vocab_size=24,
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=4,
-            head_dim=16,
-            intermediate_size=256,
-            tie_word_embeddings=True,
-        )
-    )
+    c.model.overrides = common.quickstart_model(vocab_size=24)
     c.data.source = "synthetic:multistep"  # or a GSM8K-style JSONL path
     c.data.eval_source = ""
     c.data.tokenizer = "multistep"

@@ -39,18 +39,7 @@ def get_config(arg: str | None = None):
     c.job = "quickstart"
     c.seed = a.seed
     c.model.path = "tiny"
-    c.model.overrides = common.ConfigDict(
-        dict(
-            vocab_size=16,
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=4,
-            head_dim=16,
-            intermediate_size=256,
-            tie_word_embeddings=True,
-        )
-    )
+    c.model.overrides = common.quickstart_model(vocab_size=16)
     c.data.tokenizer = "arithmetic"
     c.data.max_length = 10
     c.data.batch_size = 128

@@ -23,21 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from alignjax.data.schema import DataStats
+from alignjax.data.schema import BATCH_FLOAT_FIELDS, DataStats
 from alignjax.data.tokenize import TokenizedExample
 
 LAYOUTS = ("padded", "packed", "shared_prompt")
-_FLOAT_EXTRAS = (
-    "margin",
-    "score",
-    "weight",
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-    "source_chosen_logps",
-    "source_rejected_logps",
-    "chosen_visits",
-    "rejected_visits",
-)
 
 
 def sequences(examples: Sequence[TokenizedExample]) -> list[tuple[list[int], list[float]]]:
@@ -229,7 +218,7 @@ def example_arrays(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray
             out[key] = np.array(values, np.int32)
         elif key == "scores":
             out[key] = np.array(values, np.float32)
-        elif key in _FLOAT_EXTRAS:
+        elif key in BATCH_FLOAT_FIELDS:
             out[key] = np.array(values, np.float32)
     return out
 

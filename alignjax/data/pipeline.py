@@ -188,48 +188,11 @@ class PreferenceData:
         )
 
 
-def make_preference_batches(
-    source: Any,
-    tokenizer: Any,
-    *,
-    kind: str = "pairwise",
-    layout: str = "padded",
-    batch_size: int = 8,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-    truncation_mode: str = "keep_end",
-    buckets: Sequence[int] | None = None,
-    pack_length: int | None = None,
-    pack_rows: int | None = None,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    on_bad_row: str = "error",
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> tuple[PreferenceData, DataStats]:
+def make_preference_batches(source: Any, tokenizer: Any, **options: Any) -> tuple[PreferenceData, DataStats]:
     """One call from config-like arguments to ``(iterator of host-local batches, stats)``.
 
     ``batch_size`` is global (examples per step over all processes); each process gets
-    ``batch_size // process_count``. See :class:`PreferenceData`.
+    ``batch_size // process_count``. ``options`` are :class:`PreferenceData`'s keyword arguments.
     """
-    data = PreferenceData(
-        source,
-        tokenizer,
-        kind=kind,
-        layout=layout,
-        batch_size=batch_size,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        truncation_mode=truncation_mode,
-        buckets=buckets,
-        pack_length=pack_length,
-        pack_rows=pack_rows,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        on_bad_row=on_bad_row,
-        process_index=process_index,
-        process_count=process_count,
-    )
+    data = PreferenceData(source, tokenizer, **options)
     return data, data.stats

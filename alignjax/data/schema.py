@@ -32,6 +32,15 @@ from typing import Any
 
 KINDS = ("pairwise", "step", "unpaired", "sft", "listwise")
 FLOAT_EXTRAS = ("margin", "score", "weight", "ref_chosen_logps", "ref_rejected_logps")
+# Per-example float arrays a batch carries: the extras above plus the ones derived from records
+# (``source_logps`` split in two; the ``step`` kind's visit counts).
+BATCH_FLOAT_FIELDS = (
+    *FLOAT_EXTRAS,
+    "source_chosen_logps",
+    "source_rejected_logps",
+    "chosen_visits",
+    "rejected_visits",
+)
 INT_EXTRAS = ("user_id",)
 
 # Reason keys used in DataStats.skipped (stable: the run summary prints them).

@@ -25,7 +25,6 @@ The arithmetic vocabulary is those 3 plus ``0-9 + =``: 15 tokens.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -269,25 +268,21 @@ def gsm8k_verify(completion: str, reference_final: str) -> bool:
 
 def read_gsm8k(path: str) -> list[dict[str, Any]]:
     """Reads GSM8K-style JSONL to SFT records ``{"prompt", "completion", "final"}``; errors name file:line."""
+    from alignjax.data.readers import read_jsonl
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(where, "not_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
-            for field in ("question", "answer"):
-                if field not in row:
-                    raise DataError(where, REASON_MISSING, f"missing field {field!r}")
-                if not isinstance(row[field], str):
-                    raise DataError(where, REASON_TYPE, f"field {field!r} must be a string")
-            final = gsm8k_final(row["answer"])
-            if final is None:
-                raise DataError(where, REASON_EMPTY, "field 'answer' has no final answer after '####'")
-            out.append({"prompt": row["question"], "completion": row["answer"], "final": final})
+    for where, row in read_jsonl(path):
+        if isinstance(row, DataError):
+            raise row
+        for field in ("question", "answer"):
+            if field not in row:
+                raise DataError(where, REASON_MISSING, f"missing field {field!r}")
+            if not isinstance(row[field], str):
+                raise DataError(where, REASON_TYPE, f"field {field!r} must be a string")
+        final = gsm8k_final(row["answer"])
+        if final is None:
+            raise DataError(where, REASON_EMPTY, "field 'answer' has no final answer after '####'")
+        out.append({"prompt": row["question"], "completion": row["answer"], "final": final})
     return out
 
 

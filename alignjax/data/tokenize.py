@@ -29,7 +29,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from alignjax.data.schema import REASON_PROMPT_TOO_LONG, REASON_TYPE, DataError, DataStats
+from alignjax.data.schema import BATCH_FLOAT_FIELDS, REASON_PROMPT_TOO_LONG, REASON_TYPE, DataError, DataStats
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -281,20 +281,7 @@ def truncate(
     return prompt, out
 
 
-_SCALAR_KEYS = (
-    "label",
-    "margin",
-    "score",
-    "weight",
-    "user_id",
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-    "source_chosen_logps",
-    "source_rejected_logps",
-    "chosen_visits",
-    "rejected_visits",
-    "scores",
-)
+_SCALAR_KEYS = ("label", "user_id", "scores", *BATCH_FLOAT_FIELDS)
 
 
 def tokenize_record(
