@@ -17,6 +17,7 @@ position, stale or unwritten, are masked without any per-length recompilation.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -158,9 +159,13 @@ def attention_core(q: Array, k: Array, v: Array, mask: Array, *, implementation:
     chex.assert_equal_shape([k, v])
     scale = 1.0 / math.sqrt(q.shape[-1])
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation="cudnn"
-        )
+        try:
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation="cudnn"
+            )
+        except (NotImplementedError, ValueError, RuntimeError) as err:
+            # cuDNN's shape/version checks run at trace time; fall back rather than fail the step.
+            logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", err)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
 
@@ -199,6 +204,7 @@ def dense(x: Array, kernel: Array, n_in: int) -> Array:
     lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
     y = _dense_cpu(x.reshape(*lead, -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
     return y.reshape(*lead, *out)
+
 
 def _init(axes: tuple[str | None, ...], init: Any = None) -> Any:
     return nn.with_logical_partitioning(init or nn.initializers.normal(0.02), axes)
