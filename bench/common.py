@@ -562,7 +562,8 @@ __all__ = [
 
 
 def use_fused_attention(implementation: str | None) -> None:
-    """What-if for the model's owner (``alignjax/models/transformer.py`` is not changed): swap the
+    """Since commit a8a6ea6 the model itself calls ``jax.nn.dot_product_attention`` (cuDNN on GPU for
+    bf16/fp16, see ``transformer.attention_core``), so this what-if is kept for A/B runs only. Swap the
     decoder's attention core -- the masked einsum softmax over fp32 ``[B, K, G, T, T]`` scores -- for
     ``jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=...)`` (``"cudnn"``:
     cuDNN flash attention on NVIDIA GPUs; ``"xla"``: XLA's reference). Projections, RoPE, parameter
