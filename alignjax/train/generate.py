@@ -1,8 +1,7 @@
-"""Greedy generation for short task answers, and verifier-checked task accuracy.
+"""Verifier-checked task accuracy of a policy under greedy decoding (the quickstart's evaluation).
 
-For the embedded default's 10-token sequences a full-recompute loop (one forward over the fixed
-``[N, prompt + new]`` buffer per new token; causal attention makes the not-yet-written tail
-irrelevant) is as fast as a KV cache and has no cache bookkeeping.
+Decoding is :class:`alignjax.search.generate.Generator`'s (KV cache, bucketed shapes), the same code
+that MCTS search samples with.
 """
 
 from __future__ import annotations
@@ -11,29 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-
-def greedy_generate(model: Any, params: Any, prompts: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    """``prompts`` [N, P] (equal lengths) -> the greedy continuation [N, max_new_tokens].
-
-    ``tokens[:, P + i] = argmax_v logits[:, P + i - 1, v]`` with logits of the buffer so far.
-    """
-    n, p = prompts.shape
-
-    @jax.jit
-    def run(params: Any, prompts: jax.Array) -> jax.Array:
-        buf = jnp.concatenate([prompts, jnp.zeros((n, max_new_tokens), prompts.dtype)], axis=1)
-
-        def body(i, buf):
-            logits = model.apply(params, buf)
-            nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False), -1)
-            return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype), p + i, axis=1)
-
-        return jax.lax.fori_loop(0, max_new_tokens, body, buf)[:, p:]
-
-    return np.asarray(run(params, jnp.asarray(prompts, jnp.int32)))
+from alignjax.search.generate import Generator
 
 
 def task_accuracy(
@@ -45,17 +24,27 @@ def task_accuracy(
     *,
     max_new_tokens: int,
     group_key: str | None = None,
+    batch_size: int = 1024,
 ) -> dict[str, float]:
     """Share of ``records`` (``{"prompt", ...}``) whose greedy answer (cut at EOS) ``verify`` accepts;
     with ``group_key`` also the accuracy per value of that field (e.g. carry / no carry)."""
-    prompts = np.array([tokenizer.encode_prompt(r["prompt"]) for r in records], np.int32)
-    out = greedy_generate(model, params, prompts, max_new_tokens)
-    eos = tokenizer.eos_id
+    generator = Generator(model, pad_id=tokenizer.pad_id)
+    eos = int(tokenizer.eos_id)
     correct = []
-    for r, ids in zip(records, out):
-        ids = list(ids)
-        ids = ids[: ids.index(eos)] if eos in ids else ids
-        correct.append(bool(verify(r["prompt"], tokenizer.decode(ids))))
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        out = generator.generate(
+            params,
+            [tokenizer.encode_prompt(r["prompt"]) for r in chunk],
+            jax.random.PRNGKey(0),  # unused by greedy decoding
+            max_new_tokens=max_new_tokens,
+            greedy=True,
+            stop_tokens=(eos,),
+        )
+        for j, record in enumerate(chunk):
+            ids, _ = out.row(j, 0)
+            ids = ids[: ids.index(eos)] if eos in ids else ids
+            correct.append(bool(verify(record["prompt"], tokenizer.decode(ids))))
     correct_arr = np.array(correct)
     result = {"accuracy": float(correct_arr.mean())}
     if group_key is not None:
