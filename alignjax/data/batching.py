@@ -8,7 +8,8 @@ A *sequence batch* is a dict of numpy arrays ``[R, T]``:
   p(token_t | earlier tokens of its segment/branch) counts; always 0 on a segment's/branch's first token;
 * ``example_ids`` int32: the sequence each token belongs to (-1 none). Sequences are numbered
   completion-major: for B pairs, 0..B-1 are the chosen and B..2B-1 the rejected completions; for
-  listwise batches with K candidates, sequence ``k*B + i`` is candidate k of example i; unpaired 0..B-1.
+  listwise batches with K candidates, sequence ``k*B + i`` is candidate k of example i; unpaired 0..B-1
+  (the pipeline adds KTO's mismatched sequences as B..2B-1, :func:`with_kl_completions`).
 
 Per-example arrays ride along: ``chosen_lengths``/``rejected_lengths`` int32 [B] (completion tokens
 counted by the loss, pairs) or ``lengths`` ([B] unpaired/sft, [B, K] listwise); ``label`` bool,
@@ -18,6 +19,7 @@ int32, ``scores`` float32 [B, K].
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -220,6 +222,30 @@ def example_arrays(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray
             out[key] = np.array(values, np.float32)
         elif key in BATCH_FLOAT_FIELDS:
             out[key] = np.array(values, np.float32)
+    return out
+
+
+def with_kl_completions(
+    examples: Sequence[TokenizedExample], max_length: int | None = None
+) -> list[TokenizedExample]:
+    """Unpaired examples with KTO's mismatched sequence: prompt i with example (i+1) mod B's completion.
+
+    "KTO: Model Alignment as Prospect Theoretic Optimization" (Ethayarajh et al., arXiv:2402.01306)
+    estimates its reference point z0 = max(0, mean KL) from (x_i, y_j) pairs with i != j, as TRL does
+    within a batch. Laid out as pairs, sequences ``B..2B-1`` of the batch are these mismatched ones.
+    The borrowed completion is cut to fit ``max_length`` (the prompt was already budgeted for its own).
+    """
+    n = len(examples)
+    if n < 2:
+        raise ValueError(
+            "KTO's KL estimate pairs each prompt with another example's completion: unpaired batches "
+            f"need at least 2 examples per process, got {n} (config key data.batch_size)"
+        )
+    out = []
+    for i, ex in enumerate(examples):
+        other = examples[(i + 1) % n].completions[0]
+        room = len(other) if max_length is None else max(max_length - len(ex.prompt), 1)
+        out.append(dataclasses.replace(ex, completions=[ex.completions[0], other[:room]]))
     return out
 
 

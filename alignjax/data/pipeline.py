@@ -183,9 +183,14 @@ class PreferenceData:
             raise StopIteration
         idx = self.host_indices(self.epoch, self.position)
         self.position += 1
-        return batching.make_batch(
-            [self.examples[i] for i in idx], self.layout, stats=self.stats, **self.layout_kwargs
-        )
+        examples = [self.examples[i] for i in idx]
+        if self.kind == "unpaired":
+            examples = batching.with_kl_completions(examples, self.layout_kwargs["max_length"])
+        batch = batching.make_batch(examples, self.layout, stats=self.stats, **self.layout_kwargs)
+        if self.kind == "unpaired":  # the lengths of the examples' own completions only
+            batch["lengths"] = batch.pop("chosen_lengths")
+            del batch["rejected_lengths"]
+        return batch
 
 
 def make_preference_batches(source: Any, tokenizer: Any, **options: Any) -> tuple[PreferenceData, DataStats]:

@@ -32,6 +32,8 @@ State = dict[str, Any]
 KINDS = ("pairwise", "step", "sft", "unpaired")  # alignjax.data kinds this step trains on
 # Kinds whose batches hold two sequences an example (chosen, rejected); "step" adds visit counts.
 PAIRED = ("pairwise", "step")
+# Kinds laid out as 2B sequences: pairs, and unpaired batches with KTO's mismatched (KL) sequences.
+TWO_SEQUENCE = (*PAIRED, "unpaired")
 # Names computed from model outputs (everything else comes from the batch).
 _SEQ = {
     "chosen_logps": ("policy", "first"),
@@ -75,7 +77,7 @@ class StepSpec:
 
     @property
     def num_sequences(self) -> int:
-        return 2 * self.batch_size if self.kind in PAIRED else self.batch_size
+        return 2 * self.batch_size if self.kind in TWO_SEQUENCE else self.batch_size
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -164,11 +166,7 @@ def loss_inputs(
     lengths = None
     out: dict[str, Array] = {}
     for name in sorted(names):
-        if spec.kind == "unpaired" and name in ("kl_logps", "ref_kl_logps"):
-            # Mismatched (prompt, completion) sequences are not in unpaired batches yet: K = 0,
-            # for which KTO's reference point z0 is 0 (see alignjax.losses.unpaired.kto_kl_estimate).
-            out[name] = jnp.zeros((0,), jnp.float32)
-        elif name == "labels" and "label" in batch:
+        if name == "labels" and "label" in batch:
             out[name] = batch["label"]
         elif name == "chosen_lengths" and "lengths" in batch and spec.kind not in PAIRED:
             out[name] = batch["lengths"]

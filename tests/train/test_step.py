@@ -133,3 +133,52 @@ def test_eight_device_mesh_equals_single_device(pair_batches):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_kto_kl_sequences_pair_each_prompt_with_the_next_completion(model_params):
+    """Unpaired batches carry KTO's mismatched sequences; the step feeds them to the KL estimate."""
+    model, params = model_params
+    records = [
+        {"prompt": f"{a:02d}+{b:02d}=", "completion": c, "label": bool(i % 2)}
+        for i, (a, b, c) in enumerate([(12, 34, "64"), (58, 67, "521"), (9, 9, "81"), (40, 2, "24")])
+    ]
+    from alignjax.data import make_preference_batches, synthetic
+
+    data, _ = make_preference_batches(
+        records,
+        "arithmetic",
+        kind="unpaired",
+        batch_size=4,
+        max_length=10,
+        buckets=(10,),
+        shuffle=False,
+        process_index=0,
+        process_count=1,
+    )
+    host = next(data)
+    tok = synthetic.arithmetic_tokenizer()
+    for i in range(4):  # sequence 4+i is prompt i followed by completion i+1
+        row = host["input_ids"][4 + i][host["segment_ids"][4 + i] > 0].tolist()
+        nxt = records[(i + 1) % 4]
+        prompt_ids = tok.encode_prompt(records[i]["prompt"])
+        assert row == prompt_ids + tok.encode_completion(records[i]["prompt"], nxt["completion"], prompt_ids)
+    spec = steplib.make_step_spec(_config(loss="kto", kind="unpaired", beta=0.1), 4, "model")
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    ref_params = jax.tree.map(lambda p: p * 0.9, params)
+    policy = jax.jit(lambda p: steplib.logprobs.batch_sequence_logps(model, p, batch, 8))
+    loss, _ = jax.jit(steplib.make_loss_fn(model, spec))(params, ref_params, None, batch)
+    seq = _np_seq_logps(model.apply(params, batch["input_ids"]), host, 8)
+    ref = _np_seq_logps(model.apply(ref_params, batch["input_ids"]), host, 8)
+    np.testing.assert_allclose(np.asarray(policy(params)[0]), seq, rtol=1e-5)
+    u, kl = seq[:4] - ref[:4], seq[4:] - ref[4:]
+    z0 = max(0.0, kl.mean())
+    labels = host["label"]
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    expected = np.where(labels, 1 - sig(0.1 * (u - z0)), 1 - sig(0.1 * (z0 - u))).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        next(
+            make_preference_batches(
+                records[:1], "arithmetic", kind="unpaired", batch_size=1, process_index=0, process_count=1
+            )[0]
+        )
