@@ -31,8 +31,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from alignjax.models.transformer import dense, fit_spec
-
 __all__ = [
     "token_logps",
     "next_token_logps",
@@ -370,30 +368,6 @@ def model_vocab_shards(model: Any, vocab: int) -> int:
     return size if vocab % size == 0 else 1
 
 
-def _full_logits(model: Any, params: Any, input_ids: jax.Array, inputs: dict[str, Any]) -> jax.Array:
-    """``model.apply`` logits ``[R, T, V]`` fp32; for an fp32 model, the unembedding matmul goes through
-    ``alignjax.models.transformer.dense`` (same values).
-
-    Why: with the plain einsum, XLA:CPU computes ``dW = h^T dlogits`` with the ``[R T, V]`` logits
-    cotangent transposed, i.e. a strided copy of the largest array of the step (128 MiB at
-    16 x 256 x 8192), fused into the softmax backward. ``dense``'s CPU gradient transposes the small
-    ``h`` ([R T, D]) instead (see docs/benchmarks.md, "decoder backward profile"). bf16/fp16 models
-    keep ``model.apply`` (their logits are computed with fp32 accumulation, which ``dense`` does not do).
-    """
-    if not all(hasattr(model, name) for name in ("hidden", "unembedding", "logits_from_hidden")):
-        return model.apply(params, input_ids, **inputs)
-    hidden = model.hidden(params, input_ids, **inputs)
-    unembedding = model.unembedding(params)
-    if hidden.dtype != jnp.float32 or unembedding.dtype != jnp.float32:
-        return model.logits_from_hidden(params, hidden)
-    logits = dense(hidden, unembedding, 1)
-    if getattr(model, "mesh", None) is not None:
-        # The same layout constraint as ``Model.logits_from_hidden``.
-        spec = fit_spec(logits.shape, ("batch", "length", "act_vocab"), model.mesh, model.rules)
-        logits = jax.lax.with_sharding_constraint(logits, jax.sharding.NamedSharding(model.mesh, spec))
-    return logits
-
-
 def batch_sequence_logps(
     model: Any,
     params: Any,
@@ -422,7 +396,7 @@ def batch_sequence_logps(
         inputs["branch_ids"] = batch["branch_ids"]
     input_ids = batch["input_ids"]
     if vocab_chunk is None and seq_chunk is None:
-        logits = _full_logits(model, params, input_ids, inputs)
+        logits = model.apply(params, input_ids, **inputs)
         logps = next_token_logps(logits, input_ids)
     else:
         hidden = model.hidden(params, input_ids, **inputs)
