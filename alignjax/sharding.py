@@ -127,6 +127,13 @@ def logical_sharding(
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 
 
+def tree_shardings(mesh: Mesh, logical_axes: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a pytree whose leaves are tuples of logical axis names (e.g. a model's params)."""
+    return jax.tree.map(
+        lambda axes: logical_sharding(mesh, axes, rules), logical_axes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dimension split over ``data`` x ``fsdp``; the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignjax.models.config import ModelConfig
 from alignjax.models.transformer import Decoder, dense, fit_spec
-from alignjax.sharding import logical_sharding, rules_from_config
+from alignjax.sharding import rules_from_config, tree_shardings
 
 Array = jax.Array
 Params = Any
@@ -88,11 +88,7 @@ class Model:
         if mesh is None:
             raise ValueError("Model.shardings needs a mesh (none given and the model has none)")
         rules = self.rules if rules is None else rules_from_config(rules)
-        return jax.tree.map(
-            lambda axes: logical_sharding(mesh, axes, rules),
-            self.logical_axes,
-            is_leaf=lambda x: isinstance(x, tuple),
-        )
+        return tree_shardings(mesh, self.logical_axes, rules)
 
     def init(self, rng: Array) -> Params:
         """Random params (normal(0.02) kernels, unit norms, zero biases), sharded if a mesh is set."""

@@ -23,7 +23,7 @@ from alignjax.models.heads import (
     make_head,
     prompt_token_index,
 )
-from alignjax.sharding import logical_sharding, rules_from_config
+from alignjax.sharding import rules_from_config, tree_shardings
 
 Array = jax.Array
 Params = Any
@@ -77,11 +77,7 @@ class RewardModel:
         if mesh is None:
             raise ValueError("RewardModel.shardings needs a mesh")
         rules = self.rules if rules is None else rules_from_config(rules)
-        return jax.tree.map(
-            lambda axes: logical_sharding(mesh, axes, rules),
-            self.logical_axes,
-            is_leaf=lambda x: isinstance(x, tuple),
-        )
+        return tree_shardings(mesh, self.logical_axes, rules)
 
     # ---- forward
     def pooled(self, params: Params, batch: Mapping[str, Array], num_sequences: int) -> tuple[Array, Array]:
