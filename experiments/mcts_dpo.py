@@ -68,7 +68,6 @@ def get_config(arg: str | None = None):
             eval_max_new_tokens=40,
             step_loss="mcts_dpo",
             step_delimiter="\n",
-            step_eos=True,  # train step pairs with the delimiter as EOS (no EOS after an intermediate step)
             instance_loss="sigmoid",
             budget_from=a.budget_from,  # instance: the MCTS workdir whose per-prompt token budget to spend
             budget_tokens=0,  # instance: tokens per prompt when there is no budget_from

@@ -15,7 +15,9 @@ Optional per-example extras, carried into batches as ``[B]`` arrays: ``margin``,
 ``weight``, ``user_id`` (int), ``ref_chosen_logps``, ``ref_rejected_logps``, and ``source_logps``
 (``[chosen, rejected]`` or ``{"chosen", "rejected"}``, stored as ``source_chosen_logps`` /
 ``source_rejected_logps``). ``rationale`` and ``subset`` (RewardBench's subset name) are strings kept
-on the record but never batched.
+on the record but never batched. ``append_eos`` (bool, default true) set to false keeps completions
+as written: partial solutions such as one reasoning step of MCTS-DPO, which the model continues
+after, get no EOS (a completion whose text ends with the EOS token keeps it).
 
 Every problem raises :class:`DataError` whose message starts with ``"<file>:<line>: "`` (line is
 1-based; for non-line sources the record number). With ``on_bad_row="skip"`` the row is dropped and
@@ -244,6 +246,10 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
     for key in ("rationale", "subset"):
         if raw.get(key) is not None:
             rec[key] = _check_text(raw[key], key, where, allow_messages=False)
+    if raw.get("append_eos") is not None:
+        if not isinstance(raw["append_eos"], bool):
+            raise DataError(where, REASON_TYPE, "field 'append_eos' must be true or false")
+        rec["append_eos"] = raw["append_eos"]
     if raw.get("source_logps") is not None:
         src = raw["source_logps"]
         if isinstance(src, Mapping) and "chosen" in src and "rejected" in src:

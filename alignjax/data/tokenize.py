@@ -221,9 +221,15 @@ class ChatTokenizer:
         return full, full[len(ptext) :]
 
     def encode_completion(
-        self, prompt: str | list[dict], completion: str | list[dict], prompt_ids: list[int] | None = None
+        self,
+        prompt: str | list[dict],
+        completion: str | list[dict],
+        prompt_ids: list[int] | None = None,
+        *,
+        append_eos: bool = True,
     ) -> list[int]:
-        """Completion ids ending in exactly one EOS (joint tokenization where the boundary allows)."""
+        """Completion ids ending in exactly one EOS (joint tokenization where the boundary allows);
+        ``append_eos=False`` returns them as written (a partial solution the model continues after)."""
         prompt_ids = self.encode_prompt(prompt) if prompt_ids is None else prompt_ids
         full_text, comp_text = self._full_text(prompt, completion)
         full_ids = self._dedupe_bos(self.encode(full_text, add_special_tokens=isinstance(prompt, str)))
@@ -232,6 +238,8 @@ class ChatTokenizer:
         else:
             self.boundary_fallbacks += 1
             ids = self.encode(comp_text, add_special_tokens=False)
+        if not append_eos:
+            return ids
         eos = self.eos_id
         if eos in ids:
             last = len(ids) - 1 - ids[::-1].index(eos)
@@ -304,7 +312,8 @@ def tokenize_record(
         comps = [record["completion"]]
     try:
         p_ids = tokenizer.encode_prompt(prompt)
-        c_ids = [tokenizer.encode_completion(prompt, c, p_ids) for c in comps]
+        append_eos = record.get("append_eos", True)
+        c_ids = [tokenizer.encode_completion(prompt, c, p_ids, append_eos=append_eos) for c in comps]
     except ValueError as e:
         raise DataError(where, REASON_TYPE, str(e)) from None
     p_ids, c_ids = truncate(

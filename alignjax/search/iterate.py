@@ -459,44 +459,19 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def step_records(pairs: Sequence[Any], tokenizer: Any) -> list[dict[str, Any]]:
-    """``StepPair.to_record()`` rows, a terminal step (one that ended with EOS) marked by the EOS token's
-    text (``"answer 16<eos>"``), so that training on the row keeps the EOS after the final step only."""
+    """``StepPair.to_record()`` rows with ``append_eos=False``: a step is a partial solution, so only a
+    terminal step (one that ended with EOS) carries the EOS, written as its text (``"answer 16<eos>"``);
+    an EOS after an intermediate step would train the policy to stop there."""
     eos, eos_text = int(tokenizer.eos_id), tokenizer.special["eos_token"]
     out = []
     for p in pairs:
-        rec = p.to_record()
+        rec = dict(p.to_record(), append_eos=False)
         for side in ("chosen", "rejected"):
             ids = getattr(p, f"{side}_ids")
             if ids and ids[-1] == eos:
                 rec[side] += eos_text
         out.append(rec)
     return out
-
-
-def step_tokenizer(tokenizer: Any, delimiter: str) -> Any:
-    """The tokenizer with the step delimiter as its EOS (None when the delimiter is not one token).
-
-    The data pipeline ends every completion with exactly one EOS. A step-level pair's completions are
-    single steps ``"3+8=11\n"`` that the solution continues after, so a real EOS there would train the
-    policy to stop after an intermediate step. With the delimiter as EOS the completion is the step's own
-    tokens (the delimiter is already its last one); a terminal step's row ends with the real EOS text, after
-    which one delimiter is appended, a position generation never reaches.
-    """
-    from alignjax.data.tokenize import ChatTokenizer
-
-    ids = tokenizer.encode(delimiter)
-    if len(ids) != 1:
-        return None
-    sp = tokenizer.special
-    return ChatTokenizer(
-        tokenizer.tokenizer,
-        chat_template=tokenizer.chat_template,
-        bos_token=sp["bos_token"],
-        eos_token=delimiter,
-        pad_token=sp["pad_token"],
-        unk_token=sp["unk_token"],
-        extra_config=tokenizer.extra_config,
-    )
 
 
 def _search_round(
@@ -560,22 +535,6 @@ def _train_round(config: Any, rdir: str, data_path: str, model: Any, params: Any
         num_pairs = sum(1 for line in f if line.strip())
     with cfg.unlocked():
         cfg.data.batch_size = round_batch_size(int(cfg.data.batch_size), num_pairs, jax.device_count())
-    if m.method == "mcts" and m.step_eos:
-        from alignjax.data.pipeline import resolve_tokenizer
-
-        step_tok = step_tokenizer(resolve_tokenizer(config.data.tokenizer), m.step_delimiter)
-        if step_tok is None:
-            print(
-                f"warning: step_delimiter={m.step_delimiter!r} is not one token of "
-                f"{config.data.tokenizer!r}: step pairs train with an EOS after intermediate steps",
-                flush=True,
-            )
-        else:
-            path = os.path.join(os.path.dirname(rdir), "step_tokenizer")
-            if not os.path.exists(os.path.join(path, "tokenizer_config.json")) and jax.process_index() == 0:
-                step_tok.save_pretrained(path)
-            with cfg.unlocked():
-                cfg.data.tokenizer = path
     with cfg.unlocked():
         cfg.loss.name = loss
         cfg.reference.kind = "frozen"

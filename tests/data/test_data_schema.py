@@ -120,3 +120,19 @@ def test_parquet_matches_jsonl(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows[1:]), ppath)
     assert [r for _, r in load_records(ppath)] == [r for _, r in load_records(jpath)] == rows[1:]
     assert load_records(ppath)[0][0] == f"{ppath}:1"
+
+
+def test_append_eos_false_keeps_partial_completions_as_written():
+    from alignjax.data import synthetic, tokenize_record
+
+    tok = synthetic.multistep_tokenizer()
+    row = {"prompt": "1+2+3=", "chosen": "1+2=3\n", "rejected": "answer 6<eos>"}
+    step = tokenize_record(validate_record(dict(row, append_eos=False), "pairwise", "f:1"), tok)
+    full = tokenize_record(validate_record(row, "pairwise", "f:2"), tok)
+    intermediate = tok.encode("1+2=3\n", add_special_tokens=False)
+    assert step.completions[0] == intermediate  # no EOS after an intermediate step
+    assert full.completions[0] == intermediate + [tok.eos_id]
+    assert step.completions[1] == full.completions[1] and step.completions[1][-1] == tok.eos_id
+    assert step.completions[1].count(tok.eos_id) == 1
+    with pytest.raises(DataError, match="f:3: field 'append_eos' must be true or false"):
+        validate_record(dict(row, append_eos="no"), "pairwise", "f:3")

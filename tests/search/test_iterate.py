@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alignjax.data import synthetic
 from alignjax.losses import registry
 from alignjax.losses.step_level import mcts_dpo, visit_label_smoothing
 from alignjax.search import iterate
@@ -132,7 +133,7 @@ def test_pairs_file_is_the_search_output(run):
     ]
     expected = []
     for p in pairs:
-        rec = p.to_record()
+        rec = dict(p.to_record(), append_eos=False)  # steps are partial solutions
         for side in ("chosen", "rejected"):  # terminal steps carry the EOS text
             if getattr(p, f"{side}_ids")[-1] == tok.eos_id:
                 rec[side] += "<eos>"
@@ -149,7 +150,7 @@ def completion_logps(model, params, tok, rows, side):
     seqs = []
     for r in rows:
         p_ids = tok.encode_prompt(r["prompt"])
-        seqs.append((p_ids, tok.encode_completion(r["prompt"], r[side], p_ids)))
+        seqs.append((p_ids, tok.encode_completion(r["prompt"], r[side], p_ids, append_eos=r["append_eos"])))
     width = max(len(p) + len(c) for p, c in seqs)
     ids = np.zeros((len(seqs), width), np.int32)
     mask = np.zeros((len(seqs), width - 1), np.float32)
@@ -168,10 +169,14 @@ def test_training_consumed_the_pairs_with_visit_smoothing(run):
     rows = read_jsonl(run["pairs_path"])
     recorded = run["recorded"]
     assert len(recorded) == config.dpo.train["num_steps"]  # one micro-batch per step
-    from alignjax.data.tokenize import ChatTokenizer
-
-    step_tok = ChatTokenizer.from_pretrained(os.path.join(run["workdir"], "step_tokenizer"))
-    assert step_tok.eos_id == step_tok.encode("\n")[0]
+    step_tok = synthetic.multistep_tokenizer()
+    eos_text = step_tok.special["eos_token"]
+    for r in rows:  # steps are partial solutions: only a terminal step ends with EOS
+        assert r["append_eos"] is False
+        for side in ("chosen", "rejected"):
+            p_ids = step_tok.encode_prompt(r["prompt"])
+            ids = step_tok.encode_completion(r["prompt"], r[side], p_ids, append_eos=False)
+            assert (ids[-1] == step_tok.eos_id) == r[side].endswith(eos_text)
     model, sft = first["_model"], first["_sft_params"]
     table = np.stack(
         [
