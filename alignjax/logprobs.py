@@ -43,7 +43,17 @@ __all__ = [
     "split_pairs",
     "batch_sequence_logps",
     "model_vocab_shards",
+    "STRICT_ROUNDING",
 ]
+
+# Compiler options for every program whose log-probs are compared with log-probs computed elsewhere
+# (policy vs reference in the train step, the reference cache, evaluation, scoring). By default XLA
+# may keep an f32 intermediate where the program rounds to bf16 ("excess precision"), deciding per
+# fusion, so the same forward can round differently in two programs -- or twice in one: a bf16 DPO
+# step whose policy equals its reference then gave loss 0.6917 (CPU) / 0.669 (H200), not log 2.
+# Rounding exactly as written makes equal params give bitwise-equal log-probs everywhere, as PyTorch's
+# eager ops do. No effect on fp32 programs; its cost on bf16 steps is in docs/benchmarks.md.
+STRICT_ROUNDING: dict[str, Any] = {"xla_allow_excess_precision": False}
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:

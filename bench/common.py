@@ -33,6 +33,7 @@ from alignjax import logprobs, sharding
 from alignjax.data.batching import first_fit, make_batch, padding_fraction
 from alignjax.data.tokenize import TokenizedExample
 from alignjax.models import Model, ModelConfig
+from alignjax.train.reference import stored_reference
 from alignjax.train.step import StepSpec, make_train_step
 
 GiB = 2**30
@@ -214,8 +215,11 @@ def place(mesh: Any, host: Mapping[str, np.ndarray], stacked: bool = True) -> di
 class JaxDPO:
     """alignjax's DPO train step on one batch shape, built as ``alignjax.train.loop.run_train`` does.
 
-    ``reference="model"``: the step runs a reference forward with ``state["ref_params"]``;
-    ``"batch"``: the reference log-probs come precomputed in the batch (``add_reference_cache``).
+    ``reference="model"``: the step runs a reference forward with ``state["ref_params"]``, stored as
+    ``run_train`` stores a frozen reference (in the compute dtype; ``ref_dtype="param"``: in the param
+    dtype, as before that change); ``"batch"``: the reference log-probs come precomputed in the batch
+    (``add_reference_cache``). ``compiler_options`` default to ``run_train``'s
+    (``logprobs.STRICT_ROUNDING``); ``{}`` compiles with XLA's defaults.
     """
 
     def __init__(
@@ -228,8 +232,12 @@ class JaxDPO:
         optim: OptimConfig = OptimConfig(),
         vocab_chunk: int | None = None,
         seq_chunk: int | None = None,
+        ref_dtype: str = "compute",
+        compiler_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.model, self.optim = model, optim
+        options = logprobs.STRICT_ROUNDING if compiler_options is None else compiler_options
+        self.compiler_options = dict(options)
         self.mesh = model.mesh if model.mesh is not None else sharding.make_mesh({"data": -1})
         b = len(host_batch["chosen_lengths"])
         self.spec = StepSpec(
@@ -249,6 +257,7 @@ class JaxDPO:
         )
         schedule = optax.constant_schedule(optim.learning_rate)
         keep_ref = reference == "model"
+        ref_dtype = {"compute": model.config.dtype, "param": None}[ref_dtype]
         tx = self.tx
 
         def init(params: Any) -> dict[str, Any]:
@@ -259,7 +268,7 @@ class JaxDPO:
                 "rng": jax.random.PRNGKey(0),
             }
             if keep_ref:
-                state["ref_params"] = jax.tree.map(lambda x: x.copy(), params)
+                state["ref_params"] = stored_reference(params, ref_dtype)
             return state
 
         # ---- abstract init -> shardings -> jit(init, out_shardings) -> jit(step, donate)
@@ -288,6 +297,7 @@ class JaxDPO:
             make_train_step(model, self.spec, tx, schedule),
             donate_argnums=(0,),
             out_shardings=(self.state_shardings, None),
+            compiler_options=self.compiler_options,
         )
         t0 = time.perf_counter()
         self.compiled = step.lower(self.state, self.batch).compile()
@@ -301,7 +311,8 @@ class JaxDPO:
         fwd = jax.jit(
             lambda p, batch: logprobs.batch_sequence_logps(
                 self.model, p, batch, 2 * b, vocab_chunk=self.spec.vocab_chunk, seq_chunk=self.spec.seq_chunk
-            )[0]
+            )[0],
+            compiler_options=self.compiler_options,
         )
         seq = np.asarray(fwd(ref_params, place(self.mesh, host, stacked=False)))
         return dict(host, ref_chosen_logps=seq[:b], ref_rejected_logps=seq[b:])

@@ -60,7 +60,10 @@ def base_config() -> ConfigDict:
     c.rules = ()  # ((logical_name, mesh_axis), ...) overriding alignjax.sharding.DEFAULT_RULES
     c.distributed = ConfigDict(dict(enabled=False, coordinator_address="", num_processes=0, process_id=0))
 
-    c.model = ConfigDict(dict(path="tiny", dtype="float32"))
+    # path: a preset name or an HF checkpoint directory. dtype: the param (master-weight) dtype;
+    # compute_dtype: activations and matmuls ("" = dtype; float32 + bfloat16 is mixed precision);
+    # remat: none | full | dots | dots_no_batch ("" = none), per decoder layer.
+    c.model = ConfigDict(dict(path="tiny", dtype="float32", compute_dtype="", remat=""))
     # ModelConfig fields replacing the preset's (presets only), e.g. vocab_size, hidden_size; vocab_size
     # 0 = the tokenizer's vocabulary when that is larger than the preset's.
     c.model.overrides = ConfigDict(

@@ -4,7 +4,8 @@ Launch (one host; on a TPU slice see launch/tpu_vm.sh, which runs the same comma
 
   python -m alignjax.main --config=experiments/dpo.py:model=tiny,loss=ipo,runlocal --workdir=workdirs/dpo
   python -m alignjax.main --config=experiments/dpo.py:loss=sigmoid --workdir=workdirs/dpo \
-      --config.model.path=/ckpt/Qwen2.5-0.5B --config.data.source=/data/pairs.jsonl --config.loss.beta=0.1
+      --config.model.path=/ckpt/Qwen2.5-0.5B --config.data.source=/data/pairs.jsonl --config.loss.beta=0.1 \
+      --config.model.compute_dtype=bfloat16 --config.model.remat=dots_no_batch   # fp32 master weights
 
 Arguments: model (preset or HF directory), loss (a name from alignjax.losses.names()), source (data),
 reference (frozen | none | cache | ema), steps, runlocal.

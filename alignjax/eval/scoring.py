@@ -61,7 +61,7 @@ def make_reward_fn(model: Any, *, mode: str, num_pairs: int, with_reference: boo
         )
         return rewards, seq, ref_seq
 
-    return jax.jit(reward_fn)
+    return jax.jit(reward_fn, compiler_options=logprobs.STRICT_ROUNDING)
 
 
 def score_examples(
@@ -148,9 +148,10 @@ def run_score(config: Any, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.get("rules") or None)
     tokenizer = resolve_tokenizer(config.data.tokenizer)
-    policy = models.from_pretrained(config.model.path, dtype=config.model.dtype, mesh=mesh, rules=rules)
+    dtypes = dict(dtype=config.model.dtype, compute_dtype=config.model.get("compute_dtype") or None)
+    policy = models.from_pretrained(config.model.path, **dtypes, mesh=mesh, rules=rules)
     reference = (
-        models.from_pretrained(config.reference.path, dtype=config.model.dtype, mesh=mesh, rules=rules)
+        models.from_pretrained(config.reference.path, **dtypes, mesh=mesh, rules=rules)
         if mode == "ref"
         else None
     )

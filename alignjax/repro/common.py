@@ -94,7 +94,10 @@ def pair_logps(model: Any, params: Any, config: Any, *, source: str = PAIRS_VAL,
     from alignjax.train.loop import data_iterator, to_global
 
     data, _ = data_iterator(config, source, batch_size, shuffle=False, num_epochs=1)
-    fn = jax.jit(lambda p, b: logprobs.batch_sequence_logps(model, p, b, 2 * batch_size)[0])
+    fn = jax.jit(
+        lambda p, b: logprobs.batch_sequence_logps(model, p, b, 2 * batch_size)[0],
+        compiler_options=logprobs.STRICT_ROUNDING,
+    )
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0
     for host in data:

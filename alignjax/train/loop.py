@@ -12,6 +12,7 @@ writes the same ``metrics.jsonl`` as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alignjax import sharding
+from alignjax import logprobs, sharding
 from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
 from alignjax.train.metrics import MetricWriter, plot_curves
@@ -45,11 +46,19 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
     """``(model, pretrained_params or None)`` from ``config.model``.
 
     A preset gets ``config.model.overrides`` (``vocab_size=0`` = grow to the tokenizer's vocabulary)
-    and is initialised by the train loop with ``config.seed``; a directory is loaded.
+    and is initialised by the train loop with ``config.seed``; a directory is loaded. ``dtype`` is the
+    param (master-weight) dtype, ``compute_dtype`` that of activations and matmuls ("" = ``dtype``;
+    float32 + bfloat16 is the usual mixed precision), ``remat`` the decoder layers' rematerialisation
+    policy ("" = none; see ``alignjax.models.config.REMAT_POLICIES``).
     """
     from alignjax import models
 
     path = model_config.path
+    numerics = dict(
+        param_dtype=model_config.dtype,
+        dtype=model_config.get("compute_dtype") or model_config.dtype,
+        remat=model_config.get("remat") or "none",
+    )
     if path in models.PRESETS:
         overrides = {
             k: v for k, v in dict(model_config.get("overrides", {})).items() if v not in (0, "", None)
@@ -57,9 +66,16 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         base = models.PRESETS[path]
         if not overrides.get("vocab_size") and vocab_size > base.vocab_size:
             overrides["vocab_size"] = vocab_size
-        cfg = base.replace(param_dtype=model_config.dtype, dtype=model_config.dtype, **overrides)
+        cfg = base.replace(**numerics, **overrides)
         return models.Model(cfg, mesh=mesh, rules=rules), None
-    model = models.from_pretrained(path, dtype=model_config.dtype, mesh=mesh, rules=rules)
+    model = models.from_pretrained(
+        path,
+        dtype=numerics["param_dtype"],
+        compute_dtype=numerics["dtype"],
+        remat=numerics["remat"],
+        mesh=mesh,
+        rules=rules,
+    )
     return model, model.params
 
 
@@ -272,7 +288,8 @@ def run_train(
         params = model.init(init_rng) if params is None else params
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
         if keep_ref:
-            state["ref_params"] = jax.tree.map(lambda x: x.copy(), params if ref is None else ref)
+            ref_dtype = None if sync_every else model.config.dtype  # see reflib.stored_reference
+            state["ref_params"] = reflib.stored_reference(params if ref is None else ref, ref_dtype)
         if loss_state0 is not None:
             state["loss_state"] = loss_state0
         return state
@@ -328,9 +345,10 @@ def run_train(
         ),
         donate_argnums=(0,),
         out_shardings=(state_shardings, None),
+        compiler_options=logprobs.STRICT_ROUNDING,
     )
     eval_spec = dataclasses.replace(spec, batch_size=config.data.eval_batch_size)
-    eval_fn = jax.jit(objective.make_eval_fn(model, eval_spec))
+    eval_fn = jax.jit(objective.make_eval_fn(model, eval_spec), compiler_options=logprobs.STRICT_ROUNDING)
     eval_batches = [to_global(mesh, h, stacked=False) for h in eval_batches_host]
     beta = float(dict(spec.hyperparameters).get("beta", 1.0))
 
@@ -448,8 +466,6 @@ def _build_cache(
     config: Any, workdir: str, model: Any, spec: Any, ref_params: Any, micro_size: int, num_micro: int
 ) -> reflib.ReferenceCache:
     """Precomputes the reference log-probs of every training micro-batch (resumable)."""
-    from alignjax import logprobs
-
     mesh = model.mesh
     settings = {k: config.data[k] for k in ("source", "tokenizer", "kind", "layout", "max_length")}
     settings.update(
@@ -465,7 +481,7 @@ def _build_cache(
     b = micro_size
     out_sharding = sharding.batch_sharding(mesh, 1)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=logprobs.STRICT_ROUNDING)
     def compute(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         seq, _ = logprobs.batch_sequence_logps(model, params, batch, n)
         seq = jax.lax.with_sharding_constraint(seq, out_sharding)

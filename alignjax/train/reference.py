@@ -26,11 +26,20 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from alignjax.train.step import CACHEABLE, ema_update
 
-__all__ = ["KINDS", "step_reference_mode", "cache_key", "ReferenceCache", "ema_update", "local_rows"]
+__all__ = [
+    "KINDS",
+    "step_reference_mode",
+    "cache_key",
+    "ReferenceCache",
+    "ema_update",
+    "local_rows",
+    "stored_reference",
+]
 
 KINDS = ("frozen", "none", "cache", "ema")
 CHUNK = 64  # micro-batches per cache file
@@ -120,12 +129,20 @@ class ReferenceCache:
         return {n: self._loaded[chunk][n][offset] for n in self.names}
 
 
-def frozen_copy(params: Any) -> Any:
-    """A copy of ``params`` in new buffers with the same shardings (so donating the policy's
-    buffers to the step leaves the reference intact)."""
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params)
+def stored_reference(params: Any, dtype: Any = None) -> Any:
+    """The reference params the train state holds: ``params`` in new buffers (so donating the
+    policy's buffers to the step leaves the reference intact), leaves wider than ``dtype`` cast to it.
 
+    A frozen reference is stored in the model's compute dtype: the forward casts every weight to that
+    dtype before use (``Proj``, ``RMSNorm``, the embedding and the unembedding), so its log-probs are
+    bitwise those of the param-dtype copy, while the state is half the size and the step no longer
+    reads fp32 weights to write bf16 copies of them on every call. An EMA (TR-DPO) reference stays in
+    the param dtype (``dtype=None``): its update adds small steps that bf16 would round away.
+    """
 
-def hard_sync(ref_params: Any, params: Any) -> Any:
-    """alpha = 1 of :func:`ema_update`: the reference becomes the current policy."""
-    return ema_update(ref_params, params, 1.0)
+    def store(x: jax.Array) -> jax.Array:
+        if dtype is None or jnp.dtype(dtype).itemsize >= x.dtype.itemsize:
+            return x.copy()  # an explicit copy: jit forwards an unchanged input buffer to its output
+        return x.astype(dtype)
+
+    return jax.tree.map(store, params)

@@ -2,6 +2,7 @@
 reference cache, summary/plot, and 2-process training equal to 1-process."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -199,3 +200,33 @@ def test_reference_cache_equals_frozen_reference(tmp_path):
     )
     assert {f: os.path.getmtime(os.path.join(cache_dir, key, f)) for f in files} == mtimes  # built once
     assert frozen["train/loss"] == pytest.approx(cached["train/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("reference", ["frozen", "cache"])
+def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, reference):
+    """fp32 master weights + bf16 compute: the frozen reference is stored in bf16, and the policy and
+    reference forwards (one program, or the cache's own program) round alike, so step 1 is DPO at
+    the reference exactly -- loss log 2, margins 0 -- as in PyTorch (it was 0.6917 with XLA's default
+    excess precision, see logprobs.STRICT_ROUNDING)."""
+    import jax
+    import jax.numpy as jnp
+
+    from alignjax.train.loop import run_train
+
+    config = _inprocess_config(
+        train__num_steps=1,
+        model__compute_dtype="bfloat16",
+        model__remat="full",
+        reference__kind=reference,
+        reference__cache_dir=str(tmp_path / "cache"),
+    )
+    config.model.overrides.update(hidden_size=64, num_layers=2, intermediate_size=128)
+    summary = run_train(config, str(tmp_path / "run"))
+    assert (summary["_model"].config.dtype, summary["_model"].config.remat) == ("bfloat16", "full")
+    state = summary["_state"]
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    if reference == "frozen":
+        assert {x.dtype for x in jax.tree.leaves(state["ref_params"])} == {jnp.dtype(jnp.bfloat16)}
+    first = next(r for r in _steps(str(tmp_path / "run")) if "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2.0), rel=0, abs=1e-7)
+    assert first["rewards/margins"] == 0.0 and first["rewards/chosen"] == 0.0
