@@ -6,7 +6,8 @@ and train on the same batch with the same optimizer (AdamW, clip 1.0, sigmoid DP
 script checks that their first-step losses agree before it times anything. Steps are timed after a
 warm-up, interleaved round-robin, in one process (see ``bench/common.py``). Groups (``--groups``):
 
-* ``main``: alignjax vs PyTorch, with the reference forward and with precomputed reference log-probs;
+* ``main``: alignjax vs PyTorch, with the reference forward and with precomputed reference log-probs
+  (``--variants`` adds alignjax rows with other step settings or XLA options, e.g. ``excess-precision``);
 * ``shared``: padded vs shared-prompt layout (the prompt computed once per pair);
 * ``packing``: padded vs packed layout on length-skewed data (padded share reported);
 * ``chunked``: dense vs vocabulary-chunked log-probs at a 128k vocabulary (``--chunk-pairs`` pairs);
@@ -33,7 +34,30 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignjax import logprobs  # noqa: E402
 from bench import common as bc  # noqa: E402
+
+# Named A/B variants of alignjax's step (``--variants``): ``bench.common.JaxDPO`` keyword arguments.
+VARIANTS: dict[str, dict[str, Any]] = {
+    # XLA's default rounding (excess precision allowed) instead of logprobs.STRICT_ROUNDING
+    "excess-precision": dict(compiler_options={}),
+    # the frozen reference stored in the param dtype (fp32) instead of the compute dtype
+    "fp32-reference": dict(ref_dtype="param"),
+}
+
+
+def variant_options(variant: str) -> dict[str, Any]:
+    """``--variants`` entry -> ``JaxDPO`` keyword arguments (``xla:a=1+b=false`` adds XLA options)."""
+    if variant in VARIANTS:
+        return VARIANTS[variant]
+    if not variant.startswith("xla:"):
+        raise ValueError(f"--variants: unknown {variant!r}; choose from {list(VARIANTS)} or xla:FLAG=VALUE")
+    options = dict(logprobs.STRICT_ROUNDING)
+    for item in variant[4:].split("+"):
+        key, _, value = item.partition("=")
+        parsed = int(value) if value.isdigit() else value
+        options[key] = {"true": True, "false": False}.get(value.lower(), parsed)
+    return dict(compiler_options=options)
 
 
 def rss_peak_during(fn: Any) -> float:
@@ -257,13 +281,11 @@ class Bench:
             runners["alignjax cached-ref"], meta["alignjax cached-ref"] = self.jax_runner(
                 m, host, "batch", vocab_chunk=a.vocab_chunk
             )
-        if a.compare_attention:  # what-if: the model's attention core swapped for a fused kernel
-            name = f"alignjax attn={a.compare_attention}"
-            bc.use_fused_attention(a.compare_attention)
-            try:
-                runners[name], meta[name] = self.jax_runner(m, host, "model", vocab_chunk=a.vocab_chunk)
-            finally:
-                bc.use_fused_attention(None)
+        for variant in filter(None, a.variants.split(",")):  # A/B of the step's own settings
+            name = f"alignjax {variant}"
+            runners[name], meta[name] = self.jax_runner(
+                m, host, "model", vocab_chunk=a.vocab_chunk, **variant_options(variant)
+            )
         try:
             if not a.no_torch:
                 source = self.torch_source(m)
@@ -282,11 +304,13 @@ class Bench:
             # Same weights, same batch: the first steps' losses (policy = reference: log 2) and
             # gradient norms must agree, or the timings compare different computations.
             jv, tv = meta["alignjax"]["first"], meta["pytorch"]["first"]
-            print("first-step check (loss, grad_norm):", json.dumps(dict(alignjax=jv, pytorch=tv)))
+            firsts = {name: m["first"] for name, m in meta.items() if m.get("first")}
+            print("first-step check (loss, grad_norm):", json.dumps(dict(firsts, pytorch=tv)))
             tol = 1e-4 if compute is None else 3e-2
             if abs(jv["grad_norm"] - tv["grad_norm"]) > tol * jv["grad_norm"]:
                 print(f"WARNING: first-step gradient norms differ by more than {tol:g} (relative)")
         self.time_group("main", runners, meta, "pytorch" if not a.no_torch else "alignjax")
+        self.main_runner = runners["alignjax"]  # kept for the GPU script's profile; the rest are freed
 
     def group_shared(self) -> None:
         a = self.args
@@ -364,10 +388,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cached-torch", action="store_true", help="main group: skip PyTorch cached-ref")
     ap.add_argument("--no-cached-jax", action="store_true", help="main group: skip alignjax cached-ref")
     ap.add_argument(
-        "--compare-attention",
-        choices=("xla", "cudnn"),
-        default=None,
-        help="main group: add alignjax with jax.nn.dot_product_attention (what-if, padded only)",
+        "--variants",
+        default="",
+        help="main group: extra alignjax rows, comma-separated: " + ", ".join(VARIANTS) + ", or "
+        "xla:FLAG=VALUE[+FLAG=VALUE] (XLA compiler options added to the step's own)",
     )
     ap.add_argument("--overrides", default="", help='JSON ModelConfig fields, e.g. {"num_layers": 2}')
     ap.add_argument(

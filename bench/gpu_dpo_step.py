@@ -2,12 +2,14 @@
 
 alignjax's jitted step (fp32 master weights, bf16 compute, reference forward) and, where PyTorch
 with CUDA is importable, the PyTorch/TRL step beside it (``torch.autocast(bfloat16)``, fused AdamW,
-SDPA attention) on the same weights and batch, interleaved in one process; then, time permitting,
-a per-component timing of the alignjax side (forward to hidden states, forward to log-probs,
-forward+backward) that says where the step time goes. The JAX side uses no CUDA-specific call and
+SDPA attention) on the same weights and batch, interleaved in one process; then a kernel-level
+profile of the alignjax step (``jax.profiler`` trace: device time by kernel category, top kernels)
+and, time permitting, a per-component timing (forward to hidden states, forward to log-probs,
+forward+backward): together they say where the step time goes. The JAX side uses no CUDA-specific call and
 runs unchanged on TPU (PyTorch is then skipped). Results: stdout and ``--out``/gpu_dpo_step.json.
 
     python3 bench/gpu_dpo_step.py --out=$OUT                 # GPU machine, about 3-5 minutes
+    python3 bench/gpu_dpo_step.py --out=$OUT --variants=excess-precision,fp32-reference
     .venv/bin/python bench/gpu_dpo_step.py --smoke            # CPU: the same code on a 2-layer model
 
 Other flags are those of ``bench/dpo_step.py`` (``--pairs``, ``--remat``, ``--vocab-chunk``, ...).
@@ -72,6 +74,79 @@ def timed(fn: Any, *args: Any, repeats: int = 3) -> float:
     return float(np.median(out))
 
 
+# Device-kernel categories of the profile, matched in order on the lower-cased kernel name.
+KERNEL_CATEGORIES = (
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+    ("matmul (cuBLAS/cutlass/triton gemm)", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("copy/transpose fusions", ("copy", "transpose")),
+    ("reduction fusions", ("reduce", "input_")),
+)
+
+
+def kernel_summary(trace_path: str, steps: int) -> dict[str, Any]:
+    """Device time per step by kernel category and the top kernels, from a ``jax.profiler`` perfetto
+    trace: ``X`` events of the processes named like a device (``/device:GPU:0``, TPU), per step.
+    ``busy`` sums kernel durations, ``span`` is first start to last end (busy < span: idle gaps)."""
+    import gzip
+    from collections import Counter
+
+    with gzip.open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    meta = [e for e in events if e.get("ph") == "M" and e["name"] == "process_name"]
+    names = {e["pid"]: e["args"]["name"] for e in meta}
+    device = {pid for pid, n in names.items() if "device:" in n.lower() and "host" not in n.lower()}
+    kernels = [e for e in events if e.get("ph") == "X" and e["pid"] in device]
+    if not kernels:  # XLA:CPU (the smoke run): its thunks, which name the HLO op they run
+        kernels = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    total, count, by_cat = Counter(), Counter(), Counter()
+    for e in kernels:
+        total[e["name"]] += e["dur"] / 1e3 / steps
+        count[e["name"]] += 1
+    for name, ms in total.items():
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other fusions")
+        by_cat[cat] += ms
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e3 / steps
+    return dict(
+        device_processes=[names[p] for p in device],
+        kernels_per_step=len(kernels) / steps,
+        busy_ms_per_step=sum(total.values()),
+        span_ms_per_step=span,
+        categories_ms=dict(by_cat.most_common()),
+        top_kernels=[(n, round(ms, 3), count[n] // steps) for n, ms in total.most_common(40)],
+    )
+
+
+def profile(bench: dpo_step.Bench, out: str, steps: int = 2) -> dict[str, Any]:
+    """A ``jax.profiler`` trace of ``steps`` alignjax steps, summarised by :func:`kernel_summary`;
+    the trace (``trace.json.gz``) and the step's optimised HLO (``step_hlo.txt.gz``, for mapping kernel
+    names to the model's ops) are written to ``out``."""
+    import glob
+    import gzip
+    import shutil
+    import tempfile
+
+    runner = bench.main_runner
+    with gzip.open(os.path.join(out, "step_hlo.txt.gz"), "wt") as f:
+        f.write(runner.compiled.as_text())
+    runner.step()
+    runner.sync()
+    directory = tempfile.mkdtemp(prefix="dpo_trace_")
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(steps):
+            runner.step()
+        runner.sync()
+    (path,) = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
+    if os.path.getsize(path) < 15 * 2**20:
+        shutil.copy(path, os.path.join(out, "trace.json.gz"))
+    summary = kernel_summary(path, steps)
+    print("kernel profile per step: " + json.dumps({k: v for k, v in summary.items() if k != "top_kernels"}))
+    for name, ms, n in summary["top_kernels"][:25]:
+        print(f"  {ms:8.3f} ms  x{n:<4d} {name[:110]}")
+    return summary
+
+
 def components(bench: dpo_step.Bench, step_s: float) -> dict[str, float]:
     """Where the alignjax step's time goes: forward to hidden states, forward to per-sequence
     log-probs (the difference is the unembedding matmul + log-softmax), forward+backward of the
@@ -124,7 +199,8 @@ def main() -> None:
     )
     ap.add_argument("--smoke", action="store_true", help="tiny 2-layer llama3-1b-shaped model (CPU check)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-component timing")
+    ap.add_argument("--trace-steps", type=int, default=2, help="steps in the kernel profile (0 = none)")
     ap.add_argument("--profile-grace-s", type=float, default=60.0)
     args = ap.parse_args()
     if args.smoke:
@@ -187,6 +263,14 @@ def main() -> None:
         )
     else:
         print("PyTorch baseline could not run here (no torch with this accelerator)")
+    if args.trace_steps:
+        try:
+            report["kernels"] = profile(bench, args.out, args.trace_steps)
+        except Exception:  # noqa: BLE001  (the timings above stand without it)
+            import traceback
+
+            report["profile_error"] = traceback.format_exc()
+            print(report["profile_error"], flush=True)
     if not args.no_profile:
         import gc
 

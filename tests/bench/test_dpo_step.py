@@ -107,32 +107,3 @@ def test_flop_accounting(setup):
         bc.layout_batch(examples, "padded", max_length=16)
     )
     assert bc.sequence_tokens(shared) == 2 * 2 * (p + 10)
-
-
-def test_fused_attention_what_if_equals_model_attention():
-    """``use_fused_attention("xla")`` (the bench's what-if for a fused attention kernel) gives the
-    model's logits on right-padded rows at every real token, and ``None`` restores the model."""
-    import jax.numpy as jnp
-
-    from alignjax.models import PRESETS, Model
-
-    model = Model(PRESETS["tiny"])
-    params = model.init(jax.random.PRNGKey(3))
-    examples = bc.synthetic_pairs(
-        4, prompt_length=8, completion_length=8, vocab_size=256, seed=2, skew=True, max_length=16
-    )
-    host = bc.layout_batch(examples, "padded", max_length=16)
-    ids = jnp.asarray(host["input_ids"])
-    real = host["segment_ids"] > 0
-    assert not real.all()  # the rows really are padded
-    want = np.asarray(jax.jit(model.apply)(params, ids, segment_ids=jnp.asarray(host["segment_ids"])))
-    bc.use_fused_attention("xla")
-    try:
-        fused = Model(PRESETS["tiny"])
-        got = np.asarray(jax.jit(fused.apply)(params, ids, segment_ids=jnp.asarray(host["segment_ids"])))
-    finally:
-        bc.use_fused_attention(None)
-    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
-    from alignjax.models import transformer
-
-    assert transformer.Attention is transformer._bench_original_attention
