@@ -7,7 +7,7 @@ script checks that their first-step losses agree before it times anything. Steps
 warm-up, interleaved round-robin, in one process (see ``bench/common.py``). Groups (``--groups``):
 
 * ``main``: alignjax vs PyTorch, with the reference forward and with precomputed reference log-probs
-  (``--variants`` adds alignjax rows with other step settings or XLA options, e.g. ``excess-precision``);
+  then (``--variants``) alignjax's step with other settings or XLA options against its default;
 * ``shared``: padded vs shared-prompt layout (the prompt computed once per pair);
 * ``packing``: padded vs packed layout on length-skewed data (padded share reported);
 * ``chunked``: dense vs vocabulary-chunked log-probs at a 128k vocabulary (``--chunk-pairs`` pairs);
@@ -246,6 +246,8 @@ class Bench:
         groups = a.groups.split(",")
         if "main" in groups:
             self.group_main(host, dtype, compute)
+            if a.variants:
+                self.group_variants(host)
         if "shared" in groups:
             self.group_shared()
         if "packing" in groups:
@@ -281,11 +283,6 @@ class Bench:
             runners["alignjax cached-ref"], meta["alignjax cached-ref"] = self.jax_runner(
                 m, host, "batch", vocab_chunk=a.vocab_chunk
             )
-        for variant in filter(None, a.variants.split(",")):  # A/B of the step's own settings
-            name = f"alignjax {variant}"
-            runners[name], meta[name] = self.jax_runner(
-                m, host, "model", vocab_chunk=a.vocab_chunk, **variant_options(variant)
-            )
         try:
             if not a.no_torch:
                 source = self.torch_source(m)
@@ -304,13 +301,34 @@ class Bench:
             # Same weights, same batch: the first steps' losses (policy = reference: log 2) and
             # gradient norms must agree, or the timings compare different computations.
             jv, tv = meta["alignjax"]["first"], meta["pytorch"]["first"]
-            firsts = {name: m["first"] for name, m in meta.items() if m.get("first")}
-            print("first-step check (loss, grad_norm):", json.dumps(dict(firsts, pytorch=tv)))
+            print("first-step check (loss, grad_norm):", json.dumps(dict(alignjax=jv, pytorch=tv)))
             tol = 1e-4 if compute is None else 3e-2
             if abs(jv["grad_norm"] - tv["grad_norm"]) > tol * jv["grad_norm"]:
                 print(f"WARNING: first-step gradient norms differ by more than {tol:g} (relative)")
         self.time_group("main", runners, meta, "pytorch" if not a.no_torch else "alignjax")
-        self.main_runner = runners["alignjax"]  # kept for the GPU script's profile; the rest are freed
+        # kept for the variants group and the GPU script's profile; the other runners are freed
+        self.main_runner, self.main_meta = runners["alignjax"], meta["alignjax"]
+
+    def group_variants(self, host: dict) -> None:
+        """alignjax's step with other settings (``--variants``) against its default, after the main
+        group has freed the PyTorch runners (on a GPU the two frameworks share the device memory)."""
+        a = self.args
+        if a.torch_device.startswith("cuda"):
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        runners, meta = {"alignjax": self.main_runner}, {"alignjax": self.main_meta}
+        for variant in filter(None, a.variants.split(",")):
+            name = f"alignjax {variant}"
+            runners[name], meta[name] = self.jax_runner(
+                self.main_model, host, "model", vocab_chunk=a.vocab_chunk, **variant_options(variant)
+            )
+        firsts = {name: m["first"] for name, m in meta.items()}
+        print("first-step values (loss, grad_norm):", json.dumps(firsts))
+        self.time_group("variants", runners, meta, "alignjax")
 
     def group_shared(self) -> None:
         a = self.args
@@ -390,7 +408,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--variants",
         default="",
-        help="main group: extra alignjax rows, comma-separated: " + ", ".join(VARIANTS) + ", or "
+        help="alignjax's step with other settings, timed against its default after the main group, "
+        "comma-separated: " + ", ".join(VARIANTS) + ", or "
         "xla:FLAG=VALUE[+FLAG=VALUE] (XLA compiler options added to the step's own)",
     )
     ap.add_argument("--overrides", default="", help='JSON ModelConfig fields, e.g. {"num_layers": 2}')

@@ -29,8 +29,10 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from alignjax import logprobs  # noqa: E402
 from bench import common as bc  # noqa: E402
 from bench import dpo_step  # noqa: E402
 
@@ -147,6 +149,48 @@ def profile(bench: dpo_step.Bench, out: str, steps: int = 2) -> dict[str, Any]:
     return summary
 
 
+def numerics(bench: dpo_step.Bench, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per-sequence log-probs of the benchmark batch at the initial params, as the train step computes
+    them: the policy forward (under ``grad``) and the reference forward (the bf16-stored reference)
+    in one program, compiled with each entry of ``options`` (XLA compiler options); and the fp32
+    forward of the same params (compute dtype fp32), the yardstick for both."""
+    from alignjax import logprobs
+    from alignjax.models import Model
+    from alignjax.train.reference import stored_reference
+
+    m, host = bench.main_model, bench.host
+    mesh = bc.sharding.make_mesh({"data": -1})
+    batch = bc.place(mesh, {k: v for k, v in host.items() if k != "label"}, stacked=False)
+    n = 2 * len(host["chosen_lengths"])
+    ref_params = jax.jit(lambda p: stored_reference(p, m.config.dtype))(m.params)
+
+    def seq_logps(model: Any, params: Any) -> jax.Array:
+        return logprobs.batch_sequence_logps(model, params, batch, n)[0]
+
+    def policy_and_reference(params: Any, ref: Any) -> tuple[jax.Array, jax.Array]:
+        def objective(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            policy, reference = seq_logps(m, p), jax.lax.stop_gradient(seq_logps(m, ref))
+            return jnp.sum(policy - reference), (policy, reference)
+
+        return jax.grad(objective, has_aux=True)(params)[1]
+
+    m32 = Model(m.config.replace(dtype="float32"), mesh=m.mesh)
+    exact = np.asarray(jax.jit(lambda p: seq_logps(m32, p))(m.params), np.float64)
+    out: dict[str, Any] = {"fp32": exact.tolist()}
+    for name, opts in options.items():
+        fn = jax.jit(policy_and_reference, compiler_options=opts)
+        policy, reference = (np.asarray(x, np.float64) for x in fn(m.params, ref_params))
+        out[name] = dict(
+            policy=policy.tolist(),
+            reference=reference.tolist(),
+            policy_minus_reference=(policy - reference).tolist(),
+            policy_minus_fp32=(policy - exact).tolist(),
+            reference_minus_fp32=(reference - exact).tolist(),
+        )
+        print(f"  log-probs {name}: " + json.dumps(out[name]), flush=True)
+    return out
+
+
 def components(bench: dpo_step.Bench, step_s: float) -> dict[str, float]:
     """Where the alignjax step's time goes: forward to hidden states, forward to per-sequence
     log-probs (the difference is the unembedding matmul + log-softmax), forward+backward of the
@@ -201,6 +245,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-profile", action="store_true", help="skip the per-component timing")
     ap.add_argument("--trace-steps", type=int, default=2, help="steps in the kernel profile (0 = none)")
+    ap.add_argument("--numerics", action="store_true", help="policy / reference / fp32 log-probs")
+    ap.add_argument(
+        "--numerics-xla", default="", help="extra XLA options probed, e.g. xla_gpu_autotune_level=0"
+    )
     ap.add_argument("--profile-grace-s", type=float, default=60.0)
     args = ap.parse_args()
     if args.smoke:
@@ -263,6 +311,18 @@ def main() -> None:
         )
     else:
         print("PyTorch baseline could not run here (no torch with this accelerator)")
+    if args.numerics:
+        print("log-probs at the initial params (policy under grad, bf16 reference, fp32):", flush=True)
+        probes = {"strict": logprobs.STRICT_ROUNDING, "xla-default": {}}
+        probes.update(
+            {
+                f"strict+{o}": dict(
+                    logprobs.STRICT_ROUNDING, **dpo_step.variant_options(f"xla:{o}")["compiler_options"]
+                )
+                for o in filter(None, args.numerics_xla.split(","))
+            }
+        )
+        report["numerics"] = numerics(bench, probes)
     if args.trace_steps:
         try:
             report["kernels"] = profile(bench, args.out, args.trace_steps)
