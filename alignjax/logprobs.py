@@ -31,6 +31,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.models.transformer import mixed_precision_logits
+
 __all__ = [
     "token_logps",
     "next_token_logps",
@@ -148,7 +150,7 @@ def _vocab_scan_logps(
         nominal_start = index * vocab_chunk
         start = jnp.minimum(nominal_start, shard_vocab - vocab_chunk)
         w_chunk = jax.lax.dynamic_slice_in_dim(unembedding_DxSxC, start, vocab_chunk, axis=2)
-        z = jnp.einsum("nd,dsc->nsc", hidden_NxD, w_chunk, preferred_element_type=jnp.float32)
+        z = mixed_precision_logits(hidden_NxD, w_chunk)  # [N, S, chunk] fp32
         local = start + jnp.arange(vocab_chunk)  # [chunk] column within the shard
         fresh = local >= nominal_start  # drops the overlap of a clamped last chunk
         z = jnp.where(fresh, z, -jnp.inf)
@@ -186,7 +188,7 @@ def _vocab_scan_logps_unsharded(
         nominal_start = index * vocab_chunk
         start = jnp.minimum(nominal_start, vocab - vocab_chunk)
         w_chunk = jax.lax.dynamic_slice_in_dim(unembedding_DxV, start, vocab_chunk, axis=1)
-        z = jnp.dot(hidden_NxD, w_chunk, preferred_element_type=jnp.float32)  # [N, chunk] fp32
+        z = mixed_precision_logits(hidden_NxD, w_chunk)  # [N, chunk] fp32
         columns = start + jnp.arange(vocab_chunk)
         fresh = columns >= nominal_start  # drops the overlap of a clamped last chunk
         z = jnp.where(fresh[None, :], z, -jnp.inf)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignjax.models.config import ModelConfig
-from alignjax.models.transformer import Decoder, dense, fit_spec
+from alignjax.models.transformer import Decoder, dense, fit_spec, mixed_precision_logits
 from alignjax.sharding import rules_from_config, tree_shardings
 
 Array = jax.Array
@@ -130,14 +130,14 @@ class Model:
 
     def logits_from_hidden(self, params: Params, hidden: Array) -> Array:
         """hidden [B, T, D] @ unembedding [D, V] -> float32 logits [B, T, V]."""
-        w = self.unembedding(params).astype(hidden.dtype)
+        w = self.unembedding(params)
         if hidden.dtype == jnp.float32:
             # Why ``dense``: with a plain einsum XLA:CPU computes dW = h^T dlogits with the [B T, V]
             # logits cotangent transposed, a strided copy of the step's largest array;
             # ``dense``'s CPU gradient transposes the small h instead (docs/benchmarks.md).
-            logits = dense(hidden, w, 1)
-        else:  # bf16/fp16 compute: fp32 accumulation into fp32 logits
-            logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+            logits = dense(hidden, w.astype(jnp.float32), 1)
+        else:  # bf16/fp16 compute: fp32 logits, and a backward in the compute dtype
+            logits = mixed_precision_logits(hidden, w)
         if self.mesh is not None:
             spec = fit_spec(logits.shape, ("batch", "length", "act_vocab"), self.mesh, self.rules)
             logits = jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh, spec))

@@ -206,6 +206,38 @@ def dense(x: Array, kernel: Array, n_in: int) -> Array:
     return y.reshape(*lead, *out)
 
 
+@jax.custom_vjp
+def mixed_precision_logits(hidden: Array, kernel: Array) -> Array:
+    """hidden [..., D] @ kernel [D, *V] -> fp32 logits, with the matmuls in ``hidden.dtype``.
+
+    The kernel is cast to the compute dtype (``hidden.dtype``) and products accumulate in fp32 into
+    fp32 logits. The backward casts the fp32 logits cotangent to the compute dtype before its two
+    matmuls (as under ``torch.autocast``, where the cotangent of ``logits.float()`` reaches the bf16
+    matmul backward in bf16) and returns the kernel gradient from the fp32 accumulator in the kernel's
+    own dtype. Why: XLA's transpose rule keeps the cotangent in fp32, so with bf16 compute dh and dW
+    ran as two fp32 (TF32) ``[B T, V]`` gemms -- 14.5 of the 105 ms of the llama3-1b DPO step on an
+    H200 (docs/benchmarks.md). fp32 ``hidden``: the plain fp32 matmul and its usual gradient.
+    """
+    return jnp.tensordot(hidden, kernel.astype(hidden.dtype), axes=1, preferred_element_type=jnp.float32)
+
+
+def _mixed_precision_logits_fwd(hidden: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+    return mixed_precision_logits(hidden, kernel), (hidden, kernel)
+
+
+def _mixed_precision_logits_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    hidden, kernel = res
+    g = g.astype(hidden.dtype)
+    lead, out = tuple(range(hidden.ndim - 1)), tuple(range(hidden.ndim - 1, g.ndim))
+    w = kernel.astype(hidden.dtype)
+    dh = jnp.tensordot(g, w, axes=(out, tuple(range(1, kernel.ndim))), preferred_element_type=jnp.float32)
+    dk = jnp.tensordot(hidden, g, axes=(lead, lead), preferred_element_type=jnp.float32)
+    return dh.astype(hidden.dtype), dk.astype(kernel.dtype)
+
+
+mixed_precision_logits.defvjp(_mixed_precision_logits_fwd, _mixed_precision_logits_bwd)
+
+
 def _init(axes: tuple[str | None, ...], init: Any = None) -> Any:
     return nn.with_logical_partitioning(init or nn.initializers.normal(0.02), axes)
 

@@ -58,3 +58,73 @@ def test_dense_values_and_gradients_equal_tensordot(n_in):
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     np.testing.assert_allclose(gx1, gx2, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw1, gw2, rtol=1e-5, atol=1e-5)
+
+
+def _bf16(a):
+    """bf16-rounded values as float64 (what a bf16 matmul multiplies)."""
+    return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("kernel_shape", [(16, 40), (16, 2, 20)])
+def test_mixed_precision_logits_values_and_gradients_match_numpy(kernel_shape):
+    """bf16 hidden @ fp32 kernel: fp32 logits of the bf16-rounded operands; the backward rounds the
+    logits cotangent to bf16, returns dh in bf16 and dW (fp32 kernel) from the fp32 accumulator."""
+    rng = np.random.default_rng(2)
+    hidden = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape) * 0.3, jnp.float32)
+    g = rng.normal(size=(3, 5, *kernel_shape[1:])).astype(np.float32)
+    logits, vjp = jax.vjp(transformer.mixed_precision_logits, hidden, kernel)
+    dh, dk = vjp(jnp.asarray(g))
+    h64, k64, g64 = _bf16(hidden), _bf16(kernel), _bf16(g)
+    assert logits.dtype == jnp.float32 and dh.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), np.tensordot(h64, k64, axes=1), rtol=1e-5, atol=1e-5)
+    want_dh = np.tensordot(g64, k64, axes=(range(2, g.ndim), range(1, k64.ndim)))
+    np.testing.assert_allclose(np.asarray(dh, np.float64), want_dh, rtol=1e-2, atol=1e-2)  # bf16 output
+    want_dk = np.tensordot(h64, g64, axes=([0, 1], [0, 1]))
+    np.testing.assert_allclose(np.asarray(dk), want_dk, rtol=1e-5, atol=1e-5)
+    # fp32 hidden: exactly the fp32 matmul and its ordinary gradient
+    h32 = hidden.astype(jnp.float32)
+    ours = jax.vjp(transformer.mixed_precision_logits, h32, kernel)
+    plain = jax.vjp(lambda h, k: jnp.tensordot(h, k, axes=1), h32, kernel)
+    np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
+    for a, b in zip(ours[1](jnp.asarray(g)), plain[1](jnp.asarray(g))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_log_prob_gradient_has_no_fp32_vocabulary_matmul():
+    """The performance property behind ``mixed_precision_logits``: with bf16 compute and fp32 master
+    weights, no vocabulary-sized matmul of the log-prob gradient (dense or vocabulary-chunked) runs
+    on fp32 operands. (The CPU/TPU attention core, ``jax.nn.dot_product_attention``'s XLA path, does
+    its T x T backward on fp32 scores; that is JAX's, and GPU runs cuDNN.)"""
+    from jax.extend.core import jaxprs_in_params
+
+    from alignjax import logprobs
+    from alignjax.models import PRESETS, Model
+
+    vocab, chunk = 200, 40  # sizes no other dimension of the model has
+    model = Model(PRESETS["tiny"].replace(param_dtype="float32", dtype="bfloat16", vocab_size=vocab))
+    params = model.init(jax.random.PRNGKey(0))
+    ids = jnp.ones((2, 8), jnp.int32)
+    batch = dict(
+        input_ids=ids,
+        segment_ids=jnp.ones_like(ids),
+        positions=jnp.broadcast_to(jnp.arange(8), (2, 8)),
+        loss_mask=jnp.ones((2, 8), jnp.float32),
+        example_ids=jnp.asarray([[0] * 8, [1] * 8]),
+    )
+
+    def vocabulary_dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes = [v.aval.shape for v in eqn.invars]
+            if eqn.primitive.name == "dot_general" and any({vocab, chunk} & set(s) for s in shapes):
+                yield tuple(str(v.aval.dtype) for v in eqn.invars)
+            for sub in jaxprs_in_params(eqn.params):
+                yield from vocabulary_dots(sub)
+
+    for vocab_chunk in (None, chunk):
+        fn = jax.grad(
+            lambda p: logprobs.batch_sequence_logps(model, p, batch, 2, vocab_chunk=vocab_chunk)[0].sum()
+        )
+        dtypes = list(vocabulary_dots(jax.make_jaxpr(fn)(params).jaxpr))
+        # forward, dh and dW of the head (the chunked path: inside its scan, once each)
+        assert len(dtypes) >= 3 and set(dtypes) == {("bfloat16", "bfloat16")}, (vocab_chunk, dtypes)
