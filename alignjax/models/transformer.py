@@ -218,7 +218,14 @@ def mixed_precision_logits(hidden: Array, kernel: Array) -> Array:
     ran as two fp32 (TF32) ``[B T, V]`` gemms -- 14.5 of the 105 ms of the llama3-1b DPO step on an
     H200 (docs/benchmarks.md). fp32 ``hidden``: the plain fp32 matmul and its usual gradient.
     """
-    return jnp.tensordot(hidden, kernel.astype(hidden.dtype), axes=1, preferred_element_type=jnp.float32)
+    h, w = _as_matrices(hidden, kernel)
+    logits = jnp.dot(h, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(*hidden.shape[:-1], *kernel.shape[1:])
+
+
+def _as_matrices(hidden: Array, kernel: Array) -> tuple[Array, Array]:
+    """[N, D] and [D, V] views: plain 2-D matmuls (XLA:CPU runs bf16 x bf16 -> f32 dots only so)."""
+    return hidden.reshape(-1, hidden.shape[-1]), kernel.reshape(kernel.shape[0], -1)
 
 
 def _mixed_precision_logits_fwd(hidden: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
@@ -227,12 +234,11 @@ def _mixed_precision_logits_fwd(hidden: Array, kernel: Array) -> tuple[Array, tu
 
 def _mixed_precision_logits_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     hidden, kernel = res
-    g = g.astype(hidden.dtype)
-    lead, out = tuple(range(hidden.ndim - 1)), tuple(range(hidden.ndim - 1, g.ndim))
-    w = kernel.astype(hidden.dtype)
-    dh = jnp.tensordot(g, w, axes=(out, tuple(range(1, kernel.ndim))), preferred_element_type=jnp.float32)
-    dk = jnp.tensordot(hidden, g, axes=(lead, lead), preferred_element_type=jnp.float32)
-    return dh.astype(hidden.dtype), dk.astype(kernel.dtype)
+    h, w = _as_matrices(hidden, kernel)
+    g = g.reshape(h.shape[0], w.shape[1]).astype(hidden.dtype)
+    dh = jnp.dot(g, w.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
+    dw = jnp.dot(h.T, g, preferred_element_type=jnp.float32)
+    return dh.astype(hidden.dtype).reshape(hidden.shape), dw.astype(kernel.dtype).reshape(kernel.shape)
 
 
 mixed_precision_logits.defvjp(_mixed_precision_logits_fwd, _mixed_precision_logits_bwd)
