@@ -123,7 +123,7 @@ def test_bf16_log_prob_gradient_has_no_fp32_vocabulary_matmul():
 
     for vocab_chunk in (None, chunk):
         fn = jax.grad(
-            lambda p: logprobs.batch_sequence_logps(model, p, batch, 2, vocab_chunk=vocab_chunk)[0].sum()
+            lambda p, c=vocab_chunk: logprobs.batch_sequence_logps(model, p, batch, 2, vocab_chunk=c)[0].sum()
         )
         dtypes = list(vocabulary_dots(jax.make_jaxpr(fn)(params).jaxpr))
         # forward, dh and dW of the head (the chunked path: inside its scan, once each)
