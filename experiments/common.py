@@ -62,8 +62,9 @@ def base_config() -> ConfigDict:
 
     # path: a preset name or an HF checkpoint directory. dtype: the param (master-weight) dtype;
     # compute_dtype: activations and matmuls ("" = dtype; float32 + bfloat16 is mixed precision);
-    # remat: none | full | dots | dots_no_batch ("" = none), per decoder layer.
-    c.model = ConfigDict(dict(path="tiny", dtype="float32", compute_dtype="", remat=""))
+    # remat: none | full | dots | dots_no_batch ("" = none), per decoder layer. attention_kernel:
+    # auto | xla | splash ("" = auto: cuDNN flash attention on GPUs, Pallas splash on TPUs).
+    c.model = ConfigDict(dict(path="tiny", dtype="float32", compute_dtype="", remat="", attention_kernel=""))
     # ModelConfig fields replacing the preset's (presets only), e.g. vocab_size, hidden_size; vocab_size
     # 0 = the tokenizer's vocabulary when that is larger than the preset's.
     c.model.overrides = ConfigDict(

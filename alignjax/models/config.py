@@ -8,6 +8,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_KERNELS = ("auto", "xla", "splash")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -35,7 +36,10 @@ class ModelConfig:
     Llama/Qwen3 with ``attention_bias``). ``qk_norm`` is Qwen3's per-head RMSNorm on q and k before
     RoPE. ``sliding_window`` (Mistral v0.1) limits attention to the last ``sliding_window``
     positions; ``None`` means full attention. ``dtype`` is the compute dtype, ``param_dtype`` the
-    storage dtype. ``remat`` is one of ``REMAT_POLICIES`` (per decoder layer).
+    storage dtype. ``remat`` is one of ``REMAT_POLICIES`` (per decoder layer). ``attention_kernel``
+    (training forward; decoding always uses XLA's): ``"auto"`` takes cuDNN flash attention on GPUs and
+    the Pallas splash kernel on TPUs where they apply, else XLA's; ``"xla"`` always XLA's;
+    ``"splash"`` the splash kernel wherever it applies (interpret mode off TPU: for tests).
     """
 
     model_type: str = "llama"
@@ -58,6 +62,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -74,6 +79,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; choose one of {list(REMAT_POLICIES)}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"ModelConfig.attention_kernel={self.attention_kernel!r}; "
+                f"choose one of {list(ATTENTION_KERNELS)}"
+            )
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(

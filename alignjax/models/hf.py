@@ -225,12 +225,16 @@ def from_pretrained(
     rules: Any = None,
     compute_dtype: str | None = None,
     remat: str | None = None,
+    attention_kernel: str | None = None,
 ) -> Model:
     """A ``Model`` with ``.params`` loaded from an HF checkpoint directory, or a preset with random
-    params (seed 0). ``dtype`` is the param dtype (and compute dtype unless ``compute_dtype``)."""
+    params (seed 0). ``dtype`` is the param dtype (and compute dtype unless ``compute_dtype``);
+    ``remat`` and ``attention_kernel`` set those ``ModelConfig`` fields."""
     overrides: dict[str, Any] = {"param_dtype": dtype, "dtype": compute_dtype or dtype}
     if remat is not None:
         overrides["remat"] = remat
+    if attention_kernel is not None:
+        overrides["attention_kernel"] = attention_kernel
     if path_or_preset in PRESETS:
         model = Model(PRESETS[path_or_preset].replace(**overrides), mesh=mesh, rules=rules)
         model.params = model.init(jax.random.PRNGKey(0))

@@ -103,9 +103,9 @@ class Model:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
-        if branch_ids is None:
-            branch_ids = jnp.zeros((B, T), jnp.int32)
-        chex.assert_shape([positions, segment_ids, branch_ids], (B, T))
+        chex.assert_shape([positions, segment_ids], (B, T))
+        if branch_ids is not None:  # None reaches the decoder: no branches, known at trace time
+            chex.assert_shape(branch_ids, (B, T))
         return input_ids, positions, segment_ids, branch_ids
 
     def hidden(

@@ -169,6 +169,91 @@ def attention_core(q: Array, k: Array, v: Array, mask: Array, *, implementation:
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
 
+SPLASH_BLOCK = 128  # splash kernel tile (queries and keys); the sequence must be a multiple of it
+
+
+def splash_applicable(
+    shape: tuple[int, int],
+    config: ModelConfig,
+    branched: bool,
+    mesh: Mesh | None,
+    rules: Rules,
+) -> bool:
+    """Whether the training forward of a ``[B, T]`` batch can use :func:`splash_attention`: the
+    kernel expresses "causal within a segment" only (no shared-prompt branches, no sliding window),
+    tiles T by ``SPLASH_BLOCK``, and runs per device on whole sequences and whole query groups (the
+    sequence not sharded; q and kv heads sharded alike). A trace-time decision on static shapes."""
+    if config.attention_kernel == "xla" or branched or config.sliding_window is not None:
+        return False
+    if config.attention_kernel == "auto" and jax.default_backend() != "tpu":
+        return False
+    B, T = shape
+    if T % SPLASH_BLOCK:
+        return False
+    if mesh is None:
+        return True
+    H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
+    q_spec = fit_spec((B, T, H, Dh), ("batch", "length", "act_heads", None), mesh, rules)
+    k_spec = fit_spec((B, T, K, Dh), ("batch", "length", "act_kv_heads", None), mesh, rules)
+    return q_spec[1] is None and q_spec[0] == k_spec[0] and q_spec[2] == k_spec[2]
+
+
+def splash_attention(
+    q: Array, k: Array, v: Array, segment_ids: Array, *, mesh: Mesh | None = None, rules: Rules = ()
+) -> Array:
+    """Causal, segment-masked grouped-query attention with the Pallas splash kernel (TPU flash
+    attention; interpret mode on other backends, where it is only for tests).
+
+    q: [B, T, H, Dh]; k, v: [B, T, K, Dh]; segment_ids [B, T]. allowed(i, j) = j <= i and
+    seg[i] == seg[j]: the rule of :func:`attention_mask` for rows without branches (padding queries,
+    seg 0, attend among themselves: finite outputs that nothing reads). Each kv head serves its H/K
+    query heads through the kernel's multi-query form (no repeated k/v). On a mesh the kernel runs
+    per device under ``shard_map`` (batch and heads split as the activations are; see
+    :func:`splash_applicable`). Returns [B, T, H, Dh] in q's dtype.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    T, Dh = q.shape[1], q.shape[-1]
+    interpret = jax.default_backend() != "tpu"
+    b = SPLASH_BLOCK
+    sizes = splash.BlockSizes(
+        block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
+    )  # fmt: skip
+
+    def local(q: Array, k: Array, v: Array, seg: Array) -> Array:
+        rows, _, heads, _ = q.shape
+        kv_heads = k.shape[2]
+        group = heads // kv_heads
+        mask = masks.MultiHeadMask([masks.CausalMask((T, T))] * group)
+        kernel = splash.make_splash_mqa(
+            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
+        q = (q * (1.0 / math.sqrt(Dh))).reshape(rows, T, kv_heads, group, Dh).transpose(0, 2, 3, 1, 4)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [rows, K, T, Dh]
+
+        def one_row(q, k, v, seg):  # q [K, G, T, Dh]; k, v [K, T, Dh]
+            ids = splash.SegmentIds(q=seg, kv=seg)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+
+        out = jax.vmap(one_row)(q, k, v, seg)  # [rows, K, G, T, Dh]
+        return out.transpose(0, 3, 1, 2, 4).reshape(rows, T, heads, Dh)
+
+    if mesh is None:
+        return local(q, k, v, segment_ids)
+    q_spec = fit_spec(q.shape, ("batch", "length", "act_heads", None), mesh, rules)
+    k_spec = fit_spec(k.shape, ("batch", "length", "act_kv_heads", None), mesh, rules)
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, k_spec, k_spec, PartitionSpec(q_spec[0], None)),
+        out_specs=q_spec,
+        check_vma=False,
+    )
+    return sharded(q, k, v, segment_ids)
+
+
 @jax.custom_vjp
 def _dense_cpu(x: Array, kernel: Array) -> Array:
     """x [..., I] @ kernel [I, O]."""
@@ -299,7 +384,11 @@ class Attention(nn.Module):
     rules: Rules = ()
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None, cache: dict | None):
+    def __call__(
+        self, x: Array, positions: Array, mask: Array | None, cache: dict | None, segment_ids: Array
+    ):
+        """``mask`` (``attention_mask``) for the XLA/cuDNN paths; ``None`` with no cache selects
+        :func:`splash_attention` on ``segment_ids`` (the decoder's ``splash_applicable`` choice)."""
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -337,9 +426,13 @@ class Attention(nn.Module):
                 positions, slots, ones_q, ones_k, zeros_q, zeros_k, positions, slots, cfg.sliding_window
             )
             k, v = k_all.astype(dt), v_all.astype(dt)
-        # Decoding keeps the XLA path: its mask is not the top-left causal one cuDNN's is_causal means.
-        impl = attention_implementation(q, k) if cache is None else "xla"
-        out = attention_core(q, k, v, mask, implementation=impl)
+        if mask is None:
+            out = splash_attention(q, k, v, segment_ids, mesh=self.mesh, rules=self.rules)
+        else:
+            # Decoding keeps the XLA path: its mask is not the top-left causal one cuDNN's is_causal means.
+            auto = cache is None and cfg.attention_kernel == "auto"
+            impl = attention_implementation(q, k) if auto else "xla"
+            out = attention_core(q, k, v, mask, implementation=impl)
         out = constrain(out, ("batch", "length", "act_heads", None), self.mesh, self.rules)
         o = Proj(
             (H, Dh), (D,), ("heads", "head_dim", "embed"), cfg.attention_out_bias, dt, pdt, name="o_proj"
@@ -371,11 +464,14 @@ class DecoderLayer(nn.Module):
     rules: Rules = ()
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None, cache: dict | None):
+    def __call__(
+        self, x: Array, positions: Array, mask: Array | None, cache: dict | None, segment_ids: Array
+    ):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x)
-        attn, new_cache = Attention(cfg, self.mesh, self.rules, name="self_attn")(h, positions, mask, cache)
+        attention = Attention(cfg, self.mesh, self.rules, name="self_attn")
+        attn, new_cache = attention(h, positions, mask, cache, segment_ids)
         x = constrain(x + attn, ("batch", "length", "act_embed"), self.mesh, self.rules)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         x = constrain(
@@ -411,16 +507,21 @@ class Decoder(nn.Module):
         input_ids: Array,
         positions: Array,
         segment_ids: Array,
-        branch_ids: Array,
+        branch_ids: Array | None,
         cache: dict | None = None,
     ):
+        """``branch_ids`` None: no shared-prompt branches (all zero; known at trace time)."""
         cfg = self.config
+        branched = branch_ids is not None
+        if branch_ids is None:
+            branch_ids = jnp.zeros_like(input_ids)
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embedding = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
         x = jnp.take(embedding, input_ids, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
         mask = None
-        if cache is None:
+        splash = cache is None and splash_applicable(input_ids.shape, cfg, branched, self.mesh, self.rules)
+        if cache is None and not splash:
             index = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
             mask = attention_mask(
                 index,
@@ -440,7 +541,8 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             name = f"layers_{i}"
             layer_cache = cache[name] if cache is not None else None
-            x, c = layer_cls(cfg, self.mesh, self.rules, name=name)(x, positions, mask, layer_cache)
+            layer = layer_cls(cfg, self.mesh, self.rules, name=name)
+            x, c = layer(x, positions, mask, layer_cache, segment_ids)
             if cache is not None:
                 new_cache[name] = c
         hidden = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)

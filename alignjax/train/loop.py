@@ -49,7 +49,8 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
     and is initialised by the train loop with ``config.seed``; a directory is loaded. ``dtype`` is the
     param (master-weight) dtype, ``compute_dtype`` that of activations and matmuls ("" = ``dtype``;
     float32 + bfloat16 is the usual mixed precision), ``remat`` the decoder layers' rematerialisation
-    policy ("" = none; see ``alignjax.models.config.REMAT_POLICIES``).
+    policy ("" = none; see ``alignjax.models.config.REMAT_POLICIES``), ``attention_kernel`` the
+    training forward's attention ("" = auto: cuDNN on GPUs, splash on TPUs; ``ModelConfig``).
     """
     from alignjax import models
 
@@ -58,6 +59,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         param_dtype=model_config.dtype,
         dtype=model_config.get("compute_dtype") or model_config.dtype,
         remat=model_config.get("remat") or "none",
+        attention_kernel=model_config.get("attention_kernel") or "auto",
     )
     if path in models.PRESETS:
         overrides = {
@@ -73,6 +75,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         dtype=numerics["param_dtype"],
         compute_dtype=numerics["dtype"],
         remat=numerics["remat"],
+        attention_kernel=numerics["attention_kernel"],
         mesh=mesh,
         rules=rules,
     )

@@ -217,12 +217,14 @@ def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, refe
         train__num_steps=1,
         model__compute_dtype="bfloat16",
         model__remat="full",
+        model__attention_kernel="xla",
         reference__kind=reference,
         reference__cache_dir=str(tmp_path / "cache"),
     )
     config.model.overrides.update(hidden_size=64, num_layers=2, intermediate_size=128)
     summary = run_train(config, str(tmp_path / "run"))
-    assert (summary["_model"].config.dtype, summary["_model"].config.remat) == ("bfloat16", "full")
+    built = summary["_model"].config
+    assert (built.dtype, built.remat, built.attention_kernel) == ("bfloat16", "full", "xla")
     state = summary["_state"]
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
     if reference == "frozen":
