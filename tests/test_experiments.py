@@ -55,4 +55,7 @@ def test_every_config_and_its_runlocal_variant():
     with pytest.raises(ValueError, match="mode='bad'"):
         _config("score", "mode=bad")
     q = _config("quickstart", "rpo=true")
-    assert (q.dpo.loss.nll_weight, q.dpo.loss.beta) == (1.0, 0.5)
+    assert (q.dpo.loss.nll_weight, q.dpo.loss.beta, q.dpo.optim.learning_rate) == (1.0, 2.0, 4e-4)
+    q = _config("quickstart", "rpo=false")
+    assert (q.dpo.loss.nll_weight, q.dpo.loss.beta, q.dpo.optim.learning_rate) == (0.0, 5.0, 1e-4)
+    assert _config("quickstart", "beta=0.5,dpo_lr=1e-4").dpo.loss.beta == 0.5  # the arguments still win

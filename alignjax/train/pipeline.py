@@ -4,8 +4,10 @@ Stage 1 trains SFT on targets with a carry-dropping habit (``<workdir>/sft``); s
 preference loss on pairs covering carry and no-carry prompts with the SFT model as both the
 initial policy and the frozen reference (``<workdir>/dpo``). Both go through
 :func:`alignjax.train.loop.run_train`. Held-out prompts are answered by greedy decoding and checked by
-the task's verifier before and after DPO; ``<workdir>/summary.json`` holds the task accuracy (overall
-and by carry), the held-out pair accuracies and the wall time, ``<workdir>/curves.png`` the curves.
+the task's verifier before and after DPO, and so are the validation prompts (the split that
+hyperparameters are chosen on); ``<workdir>/summary.json`` holds the task accuracy (overall and by
+carry; test and validation), the held-out pair accuracies and the wall time, ``<workdir>/curves.png``
+the curves.
 See /work/shared/reference/quickstart-probe.md for the measured probe this follows.
 """
 
@@ -46,16 +48,17 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
     from alignjax.data.pipeline import resolve_tokenizer
 
     tokenizer = resolve_tokenizer(config.data.tokenizer)
-    held_out = synthetic.arithmetic_eval_records(
-        synthetic.arithmetic_splits(config.quickstart.split_seed)["test"][: config.quickstart.num_test]
-    )
+    splits = synthetic.arithmetic_splits(config.quickstart.split_seed)
+    held_out = synthetic.arithmetic_eval_records(splits["test"][: config.quickstart.num_test])
+    # Validation prompts (disjoint from train and test): what hyperparameters are chosen on.
+    validation = synthetic.arithmetic_eval_records(splits["val"][: config.quickstart.num_val])
 
-    def accuracy(model: Any, params: Any) -> dict[str, float]:
+    def accuracy(model: Any, params: Any, records: list = held_out) -> dict[str, float]:
         return task_accuracy(
             model,
             params,
             tokenizer,
-            held_out,
+            records,
             synthetic.arithmetic_verify,
             max_new_tokens=config.quickstart.max_new_tokens,
             group_key="carry",
@@ -63,7 +66,7 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
 
     sft = run_train(stage_config(config, "sft"), os.path.join(workdir, "sft"))
     model, sft_params = sft["_model"], sft["_state"]["params"]
-    before = accuracy(model, sft_params)
+    before, val_before = accuracy(model, sft_params), accuracy(model, sft_params, validation)
     t_sft = time.time() - t0
     dpo = run_train(
         stage_config(config, "dpo"),
@@ -73,9 +76,12 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         model=model,
     )
     after = accuracy(model, dpo["_state"]["params"])
+    val_after = accuracy(model, dpo["_state"]["params"], validation)
     summary = {
         "task_accuracy/sft": before["accuracy"],
         "task_accuracy/dpo": after["accuracy"],
+        "task_accuracy/val_sft": val_before["accuracy"],
+        "task_accuracy/val_dpo": val_after["accuracy"],
         "task_accuracy/gain_points": 100.0 * (after["accuracy"] - before["accuracy"]),
         **{f"task_{k}/sft": v for k, v in before.items() if k != "accuracy"},
         **{f"task_{k}/dpo": v for k, v in after.items() if k != "accuracy"},
@@ -83,6 +89,7 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         "pair_accuracy/dpo": dpo.get("eval/ranking_accuracy"),
         "reward_accuracy/dpo": dpo.get("eval/reward_accuracy"),
         "num_test_prompts": len(held_out),
+        "num_val_prompts": len(validation),
         "loss": config.dpo.loss.name,
         "wall_s/sft": t_sft,
         "wall_s/total": time.time() - t0,
@@ -102,7 +109,8 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         )
         print(
             f"held-out task accuracy: SFT {before['accuracy']:.3f} -> DPO {after['accuracy']:.3f} "
-            f"({summary['task_accuracy/gain_points']:+.1f} points); pair accuracy "
+            f"({summary['task_accuracy/gain_points']:+.1f} points; validation "
+            f"{val_before['accuracy']:.3f} -> {val_after['accuracy']:.3f}); pair accuracy "
             f"{summary['pair_accuracy/sft']} -> {summary['pair_accuracy/dpo']}; "
             f"{summary['wall_s/total']:.0f} s"
         )
