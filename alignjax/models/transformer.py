@@ -9,6 +9,8 @@ Attention masking (full forward), for query index i and key index j of one row:
                     and (no sliding window or pos[i] - pos[j] < window)
 ``segment_ids`` pack several sequences in one row (0 = padding); ``branch_ids`` lay out a shared
 prompt (branch 0) followed by continuations (1, 2, ...) that each see the prompt but not each other.
+The training forward applies this rule with XLA's masked softmax, cuDNN flash attention (GPUs) or the
+Pallas splash kernel (TPUs; rows without branches or window), per ``ModelConfig.attention_kernel``.
 
 Decoding with a cache: key/value buffers ``[B, S, K, Dh]`` hold the entry for position p in slot p;
 a query at position p sees slots j <= p (and within the window), so slots beyond each row's current
