@@ -32,7 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from alignjax import logprobs, sharding
 from alignjax.data.batching import first_fit, make_batch, padding_fraction
 from alignjax.data.tokenize import TokenizedExample
-from alignjax.models import Model, ModelConfig
+from alignjax.flops import attention_pairs, param_counts, step_flops
+from alignjax.models import Model
 from alignjax.train.reference import stored_reference
 from alignjax.train.step import StepSpec, make_train_step
 
@@ -109,75 +110,6 @@ def sequence_tokens(batch: Mapping[str, np.ndarray]) -> int:
         seq_len = np.array([np.sum(ids == i) for i in range(2 * b)])
         prompt = seq_len[:b] - batch["chosen_lengths"]
     return int(np.sum(lengths) + 2 * np.sum(prompt))
-
-
-# ---------------------------------------------------------------------------------------- FLOPs
-
-
-def param_counts(config: ModelConfig) -> dict[str, int]:
-    """Parameter counts. ``N = non_embedding + unembedding``: every weight that takes part in a matmul
-    per token (attention and MLP projections, norms, and the ``D x V`` unembedding matmul, counted
-    even when it is tied to the embedding); the embedding lookup does no FLOPs and is not in ``N``."""
-    c = config
-    D, H, K, Dh, F, L, V = (
-        c.hidden_size,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.intermediate_size,
-        c.num_layers,
-        c.vocab_size,
-    )
-    attn = D * H * Dh + 2 * D * K * Dh + H * Dh * D
-    attn += (H * Dh + 2 * K * Dh) * c.attention_bias + D * c.attention_out_bias + 2 * Dh * c.qk_norm
-    per_layer = attn + 3 * D * F + 2 * D
-    non_embedding = L * per_layer + D
-    unembedding = D * V
-    return dict(
-        non_embedding=non_embedding,
-        unembedding=unembedding,
-        N=non_embedding + unembedding,
-        embedding=V * D,
-        total=non_embedding + V * D + (0 if c.tie_word_embeddings else unembedding),
-    )
-
-
-def attention_pairs(batch: Mapping[str, np.ndarray]) -> int:
-    """Number of (query, key) pairs the attention rule allows (causal, same segment, own branch or
-    prompt; see ``alignjax.models.transformer``): the useful attention work, not the dense ``T^2``."""
-    seg, total = batch["segment_ids"], 0
-    branch = batch.get("branch_ids")
-    t = seg.shape[1]
-    causal = np.tril(np.ones((t, t), bool))
-    for r in range(seg.shape[0]):
-        s = seg[r]
-        m = causal & (s[:, None] == s[None, :]) & (s[:, None] != 0)
-        if branch is not None:
-            b = branch[r]
-            m &= (b[None, :] == 0) | (b[None, :] == b[:, None])
-        total += int(m.sum())
-    return total
-
-
-def step_flops(
-    config: ModelConfig, batch: Mapping[str, np.ndarray], *, reference_forward: bool
-) -> dict[str, float]:
-    """Model FLOPs of one DPO step on ``batch`` (what MFU divides by time).
-
-    Counted: policy ``6 N`` per non-padding row token (forward 2N + backward 4N) on chosen and
-    rejected sequences; reference ``2 N`` per token when the reference runs a forward (0 with the
-    precomputed cache); attention score and value matmuls ``4 H Dh`` FLOPs per allowed (query, key)
-    pair per layer forward (x3 for forward+backward), with the causal/segment/branch mask -- so the
-    masked half of a dense ``T x T`` score matrix is not counted. Not counted: padding tokens,
-    rematerialisation and chunked-log-prob recomputation, softmax/norm/elementwise work, the
-    optimizer update (about 10 FLOPs per parameter).
-    """
-    n = param_counts(config)["N"]
-    tokens = int(np.sum(batch["segment_ids"] > 0))
-    attn_fwd = 4 * config.num_heads * config.head_dim * config.num_layers * attention_pairs(batch)
-    policy = 6 * n * tokens + 3 * attn_fwd
-    ref = (2 * n * tokens + attn_fwd) if reference_forward else 0
-    return dict(policy=float(policy), reference=float(ref), total=float(policy + ref), row_tokens=tokens)
 
 
 # ------------------------------------------------------------------------------------ alignjax step

@@ -32,20 +32,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from alignjax import logprobs  # noqa: E402
+from alignjax import flops, logprobs  # noqa: E402
 from bench import common as bc  # noqa: E402
 from bench import dpo_step  # noqa: E402
 
-# Dense bf16 peak by datasheet (TFLOP/s), the MFU denominator; other devices: a measured matmul.
-PEAK_BF16_TFLOPS = {
-    "H100": 989.4,
-    "H200": 989.4,
-    "A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5p": 459.0,
-    "TPU v5 lite": 197.0,
-    "TPU v6 lite": 918.0,
-}
 SMOKE = dict(
     overrides=json.dumps(
         dict(
@@ -258,7 +248,7 @@ def main() -> None:
     kind = jax.devices()[0].device_kind
     backend = jax.default_backend()
     if not args.peak_tflops:
-        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
+        args.peak_tflops = (flops.peak_flops_per_device(kind) or 0.0) / 1e12
         args.peak_dtype, args.peak_size = ("bfloat16", 8192) if backend != "cpu" else ("float32", 1024)
     torch_ok = False
     try:

@@ -2,8 +2,9 @@
 
 The loop is reused unchanged; what differs from preference training is the *objective*: the forward
 (decoder + head, :class:`alignjax.reward.model.RewardModel`) and the loss on its outputs. That is
-packaged as :class:`RewardObjective`, which supplies the four callables the loop takes from
-``alignjax.train.step`` (``make_step_spec``, ``make_train_step``, ``make_eval_fn``, ``evaluate``).
+packaged as :class:`RewardObjective`, which supplies the callables the loop takes from
+``alignjax.train.step`` (``make_step_spec``, ``make_train_step``, ``make_eval_fn``, ``evaluate``) and
+the FLOP accounting of its throughput metrics (``model_flops``).
 ``make_train_step`` is ``alignjax.train.step.make_train_step`` itself (grad accumulation, NaN checks,
 optimizer) with this module's loss function in place of the log-prob one.
 
@@ -294,6 +295,14 @@ class RewardObjective:
     make_train_step = staticmethod(make_reward_train_step)
     make_eval_fn = staticmethod(make_reward_eval_fn)
     evaluate = staticmethod(evaluate_reward)
+
+    @staticmethod
+    def model_flops(model: Any, spec: RewardSpec, host: Mapping[str, Any]) -> float:
+        """The decoder's forward + backward without the language-model head (the reward head's
+        few FLOPs are not counted); no reference."""
+        from alignjax import flops
+
+        return flops.step_flops(model.decoder.config, host, reference_forward=False, lm_head=False)["total"]
 
 
 # ------------------------------------------------------------------------------------------ the job

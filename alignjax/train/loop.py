@@ -27,10 +27,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alignjax import logprobs, sharding
+from alignjax import flops, logprobs, sharding
 from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
-from alignjax.train.metrics import MetricWriter, plot_curves
+from alignjax.train.metrics import MetricWriter, Throughput, plot_curves
 from alignjax.train.optim import make_optimizer
 from alignjax.train.step import make_eval_fn, make_step_spec, make_train_step
 
@@ -188,7 +188,8 @@ class Objective:
 
     ``make_step_spec(config, micro_batch_size, reference_mode) -> spec``,
     ``make_train_step(model, spec, tx, schedule, *, sync_every, sync_alpha) -> step``,
-    ``make_eval_fn(model, spec) -> eval_fn`` and ``evaluate(eval_fn, params, ref_params, batches, beta)``.
+    ``make_eval_fn(model, spec) -> eval_fn``, ``evaluate(eval_fn, params, ref_params, batches, beta)``
+    and ``model_flops(model, spec, host_batch) -> float`` (the ``perf/*`` accounting).
     Reward models (:mod:`alignjax.reward.train`) supply their own and reuse the rest of the loop.
     """
 
@@ -196,9 +197,16 @@ class Objective:
     make_train_step: Any
     make_eval_fn: Any
     evaluate: Any
+    model_flops: Any
 
 
-PREFERENCE = Objective(make_step_spec, make_train_step, make_eval_fn, evaluate)
+def model_flops(model: Any, spec: Any, host: Mapping[str, np.ndarray]) -> float:
+    """Model FLOPs of one preference/SFT micro-batch: the policy's forward + backward through the
+    language-model head, and the reference forward when the step runs one (``alignjax.flops``)."""
+    return flops.step_flops(model.config, host, reference_forward=spec.reference == "model")["total"]
+
+
+PREFERENCE = Objective(make_step_spec, make_train_step, make_eval_fn, evaluate, model_flops)
 
 
 class _Stop:
@@ -374,6 +382,12 @@ def run_train(
     last_metrics: dict[str, float] = {}
     last_saved = start if start else None
     tokens, t_window = 0, time.time()
+    speed = Throughput(
+        local_devices=jax.local_device_count(),
+        processes=jax.process_count(),
+        peak_flops=flops.peak_flops_per_device(jax.devices()[0].device_kind),
+    )
+    speeds: list[dict[str, float]] = []
 
     def drain(item: tuple[int, Any] | None) -> None:
         """Reads a step's metrics (one step late), stops on a non-finite loss, logs."""
@@ -392,6 +406,10 @@ def run_train(
         last_metrics = values
         if step_no % config.train.log_every == 0 or step_no == num_steps:
             writer.write(step_no, values)
+            perf = speed.finished(step_no, time.perf_counter())
+            writer.write(step_no, perf, perf=True)
+            if perf:
+                speeds.append(perf)
 
     with _Stop() as stop:
         try:
@@ -402,7 +420,9 @@ def run_train(
                     if cache is not None:
                         host.update(cache.lookup(step * k + j))
                     micro.append(host)
-                tokens += sum(_tokens(h) for h in micro)
+                step_tokens = sum(_tokens(h) for h in micro)
+                tokens += step_tokens
+                speed.add(step + 1, step_tokens, sum(objective.model_flops(model, spec, h) for h in micro))
                 stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
                 state, metrics = train_step(state, to_global(mesh, stacked, stacked=True))
                 drain(pending)
@@ -448,6 +468,7 @@ def run_train(
         "loss": config.loss.name,
         "wall_s": time.time() - t_start,
         **{f"train/{k_}": v for k_, v in last_metrics.items()},
+        **{key: float(np.median([p[key] for p in speeds])) for key in (speeds[0] if speeds else {})},
         **final_eval,
         **stats.summary(),
     }

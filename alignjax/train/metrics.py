@@ -1,5 +1,9 @@
-"""Metric sinks: ``metrics.jsonl`` (one JSON object per logged step, with ``step``), TensorBoard, and
-the training-curve PNG. Only process 0 writes."""
+"""Metric sinks: ``metrics.jsonl`` (one JSON object per logged step, with ``step``), ``perf.jsonl``
+(throughput and MFU at the same steps), TensorBoard, and the training-curve PNG. Only process 0 writes.
+
+Speed lives in its own file because it is the one thing a run does not reproduce: ``metrics.jsonl``
+holds what the computation produced, and a resumed run rewrites it bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.perf_path = os.path.join(workdir, "perf.jsonl")
         self.active = jax.process_index() == 0
         self.tb = None
         if self.active:
@@ -33,20 +38,24 @@ class MetricWriter:
                 self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def truncate_after(self, step: int) -> None:
-        if not self.active or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
-
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.active:
             return
+        for path in (self.path, self.perf_path):
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, perf: bool = False) -> None:
+        """Appends a row to ``metrics.jsonl`` (``perf=True``: to ``perf.jsonl``) and TensorBoard."""
+        if not self.active or not metrics:
+            return
         row = {"step": int(step), **{k: _plain(v) for k, v in sorted(metrics.items())}}
-        with open(self.path, "a") as f:
+        with open(self.perf_path if perf else self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in row.items():
@@ -56,6 +65,48 @@ class MetricWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class Throughput:
+    """Steady-state speed between logged steps: ``perf/step_s``, ``perf/tokens_per_s``,
+    ``perf/model_tflop_per_s_per_device`` (``alignjax.flops`` accounting) and ``perf/mfu`` (where the
+    device's peak is known).
+
+    A window runs from the moment one logged step's metrics were read to the moment the next one's
+    were (a step's metrics are read once it has finished), so the compile before the first read is
+    left out, while checkpoint saves and evaluations inside a window are counted. Tokens and FLOPs are
+    this process's; tokens/s is scaled by the process count (every process gets an equal share of the
+    batch), and FLOP/s is divided by this process's devices.
+    """
+
+    def __init__(self, *, local_devices: int, processes: int = 1, peak_flops: float | None = None):
+        self.local_devices, self.processes, self.peak_flops = local_devices, processes, peak_flops
+        self._work: dict[int, tuple[int, float]] = {}
+        self._last: tuple[int, float] | None = None
+
+    def add(self, step: int, tokens: int, flops: float) -> None:
+        """Records step ``step``'s work (this process's rows) when it is dispatched."""
+        self._work[step] = (tokens, flops)
+
+    def finished(self, step: int, now: float) -> dict[str, float]:
+        """``step`` has finished at time ``now`` (seconds): the speed since the previous call."""
+        last, self._last = self._last, (step, now)
+        done = [s for s in self._work if s <= step]
+        tokens = sum(self._work[s][0] for s in done if last is not None and s > last[0])
+        flops = sum(self._work[s][1] for s in done if last is not None and s > last[0])
+        for s in done:
+            del self._work[s]
+        if last is None or step <= last[0] or now <= last[1]:
+            return {}
+        seconds = now - last[1]
+        out = {
+            "perf/step_s": seconds / (step - last[0]),
+            "perf/tokens_per_s": tokens * self.processes / seconds,
+            "perf/model_tflop_per_s_per_device": flops / seconds / self.local_devices / 1e12,
+        }
+        if self.peak_flops:
+            out["perf/mfu"] = flops / seconds / self.local_devices / self.peak_flops
+        return out
 
 
 def _plain(value: Any) -> Any:

@@ -232,3 +232,33 @@ def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, refe
     first = next(r for r in _steps(str(tmp_path / "run")) if "loss" in r)
     assert first["loss"] == pytest.approx(math.log(2.0), rel=0, abs=1e-7)
     assert first["rewards/margins"] == 0.0 and first["rewards/chosen"] == 0.0
+
+
+def test_perf_metrics_go_to_their_own_file(tmp_path):
+    """perf.jsonl gets the speed of each window between logged steps (not the first, which compiles),
+    its FLOPs per token within the accounting's bounds for this model and batch; metrics.jsonl stays
+    free of timings (it is rewritten bit for bit on resume)."""
+    import statistics
+
+    import jax
+
+    from alignjax import flops
+    from alignjax.train.loop import run_train
+
+    config = _inprocess_config(train__num_steps=5, train__log_every=1)
+    summary = run_train(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "perf.jsonl")]
+    assert [r["step"] for r in rows] == [2, 3, 4, 5]
+    assert not any(k.startswith("perf/") for r in _steps(str(tmp_path)) for k in r)
+    model_config = summary["_model"].config
+    n = flops.param_counts(model_config)["N"]
+    attn_per_pair = 4 * model_config.num_heads * model_config.head_dim * model_config.num_layers
+    for r in rows:
+        assert r["perf/step_s"] > 0
+        per_token = r["perf/model_tflop_per_s_per_device"] * 1e12 * jax.local_device_count()
+        per_token /= r["perf/tokens_per_s"]
+        # policy 6N + reference 2N per token, plus (3 + 1) x the attention of at most T/2 pairs a token
+        bound = 8 * n + 4 * attn_per_pair * (config.data.max_length + 1) / 2
+        assert 8 * n < per_token <= bound * (1 + 1e-9)
+    median = statistics.median(r["perf/tokens_per_s"] for r in rows)
+    assert summary["perf/tokens_per_s"] == pytest.approx(median)
