@@ -11,8 +11,9 @@
 (``python -m alignjax.reward`` takes the same flags.) Arguments: objective (bt | secrets | gpm | pal),
 model, source, eval (a RewardBench-format file scored after training), steps, runlocal.
 ``objective=secrets`` runs the whole Secrets-II pipeline: an ensemble of ``reward.secrets.ensemble_size``
-value heads (``ensemble_steps`` steps), each pair's strength (mean, std), then flipping / smoothing /
-adaptive margin (``secrets_rm``) for ``train.num_steps`` steps.
+independently trained reward models (``ensemble="heads"``: value heads on one decoder; ``ensemble_steps``
+steps), each pair's strength (mean, std), then flipping / smoothing / adaptive margin (``secrets_rm``)
+for ``train.num_steps`` steps.
 """
 
 from experiments import common
@@ -52,7 +53,14 @@ def get_config(arg: str | None = None):
         )
     )
     c.reward.secrets = common.ConfigDict(
-        dict(ensemble_size=4, ensemble_steps=100, flip_fraction=0.1, smooth_fraction=0.2, score_batch_size=64)
+        dict(
+            ensemble="models",  # models: M independent reward models; heads: M heads on one decoder
+            ensemble_size=4,
+            ensemble_steps=100,
+            flip_fraction=0.1,
+            smooth_fraction=0.2,
+            score_batch_size=64,
+        )
     )
     if a.objective == "pal":
         c.loss.name = "pal"  # the reward scale is the head's learned parameter

@@ -2,9 +2,13 @@
 
 "Secrets of RLHF in Large Language Models Part II: Reward Modeling" (Wang et al., arXiv:2401.06080).
 
-1. ``<workdir>/ensemble``: an ensemble of M = ``config.reward.secrets.ensemble_size`` value heads on one
-   decoder, Bradley-Terry (the mean of the M heads' losses), ``ensemble_steps`` steps.
-2. Every training pair's strength: d_m = r_m(y_w) - r_m(y_l), mean mu and std sigma over the heads
+1. ``<workdir>/ensemble``: an ensemble of M = ``config.reward.secrets.ensemble_size`` Bradley-Terry
+   reward models, ``ensemble_steps`` steps. ``config.reward.secrets.ensemble``: ``"models"`` trains M
+   independent reward models (seeds ``seed + 1 ... seed + M``: their own initialisation and data
+   order, as the paper's ensemble of separately trained models), in ``ensemble/member_<m>``;
+   ``"heads"`` (cheaper) trains M value heads on one shared decoder (the mean of their losses),
+   whose disagreement is smaller because they share every feature.
+2. Every training pair's strength: d_m = r_m(y_w) - r_m(y_l), mean mu and std sigma over the members
    (:func:`alignjax.losses.reward.preference_strength`). ``<workdir>/strength.jsonl`` is the training
    set with ``margin`` = mu and ``strength_std`` = sigma per row; the dataset-level thresholds
    (:func:`alignjax.losses.reward.strength_thresholds`: lowest ``flip_fraction`` flipped where mu < 0,
@@ -31,12 +35,18 @@ from alignjax.data.pipeline import resolve_source
 from alignjax.data.tokenize import tokenize_record
 from alignjax.losses.reward import preference_strength, strength_thresholds
 
+ENSEMBLES = ("models", "heads")
 
-def ensemble_config(config: Any) -> Any:
+
+def ensemble_config(config: Any, member: int | None = None) -> Any:
+    """Stage 1's config: all M heads on one decoder (``member=None``), or ensemble member ``member``
+    (0-based) of the ``"models"`` ensemble: one value head, seed ``config.seed + member + 1``."""
     c = copy.deepcopy(config)
     with c.unlocked():
         c.reward.objective = "bt"
-        c.reward.num_heads = int(config.reward.secrets.ensemble_size)
+        c.reward.num_heads = int(config.reward.secrets.ensemble_size) if member is None else 1
+        if member is not None:
+            c.seed = int(config.seed) + member + 1
         c.reward.eval_source = ""
         c.reward.export_dir = ""
         c.loss = type(c.loss)(
@@ -46,8 +56,11 @@ def ensemble_config(config: Any) -> Any:
     return c
 
 
-def strengths(config: Any, model: Any, params: Any) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
-    """(kept training records, mu [N], sigma [N]) from the ensemble's heads on ``config.data.source``."""
+def strengths(
+    config: Any, members: list[tuple[Any, Any]]
+) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """(kept training records, mu [N], sigma [N]) on ``config.data.source`` from the ensemble:
+    ``members`` is a list of (reward model, params), each contributing every value head it has."""
     from alignjax.reward.evaluate import score_pairs
 
     tokenizer = resolve_tokenizer(config.data.tokenizer)
@@ -67,18 +80,20 @@ def strengths(config: Any, model: Any, params: Any) -> tuple[list[dict[str, Any]
             stats.skip(e)
             continue
         records.append(record)
-    mesh = model.mesh if model.mesh is not None else sharding.make_mesh(dict(config.mesh))
-    scores = score_pairs(
-        model,
-        params,
-        examples,
-        mesh=mesh,
-        batch_size=int(config.reward.secrets.score_batch_size),
-        pad_id=tokenizer.pad_id,
-        max_length=max_length,
-    )
-    diffs = (scores["chosen_all"] - scores["rejected_all"]).T  # [M, N]
-    mu, sd = preference_strength(diffs)
+    diffs = []
+    for model, params in members:
+        mesh = model.mesh if model.mesh is not None else sharding.make_mesh(dict(config.mesh))
+        scores = score_pairs(
+            model,
+            params,
+            examples,
+            mesh=mesh,
+            batch_size=int(config.reward.secrets.score_batch_size),
+            pad_id=tokenizer.pad_id,
+            max_length=max_length,
+        )
+        diffs.append((scores["chosen_all"] - scores["rejected_all"]).T)  # [heads, N]
+    mu, sd = preference_strength(np.concatenate(diffs))  # over all M members
     return records, np.asarray(mu), np.asarray(sd)
 
 
@@ -102,8 +117,17 @@ def run_secrets(config: Any, workdir: str) -> dict[str, Any]:
     from alignjax.reward.train import train_reward_model
 
     os.makedirs(workdir, exist_ok=True)
-    stage1 = train_reward_model(ensemble_config(config), os.path.join(workdir, "ensemble"))
-    records, mu, sd = strengths(config, stage1["_model"], stage1["_state"]["params"])
+    kind = config.reward.secrets.get("ensemble", "models")
+    if kind not in ENSEMBLES:
+        raise ValueError(f"config.reward.secrets.ensemble={kind!r}; choose one of {list(ENSEMBLES)}")
+    if kind == "heads":
+        runs = [train_reward_model(ensemble_config(config), os.path.join(workdir, "ensemble"))]
+    else:
+        runs = [
+            train_reward_model(ensemble_config(config, m), os.path.join(workdir, "ensemble", f"member_{m}"))
+            for m in range(int(config.reward.secrets.ensemble_size))
+        ]
+    records, mu, sd = strengths(config, [(run["_model"], run["_state"]["params"]) for run in runs])
     s = config.reward.secrets
     flip_below, smooth_below = strength_thresholds(
         mu, flip_fraction=float(s.flip_fraction), smooth_fraction=float(s.smooth_fraction)

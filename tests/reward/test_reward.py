@@ -157,7 +157,9 @@ def test_bt_reaches_known_ceiling(bt_run, linear_data):
 
 def test_secrets_flipping_recovers_from_label_noise(linear_data):
     """30% of 256 training labels flipped; 400 steps (50 epochs). Plain BT vs the Secrets-II pipeline
-    (ensemble of 4 heads, 100 steps -> strength -> flip the lowest 30% where mu < 0 -> retrain)."""
+    (ensemble of 4 independent reward models, 100 steps each -> strength -> flip the lowest 30% where
+    mu < 0 -> retrain). Measured: plain 0.611, Secrets-II 0.732 (0.731 with 4 heads on one decoder,
+    ``ensemble="heads"``), ceiling 0.799."""
     d = linear_data["dir"]
     c = small_config("bt", linear_data["noisy"], 400)
     plain = accuracy_on(c, train_reward_model(c, str(d / "plain")), linear_data["eval"])
@@ -172,6 +174,9 @@ def test_secrets_flipping_recovers_from_label_noise(linear_data):
     assert summary["secrets/flipped"] > 0
     strength = [json.loads(line) for line in open(d / "secrets" / "strength.jsonl")]
     assert len(strength) == 256 and all("margin" in r and r["strength_std"] >= 0 for r in strength)
+    members = sorted(os.listdir(d / "secrets" / "ensemble"))
+    assert members == [f"member_{m}" for m in range(4)]  # separately trained, seeds 1..4
+    assert np.mean([r["strength_std"] > 0 for r in strength]) > 0.99  # independent members disagree
     assert flipped >= plain + 0.03
 
 
