@@ -78,7 +78,8 @@ KERNEL_CATEGORIES = (
 
 def kernel_summary(trace_path: str, steps: int) -> dict[str, Any]:
     """Device time per step by kernel category and the top kernels, from a ``jax.profiler`` perfetto
-    trace: ``X`` events of the processes named like a device (``/device:GPU:0``, TPU), per step.
+    trace: ``X`` events of the processes named like a device (``/device:GPU:0``: its streams' kernels;
+    TPU: the "XLA Ops" line), per step.
     ``busy`` sums kernel durations, ``span`` is first start to last end (busy < span: idle gaps)."""
     import gzip
     from collections import Counter
@@ -88,7 +89,18 @@ def kernel_summary(trace_path: str, steps: int) -> dict[str, Any]:
     meta = [e for e in events if e.get("ph") == "M" and e["name"] == "process_name"]
     names = {e["pid"]: e["args"]["name"] for e in meta}
     device = {pid for pid, n in names.items() if "device:" in n.lower() and "host" not in n.lower()}
-    kernels = [e for e in events if e.get("ph") == "X" and e["pid"] in device]
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e["name"] == "thread_name" and e["pid"] in device
+    }
+    # TPU device processes also carry "XLA Modules" / "Steps" lines over the same time: keep the ops.
+    ops = {key for key, name in threads.items() if name == "XLA Ops"}
+    kernels = [
+        e
+        for e in events
+        if e.get("ph") == "X" and e["pid"] in device and (not ops or (e["pid"], e.get("tid")) in ops)
+    ]
     if not kernels:  # XLA:CPU (the smoke run): its thunks, which name the HLO op they run
         kernels = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     total, count, by_cat = Counter(), Counter(), Counter()
