@@ -1,7 +1,8 @@
 """Shared pieces of the DPO-step benchmarks (``bench/dpo_step.py``, ``bench/gpu_dpo_step.py``).
 
 * synthetic preference batches in the three layouts of ``alignjax.data.batching``;
-* FLOP accounting (what MFU counts, see :func:`param_counts` and :func:`step_flops`);
+* FLOP accounting (what MFU counts): ``alignjax.flops``' :func:`param_counts` and :func:`step_flops`,
+  re-exported here;
 * :class:`JaxDPO`: alignjax's jitted DPO train step, built the way ``alignjax.train.loop`` builds it
   (mesh -> ``jax.eval_shape`` -> shardings -> ``jit(init, out_shardings)`` -> ``jit(step, donate)``);
 * :class:`TorchDPO`: the PyTorch/TRL baseline on the same weights: ``transformers``'
