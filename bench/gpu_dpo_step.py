@@ -151,19 +151,25 @@ def profile(bench: dpo_step.Bench, out: str, steps: int = 2) -> dict[str, Any]:
     return summary
 
 
+def sequence_batch(bench: dpo_step.Bench) -> tuple[dict[str, jax.Array], int]:
+    """The benchmark batch as one (un-stacked) sequence batch on a data-parallel mesh, and its
+    number of sequences (chosen + rejected): what the policy pieces below are timed on."""
+    host = bench.host
+    mesh = bc.sharding.make_mesh({"data": -1})
+    batch = bc.place(mesh, {k: v for k, v in host.items() if k != "label"}, stacked=False)
+    return batch, 2 * len(host["chosen_lengths"])
+
+
 def numerics(bench: dpo_step.Bench, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per-sequence log-probs of the benchmark batch at the initial params, as the train step computes
     them: the policy forward (under ``grad``) and the reference forward (the bf16-stored reference)
     in one program, compiled with each entry of ``options`` (XLA compiler options); and the fp32
     forward of the same params (compute dtype fp32), the yardstick for both."""
-    from alignjax import logprobs
     from alignjax.models import Model
     from alignjax.train.reference import stored_reference
 
-    m, host = bench.main_model, bench.host
-    mesh = bc.sharding.make_mesh({"data": -1})
-    batch = bc.place(mesh, {k: v for k, v in host.items() if k != "label"}, stacked=False)
-    n = 2 * len(host["chosen_lengths"])
+    m = bench.main_model
+    batch, n = sequence_batch(bench)
     ref_params = jax.jit(lambda p: stored_reference(p, m.config.dtype))(m.params)
 
     def seq_logps(model: Any, params: Any) -> jax.Array:
@@ -197,12 +203,8 @@ def components(bench: dpo_step.Bench, step_s: float) -> dict[str, float]:
     """Where the alignjax step's time goes: forward to hidden states, forward to per-sequence
     log-probs (the difference is the unembedding matmul + log-softmax), forward+backward of the
     policy; the rest of the step (reference forward ~ one forward, loss, AdamW) by difference."""
-    from alignjax import logprobs
-
-    m, host = bench.main_model, bench.host
-    mesh = bc.sharding.make_mesh({"data": -1})
-    batch = bc.place(mesh, {k: v for k, v in host.items() if k != "label"}, stacked=False)
-    n = 2 * len(host["chosen_lengths"])
+    m = bench.main_model
+    batch, n = sequence_batch(bench)
     chunk = bench.args.vocab_chunk
     hidden = jax.jit(
         lambda p, b: m.hidden(p, b["input_ids"], positions=b["positions"], segment_ids=b["segment_ids"])

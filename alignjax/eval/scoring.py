@@ -29,9 +29,9 @@ from alignjax.eval import ranking, rewardbench
 
 def load_pairs(
     source: Any, tokenizer: Any, *, max_length: int | None, on_bad_row: str, stats: DataStats
-) -> tuple[list[TokenizedExample], list[str]]:
-    """Validated, tokenized pairs and each pair's subset name (``"all"`` where the row has none)."""
-    examples, subsets = [], []
+) -> tuple[list[TokenizedExample], list[dict[str, Any]]]:
+    """Validated, tokenized pairs and the records they came from (the rows kept, in order)."""
+    examples, records = [], []
     for where, record in readers.load_records(resolve_source(source), "pairwise", on_bad_row, stats):
         try:
             examples.append(
@@ -42,9 +42,14 @@ def load_pairs(
                 raise
             stats.skip(e)
             continue
-        subsets.append(record.get("subset", "all"))
+        records.append(record)
     stats.rows_kept = len(examples)
-    return examples, subsets
+    return examples, records
+
+
+def subset_names(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Each row's RewardBench subset (``"all"`` where the row has none)."""
+    return [record.get("subset", "all") for record in records]
 
 
 def make_reward_fn(model: Any, *, mode: str, num_pairs: int, with_reference: bool):
@@ -163,7 +168,7 @@ def run_score(config: Any, workdir: str) -> dict[str, Any]:
         )
     stats = DataStats()
     max_length = config.data.get("max_length") or None
-    examples, subsets = load_pairs(
+    examples, records = load_pairs(
         config.data.source, tokenizer, max_length=max_length, on_bad_row=config.data.on_bad_row, stats=stats
     )
     batch_size = int(config.data.eval_batch_size)
@@ -178,7 +183,7 @@ def run_score(config: Any, workdir: str) -> dict[str, Any]:
         pad_id=tokenizer.pad_id,
         max_length=max_length,
     )
-    summary = summarize(scores, subsets, with_reference=reference is not None)
+    summary = summarize(scores, subset_names(records), with_reference=reference is not None)
     summary.update(
         {
             "mode": mode,

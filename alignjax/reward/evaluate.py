@@ -22,7 +22,7 @@ from alignjax import sharding
 from alignjax.data import DataStats, batching, resolve_tokenizer
 from alignjax.data.tokenize import TokenizedExample
 from alignjax.eval import rewardbench
-from alignjax.eval.scoring import load_pairs
+from alignjax.eval.scoring import load_pairs, subset_names
 from alignjax.reward.model import RewardModel
 from alignjax.reward.train import RewardSpec, pair_outputs
 
@@ -91,7 +91,7 @@ def score_file(config: Any, model: RewardModel, params: Any, source: Any) -> dic
     tokenizer = resolve_tokenizer(config.data.tokenizer)
     stats = DataStats()
     max_length = config.data.get("max_length") or None
-    examples, subsets = load_pairs(
+    examples, records = load_pairs(
         source, tokenizer, max_length=max_length, on_bad_row=config.data.on_bad_row, stats=stats
     )
     mesh = model.mesh if model.mesh is not None else sharding.make_mesh(dict(config.mesh))
@@ -104,7 +104,7 @@ def score_file(config: Any, model: RewardModel, params: Any, source: Any) -> dic
         pad_id=tokenizer.pad_id,
         max_length=max_length,
     )
-    report = rewardbench_report(scores, subsets)
+    report = rewardbench_report(scores, subset_names(records))
     report.update(stats.summary())
     report["source"] = str(source)
     return report

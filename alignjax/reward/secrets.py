@@ -30,9 +30,8 @@ import jax
 import numpy as np
 
 from alignjax import sharding
-from alignjax.data import DataStats, readers, resolve_tokenizer
-from alignjax.data.pipeline import resolve_source
-from alignjax.data.tokenize import tokenize_record
+from alignjax.data import DataStats, resolve_tokenizer
+from alignjax.eval.scoring import load_pairs
 from alignjax.losses.reward import preference_strength, strength_thresholds
 
 ENSEMBLES = ("models", "heads")
@@ -64,22 +63,11 @@ def strengths(
     from alignjax.reward.evaluate import score_pairs
 
     tokenizer = resolve_tokenizer(config.data.tokenizer)
-    stats = DataStats()
-    records, examples = [], []
     max_length = config.data.get("max_length") or None
-    for where, record in readers.load_records(
-        resolve_source(config.data.source), "pairwise", config.data.on_bad_row, stats
-    ):
-        try:
-            examples.append(
-                tokenize_record(record, tokenizer, max_length=max_length, where=where, stats=stats)
-            )
-        except ValueError as e:
-            if config.data.on_bad_row == "error":
-                raise
-            stats.skip(e)
-            continue
-        records.append(record)
+    on_bad_row, stats = config.data.on_bad_row, DataStats()
+    examples, records = load_pairs(
+        config.data.source, tokenizer, max_length=max_length, on_bad_row=on_bad_row, stats=stats
+    )
     diffs = []
     for model, params in members:
         mesh = model.mesh if model.mesh is not None else sharding.make_mesh(dict(config.mesh))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import alignjax.losses as losses
+from alignjax import flops
 from alignjax.losses import reward as reward_losses
 from alignjax.models.heads import HeadConfig
 from alignjax.reward.model import RewardModel
@@ -300,8 +301,6 @@ class RewardObjective:
     def model_flops(model: Any, spec: RewardSpec, host: Mapping[str, Any]) -> float:
         """The decoder's forward + backward without the language-model head (the reward head's
         few FLOPs are not counted); no reference."""
-        from alignjax import flops
-
         return flops.step_flops(model.decoder.config, host, reference_forward=False, lm_head=False)["total"]
 
 

@@ -91,11 +91,8 @@ class Throughput:
     def finished(self, step: int, now: float) -> dict[str, float]:
         """``step`` has finished at time ``now`` (seconds): the speed since the previous call."""
         last, self._last = self._last, (step, now)
-        done = [s for s in self._work if s <= step]
-        tokens = sum(self._work[s][0] for s in done if last is not None and s > last[0])
-        flops = sum(self._work[s][1] for s in done if last is not None and s > last[0])
-        for s in done:
-            del self._work[s]
+        done = [self._work.pop(s) for s in sorted(self._work) if s <= step]  # the window's steps
+        tokens, flops = sum(t for t, _ in done), sum(f for _, f in done)
         if last is None or step <= last[0] or now <= last[1]:
             return {}
         seconds = now - last[1]
