@@ -15,7 +15,7 @@ then assembles the host-local batches into global arrays.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,16 +51,18 @@ def resolve_source(source: Any) -> Any:
 
 
 def tokenize_all(
-    records: Sequence[tuple[str, Mapping[str, Any]]],
+    records: Iterable[tuple[str, Mapping[str, Any]]],
     tokenizer: ChatTokenizer,
     *,
     on_bad_row: str,
     stats: DataStats,
-    max_length: int | None,
-    max_prompt_length: int | None,
-    truncation_mode: str,
-) -> list[TokenizedExample]:
-    out = []
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[TokenizedExample], list[Mapping[str, Any]]]:
+    """``(examples, kept records)``: every ``(where, record)`` tokenized, a bad row raising (``on_bad_row
+    = "error"``) or counted in ``stats`` and skipped; ``stats.rows_kept`` is set."""
+    out, kept = [], []
     for where, rec in records:
         try:
             out.append(
@@ -78,8 +80,10 @@ def tokenize_all(
             if on_bad_row == "error":
                 raise
             stats.skip(e)
+            continue
+        kept.append(rec)
     stats.rows_kept = len(out)
-    return out
+    return out, kept
 
 
 class PreferenceData:
@@ -139,7 +143,7 @@ class PreferenceData:
         )
         self.stats = DataStats()
         records = readers.load_records(resolve_source(source), kind, on_bad_row, self.stats)
-        self.examples = tokenize_all(
+        self.examples, _ = tokenize_all(
             records,
             self.tokenizer,
             on_bad_row=on_bad_row,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,33 +21,20 @@ import numpy as np
 
 from alignjax import logprobs, sharding
 from alignjax.data import DataStats, batching, readers, resolve_tokenizer
-from alignjax.data.pipeline import resolve_source
-from alignjax.data.schema import DataError
-from alignjax.data.tokenize import TokenizedExample, tokenize_record
+from alignjax.data.pipeline import resolve_source, tokenize_all
+from alignjax.data.tokenize import TokenizedExample
 from alignjax.eval import ranking, rewardbench
 
 
 def load_pairs(
     source: Any, tokenizer: Any, *, max_length: int | None, on_bad_row: str, stats: DataStats
-) -> tuple[list[TokenizedExample], list[dict[str, Any]]]:
+) -> tuple[list[TokenizedExample], list[Mapping[str, Any]]]:
     """Validated, tokenized pairs and the records they came from (the rows kept, in order)."""
-    examples, records = [], []
-    for where, record in readers.load_records(resolve_source(source), "pairwise", on_bad_row, stats):
-        try:
-            examples.append(
-                tokenize_record(record, tokenizer, max_length=max_length, where=where, stats=stats)
-            )
-        except DataError as e:
-            if on_bad_row == "error":
-                raise
-            stats.skip(e)
-            continue
-        records.append(record)
-    stats.rows_kept = len(examples)
-    return examples, records
+    records = readers.load_records(resolve_source(source), "pairwise", on_bad_row, stats)
+    return tokenize_all(records, tokenizer, on_bad_row=on_bad_row, stats=stats, max_length=max_length)
 
 
-def subset_names(records: Sequence[dict[str, Any]]) -> list[str]:
+def subset_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Each row's RewardBench subset (``"all"`` where the row has none)."""
     return [record.get("subset", "all") for record in records]
 
