@@ -21,6 +21,8 @@ $(VENV)/.installed-core: setup.cfg $(CONSTRAINTS) | $(VENV)/bin/python
 $(VENV)/.installed-test: setup.cfg $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test]"
+	# rewardbench's own dependency set conflicts with this one; the tests import only its scoring code.
+	$(PIP) install -q --no-deps "rewardbench==0.1.4"
 	touch $@ $(VENV)/.installed-core
 
 install: $(VENV)/.installed-core
