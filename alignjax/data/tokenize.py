@@ -31,7 +31,11 @@ from typing import Any
 
 from alignjax.data.schema import BATCH_FLOAT_FIELDS, REASON_PROMPT_TOO_LONG, REASON_TYPE, DataError, DataStats
 
-SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# The named special tokens of transformers' ``SPECIAL_TOKENS_ATTRIBUTES``.
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 save_pretrained writes the template here
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates other than "default", one .jinja each
+LEGACY_CHAT_TEMPLATE_JSON = "chat_template.json"  # processors' legacy file: {"chat_template": "..."}
 
 
 def _token_str(value: Any) -> str | None:
@@ -41,8 +45,91 @@ def _token_str(value: Any) -> str | None:
     return value
 
 
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def read_chat_templates(path: str, config: Mapping[str, Any]) -> dict[str, str]:
+    """The named chat templates of a tokenizer directory, resolved as transformers' ``from_pretrained``.
+
+    Template files win over ``tokenizer_config.json``: ``chat_template.jinja`` is ``"default"`` and
+    each ``additional_chat_templates/<name>.jinja`` is ``<name>``. Without files, the config's
+    ``chat_template`` (a string, or a list of ``{"name", "template"}``). Last, the legacy processor
+    file ``chat_template.json`` (transformers reads it through ``AutoProcessor`` only).
+    """
+    templates: dict[str, str] = {}
+    if os.path.exists(os.path.join(path, CHAT_TEMPLATE_FILE)):
+        templates["default"] = _read_text(os.path.join(path, CHAT_TEMPLATE_FILE))
+    named_dir = os.path.join(path, CHAT_TEMPLATE_DIR)
+    if os.path.isdir(named_dir):
+        for name in sorted(os.listdir(named_dir)):
+            if name.endswith(".jinja"):
+                templates[name.removesuffix(".jinja")] = _read_text(os.path.join(named_dir, name))
+    if templates:
+        return templates
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        return {t["name"]: t["template"] for t in template}
+    if isinstance(template, str):
+        return {"default": template}
+    legacy = _read_json(os.path.join(path, LEGACY_CHAT_TEMPLATE_JSON)).get("chat_template")
+    return {"default": legacy} if isinstance(legacy, str) else {}
+
+
+def read_special_tokens(path: str, config: Mapping[str, Any]) -> dict[str, str]:
+    """Named special tokens (``bos_token``, ... and model-specific ``*_token`` strings) as transformers
+    resolves them: ``tokenizer_config.json``, overridden by the legacy ``special_tokens_map.json``
+    unless the config carries ``added_tokens_decoder`` (then transformers ignores that file)."""
+    merged = {k: v for k, v in config.items() if k.endswith("_token")}
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, Mapping):
+        merged.update(extra)
+    if "added_tokens_decoder" not in config:
+        legacy = _read_json(os.path.join(path, "special_tokens_map.json"))
+        merged.update({k: v for k, v in legacy.items() if k.endswith("_token")})
+    out = {}
+    for key, value in merged.items():
+        token = _token_str(value)
+        if isinstance(token, str):
+            out[key] = token
+    return out
+
+
+def _generation_extension() -> type:
+    """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask marker) renders its body."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return Generation
+
+
 def _compile_template(template: str):
-    """Jinja2 environment as in transformers' ``_compile_jinja_template`` (sandboxed, trim/lstrip blocks)."""
+    """Jinja2 environment as in transformers' ``_compile_jinja_template`` (sandboxed, trim/lstrip blocks,
+    ``raise_exception``, ``tojson`` without HTML escaping, ``strftime_now``, the ``generation`` tag)."""
+    import datetime
+
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -56,10 +143,13 @@ def _compile_template(template: str):
         )
 
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_generation_extension(), jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
@@ -75,10 +165,13 @@ class TokenizedExample:
 
 
 class ChatTokenizer:
-    """A ``tokenizers.Tokenizer`` with its special tokens and chat template.
+    """A ``tokenizers.Tokenizer`` with its special tokens and chat template(s).
 
-    ``ChatTokenizer.from_pretrained(dir)`` reads ``tokenizer.json`` and ``tokenizer_config.json``
-    (the files ``transformers.AutoTokenizer`` reads); ``save_pretrained(dir)`` writes them back.
+    ``ChatTokenizer.from_pretrained(dir)`` reads a directory as ``transformers.AutoTokenizer`` does
+    (``tokenizer.json`` with its added tokens and post-processor, ``tokenizer_config.json``,
+    ``special_tokens_map.json``, ``chat_template.jinja``, ``additional_chat_templates/``, and the
+    legacy ``chat_template.json``); ``save_pretrained(dir)`` writes what transformers 5.x writes.
+    ``chat_templates`` maps names to templates; the one used is ``"default"``, as in transformers.
     """
 
     def __init__(
@@ -86,57 +179,77 @@ class ChatTokenizer:
         tokenizer: Any,
         *,
         chat_template: str | None = None,
+        chat_templates: Mapping[str, str] | None = None,
         bos_token: str | None = None,
         eos_token: str | None = None,
         pad_token: str | None = None,
         unk_token: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        name: str = "",
     ):
         self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self.special = {
+        self.chat_templates = dict(chat_templates or {})
+        if chat_template is not None:
+            self.chat_templates["default"] = chat_template
+        self.chat_template = self.chat_templates.get("default")
+        # Every named special token (what transformers passes to the template as variables).
+        self.special: dict[str, str | None] = {
             "bos_token": bos_token,
             "eos_token": eos_token,
             "pad_token": pad_token,
             "unk_token": unk_token,
         }
+        self.special.update(special_tokens or {})
         self.extra_config = dict(extra_config or {})
-        self._template = _compile_template(chat_template) if chat_template else None
+        self._template = _compile_template(self.chat_template) if self.chat_template else None
         self.boundary_fallbacks = 0
-        if eos_token is None:
-            raise ValueError("tokenizer has no eos_token (set it in tokenizer_config.json)")
+        if self.special["eos_token"] is None:
+            where = f"{name}: " if name else ""
+            raise ValueError(f"{where}tokenizer has no eos_token (set it in tokenizer_config.json)")
 
     # ---- files ----
     @classmethod
     def from_pretrained(cls, path: str) -> ChatTokenizer:
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        cfg_path = os.path.join(path, "tokenizer_config.json")
-        cfg: dict[str, Any] = {}
-        if os.path.exists(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take "default"
-            template = {t["name"]: t["template"] for t in template}.get("default")
-        extra = {k: v for k, v in cfg.items() if k not in SPECIAL_KEYS and k != "chat_template"}
+        path = os.fspath(path)
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tok_file):
+            raise FileNotFoundError(
+                f"{tok_file}: no such file (data.tokenizer must be a built-in name or a directory "
+                "with tokenizer.json)"
+            )
+        tok = Tokenizer.from_file(tok_file)
+        cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        special = read_special_tokens(path, cfg)
+        drop = {"chat_template", "added_tokens_decoder", "extra_special_tokens", *special}
         return cls(
             tok,
-            chat_template=template,
-            extra_config=extra,
-            **{k: _token_str(cfg.get(k)) for k in SPECIAL_KEYS},
+            chat_templates=read_chat_templates(path, cfg),
+            special_tokens=special,
+            extra_config={k: v for k, v in cfg.items() if k not in drop},
+            name=path,
         )
 
     def save_pretrained(self, path: str) -> None:
+        """Writes ``tokenizer.json``, ``tokenizer_config.json`` and the templates as transformers 5.x
+        does (``chat_template.jinja`` for ``"default"``, ``additional_chat_templates/<name>.jinja``)."""
         os.makedirs(path, exist_ok=True)
         self.tokenizer.save(os.path.join(path, "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **self.extra_config}
+        cfg = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", **self.extra_config}
         cfg.update({k: v for k, v in self.special.items() if v is not None})
-        if self.chat_template:
-            cfg["chat_template"] = self.chat_template
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
+            json.dump(cfg, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+        for name, template in self.chat_templates.items():
+            if name == "default":
+                out = os.path.join(path, CHAT_TEMPLATE_FILE)
+            else:
+                os.makedirs(os.path.join(path, CHAT_TEMPLATE_DIR), exist_ok=True)
+                out = os.path.join(path, CHAT_TEMPLATE_DIR, f"{name}.jinja")
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(template)
 
     # ---- ids ----
     def token_id(self, token: str | None) -> int | None:
@@ -171,18 +284,25 @@ class ChatTokenizer:
 
     # ---- templates ----
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Renders ``messages`` with the chat template (same variables as transformers)."""
+        """Renders ``messages`` with the ``"default"`` chat template and the variables transformers
+        passes (``messages``, ``add_generation_prompt``, ``tools``/``documents`` = None, and each
+        special token that is set)."""
         if self._template is None:
+            if self.chat_templates:
+                raise ValueError(
+                    "the tokenizer has several chat templates and none named 'default' "
+                    f"(has {sorted(self.chat_templates)})"
+                )
             raise ValueError(
-                "chat messages given but the tokenizer has no chat_template "
-                "(tokenizer_config.json key 'chat_template')"
+                "chat messages given but the tokenizer has no chat template "
+                "(chat_template.jinja or tokenizer_config.json key 'chat_template')"
             )
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             tools=None,
             documents=None,
-            **self.special,
+            **{k: v for k, v in self.special.items() if v is not None},
         )
 
     def _dedupe_bos(self, ids: list[int]) -> list[int]:
