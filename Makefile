@@ -23,6 +23,8 @@ $(VENV)/.installed-test: setup.cfg $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test]"
 	# rewardbench's own dependency set conflicts with this one; the tests import only its scoring code.
 	$(PIP) install -q --no-deps "rewardbench==0.1.4"
+	# Its wheel also installs a top-level `tests` package, which would shadow this repository's.
+	$(PY) -c "import shutil, sysconfig; shutil.rmtree(sysconfig.get_paths()['purelib'] + '/tests', ignore_errors=True)"
 	touch $@ $(VENV)/.installed-core
 
 install: $(VENV)/.installed-core

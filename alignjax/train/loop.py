@@ -129,6 +129,21 @@ def globalize_ids(host: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarra
     return dict(host, example_ids=np.where(ids >= 0, ids + offset, -1).astype(np.int32))
 
 
+def check_batch_divides_mesh(config: Any, mesh: Any, micro_size: int) -> None:
+    """Each step's pairs and each evaluation batch split evenly over the mesh's batch axes; said
+    before compile, with the keys to change."""
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    checks = [("config.data.batch_size / config.optim.grad_accum_steps", micro_size)]
+    if config.data.eval_source:
+        checks.append(("config.data.eval_batch_size", int(config.data.eval_batch_size)))
+    for key, size in checks:
+        if size % shards:
+            raise ValueError(
+                f"{key} = {size} examples must be a multiple of the mesh's data-parallel size "
+                f"{shards} (mesh.data x mesh.fsdp = {dict(mesh.shape)})"
+            )
+
+
 def to_global(mesh: Any, host: Mapping[str, np.ndarray], stacked: bool) -> dict[str, jax.Array]:
     """Host-local (optionally ``[k, ...]``-stacked) arrays -> global arrays split over the batch axes."""
     out = {}
@@ -261,6 +276,7 @@ def run_train(
             f"config.optim.grad_accum_steps={k}"
         )
     micro_size = config.data.batch_size // k
+    check_batch_divides_mesh(config, mesh, micro_size)
     num_steps = int(config.train.num_steps)
 
     # ---- data
