@@ -74,6 +74,18 @@ def _empty(rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
     }
 
 
+def pad_to_multiple(batch: dict[str, np.ndarray], multiple: int | None, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pads every ``[R, T]`` array so ``T`` is a multiple of ``multiple`` (TRL's
+    ``pad_to_multiple_of``; e.g. 128 for the TPU splash kernel). The new columns are padding."""
+    length = batch["input_ids"].shape[1]
+    if not multiple or length % multiple == 0:
+        return batch
+    extra = multiple - length % multiple
+    fill = _empty(batch["input_ids"].shape[0], extra, pad_id)
+    fill["branch_ids"] = np.zeros_like(fill["positions"])
+    return {k: np.concatenate([v, fill[k]], axis=1) for k, v in batch.items()}
+
+
 def _record_padding(batch: dict[str, np.ndarray], stats: DataStats | None) -> None:
     if stats is not None:
         stats.tokens_real += int((batch["segment_ids"] > 0).sum())
@@ -258,9 +270,11 @@ def make_batch(
     buckets: Sequence[int] | None = None,
     pack_length: int | None = None,
     pack_rows: int | None = None,
+    pad_to_multiple_of: int | None = None,
     stats: DataStats | None = None,
 ) -> dict[str, Any]:
-    """One host-local batch in ``layout`` plus the per-example arrays; padding share goes to ``stats``."""
+    """One host-local batch in ``layout`` plus the per-example arrays; padding share goes to ``stats``.
+    ``pad_to_multiple_of`` rounds the row length up (see :func:`pad_to_multiple`)."""
     if layout == "padded":
         batch = padded_batch(examples, pad_id=pad_id, buckets=buckets, max_length=max_length)
     elif layout == "packed":
@@ -272,6 +286,7 @@ def make_batch(
         batch = shared_prompt_batch(examples, pad_id=pad_id, buckets=buckets, max_length=max_length)
     else:
         raise ValueError(f"unknown layout {layout!r}; valid layouts are {list(LAYOUTS)}")
+    batch = pad_to_multiple(batch, pad_to_multiple_of, pad_id)
     _record_padding(batch, stats)
     batch.update(example_arrays(examples))
     return batch

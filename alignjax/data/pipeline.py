@@ -56,12 +56,15 @@ def tokenize_all(
     *,
     on_bad_row: str,
     stats: DataStats,
+    tokenization: str = "trl",
     max_length: int | None = None,
     max_prompt_length: int | None = None,
-    truncation_mode: str = "keep_end",
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_start",
 ) -> tuple[list[TokenizedExample], list[Mapping[str, Any]]]:
-    """``(examples, kept records)``: every ``(where, record)`` tokenized, a bad row raising (``on_bad_row
-    = "error"``) or counted in ``stats`` and skipped; ``stats.rows_kept`` is set."""
+    """``(examples, kept records)``: every ``(where, record)`` tokenized (options as
+    :func:`~alignjax.data.tokenize.tokenize_record`), a bad row raising (``on_bad_row = "error"``) or
+    counted in ``stats`` and skipped; ``stats.rows_kept`` is set."""
     out, kept = [], []
     for where, rec in records:
         try:
@@ -69,8 +72,10 @@ def tokenize_all(
                 tokenize_record(
                     rec,
                     tokenizer,
+                    tokenization=tokenization,
                     max_length=max_length,
                     max_prompt_length=max_prompt_length,
+                    max_completion_length=max_completion_length,
                     truncation_mode=truncation_mode,
                     where=where,
                     stats=stats,
@@ -100,9 +105,12 @@ class PreferenceData:
         kind: str = "pairwise",
         layout: str = "padded",
         batch_size: int = 8,
+        tokenization: str = "trl",
         max_length: int | None = None,
         max_prompt_length: int | None = None,
-        truncation_mode: str = "keep_end",
+        max_completion_length: int | None = None,
+        truncation_mode: str = "keep_start",
+        pad_to_multiple_of: int | None = None,
         buckets: Sequence[int] | None = None,
         pack_length: int | None = None,
         pack_rows: int | None = None,
@@ -140,6 +148,7 @@ class PreferenceData:
             buckets=buckets,
             pack_length=pack_length,
             pack_rows=pack_rows,
+            pad_to_multiple_of=pad_to_multiple_of,
         )
         self.stats = DataStats()
         records = readers.load_records(resolve_source(source), kind, on_bad_row, self.stats)
@@ -148,8 +157,10 @@ class PreferenceData:
             self.tokenizer,
             on_bad_row=on_bad_row,
             stats=self.stats,
+            tokenization=tokenization,
             max_length=max_length,
             max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
             truncation_mode=truncation_mode,
         )
         self.steps_per_epoch = len(self.examples) // batch_size

@@ -78,6 +78,8 @@ class DataStats:
     tokens_total: int = 0
     truncated_prompts: int = 0
     truncated_completions: int = 0
+    # Rows whose tokenized prompt is not a prefix of prompt+completion (a token straddles the boundary).
+    boundary_shifts: int = 0
 
     max_examples = 20
 
@@ -102,6 +104,7 @@ class DataStats:
             "data/rows_skipped": self.rows_skipped,
             "data/truncated_prompts": self.truncated_prompts,
             "data/truncated_completions": self.truncated_completions,
+            "data/boundary_shifts": self.boundary_shifts,
             "data/padding_fraction": self.padding_fraction,
         }
         out.update({f"data/skipped/{k}": v for k, v in sorted(self.skipped.items())})

@@ -1,24 +1,37 @@
 """Tokenization: Hugging Face ``tokenizers`` plus the chat template, rendered as transformers does.
 
-Boundary policy (prompt vs completion), documented because every DPO implementation differs here:
+Where the prompt ends and the completion starts is a convention every DPO implementation sets its
+own way; ``tokenization=`` (config key ``data.tokenization``) names the one used.
 
-* String prompts are encoded like ``transformers``' ``tokenizer(prompt)``: with the tokenizer's
-  post-processor (which adds BOS where tokenizer.json says so). Chat prompts are rendered with
-  ``add_generation_prompt=True`` and encoded without special tokens, like ``apply_chat_template``,
-  so BOS appears exactly when the template writes it. A doubled leading BOS is collapsed to one.
-* The completion text of a chat is the full conversation's rendering minus the prompt's rendering
-  (an error if the template does not render the prompt as a prefix). For strings it is the text.
-* **Joint where possible**: the completion ids are the tail of the tokenization of prompt+completion
-  when that tokenization starts with exactly the prompt ids, so ``prompt_ids + completion_ids`` equals
-  the tokenization of the full text. When a token straddles the boundary (BPE merges across it), the
-  completion is tokenized on its own (TRL style) and ``boundary_fallbacks`` counts it.
-* The completion ends with exactly one EOS: if the template already closed the turn with EOS
-  (possibly followed by whitespace), it is cut right after that EOS; otherwise EOS is appended.
+``"trl"`` (the default) is TRL 1.16's ``DPOTrainer._prepare_dataset``, token for token:
 
-Truncation (TRL's order): the prompt is cut to ``max_prompt_length`` keeping its end
-(``truncation_mode="keep_end"``, the default: the question is usually last) or its start
-(``"keep_start"``); then a prompt that leaves no room within ``max_length`` is a bad row
-(``prompt_too_long``); then each completion is cut to ``max_length - len(prompt)`` keeping its start.
+* Standard (string) rows: each completion gets the EOS *text* appended unless it already ends with
+  it (records with ``append_eos: false`` get none); the prompt and each prompt+completion are
+  encoded as ``tokenizer(text)`` does, post-processor (BOS) included. A prompt that already starts
+  with the BOS text therefore gets a second BOS, as in TRL.
+* Conversational rows: the prompt is rendered with ``add_generation_prompt=True`` and each
+  prompt+completion conversation without it, both encoded without special tokens (as
+  ``apply_chat_template(tokenize=True)``). Nothing is appended or cut: a ChatML completion ends
+  ``<|im_end|>`` ``\n``, and both count.
+* The prompt is the longest common prefix of the prompt ids and every prompt+completion's ids;
+  each completion is the rest of its own sequence. Where a token straddles the boundary (a prompt
+  ending in whitespace, BPE merges across it) the prompt loses its last tokens to the completions,
+  and ``DataStats.boundary_shifts`` counts the row (TRL warns once).
+
+``"joint"`` (alignjax's earlier convention): string prompts encoded with the post-processor and a
+doubled leading BOS collapsed to one; a chat completion's text is the full rendering minus the
+prompt's rendering; the completion ids are the tail of the joint tokenization when that starts with
+exactly the prompt ids, else the completion text tokenized on its own (``boundary_fallbacks``
+counts those); every completion ends with exactly one EOS (cut after the template's EOS, or
+appended).
+
+Truncation (:func:`truncate`): ``max_prompt_length`` keeps the prompt's last tokens and
+``max_completion_length`` each completion's first (TRL <= 0.2x ``tokenize_row``); then each
+prompt+completion sequence is cut to ``max_length`` as TRL 1.16's collator does:
+``truncation_mode="keep_start"`` (the default) keeps its start, so completions lose their ends and a
+prompt that fills ``max_length`` is a bad row (``prompt_too_long``; TRL drops it silently);
+``"keep_end"`` keeps its end, so the prompt loses its start (one cut for all completions, sized by
+the longest: the prompt is shared in alignjax's layouts).
 """
 
 from __future__ import annotations
@@ -319,7 +332,8 @@ class ChatTokenizer:
         )
 
     def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        """Prompt ids (see the module docstring for the BOS policy)."""
+        """``tokenization="joint"``'s prompt ids (module docstring), also the prompt a generation
+        starts from."""
         if isinstance(prompt, str):
             ids = self.encode(prompt, add_special_tokens=True)
             if len(ids) > 1 and ids[-1] == self.eos_id:  # a post-processor that also appends EOS
@@ -348,8 +362,9 @@ class ChatTokenizer:
         *,
         append_eos: bool = True,
     ) -> list[int]:
-        """Completion ids ending in exactly one EOS (joint tokenization where the boundary allows);
-        ``append_eos=False`` returns them as written (a partial solution the model continues after)."""
+        """``tokenization="joint"``: completion ids ending in exactly one EOS (the tail of the joint
+        tokenization where the boundary allows, else the completion text alone); ``append_eos=False``
+        returns them as written (a partial solution the model continues after)."""
         prompt_ids = self.encode_prompt(prompt) if prompt_ids is None else prompt_ids
         full_text, comp_text = self._full_text(prompt, completion)
         full_ids = self._dedupe_bos(self.encode(full_text, add_special_tokens=isinstance(prompt, str)))
@@ -370,43 +385,101 @@ class ChatTokenizer:
         return ids + [eos]
 
 
+TOKENIZATIONS = ("trl", "joint")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading ids ``a`` and ``b`` share (TRL's ``common_prefix_length``)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_trl(
+    tokenizer: ChatTokenizer,
+    prompt: str | list[dict],
+    completions: Sequence[str | list[dict]],
+    *,
+    append_eos: bool = True,
+) -> tuple[list[int], list[list[int]], bool]:
+    """``(prompt_ids, completion_ids, shifted)`` as TRL 1.16's DPOTrainer tokenizes a row (module
+    docstring); ``shifted``: the prompt lost tokens to the completions at the boundary."""
+    if isinstance(prompt, str):
+        eos = tokenizer.special["eos_token"]
+        texts = [c if not append_eos or c.endswith(eos) else c + eos for c in completions]
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
+        fulls = [tokenizer.encode(prompt + c, add_special_tokens=True) for c in texts]
+    else:
+        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        fulls = [tokenizer.encode(tokenizer.apply_chat_template(list(prompt) + list(c))) for c in completions]
+    n = min(common_prefix_length(prompt_ids, f) for f in fulls)
+    comps = [f[n:] for f in fulls]
+    if not all(comps):
+        raise ValueError("a completion has no tokens of its own after the prompt")
+    return prompt_ids[:n], comps, n < len(prompt_ids)
+
+
 def truncate(
     prompt: list[int],
     completions: list[list[int]],
     *,
     max_length: int | None,
     max_prompt_length: int | None = None,
-    truncation_mode: str = "keep_end",
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_start",
     where: str = "",
     stats: DataStats | None = None,
 ) -> tuple[list[int], list[list[int]]]:
-    """Truncates prompt first (to ``max_prompt_length``, ``keep_end``/``keep_start``), then completions.
-
-    Raises DataError(prompt_too_long) when the prompt leaves no room within ``max_length``.
-    """
-    if truncation_mode not in ("keep_end", "keep_start"):
-        raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
+    """Cuts the prompt to ``max_prompt_length`` (its end), the completions to
+    ``max_completion_length`` (their starts), then prompt+completion to ``max_length`` by
+    ``truncation_mode`` (module docstring). Raises DataError(prompt_too_long) when nothing of a
+    completion (``keep_start``) or of the prompt (``keep_end``) would remain."""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(
+            f"data.truncation_mode must be one of {list(TRUNCATION_MODES)}, got {truncation_mode!r}"
+        )
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
+        prompt = prompt[-max_prompt_length:]
         if stats is not None:
             stats.truncated_prompts += 1
+    if max_completion_length is not None:
+        cut = [c[:max_completion_length] for c in completions]
+        if stats is not None:
+            stats.truncated_completions += sum(len(a) < len(b) for a, b in zip(cut, completions))
+        completions = cut
     if max_length is None:
         return prompt, completions
+    if truncation_mode == "keep_end":
+        excess = len(prompt) + max(len(c) for c in completions) - max_length
+        if excess <= 0:
+            return prompt, completions
+        if excess >= len(prompt):
+            raise DataError(
+                where,
+                REASON_PROMPT_TOO_LONG,
+                f"a completion has {max(len(c) for c in completions)} tokens, leaving no room for the "
+                f"prompt within data.max_length={max_length} (truncation_mode keep_end; set "
+                "data.max_completion_length to cut completions)",
+            )
+        if stats is not None:
+            stats.truncated_prompts += 1
+        return prompt[excess:], completions
     if len(prompt) >= max_length:
-        hint = "" if max_prompt_length is not None else " (set max_prompt_length to truncate prompts)"
+        hint = "" if max_prompt_length is not None else "; set data.max_prompt_length to cut the prompt"
         raise DataError(
             where,
             REASON_PROMPT_TOO_LONG,
             f"prompt has {len(prompt)} tokens, leaving no room for a completion within "
-            f"max_length={max_length}{hint}",
+            f"data.max_length={max_length}{hint}",
         )
     room = max_length - len(prompt)
-    out = []
-    for c in completions:
-        if len(c) > room and stats is not None:
-            stats.truncated_completions += 1
-        out.append(c[:room])
-    return prompt, out
+    if stats is not None:
+        stats.truncated_completions += sum(len(c) > room for c in completions)
+    return prompt, [c[:room] for c in completions]
 
 
 _SCALAR_KEYS = ("label", "user_id", "scores", *BATCH_FLOAT_FIELDS)
@@ -416,13 +489,17 @@ def tokenize_record(
     record: Mapping[str, Any],
     tokenizer: ChatTokenizer,
     *,
+    tokenization: str = "trl",
     max_length: int | None = None,
     max_prompt_length: int | None = None,
-    truncation_mode: str = "keep_end",
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_start",
     where: str = "",
     stats: DataStats | None = None,
 ) -> TokenizedExample:
     """Tokenizes a validated record (any kind) into a TokenizedExample; errors name ``where``."""
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"data.tokenization must be one of {list(TOKENIZATIONS)}, got {tokenization!r}")
     prompt = record["prompt"]
     if "chosen" in record:
         comps = [record["chosen"], record["rejected"]]
@@ -430,17 +507,25 @@ def tokenize_record(
         comps = list(record["candidates"])
     else:
         comps = [record["completion"]]
+    append_eos = record.get("append_eos", True)
     try:
-        p_ids = tokenizer.encode_prompt(prompt)
-        append_eos = record.get("append_eos", True)
-        c_ids = [tokenizer.encode_completion(prompt, c, p_ids, append_eos=append_eos) for c in comps]
+        if tokenization == "trl":
+            p_ids, c_ids, shifted = tokenize_trl(tokenizer, prompt, comps, append_eos=append_eos)
+        else:
+            before = tokenizer.boundary_fallbacks
+            p_ids = tokenizer.encode_prompt(prompt)
+            c_ids = [tokenizer.encode_completion(prompt, c, p_ids, append_eos=append_eos) for c in comps]
+            shifted = tokenizer.boundary_fallbacks > before
     except ValueError as e:
         raise DataError(where, REASON_TYPE, str(e)) from None
+    if shifted and stats is not None:
+        stats.boundary_shifts += 1
     p_ids, c_ids = truncate(
         p_ids,
         c_ids,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
         truncation_mode=truncation_mode,
         where=where,
         stats=stats,

@@ -78,7 +78,7 @@ def test_skip_bad_rows_and_prompt_budget(tmp_path):
         make_preference_batches([json.loads(long_prompt)], "arithmetic", **kw)
     assert str(e.value) == (
         "<records>:1: prompt has 11 tokens, leaving no room for a completion within "
-        "max_length=10 (set max_prompt_length to truncate prompts)"
+        "data.max_length=10; set data.max_prompt_length to cut the prompt"
     )
     data, stats = make_preference_batches(str(path), "arithmetic", on_bad_row="skip", **kw)
     assert (stats.rows_read, stats.rows_kept, data.steps_per_epoch) == (12, 9, 3)
