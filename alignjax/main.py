@@ -61,12 +61,19 @@ def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
 def load_config_file(spec: str) -> ConfigDict:
     """``path.py[:arg]`` -> ``get_config(arg)``, imported the way config_flags does."""
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config={spec}: no such config file {path!r}")
+    check_config_file([f"--config={spec}"])
     module_spec = importlib.util.spec_from_file_location("_alignjax_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module.get_config(arg) if arg else module.get_config()
+
+
+def check_config_file(argv: Sequence[str]) -> None:
+    """Fails on a --config file that does not exist, naming it (config_flags' own message is a
+    multi-line traceback)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+        raise FileNotFoundError(f"--config={spec}: no such config file {spec.partition(':')[0]!r}")
 
 
 def check_overrides(argv: Sequence[str]) -> None:
@@ -111,12 +118,14 @@ def check_model_name(name: str, key: str) -> None:
 
 
 def write_config(config: ConfigDict, workdir: str) -> None:
+    """``<workdir>/config.json`` (process 0), local or on an object store (``alignjax.storage``)."""
     import jax
 
+    from alignjax import storage
+
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2, sort_keys=True))
+        storage.path(workdir).mkdir(parents=True, exist_ok=True)
+        storage.write_text(storage.path(workdir) / "config.json", config.to_json(indent=2, sort_keys=True))
 
 
 def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -137,20 +146,72 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
     return getattr(importlib.import_module(module), function)(config, workdir)
 
 
+# What a user can get wrong (a config value, a data row, a path, a checkpoint that does not fit):
+# reported as one line without a traceback; --debug shows it.
+USER_ERRORS = (
+    ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+)
+USAGE_EXIT = 2
+
+
+def error_line(err: BaseException) -> str:
+    """The message of ``err`` as the user should read it (KeyError's repr quotes stripped)."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err) or type(err).__name__
+
+
+def fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """--debug is read from argv directly: errors in parsing the other flags must honour it too."""
+    return any(a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
+
+
+_DEBUG = flags.DEFINE_bool("debug", False, "show the traceback of an error instead of its one-line message")
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=USAGE_EXIT)
     if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+        raise app.UsageError("--workdir is required", exitcode=USAGE_EXIT)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    summary = run(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = run(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as err:
+        if _DEBUG.value:
+            raise
+        fail(error_line(err), 1)
     public = {k: v for k, v in summary.items() if not k.startswith("_")}
     print(json.dumps(public, indent=1, default=str))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    check_overrides(argv)
-    return flags.FLAGS(argv)
+    """Flag and config-file errors are usage errors: one message, exit code 2."""
+    try:
+        check_config_file(argv)
+        check_overrides(argv)
+        remaining = flags.FLAGS(argv)
+        if _CONFIG.value is None:  # config_flags loads lazily: loading here makes its errors usage errors
+            raise app.UsageError("--config is required")
+        validate(_CONFIG.value)
+        return remaining
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            fail(err.code, USAGE_EXIT)
+        raise
+    except (flags.Error, app.UsageError, *USER_ERRORS) as err:
+        if debug_requested(argv):
+            raise
+        # config_flags wraps errors raised by get_config(); the root cause is the useful part.
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        fail(error_line(cause if cause is not err and isinstance(cause, USER_ERRORS) else err), USAGE_EXIT)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,56 @@ def test_command_line_fails_fast_on_unknown_key(tmp_path):
     assert proc.returncode != 0
     assert "unknown config key 'optim.lerning_rate'" in proc.stderr
     assert not os.path.exists(tmp_path / "config.json")  # nothing ran
+
+
+DPO = "--config=experiments/dpo.py:runlocal"
+BAD_COMMANDS = {
+    "no config file": (["--config=experiments/nope.py"], 2, "no such config file 'experiments/nope.py'"),
+    "bad config argument": (["--config=experiments/dpo.py:bogus"], 2, "unknown config argument 'bogus'"),
+    "unknown flag": ([DPO, "--bogus=1"], 2, "Unknown command line flag 'bogus'"),
+    "unknown loss": ([DPO, "--config.loss.name=nope"], 2, "unknown loss 'nope'"),
+    "no --config": ([], 2, "--config is required"),
+    "missing data file": (
+        ["--config=experiments/dpo.py:runlocal", "--config.data.source=/nonexistent/pairs.jsonl"],
+        1,
+        "/nonexistent/pairs.jsonl",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_COMMANDS))
+def test_user_errors_are_one_line_without_traceback(name, tmp_path):
+    args, code, message = BAD_COMMANDS[name]
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignjax.main", *args, f"--workdir={workdir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    if code == 2:
+        assert not workdir.exists()  # usage errors stop before anything is written
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignjax.main",
+            "--config=experiments/dpo.py:runlocal",
+            "--config.data.source=/nonexistent/pairs.jsonl",
+            f"--workdir={tmp_path}",
+            "--debug",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
