@@ -105,6 +105,34 @@ def validate(config: ConfigDict) -> None:
         path = config.get(section, {}).get(field, "")
         if path and not os.path.isdir(path):
             check_model_name(path, key)
+    check_ranges(config)
+
+
+# key -> (smallest allowed value, what the value means): values a run would otherwise die on
+# mid-way (a division by zero) or finish "successfully" with nothing trained or nothing kept.
+MINIMUM = {
+    "train.num_steps": (0, "optimizer steps"),
+    "train.log_every": (1, "steps between logged metrics"),
+    "train.checkpoint_every": (1, "steps between checkpoints"),
+    "train.keep_checkpoints": (1, "checkpoints kept; 0 would delete the trained model"),
+    "train.eval_every": (0, "steps between evaluations, 0 = only at the end"),
+    "optim.grad_accum_steps": (1, "micro-batches per step"),
+    "data.batch_size": (1, "examples per step"),
+    "data.eval_batch_size": (1, "examples per evaluation batch"),
+}
+
+
+def check_ranges(config: ConfigDict) -> None:
+    """Numeric keys within their range (:data:`MINIMUM`), and a DPO-family ``loss.beta`` above 0,
+    checked wherever the config (or a stage of it, like the quickstart's ``sft``/``dpo``) has them."""
+    for key, (low, meaning) in MINIMUM.items():
+        section, field = key.split(".")
+        value = config.get(section, {}).get(field)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < low:
+            raise ValueError(f"config.{key}={value}: must be >= {low} ({meaning})")
+    beta = config.get("loss", {}).get("beta")
+    if isinstance(beta, int | float) and beta <= 0:
+        raise ValueError(f"config.loss.beta={beta}: must be > 0 (the scale of the implicit reward)")
 
 
 def check_model_name(name: str, key: str) -> None:
