@@ -80,14 +80,28 @@ def base_config() -> ConfigDict:
     )
 
     c.data = ConfigDict()
-    # synthetic:<task>:<split> (alignjax.data.synthetic), a JSONL/Parquet path, tfds:NAME or seqio:NAME.
-    c.data.source = "synthetic:arithmetic_dpo:train"
-    c.data.eval_source = "synthetic:arithmetic_dpo:val"  # held-out pairs for evaluation ("" = none)
+    # synthetic:<task>:<split> (alignjax.data.synthetic), a JSONL/Parquet path, hf:<dataset dir or
+    # name>[:split] (Hugging Face datasets), tfds:NAME or seqio:NAME. Experiments on the built-in
+    # arithmetic task set it with arithmetic_data().
+    c.data.source = ""
+    # Evaluation data: a source as above; "" = a held-out data.eval_fraction of data.source (0 = no
+    # evaluation). A synthetic: eval set is used only when data.source is synthetic too.
+    c.data.eval_source = ""
+    c.data.eval_fraction = 0.0
     c.data.tokenizer = "arithmetic"  # a built-in name or a directory with tokenizer.json
     c.data.kind = "pairwise"  # pairwise | sft | unpaired
     c.data.on_bad_row = "error"  # error | skip (skips are counted in summary.json)
     c.data.layout = "padded"  # padded | packed | shared_prompt
-    c.data.max_length = 16
+    # Prompt/completion boundary: trl (TRL 1.16's DPOTrainer, token for token) | joint (docs/interop.md).
+    c.data.tokenization = "trl"
+    # Truncation as TRL: each prompt+completion cut to max_length (TRL's DPOConfig default 1024)
+    # keeping its start (keep_start) or end (keep_end); max_prompt_length keeps the prompt's last
+    # tokens, max_completion_length each completion's first (0 = no cut).
+    c.data.max_length = 1024
+    c.data.max_prompt_length = 0
+    c.data.max_completion_length = 0
+    c.data.truncation_mode = "keep_start"
+    c.data.pad_to_multiple_of = 0  # > 0: row length rounded up to a multiple (128 suits TPU kernels)
     c.data.batch_size = 16  # global examples (pairs) per optimizer step
     c.data.eval_batch_size = 64
     c.data.num_eval = 256  # held-out examples for periodic evaluation
@@ -149,6 +163,17 @@ def quickstart_model(vocab_size: int) -> ConfigDict:
             tie_word_embeddings=True,
         )
     )
+
+
+def arithmetic_data(
+    c: ConfigDict, task: str = "arithmetic_dpo", split: str = "train", eval_split: str = "val"
+) -> None:
+    """The built-in arithmetic task as ``config.data``: its ``split``, evaluation on ``eval_split``
+    ("" = none), the character tokenizer, and the task's short ``max_length`` (16)."""
+    c.data.source = f"synthetic:{task}:{split}"
+    c.data.eval_source = f"synthetic:{task}:{eval_split}" if eval_split else ""
+    c.data.tokenizer = "arithmetic"
+    c.data.max_length = 16
 
 
 def runlocal(c: ConfigDict) -> ConfigDict:

@@ -3,11 +3,14 @@
 Launch (one host; on a TPU slice see launch/tpu_vm.sh, which runs the same command on every worker):
 
   python -m alignjax.main --config=experiments/dpo.py:model=tiny,loss=ipo,runlocal --workdir=workdirs/dpo
-  python -m alignjax.main --config=experiments/dpo.py:loss=sigmoid --workdir=workdirs/dpo \
-      --config.model.path=/ckpt/Qwen2.5-0.5B --config.data.source=/data/pairs.jsonl --config.loss.beta=0.1 \
+  python -m alignjax.main --config=experiments/dpo.py:loss=sigmoid,source=/data/pairs.jsonl \
+      --workdir=workdirs/dpo --config.model.path=/ckpt/Qwen2.5-0.5B --config.loss.beta=0.1 \
+      --config.data.tokenizer=/ckpt/Qwen2.5-0.5B --config.data.eval_fraction=0.05 \
       --config.model.compute_dtype=bfloat16 --config.model.remat=dots_no_batch   # fp32 master weights
 
-Arguments: model (preset or HF directory), loss (a name from alignjax.losses.names()), source (data),
+Arguments: model (preset or HF directory), loss (a name from alignjax.losses.names()), source (data:
+a path, hf:<dataset>, ...; with it the real-data defaults hold: data.max_length 1024, evaluation only
+on data.eval_source or a data.eval_fraction of it; without it the built-in arithmetic pairs),
 reference (frozen | none | cache | ema), steps, runlocal.
 """
 
@@ -22,6 +25,8 @@ def get_config(arg: str | None = None):
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
+    else:
+        common.arithmetic_data(c, "arithmetic_dpo")
     c.data.kind = "pairwise"
     c.reference.kind = a.reference
     c.optim.learning_rate = 5e-4

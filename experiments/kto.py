@@ -1,6 +1,10 @@
 """KTO (unpaired desirable / undesirable completions with a batch KL estimate).
 
 python -m alignjax.main --config=experiments/kto.py:runlocal --workdir=workdirs/kto
+
+Data: unpaired rows (prompt, completion, label), or preference pairs, which are unpaired as TRL's
+``unpair_preference_dataset`` does (chosen: label true, rejected: label false); the built-in
+arithmetic pairs without ``source``.
 """
 
 from experiments import common
@@ -12,6 +16,8 @@ def get_config(arg: str | None = None):
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
+    else:
+        common.arithmetic_data(c, "arithmetic_dpo")
     c.data.kind = "unpaired"
     c.optim.learning_rate = 5e-4
     c.train.num_steps = 200

@@ -32,6 +32,8 @@ def get_config(arg: str | None = None):
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
+    else:
+        common.arithmetic_data(c, "arithmetic_dpo")
     c.data.kind = "pairwise"
     c.reference.kind = "none"
     c.optim.learning_rate = 1e-3

@@ -25,7 +25,10 @@ def get_config(arg: str | None = None):
     c.job = "score"
     c.model.path = a.model
     c.reference.path = a.reference
-    c.data.source = a.source or "synthetic:arithmetic_dpo:test"
+    if a.source:
+        c.data.source = a.source
+    else:
+        common.arithmetic_data(c, "arithmetic_dpo", split="test", eval_split="")
     c.score.mode = a.mode
     if a.runlocal:
         common.runlocal(c)

@@ -1,8 +1,8 @@
 """Supervised fine-tuning (NLL on completion tokens) through the same train loop as DPO.
 
   python -m alignjax.main --config=experiments/sft.py:runlocal --workdir=workdirs/sft
-  python -m alignjax.main --config=experiments/sft.py:model=/ckpt/llama --workdir=workdirs/sft \
-      --config.data.source=/data/sft.jsonl
+  python -m alignjax.main --config=experiments/sft.py:model=/ckpt/llama,source=/data/sft.jsonl \
+      --workdir=workdirs/sft --config.data.tokenizer=/ckpt/llama
 """
 
 from experiments import common
@@ -14,9 +14,9 @@ def get_config(arg: str | None = None):
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
+    else:
+        common.arithmetic_data(c, "arithmetic_sft")
     c.data.kind = "sft"
-    c.data.source = c.data.source if a.source else "synthetic:arithmetic_sft:train"
-    c.data.eval_source = "synthetic:arithmetic_sft:val"
     c.reference.kind = "none"
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 10

@@ -50,6 +50,51 @@ def resolve_source(source: Any) -> Any:
     return source
 
 
+SPLITS = ("all", "train", "eval")
+
+
+def is_synthetic(source: Any) -> bool:
+    return isinstance(source, str) and source.startswith("synthetic:")
+
+
+def holdout_split(records: Sequence[Any], fraction: float, split: str) -> list[Any]:
+    """``split`` of ``records``: ``"all"``; ``"eval"``, a ``fraction`` of them chosen by a fixed
+    permutation (the same rows whatever the run's seed); ``"train"``, the rest (disjoint)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if split == "all":
+        return list(records)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.eval_fraction must be in (0, 1) to hold out rows, got {fraction}")
+    n = len(records)
+    n_eval = max(1, round(fraction * n))
+    held = set(np.random.default_rng(0).permutation(n)[:n_eval].tolist())
+    keep = (lambda i: i in held) if split == "eval" else (lambda i: i not in held)
+    return [r for i, r in enumerate(records) if keep(i)]
+
+
+def eval_plan(source: Any, eval_source: Any, eval_fraction: float) -> tuple[Any, str] | None:
+    """Where evaluation reads: ``(eval_source, "all")``, or ``(source, "eval")`` (a held-out
+    ``eval_fraction`` of the training data), or None. A built-in ``synthetic:`` eval set only goes
+    with a synthetic training source: a user's data is never evaluated on the arithmetic pairs."""
+    if eval_source and (is_synthetic(source) or not is_synthetic(eval_source)):
+        return eval_source, "all"
+    if eval_fraction:
+        return source, "eval"
+    return None
+
+
+def tokenize_options(data_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Tokenization and truncation keyword arguments from ``config.data`` (``0`` = unset)."""
+    get = data_config.get
+    return dict(
+        tokenization=get("tokenization", "trl"),
+        max_prompt_length=get("max_prompt_length", 0) or None,
+        max_completion_length=get("max_completion_length", 0) or None,
+        truncation_mode=get("truncation_mode", "keep_start"),
+    )
+
+
 def tokenize_all(
     records: Iterable[tuple[str, Mapping[str, Any]]],
     tokenizer: ChatTokenizer,
@@ -94,6 +139,8 @@ def tokenize_all(
 class PreferenceData:
     """Iterator of host-local batches (see :mod:`alignjax.data.batching` for the layout).
 
+    ``split``/``eval_fraction`` select rows of ``source`` (:func:`holdout_split`); the tokenization
+    and truncation options are :func:`~alignjax.data.tokenize.tokenize_record`'s.
     ``get_state()``/``set_state()`` checkpoint it; ``stats`` holds read/skip/truncation/padding counts.
     """
 
@@ -118,6 +165,8 @@ class PreferenceData:
         shuffle: bool = True,
         num_epochs: int | None = None,
         on_bad_row: str = "error",
+        split: str = "all",
+        eval_fraction: float = 0.0,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
@@ -152,6 +201,7 @@ class PreferenceData:
         )
         self.stats = DataStats()
         records = readers.load_records(resolve_source(source), kind, on_bad_row, self.stats)
+        records = holdout_split(records, eval_fraction, split)
         self.examples, _ = tokenize_all(
             records,
             self.tokenizer,

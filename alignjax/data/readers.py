@@ -151,7 +151,10 @@ def load_records(
         try:
             if isinstance(raw, DataError):
                 raise raw
-            out.append((where, schema.validate_record(raw, kind, where)))
+            if kind == "unpaired" and schema.is_pair_row(raw):
+                out.extend((where, r) for r in schema.unpair(schema.validate_record(raw, "pairwise", where)))
+            else:
+                out.append((where, schema.validate_record(raw, kind, where)))
         except DataError as e:
             if on_bad_row == "error":
                 raise

@@ -8,6 +8,8 @@ Records are plain dicts. Five kinds are understood (``kind=`` everywhere in alig
   ``extract_prompt`` does).
 * ``step``: pairwise plus ``chosen_visits``, ``rejected_visits`` (MCTS visit counts, numbers).
 * ``unpaired``: ``prompt``, ``completion``, ``label`` (bool: desirable or not; KTO/BCO style).
+  A preference row (``chosen``/``rejected``) read as ``unpaired`` becomes two, as TRL's
+  ``unpair_preference_dataset`` does (:func:`unpair`).
 * ``sft``: ``prompt``, ``completion``.
 * ``listwise``: ``prompt``, ``candidates`` (list of >= 2 completions), ``scores`` (one number each).
 
@@ -268,6 +270,21 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
         rec["source_chosen_logps"] = _number(pair[0], "source_logps.chosen", where)
         rec["source_rejected_logps"] = _number(pair[1], "source_logps.rejected", where)
     return rec
+
+
+def is_pair_row(raw: Any) -> bool:
+    """A preference row (``chosen`` and ``rejected``, no ``completion``)."""
+    return isinstance(raw, Mapping) and "chosen" in raw and "rejected" in raw and "completion" not in raw
+
+
+def unpair(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A validated pairwise record as two unpaired ones (TRL ``unpair_preference_dataset``): the
+    chosen completion with ``label=True``, the rejected with ``label=False``; extras are copied."""
+    rest = {k: v for k, v in record.items() if k not in ("chosen", "rejected")}
+    return [
+        dict(rest, completion=record["chosen"], label=True),
+        dict(rest, completion=record["rejected"], label=False),
+    ]
 
 
 def parse_json_line(line: str, where: str) -> Any:

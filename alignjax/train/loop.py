@@ -90,9 +90,12 @@ def data_iterator(
     shuffle: bool = True,
     num_epochs: int | None = None,
     seed: int | None = None,
+    split: str = "all",
 ) -> Any:
-    """The data pipeline for ``source`` with fixed-length batches (one compiled shape)."""
+    """The data pipeline for ``source`` with fixed-length batches (one compiled shape); ``split``
+    (``all``/``train``/``eval``) with ``config.data.eval_fraction`` holds rows out for evaluation."""
     from alignjax.data import make_preference_batches
+    from alignjax.data.pipeline import tokenize_options
 
     if not source:
         raise ValueError("config.data.source is empty: give a dataset (e.g. synthetic:arithmetic_dpo:train)")
@@ -111,6 +114,10 @@ def data_iterator(
         shuffle=shuffle,
         num_epochs=num_epochs,
         on_bad_row=config.data.on_bad_row,
+        split=split,
+        eval_fraction=float(config.data.get("eval_fraction", 0.0)),
+        pad_to_multiple_of=config.data.get("pad_to_multiple_of", 0) or None,
+        **tokenize_options(config.data),
         **extra,
     )
     return data, stats
@@ -280,11 +287,21 @@ def run_train(
     num_steps = int(config.train.num_steps)
 
     # ---- data
-    data, stats = data_iterator(config, config.data.source, micro_size)
+    from alignjax.data.pipeline import eval_plan
+
+    plan = eval_plan(config.data.source, config.data.eval_source, config.data.get("eval_fraction", 0.0))
+    if config.data.eval_source and (plan is None or plan[0] != config.data.eval_source):
+        print(
+            f"data.eval_source={config.data.eval_source} is a built-in set and data.source is not: not "
+            "evaluating on it (set data.eval_source or data.eval_fraction)",
+            flush=True,
+        )
+    train_split = "train" if plan is not None and plan[1] == "eval" else "all"
+    data, stats = data_iterator(config, config.data.source, micro_size, split=train_split)
     eval_batches_host = []
-    if config.data.eval_source:
+    if plan is not None:
         eval_data, _ = data_iterator(
-            config, config.data.eval_source, config.data.eval_batch_size, shuffle=False, num_epochs=1
+            config, plan[0], config.data.eval_batch_size, shuffle=False, num_epochs=1, split=plan[1]
         )
         for host in eval_data:
             eval_batches_host.append(globalize_ids(host, config.data.kind))

@@ -115,3 +115,63 @@ def test_make_preference_batches_global_batch_on_mesh():
     for k, v in host.items():
         np.testing.assert_array_equal(np.asarray(arrays[k]), v)
     assert arrays["input_ids"].sharding.spec[0] == ("data", "fsdp")
+
+
+def test_pairs_read_as_unpaired_split_like_trl():
+    """kind=unpaired on preference pairs (experiments/kto.py on the arithmetic pairs) unpairs them as
+    TRL's unpair_preference_dataset does."""
+    from datasets import Dataset
+    from trl.data_utils import unpair_preference_dataset
+
+    from alignjax.data import load_records
+
+    pairs = RECORDS[:4]
+    ours = [rec for _, rec in load_records(pairs, "unpaired")]
+    theirs = list(unpair_preference_dataset(Dataset.from_list(pairs)))
+    key = lambda r: (r["prompt"], r["completion"], r["label"])  # noqa: E731
+    assert sorted(map(key, ours)) == sorted(map(key, theirs))
+    data, stats = make_preference_batches(
+        pairs, "arithmetic", kind="unpaired", batch_size=8, max_length=10, process_count=1, process_index=0
+    )
+    assert (stats.rows_read, stats.rows_kept) == (4, 8)
+    assert sorted(next(data)["label"].tolist()) == [False] * 4 + [True] * 4
+
+
+def test_holdout_split_is_disjoint_and_fixed():
+    from alignjax.data.pipeline import eval_plan, holdout_split
+
+    rows = list(range(40))
+    held = holdout_split(rows, 0.25, "eval")
+    train = holdout_split(rows, 0.25, "train")
+    assert len(held) == 10 and sorted(held + train) == rows
+    assert held == holdout_split(list(range(40)), 0.25, "eval")  # the same rows every run
+    with pytest.raises(ValueError, match=r"data.eval_fraction must be in \(0, 1\)"):
+        holdout_split(rows, 1.0, "eval")
+    # A user's data is never evaluated on the built-in arithmetic pairs.
+    assert eval_plan("synthetic:arithmetic_dpo:train", "synthetic:arithmetic_dpo:val", 0.0) == (
+        "synthetic:arithmetic_dpo:val",
+        "all",
+    )
+    assert eval_plan("/data/pairs.jsonl", "synthetic:arithmetic_dpo:val", 0.0) is None
+    assert eval_plan("/data/pairs.jsonl", "synthetic:arithmetic_dpo:val", 0.1) == ("/data/pairs.jsonl", "eval")
+    assert eval_plan("/data/pairs.jsonl", "/data/held.jsonl", 0.1) == ("/data/held.jsonl", "all")
+
+
+def test_train_and_eval_splits_of_one_source_do_not_overlap():
+    kw = dict(batch_size=2, max_length=10, process_count=1, process_index=0, eval_fraction=0.25)
+    train, _ = make_preference_batches(RECORDS, "arithmetic", split="train", **kw)
+    held, _ = make_preference_batches(RECORDS, "arithmetic", split="eval", **kw)
+    as_set = lambda d: {tuple(ex.prompt + ex.completions[0]) for ex in d.examples}  # noqa: E731
+    assert len(train.examples) + len(held.examples) == len(RECORDS)
+    assert not as_set(train) & as_set(held)
+
+
+def test_pad_to_multiple_of_rounds_rows_up():
+    kw = dict(batch_size=4, max_length=10, process_count=1, process_index=0)
+    plain, _ = make_preference_batches(RECORDS, "arithmetic", **kw)
+    padded, _ = make_preference_batches(RECORDS, "arithmetic", pad_to_multiple_of=8, **kw)
+    a, b = next(plain), next(padded)
+    assert a["input_ids"].shape[1] == 10 and b["input_ids"].shape[1] == 16
+    for key in ("input_ids", "loss_mask", "segment_ids", "positions", "example_ids"):
+        assert (b[key][:, :10] == a[key]).all()
+    assert (b["segment_ids"][:, 10:] == 0).all() and (b["loss_mask"][:, 10:] == 0).all()
