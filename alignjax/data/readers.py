@@ -1,13 +1,16 @@
-"""Readers: JSONL, Parquet, TFDS and SeqIO sources to validated records.
+"""Readers: JSONL, Parquet, Hugging Face ``datasets``, TFDS and SeqIO sources to validated records.
 
 Each reader yields ``(where, raw_row)`` with ``where = "<file>:<line>"`` (1-based; for Parquet the
-row number, for TFDS/SeqIO ``"tfds:<name>/<split>:<record>"``). :func:`load_records` validates
-them (see :mod:`alignjax.data.schema`). TensorFlow, TFDS and SeqIO are imported inside the
-functions that need them: they cost about 8 s of start-up and are the ``[tfds]`` extra.
+row number, for TFDS/SeqIO ``"tfds:<name>/<split>:<record>"``, for ``datasets``
+``"hf:<name>[<split>]:row <index>"`` with the dataset's own 0-based index). :func:`load_records`
+validates them (see :mod:`alignjax.data.schema`). TensorFlow, TFDS, SeqIO and ``datasets`` are
+imported inside the functions that need them: TensorFlow costs about 8 s of start-up; they are the
+``[tfds]`` and ``[hf]`` extras.
 
 A source is one of:
 
 * a path ending in ``.jsonl`` / ``.json`` (one JSON object per line) or ``.parquet``;
+* ``"hf:<dataset>[:<split>]"``: a Hugging Face dataset, TRL's columns (:func:`read_hf`);
 * a list of dicts (in memory; ``where = "<records>:<i>"``, 1-based);
 * ``{"type": "tfds", "name": "my_prefs:1.0.0", "split": "train", "data_dir": ...}``;
 * ``{"type": "seqio", "task": "my_task", "split": "train"}`` (see :func:`register_seqio_task`).
@@ -43,6 +46,53 @@ def read_parquet(path: str) -> Iterator[tuple[str, Any]]:
     table = pq.read_table(path)
     for i, row in enumerate(table.to_pylist(), start=1):
         yield f"{path}:{i}", {k: v for k, v in row.items() if v is not None}
+
+
+# Files save_to_disk writes: a Dataset (state.json, dataset_info.json) or a DatasetDict (dataset_dict.json).
+_SAVED_DATASET_FILES = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None]:
+    """``"hf:<dataset>[:<split>]"`` -> ``(dataset, split or None)``; a dataset name may contain ``/``."""
+    body = source.removeprefix("hf:")
+    name, sep, split = body.rpartition(":")
+    if not sep or not name or "/" in split:
+        return body, None
+    return name, split
+
+
+def read_hf(source: str) -> Iterator[tuple[str, Any]]:
+    """Yields ``("hf:<name>[<split>]:row <i>", row)`` of a Hugging Face dataset, in stored order.
+
+    A directory written by ``save_to_disk`` is read with ``datasets.load_from_disk`` (a DatasetDict
+    gives ``split``, default ``train``); anything else (a Hub name, a directory of data files, a
+    builder such as ``json``) with ``datasets.load_dataset(name, split=split or "train")``, which
+    works offline on local data. Columns are TRL's: ``prompt``/``chosen``/``rejected`` (strings or
+    lists of ``{role, content}``; without ``prompt`` the shared conversation prefix), or
+    ``prompt``/``completion``/``label``. ``None`` cells (columns a row lacks) are dropped.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "data.source hf:... needs the datasets package (pip install 'alignjax[hf]')"
+        ) from None
+    name, split = parse_hf_source(source)
+    saved = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in _SAVED_DATASET_FILES)
+    if saved:
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            split = split or "train"
+            if split not in ds:
+                raise ValueError(f"data source {source!r}: no split {split!r} (has {sorted(ds)})")
+            ds = ds[split]
+        elif split not in (None, "train"):
+            raise ValueError(f"data source {source!r}: {name} holds one Dataset, not a split {split!r}")
+    else:
+        ds = datasets.load_dataset(name, split=split or "train")
+    prefix = f"hf:{name}[{split or 'train'}]"
+    for i, row in enumerate(ds):
+        yield f"{prefix}:row {i}", {k: v for k, v in row.items() if v is not None}
 
 
 def _from_tf(value: Any) -> Any:
@@ -118,11 +168,16 @@ def iter_source(source: Any) -> Iterator[tuple[str, Any]]:
     """Dispatches a source (path, list of dicts, or a tfds/seqio spec dict) to its reader."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        if path.startswith("hf:"):
+            return read_hf(path)
         if path.endswith((".jsonl", ".json")):
             return read_jsonl(path)
         if path.endswith(".parquet"):
             return read_parquet(path)
-        raise ValueError(f"data source {path!r}: unknown file type (expected .jsonl, .json or .parquet)")
+        raise ValueError(
+            f"data source {path!r}: unknown file type (expected .jsonl, .json, .parquet, hf:<dataset> "
+            "or synthetic:<task>)"
+        )
     if isinstance(source, Mapping):
         kind = source.get("type")
         if kind == "tfds":
