@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alignjax import flops, logprobs, sharding
+from alignjax import flops, logprobs, sharding, storage
 from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
 from alignjax.train.metrics import MetricWriter, Throughput, plot_curves
@@ -141,7 +140,7 @@ def check_batch_divides_mesh(config: Any, mesh: Any, micro_size: int) -> None:
     before compile, with the keys to change."""
     shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     checks = [("config.data.batch_size / config.optim.grad_accum_steps", micro_size)]
-    if config.data.eval_source:
+    if config.data.eval_source or config.data.get("eval_fraction", 0.0):
         checks.append(("config.data.eval_batch_size", int(config.data.eval_batch_size)))
     for key, size in checks:
         if size % shards:
@@ -232,25 +231,30 @@ PREFERENCE = Objective(make_step_spec, make_train_step, make_eval_fn, evaluate, 
 
 
 class _Stop:
-    """SIGTERM flag: the loop saves a checkpoint at the next step boundary and exits cleanly."""
+    """SIGTERM / SIGINT (Ctrl-C) flag: the loop saves a checkpoint at the next step boundary and
+    exits cleanly, resumable, instead of dying mid-step with nothing saved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Stop:
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -258,7 +262,7 @@ class _Stop:
 
 def run_train(
     config: Any,
-    workdir: str,
+    workdir: storage.PathLike,
     *,
     init_params: Any = None,
     ref_params: Any = None,
@@ -272,7 +276,8 @@ def run_train(
     replaces the preference step (see :class:`Objective`).
     """
     t_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    root = storage.path(workdir)  # a local directory or gs://...; every file below goes through it
+    root.mkdir(parents=True, exist_ok=True)
     # ---- mesh
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.rules_from_config(config.rules or None)
@@ -354,7 +359,7 @@ def run_train(
         state_shardings["loss_state"] = jax.tree.map(lambda _: repl, abstract["loss_state"])
     manifest = ckpt.shape_manifest(abstract, dataclasses.asdict(model.config))
     checkpointer = ckpt.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        root / "checkpoints",
         keep=config.train.keep_checkpoints,
         async_save=config.train.async_checkpoints,
     )
@@ -369,8 +374,7 @@ def run_train(
         writer.truncate_after(start)
     else:
         start = 0
-        if os.path.exists(writer.path) and writer.active:
-            os.remove(writer.path)
+        writer.reset()
         state = jax.jit(init, out_shardings=state_shardings)(rng0, init_params, ref_params)
 
     # ---- reference cache (kind=cache): built once, then read into each batch
@@ -467,6 +471,7 @@ def run_train(
                 if save_now:
                     drain(pending)  # never checkpoint a step whose loss was not checked
                     pending = None
+                    writer.flush()  # a resume from this checkpoint finds every row up to it
                     checkpointer.save(step_no, state, data.get_state(), manifest)
                     last_saved = step_no
                 if config.train.eval_every and step_no % config.train.eval_every == 0 and step_no < num_steps:
@@ -480,12 +485,12 @@ def run_train(
                     tokens, t_window = 0, time.time()
                 if stop.requested:
                     checkpointer.wait()
-                    message = f"SIGTERM: saved checkpoint at step {step_no}; exiting"
+                    message = f"{stop.signal_name}: saved checkpoint at step {step_no}; exiting"
                     if progress is not None:
                         progress.write(message)
                     else:
                         print(message, flush=True)
-                    return {"stopped_at": step_no, "reason": "SIGTERM"}
+                    return {"stopped_at": step_no, "reason": stop.signal_name}
             drain(pending)
             pending = None
         finally:
@@ -507,13 +512,12 @@ def run_train(
     }
     if jax.process_index() == 0:
         if final_eval:
-            MetricWriter(workdir, tensorboard=False).write(num_steps, final_eval)
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+            final_writer = MetricWriter(root, tensorboard=False)
+            final_writer.write(num_steps, final_eval)
+            final_writer.close()
+        storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         if config.train.plot:
-            plot_curves(
-                os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), spec.loss
-            )
+            plot_curves(root / "metrics.jsonl", root / "curves.png", spec.loss)
     summary["_state"] = state
     summary["_model"] = model
     return summary
@@ -529,7 +533,7 @@ def _build_cache(
         micro_batch=micro_size, seed=config.seed, processes=jax.process_count(), num_micro=num_micro
     )
     key = reflib.cache_key(model.config, ckpt.fingerprint(ref_params), settings)
-    directory = config.reference.cache_dir or os.path.join(workdir, "ref_cache")
+    directory = config.reference.cache_dir or storage.path(workdir) / "ref_cache"
     cache = reflib.ReferenceCache(directory, key, spec.required)
     if cache.complete(num_micro):
         return cache

@@ -69,16 +69,20 @@ def _wait_for_step(proc, workdir, step, timeout=240):
 def runs(tmp_path_factory):
     """Starts the uninterrupted, the SIGKILLed and the SIGTERMed runs and the 2-process run at once."""
     base = tmp_path_factory.mktemp("loop")
-    dirs = {name: str(base / name) for name in ("clean", "killed", "termed", "multi")}
+    dirs = {name: str(base / name) for name in ("clean", "killed", "termed", "interrupted", "multi")}
     clean = _start(dirs["clean"])
     killed = _start(dirs["killed"])
     termed = _start(dirs["termed"], "--config.train.num_steps=400")
+    interrupted = _start(dirs["interrupted"], "--config.train.num_steps=400")
     _wait_for_step(killed, dirs["killed"], 3)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     _wait_for_step(termed, dirs["termed"], 2)
     termed.send_signal(signal.SIGTERM)
     term_out = termed.communicate(timeout=240)[0]
+    _wait_for_step(interrupted, dirs["interrupted"], 2)
+    interrupted.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    int_out = interrupted.communicate(timeout=240)[0]
     resumed = _start(dirs["killed"])
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import local
@@ -94,7 +98,12 @@ def runs(tmp_path_factory):
     resumed_out = resumed.communicate(timeout=300)[0]
     assert clean.returncode == 0, clean_out
     assert resumed.returncode == 0, resumed_out
-    return dict(dirs=dirs, termed=(termed.returncode, term_out), multi_rc=multi_rc)
+    return dict(
+        dirs=dirs,
+        SIGTERM=(termed.returncode, term_out, dirs["termed"]),
+        SIGINT=(interrupted.returncode, int_out, dirs["interrupted"]),
+        multi_rc=multi_rc,
+    )
 
 
 def test_sigkill_then_restart_gives_identical_metrics(runs):
@@ -128,13 +137,12 @@ def test_summary_and_plot(runs):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep 2, no tmp dirs
 
 
-def test_sigterm_saves_and_exits_cleanly(runs):
-    rc, out = runs["termed"]
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_and_exits_cleanly(runs, name):
+    rc, out, workdir = runs[name]
     assert rc == 0, out
-    saved = max(
-        int(d) for d in os.listdir(os.path.join(runs["dirs"]["termed"], "checkpoints")) if d.isdigit()
-    )
-    assert f"SIGTERM: saved checkpoint at step {saved}" in out
+    saved = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert f"{name}: saved checkpoint at step {saved}" in out
     assert 2 <= saved < 400
 
 
