@@ -7,13 +7,14 @@ The manifest (model config, parameter shapes) lets a restart refuse a checkpoint
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from alignjax import storage
 
 
 class CheckpointMismatch(ValueError):
@@ -29,7 +30,7 @@ def shape_manifest(abstract_state: Any, model_config: Mapping[str, Any]) -> dict
     return {"model_config": dict(model_config), "param_shapes": shapes}
 
 
-def check_manifest(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str) -> None:
+def check_manifest(saved: Mapping[str, Any], current: Mapping[str, Any], directory: storage.PathLike) -> None:
     """Raises CheckpointMismatch naming the first parameter (or config field) that differs."""
     old, new = saved.get("param_shapes", {}), current["param_shapes"]
     problems = [
@@ -55,8 +56,8 @@ def check_manifest(saved: Mapping[str, Any], current: Mapping[str, Any], directo
 class Checkpointer:
     """``CheckpointManager`` with three items: ``state`` (pytree), ``data`` and ``manifest`` (JSON)."""
 
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: storage.PathLike, *, keep: int = 2, async_save: bool = True):
+        self.directory = storage.path(directory)  # orbax writes gs:// itself
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )

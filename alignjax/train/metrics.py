@@ -7,62 +7,106 @@ holds what the computation produced, and a resumed run rewrites it bit for bit.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+from etils import epath
+
+from alignjax import storage
 
 CURVES = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm")
 
 
 class MetricWriter:
-    """Appends metrics to ``<workdir>/metrics.jsonl`` and TensorBoard (``<workdir>/tb``).
+    """Appends metrics to ``<workdir>/metrics.jsonl`` (``perf.jsonl``) and TensorBoard (``<workdir>/tb``),
+    wherever the workdir is (``alignjax.storage``: a local directory or ``gs://``).
 
-    ``truncate_after(step)`` drops lines past a restored checkpoint so that a resumed run's file
-    equals an uninterrupted run's.
+    Locally a row is appended as it comes. An object store has no append, so there the writer keeps
+    each file's text and uploads it whole, at most every ``flush_s`` seconds and on :meth:`flush`
+    and :meth:`close`; the loop flushes before every checkpoint, so a resumed run finds every row up
+    to its checkpoint. ``truncate_after(step)`` drops lines past a restored checkpoint so that a
+    resumed run's file equals an uninterrupted run's; ``reset()`` empties both files (a fresh start).
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.perf_path = os.path.join(workdir, "perf.jsonl")
+    def __init__(self, workdir: storage.PathLike, *, tensorboard: bool = True, flush_s: float = 10.0):
+        root = storage.path(workdir)
+        self.path = root / "metrics.jsonl"
+        self.perf_path = root / "perf.jsonl"
         self.active = jax.process_index() == 0
+        self.local = storage.is_local(root)
+        self.flush_s = flush_s
+        self._text: dict[epath.Path, str] = {}  # object store: each file's whole text
+        self._dirty: set[epath.Path] = set()
+        self._flushed_at = time.monotonic()
         self.tb = None
         if self.active:
-            os.makedirs(workdir, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self.tb = SummaryWriter(os.fspath(root / "tb"))
+
+    def _set(self, path: epath.Path, text: str) -> None:
+        storage.write_text(path, text)
+        if not self.local:
+            self._text[path] = text
+            self._dirty.discard(path)
 
     def truncate_after(self, step: int) -> None:
         if not self.active:
             return
         for path in (self.path, self.perf_path):
-            if not os.path.exists(path):
-                continue
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            if path.exists():
+                lines = path.read_text().splitlines(keepends=True)
+                self._set(path, "".join(x for x in lines if x.strip() and json.loads(x)["step"] <= step))
+
+    def reset(self) -> None:
+        if not self.active:
+            return
+        for path in (self.path, self.perf_path):
+            path.unlink(missing_ok=True)
+            self._text[path] = ""
+            self._dirty.discard(path)
 
     def write(self, step: int, metrics: Mapping[str, Any], *, perf: bool = False) -> None:
         """Appends a row to ``metrics.jsonl`` (``perf=True``: to ``perf.jsonl``) and TensorBoard."""
         if not self.active or not metrics:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in sorted(metrics.items())}}
-        with open(self.perf_path if perf else self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        path = self.perf_path if perf else self.path
+        if self.local:
+            with path.open("a") as f:
+                f.write(line)
+        else:
+            if path not in self._text:
+                self._text[path] = path.read_text() if path.exists() else ""
+            self._text[path] += line
+            self._dirty.add(path)
+            if time.monotonic() - self._flushed_at >= self.flush_s:
+                self.flush()
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, float | int) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        """Uploads the rows not yet in the object store (locally they already are)."""
+        for path in sorted(self._dirty):
+            storage.write_text(path, self._text[path])
+        self._dirty.clear()
+        self._flushed_at = time.monotonic()
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
@@ -113,14 +157,15 @@ def _plain(value: Any) -> Any:
         return value
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: storage.PathLike) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: str, png_path: str, title: str = "") -> str | None:
+def plot_curves(
+    metrics_path: storage.PathLike, png_path: storage.PathLike, title: str = ""
+) -> str | None:
     """Plots the CURVES present in ``metrics.jsonl`` against step into ``png_path`` (Agg backend)."""
-    if jax.process_index() != 0 or not os.path.exists(metrics_path):
+    if jax.process_index() != 0 or not storage.path(metrics_path).exists():
         return None
     import matplotlib
 
@@ -140,6 +185,8 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> str | None
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
+    png = io.BytesIO()  # rendered in memory, then written wherever png_path is
+    fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
-    return png_path
+    storage.write_bytes(png_path, png.getvalue())
+    return os.fspath(png_path)

@@ -14,12 +14,12 @@ See /work/shared/reference/quickstart-probe.md for the measured probe this follo
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
 import jax
 
+from alignjax import storage
 from alignjax.train.generate import task_accuracy
 from alignjax.train.loop import run_train
 from alignjax.train.metrics import plot_curves
@@ -44,6 +44,7 @@ def stage_config(config: Any, stage: str) -> Any:
 
 def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
     t0 = time.time()
+    root = storage.path(workdir)
     from alignjax.data import synthetic
     from alignjax.data.pipeline import resolve_tokenizer
 
@@ -64,13 +65,13 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
             group_key="carry",
         )
 
-    sft = run_train(stage_config(config, "sft"), os.path.join(workdir, "sft"))
+    sft = run_train(stage_config(config, "sft"), root / "sft")
     model, sft_params = sft["_model"], sft["_state"]["params"]
     before, val_before = accuracy(model, sft_params), accuracy(model, sft_params, validation)
     t_sft = time.time() - t0
     dpo = run_train(
         stage_config(config, "dpo"),
-        os.path.join(workdir, "dpo"),
+        root / "dpo",
         init_params=sft_params,
         ref_params=sft_params,
         model=model,
@@ -97,16 +98,11 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         "data/dpo": {k: v for k, v in dpo.items() if k.startswith("data/")},
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+        storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         plot_curves(
-            os.path.join(workdir, "dpo", "metrics.jsonl"),
-            os.path.join(workdir, "curves.png"),
-            f"DPO after SFT ({config.dpo.loss.name})",
+            root / "dpo" / "metrics.jsonl", root / "curves.png", f"DPO after SFT ({config.dpo.loss.name})"
         )
-        plot_curves(
-            os.path.join(workdir, "sft", "metrics.jsonl"), os.path.join(workdir, "sft_curves.png"), "SFT"
-        )
+        plot_curves(root / "sft" / "metrics.jsonl", root / "sft_curves.png", "SFT")
         print(
             f"held-out task accuracy: SFT {before['accuracy']:.3f} -> DPO {after['accuracy']:.3f} "
             f"({summary['task_accuracy/gain_points']:+.1f} points; validation "

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from alignjax import storage
 from alignjax.train.step import CACHEABLE, ema_update
 
 __all__ = [
@@ -78,17 +80,17 @@ class ReferenceCache:
     Micro-batch ``i`` (counted over the whole run, ``step * k + j``) lives in chunk ``i // CHUNK``.
     """
 
-    def __init__(self, directory: str, key: str, names: tuple[str, ...]):
-        self.directory = os.path.join(directory, key)
+    def __init__(self, directory: storage.PathLike, key: str, names: tuple[str, ...]):
+        self.directory = storage.path(directory) / key  # local or an object store
         self.names = tuple(n for n in names if n in CACHEABLE)
         self.process = jax.process_index()
         self._loaded: dict[int, dict[str, np.ndarray]] = {}
 
-    def _path(self, chunk: int) -> str:
-        return os.path.join(self.directory, f"p{self.process}_c{chunk:06d}.npz")
+    def _path(self, chunk: int) -> epath.Path:
+        return self.directory / f"p{self.process}_c{chunk:06d}.npz"
 
     def complete(self, num_micro: int) -> bool:
-        return all(os.path.exists(self._path(c)) for c in range(-(-num_micro // CHUNK)))
+        return all(self._path(c).exists() for c in range(-(-num_micro // CHUNK)))
 
     def build(
         self,
@@ -102,12 +104,12 @@ class ReferenceCache:
         ``batches`` yields host-local micro-batches in training order; ``compute`` maps one to
         global per-example arrays ``{name: [B]}`` (batch-sharded).
         """
-        os.makedirs(self.directory, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         written = 0
         num_chunks = -(-num_micro // CHUNK)
         for chunk in range(num_chunks):
             count = min(CHUNK, num_micro - chunk * CHUNK)
-            if os.path.exists(self._path(chunk)):
+            if self._path(chunk).exists():
                 for _ in range(count):  # already built: advance the iterator past it
                     next(batches)
                 continue
@@ -116,16 +118,16 @@ class ReferenceCache:
                 out = compute(next(batches))
                 for n in self.names:
                     rows[n].append(local_rows(out[n]))
-            tmp = self._path(chunk) + ".tmp.npz"
-            np.savez(tmp, **{n: np.stack(v) for n, v in rows.items()})
-            os.replace(tmp, self._path(chunk))  # atomic: a chunk file is whole or absent
+            npz = io.BytesIO()
+            np.savez(npz, **{n: np.stack(v) for n, v in rows.items()})
+            storage.write_bytes(self._path(chunk), npz.getvalue())  # a chunk file is whole or absent
             written += 1
         return written
 
     def lookup(self, micro_index: int) -> dict[str, np.ndarray]:
         chunk, offset = divmod(micro_index, CHUNK)
         if chunk not in self._loaded:
-            self._loaded = {chunk: dict(np.load(self._path(chunk)))}
+            self._loaded = {chunk: dict(np.load(io.BytesIO(self._path(chunk).read_bytes())))}
         return {n: self._loaded[chunk][n][offset] for n in self.names}
 
 

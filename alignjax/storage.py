@@ -1,0 +1,88 @@
+"""Workdir storage: one path type, ``etils.epath.Path``, for local directories and object stores
+(``gs://``, ``s3://``), so every file a run writes lands where ``--workdir`` points.
+
+Use epath's own API (``path(p) / "name"``, ``.exists()``, ``.read_text()``, ``.mkdir()``); the
+helpers here cover the two things object stores do differently: there is no append (an object is
+uploaded whole) and no atomic rename, but an upload is all-or-nothing, so a reader never sees half
+a file. Locally, writes go through a temporary file and ``os.replace`` for the same guarantee.
+
+gs:// goes through gcsfs (the ``gcs`` extra), the client that honours ``STORAGE_EMULATOR_HOST``;
+orbax's array writes go through tensorstore (``TENSORSTORE_GCS_HTTP_URL`` for an emulator).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+# epath would send gs:// through TensorFlow's file layer whenever TensorFlow is importable: an
+# 8 s import on start-up, and a second GCS client that ignores STORAGE_EMULATOR_HOST. Read lazily
+# (at the first gs:// path), so setting it here, before any path is used, is enough.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402
+
+PathLike = str | os.PathLike
+
+
+def is_local(p: PathLike) -> bool:
+    """True for a path on this machine's file system, False for ``scheme://`` object-store URLs."""
+    return "://" not in os.fspath(p)
+
+
+def path(p: PathLike) -> epath.Path:
+    """``p`` as an ``epath.Path``; local paths are made absolute (orbax requires absolute paths)."""
+    return epath.Path(os.path.abspath(p) if is_local(p) else p)
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``p`` so that readers see the old file or the new one, never a part."""
+    target = path(p)
+    if not is_local(target):
+        target.write_bytes(data)  # an object upload is atomic
+        return
+    tmp = target.parent / f".{target.name}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def write_text(p: PathLike, text: str) -> None:
+    """:func:`write_bytes` of UTF-8 text."""
+    write_bytes(p, text.encode("utf-8"))
+
+
+def check_writable(p: PathLike) -> None:
+    """Writes and deletes a probe object under ``p`` (created if absent); raises ``OSError`` naming
+    ``p`` when that fails (no credentials, no such bucket, no permission)."""
+    probe = path(p) / f".alignjax-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        path(p).mkdir(parents=True, exist_ok=True)
+        probe.write_text("probe")
+        probe.unlink()
+    except Exception as e:  # the object store clients raise their own types
+        raise OSError(
+            f"{os.fspath(p)} is not writable from {socket.gethostname()}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def main(argv: list[str]) -> int:
+    """``python -m alignjax.storage check DIR`` (writable?) | ``copy SRC DST`` (one file, any stores):
+    what launch/tpu_vm.sh runs on the workers, with the same clients as the run."""
+    if len(argv) == 2 and argv[0] == "check":
+        check_writable(argv[1])
+        print(f"ok: {argv[1]} is writable")
+    elif len(argv) == 3 and argv[0] == "copy":
+        path(argv[2]).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(argv[2], path(argv[1]).read_bytes())
+    else:
+        print("usage: python -m alignjax.storage check DIR | copy SRC DST", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except OSError as e:
+        sys.exit(f"error: {e}")
