@@ -61,7 +61,7 @@ def save_llama(path: str, *, vocab_size: int, seed: int = 0, tokenizer=None) -> 
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=2048,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id if tokenizer else None,
         eos_token_id=tokenizer.eos_token_id if tokenizer else None,
@@ -82,24 +82,39 @@ def save_checkpoint(path: str, *, seed: int = 0, chat_template: str | None = CHA
     return path
 
 
-def write_pairs(path: str, n: int = 24, *, conversational: bool = False) -> str:
-    """TRL-format preference rows (standard or conversational) as JSONL."""
+def pair_rows(n: int = 24, *, conversational: bool = False, subsets: tuple[str, ...] = ()) -> list[dict]:
+    """TRL-format preference rows (standard or conversational); with ``subsets``, RewardBench's
+    ``subset`` column cycles through them."""
     rows = []
     for i in range(n):
         a, b = i % 7, i % 5 + 1
         prompt = f"What is {a} + {b}?"
         chosen, rejected = f" {a + b}.", f" {a + b + 1}."
         if conversational:
-            rows.append(
-                dict(
-                    prompt=[{"role": "user", "content": prompt}],
-                    chosen=[{"role": "assistant", "content": chosen.strip()}],
-                    rejected=[{"role": "assistant", "content": rejected.strip()}],
-                )
+            row = dict(
+                prompt=[{"role": "user", "content": prompt}],
+                chosen=[{"role": "assistant", "content": chosen.strip()}],
+                rejected=[{"role": "assistant", "content": rejected.strip()}],
             )
         else:
-            rows.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
+            row = dict(prompt=prompt, chosen=chosen, rejected=rejected)
+        if subsets:
+            row["subset"] = subsets[i % len(subsets)]
+        rows.append(row)
+    return rows
+
+
+def write_pairs(path: str, n: int = 24, **kind) -> str:
+    """:func:`pair_rows` as JSONL."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(json.dumps(r) + "\n" for r in pair_rows(n, **kind))
+    return path
+
+
+def save_pair_dataset(path: str, n: int = 24, **kind) -> str:
+    """:func:`pair_rows` as a Hugging Face dataset written by ``datasets`` (``save_to_disk``)."""
+    import datasets
+
+    datasets.Dataset.from_list(pair_rows(n, **kind)).save_to_disk(path)
     return path

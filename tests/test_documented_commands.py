@@ -6,8 +6,10 @@ as a reader would), each experiment docstring's ``runlocal``/``quick`` command r
 every other ``alignjax.main`` command in the docs must at least build its config with its overrides.
 
 Tiny sizes: a README command without ``runlocal``/``quick`` gets that flag added to its config
-argument; placeholders become real artifacts made here: ``/ckpt/<name>`` a Llama and tokenizer saved
-by ``transformers``, ``*.jsonl`` TRL-format pairs, workdirs and output folders fresh directories.
+argument; placeholders become real artifacts made here: ```/ckpt/<name>`` a Llama and tokenizer saved
+by ``transformers``, ``hf:/data/<name>`` conversational pairs saved by ``datasets``, ``*.jsonl``
+TRL-format pairs (RewardBench's format when the name says ``rewardbench``), workdirs and output
+folders fresh directories.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = re.compile(r"(python -m alignjax\.[\w.]+|python launch/[\w.]+)")
 SIZE_FLAGS = ("runlocal", "quick")
 # Paths a command names that stand for something the user has, replaced by artifacts made here:
-# an HF checkpoint, a data file, or a fresh output folder (workdir, export directory).
+# an HF checkpoint, a `datasets` directory, a data file (a RewardBench-format one when its name says
+# so), or a fresh output folder (workdir, export directory).
 PLACEHOLDER = re.compile(
     r"(?P<checkpoint>/ckpt/[\w.-]+)"
+    r"|(?<=hf:)(?P<dataset>/data/[\w.-]+)"
     r"|(?P<data>(?<![\w/])[\w./-]*\.jsonl)"
     r"|(?P<output>(?<![\w/])(?:workdirs|wd|/tmp|out)/[\w./-]+|(?<![\w/])(?:DIR|OUT)(?![\w]))"
 )
+REWARDBENCH_SUBSETS = ("alpacaeval-easy", "mt-bench-hard", "refusals-dangerous")
 
 
 def commands_in(text: str, where: str) -> list[tuple[str, str]]:
@@ -119,8 +124,10 @@ class Placeholders:
             path = os.path.join(self.root, kind, name.strip("/").replace("/", "_"))
             if kind == "checkpoint":
                 hf_fixtures.save_checkpoint(path, seed=len(self.made))
+            elif kind == "dataset":
+                hf_fixtures.save_pair_dataset(path, 160, conversational=True)
             elif kind == "data":
-                hf_fixtures.write_pairs(path)
+                hf_fixtures.write_pairs(path, subsets=REWARDBENCH_SUBSETS if "rewardbench" in name else ())
             self.made[name] = path
         return self.made[name]
 
