@@ -112,3 +112,29 @@ def test_debug_flag_shows_the_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+
+
+def test_too_small_eval_split_names_the_key(tmp_path):
+    from tests import hf_fixtures
+
+    hf_fixtures.save_tokenizer(str(tmp_path / "tok"))
+    data = hf_fixtures.write_pairs(str(tmp_path / "pairs.jsonl"), 24)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignjax.main",
+            "--config=experiments/dpo.py:runlocal",
+            f"--config.data.source={data}",
+            f"--config.data.tokenizer={tmp_path / 'tok'}",
+            "--config.data.eval_fraction=0.25",
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    expected = f"error: config.data.eval_batch_size=32: {data} (eval split) has only 6 usable examples"
+    assert expected in proc.stderr, proc.stderr

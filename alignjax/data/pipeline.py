@@ -136,6 +136,16 @@ def tokenize_all(
     return out, kept
 
 
+class TooFewExamples(ValueError):
+    """Fewer usable examples than one batch (``count`` < ``batch_size``)."""
+
+    def __init__(self, count: int, batch_size: int, skipped: Mapping[str, int]):
+        self.count, self.batch_size = count, batch_size
+        super().__init__(
+            f"only {count} usable examples, fewer than one batch of {batch_size} (skipped: {skipped})"
+        )
+
+
 class PreferenceData:
     """Iterator of host-local batches (see :mod:`alignjax.data.batching` for the layout).
 
@@ -215,10 +225,7 @@ class PreferenceData:
         )
         self.steps_per_epoch = len(self.examples) // batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"only {len(self.examples)} usable examples, fewer than one batch of {batch_size} "
-                f"(skipped: {dict(self.stats.skipped)})"
-            )
+            raise TooFewExamples(len(self.examples), batch_size, dict(self.stats.skipped))
         self.epoch, self.position = 0, 0
 
     # ---- checkpointable state ----

@@ -90,11 +90,13 @@ def data_iterator(
     num_epochs: int | None = None,
     seed: int | None = None,
     split: str = "all",
+    batch_key: str = "config.data.batch_size",
 ) -> Any:
     """The data pipeline for ``source`` with fixed-length batches (one compiled shape); ``split``
-    (``all``/``train``/``eval``) with ``config.data.eval_fraction`` holds rows out for evaluation."""
+    (``all``/``train``/``eval``) with ``config.data.eval_fraction`` holds rows out for evaluation.
+    ``batch_key`` is the config key a too-small data set is reported against."""
     from alignjax.data import make_preference_batches
-    from alignjax.data.pipeline import tokenize_options
+    from alignjax.data.pipeline import TooFewExamples, tokenize_options
 
     if not source:
         raise ValueError("config.data.source is empty: give a dataset (e.g. synthetic:arithmetic_dpo:train)")
@@ -102,23 +104,28 @@ def data_iterator(
     extra: dict[str, Any] = {"buckets": (config.data.max_length * (2 if layout == "shared_prompt" else 1),)}
     if layout == "packed":
         extra = {"pack_length": config.data.max_length * 2, "pack_rows": batch_size}
-    data, stats = make_preference_batches(
-        source,
-        config.data.tokenizer,
-        kind=config.data.kind,
-        layout=layout,
-        batch_size=batch_size,
-        max_length=config.data.max_length,
-        seed=config.seed if seed is None else seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        on_bad_row=config.data.on_bad_row,
-        split=split,
-        eval_fraction=float(config.data.get("eval_fraction", 0.0)),
-        pad_to_multiple_of=config.data.get("pad_to_multiple_of", 0) or None,
-        **tokenize_options(config.data),
-        **extra,
-    )
+    try:
+        data, stats = make_preference_batches(
+            source,
+            config.data.tokenizer,
+            kind=config.data.kind,
+            layout=layout,
+            batch_size=batch_size,
+            max_length=config.data.max_length,
+            seed=config.seed if seed is None else seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            on_bad_row=config.data.on_bad_row,
+            split=split,
+            eval_fraction=float(config.data.get("eval_fraction", 0.0)),
+            pad_to_multiple_of=config.data.get("pad_to_multiple_of", 0) or None,
+            **tokenize_options(config.data),
+            **extra,
+        )
+    except TooFewExamples as err:
+        where = f"{source} ({split} split)" if split != "all" else source
+        message = f"{batch_key}={err.batch_size}: {where} has only {err.count} usable examples"
+        raise ValueError(message) from None
     return data, stats
 
 
@@ -295,7 +302,7 @@ def run_train(
     from alignjax.data.pipeline import eval_plan
 
     plan = eval_plan(config.data.source, config.data.eval_source, config.data.get("eval_fraction", 0.0))
-    if config.data.eval_source and (plan is None or plan[0] != config.data.eval_source):
+    if config.data.eval_source and plan is None:
         print(
             f"data.eval_source={config.data.eval_source} is a built-in set and data.source is not: not "
             "evaluating on it (set data.eval_source or data.eval_fraction)",
@@ -306,7 +313,13 @@ def run_train(
     eval_batches_host = []
     if plan is not None:
         eval_data, _ = data_iterator(
-            config, plan[0], config.data.eval_batch_size, shuffle=False, num_epochs=1, split=plan[1]
+            config,
+            plan[0],
+            config.data.eval_batch_size,
+            shuffle=False,
+            num_epochs=1,
+            split=plan[1],
+            batch_key="config.data.eval_batch_size",
         )
         for host in eval_data:
             eval_batches_host.append(globalize_ids(host, config.data.kind))
