@@ -22,17 +22,24 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from alignjax import storage
 from alignjax.data import schema
-from alignjax.data.schema import DataError, DataStats
+from alignjax.data.schema import REASON_INVALID_UTF8, DataError, DataStats
 
 
 def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    """Yields ``("path:line", row)``; blank lines are ignored, unparsable lines yield a DataError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """Yields ``("path:line", row)``; blank lines are ignored, unparsable lines (invalid UTF-8
+    included) yield a DataError. ``path`` may be local or on an object store (gs://)."""
+    with storage.path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, DataError(where, REASON_INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, schema.parse_json_line(line, where)
             except DataError as e:
@@ -43,7 +50,8 @@ def read_parquet(path: str) -> Iterator[tuple[str, Any]]:
     """Yields ``("path:row", row)`` with rows numbered from 1; nested lists/structs become lists/dicts."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    with storage.path(path).open("rb") as f:
+        table = pq.read_table(f)
     for i, row in enumerate(table.to_pylist(), start=1):
         yield f"{path}:{i}", {k: v for k, v in row.items() if v is not None}
 

@@ -49,6 +49,7 @@ INT_EXTRAS = ("user_id",)
 
 # Reason keys used in DataStats.skipped (stable: the run summary prints them).
 REASON_NOT_JSON = "not_json"
+REASON_INVALID_UTF8 = "invalid_utf8"
 REASON_MISSING = "missing_field"
 REASON_EMPTY = "empty_field"
 REASON_TYPE = "wrong_type"

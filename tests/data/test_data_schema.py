@@ -136,3 +136,17 @@ def test_append_eos_false_keeps_partial_completions_as_written():
     assert step.completions[1].count(tok.eos_id) == 1
     with pytest.raises(DataError, match="f:3: field 'append_eos' must be true or false"):
         validate_record(dict(row, append_eos="no"), "pairwise", "f:3")
+
+
+def test_invalid_utf8_is_a_bad_row_with_its_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps(GOOD).encode()
+    bad = b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}'
+    path.write_bytes(b"\n".join([good, bad, good]) + b"\n")
+    with pytest.raises(DataError) as e:
+        load_records(str(path), "pairwise", on_bad_row="error")
+    assert str(e.value) == f"{path}:2: invalid UTF-8 at byte 12"
+    stats = DataStats()
+    recs = load_records(str(path), "pairwise", on_bad_row="skip", stats=stats)
+    assert [w for w, _ in recs] == [f"{path}:1", f"{path}:3"]
+    assert dict(stats.skipped) == {"invalid_utf8": 1}
