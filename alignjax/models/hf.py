@@ -15,7 +15,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -133,7 +134,7 @@ def _read_block(tensor_slice: Any, m: TensorMap, index: Sequence[slice]) -> np.n
     return block.transpose(m.perm)
 
 
-def _weight_files(path: str) -> dict[str, str]:
+def weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> safetensors file path (sharded index, single file, or all *.safetensors)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -168,12 +169,13 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def load_params(model: Model, path: str) -> dict:
+def load_params(model: Model, path: str, *, missing_ok: Sequence[str] = ()) -> dict:
     """Reads the checkpoint in ``path`` into ``model``'s param pytree, each leaf placed with its
-    sharding (``model.mesh``; one device when there is none)."""
+    sharding (``model.mesh``; one device when there is none). Tensors named in ``missing_ok`` that
+    the checkpoint lacks are zeros (a sequence classifier has no ``lm_head.weight``)."""
     from safetensors import safe_open
 
-    files = _weight_files(path)
+    files = weight_files(path)
     dtype = np.dtype(jnp.dtype(model.config.param_dtype))
     shardings = model.shardings() if model.mesh is not None else None
     params: dict = {}
@@ -181,6 +183,10 @@ def load_params(model: Model, path: str) -> dict:
         handles: dict[str, Any] = {}
         for m in tensor_maps(model.config):
             file = files.get(m.hf_name)
+            if file is None and m.hf_name in missing_ok:
+                sharding = _get(shardings, m.param_path) if shardings is not None else None
+                _set(params, m.param_path, jnp.zeros(m.target_shape, dtype, device=sharding))
+                continue
             if file is None:
                 raise ValueError(
                     f"{path}: tensor {m.hf_name!r} (for param {'/'.join(m.param_path)}) is missing from the "
@@ -253,7 +259,41 @@ def from_pretrained(
     return model
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+# ------------------------------------------------------------------------------------------ export
+
+# safetensors dtype codes (the format's header strings).
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportTensor:
+    """One tensor of an HF checkpoint, not yet on the host: ``fetch()`` gathers it (every process
+    must call it, in the same order: on several processes it is a collective) and returns it in HF
+    layout and the export dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    fetch: Callable[[], np.ndarray]
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` -> 5 * 10**9 bytes, ``2GiB`` -> 2 * 2**30, ``500MB``, ``10KB``, or a plain integer
+    (transformers' ``max_shard_size`` convention: decimal units, ``i`` for binary ones)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
+    if match:
+        factor = _SIZE_UNITS[match.group(2) or "B"]
+        return int(float(match.group(1)) * factor)
+    raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '5GB', '500MB', '2GiB'")
+
+
+def gather_to_host(x: jax.Array, dtype: np.dtype) -> np.ndarray:
+    """One param to host in ``dtype``; cast on device first (half the traffic for bf16). With several
+    processes every process joins the all-gather and receives this one tensor."""
+    x = x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype)
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
@@ -261,34 +301,201 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def save_pretrained(model: Model, params: Any, path: str) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` in HF layout (param dtype) to ``path``.
-
-    Gathers one tensor at a time to host; process 0 writes. Biases HF requires but this config
-    lacks (HF's ``attention_bias`` covers q/k/v/o together) are written as zeros.
-    """
-    from safetensors.numpy import save_file
-
-    config = model.config
-    dtype = np.dtype(jnp.dtype(config.param_dtype))
-    tensors: dict[str, np.ndarray] = {}
-    for m in tensor_maps(config):
-        tensors[m.hf_name] = m.to_hf(_to_host(_get(params, m.param_path)).astype(dtype))
-    hf_config = config.to_hf()
-    if hf_config.get("attention_bias") or config.model_type == "qwen2":
+def decoder_tensors(
+    config: ModelConfig, params: Any, dtype: str, *, lm_head: bool = True
+) -> list[ExportTensor]:
+    """The decoder's HF tensors in checkpoint order, plus the zero biases HF requires but ``config``
+    lacks (HF's ``attention_bias`` covers q/k/v/o together; Qwen2 always has q/k/v biases).
+    ``lm_head=False`` leaves out ``lm_head.weight`` (a sequence classifier has ``score`` instead)."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out = [
+        ExportTensor(
+            m.hf_name, m.hf_shape, lambda m=m: m.to_hf(gather_to_host(_get(params, m.param_path), np_dtype))
+        )
+        for m in tensor_maps(config)
+        if lm_head or m.hf_name != "lm_head.weight"
+    ]
+    have = {t.name for t in out}
+    if config.to_hf().get("attention_bias") or config.model_type == "qwen2":
         D, H, K, Dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         for i in range(config.num_layers):
             pre = f"model.layers.{i}.self_attn"
             need = {f"{pre}.q_proj.bias": H * Dh, f"{pre}.k_proj.bias": K * Dh, f"{pre}.v_proj.bias": K * Dh}
             if config.model_type != "qwen2":
                 need[f"{pre}.o_proj.bias"] = D
-            for name, size in need.items():
-                tensors.setdefault(name, np.zeros((size,), dtype))
+            out += [
+                ExportTensor(name, (size,), lambda size=size: np.zeros((size,), np_dtype))
+                for name, size in need.items()
+                if name not in have
+            ]
+    return out
+
+
+def plan_shards(tensors: Sequence[ExportTensor], itemsize: int, max_bytes: int) -> list[list[ExportTensor]]:
+    """Consecutive tensors grouped into shards of at most ``max_bytes`` (a larger tensor gets a shard
+    of its own), as transformers' ``save_pretrained`` shards."""
+    shards: list[list[ExportTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        n = math.prod(t.shape) * itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def _safetensors_header(tensors: Sequence[ExportTensor], dtype: str) -> bytes:
+    """The 8-byte length + JSON header of a safetensors file holding ``tensors`` in this order."""
+    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        n = math.prod(t.shape) * itemsize
+        header[t.name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text
+
+
+def write_safetensors(
+    tensors: Sequence[ExportTensor],
+    path: Any,
+    *,
+    dtype: str,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> list[str]:
+    """Streams ``tensors`` into ``path`` as ``model.safetensors``, or, past ``max_shard_size``, as
+    ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``. Returns the file names.
+
+    The shard plan comes from the shapes, so each file's header is written first and every tensor is
+    gathered, written and dropped in turn: a host holds one tensor at a time, never a shard or the
+    model. Every process gathers; process 0 writes (``path`` may be ``gs://``).
+    """
+    from alignjax import storage
+
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}; use one of {sorted(_SAFETENSORS_DTYPES)}")
+    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    shards = plan_shards(tensors, itemsize, parse_size(max_shard_size))
+    n = len(shards)
+    names = (
+        ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    writer = jax.process_index() == 0
+    out = storage.path(path)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    for name, shard in zip(names, shards, strict=True):
+        with _atomic_open(out / name) if writer else contextlib.nullcontext() as f:
+            if writer:
+                f.write(_safetensors_header(shard, dtype))
+            for t in shard:
+                array = t.fetch()
+                if array.shape != t.shape:  # a bug in the tensor map, never the user's input
+                    raise AssertionError(f"{t.name}: gathered {array.shape}, planned {t.shape}")
+                if writer:
+                    f.write(np.ascontiguousarray(array).tobytes())
+                del array
+    if writer and n > 1:
+        total = sum(math.prod(t.shape) * itemsize for t in tensors)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
+        }
+        storage.write_text(
+            out / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n"
+        )
+    return names
+
+
+@contextlib.contextmanager
+def _atomic_open(target: Any):
+    """A binary file that appears complete or not at all: locally a temporary file renamed on close;
+    on an object store the upload itself (committed on close)."""
+    from alignjax import storage
+
+    if not storage.is_local(target):
+        with target.open("wb") as f:
+            yield f
+        return
+    tmp = target.parent / f".{target.name}.tmp"
+    with open(tmp, "wb") as f:
+        yield f
+    os.replace(tmp, target)
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
+    """``bos_token_id``/``eos_token_id``/``pad_token_id`` of an alignjax ``ChatTokenizer`` (pad: the
+    tokenizer's pad token, else EOS, as alignjax pads)."""
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+
+
+def save_tokenizer(tokenizer: Any, path: Any) -> None:
+    """``tokenizer.save_pretrained`` (an alignjax ``ChatTokenizer``: tokenizer.json, tokenizer_config.json,
+    chat templates, as transformers 5.x writes them) into ``path``, which may be ``gs://``."""
+    import tempfile
+
+    from alignjax import storage
+
+    out = storage.path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), tmp)
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                with open(os.path.join(root, name), "rb") as f:
+                    storage.write_bytes(out / rel, f.read())
+
+
+def save_pretrained(
+    model: Model,
+    params: Any,
+    path: Any,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    tokenizer: Any = None,
+    lm_head: bool = True,
+    extra_tensors: Sequence[ExportTensor] = (),
+    config_updates: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes ``model`` with ``params`` to ``path`` (local or ``gs://``) as a Hugging Face checkpoint:
+    ``config.json``, safetensors (:func:`write_safetensors`: one tensor on a host at a time, sharded
+    past ``max_shard_size``), and with ``tokenizer`` (an alignjax ``ChatTokenizer``) its files, its
+    bos/eos/pad ids in ``config.json`` and a ``generation_config.json``.
+
+    ``dtype``: of the written tensors, default the param dtype. ``lm_head=False``, ``extra_tensors``
+    and ``config_updates`` are the sequence-classifier export's (``alignjax.reward.export``).
+    Every process calls this (the gathers are collective); process 0 writes.
+    """
+    from alignjax import storage
+
+    config = model.config
+    dtype = dtype or config.param_dtype
+    tensors = decoder_tensors(config, params, dtype, lm_head=lm_head) + list(extra_tensors)
+    write_safetensors(tensors, path, dtype=dtype, max_shard_size=max_shard_size)
     if jax.process_index() != 0:
         return
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))  # never a half-written checkpoint
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    out = storage.path(path)
+    hf_config = config.to_hf()
+    hf_config.update(dtype=dtype, torch_dtype=dtype)
+    if tokenizer is not None:
+        ids = special_token_ids(tokenizer)
+        hf_config.update(ids)
+        generation = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+        storage.write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        save_tokenizer(tokenizer, out)
+    hf_config.update(config_updates or {})
+    storage.write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")

@@ -1,11 +1,12 @@
 """Saving and loading trained reward models.
 
 * Value heads export to the Hugging Face layout of ``AutoModelForSequenceClassification``
-  (``LlamaForSequenceClassification`` etc.): the decoder's tensors, ``score.weight`` [K, D]
-  (K = number of value heads, 1 for a Bradley-Terry model) and ``config.json`` with
-  ``architectures``, ``num_labels`` and ``pad_token_id`` (HF reads the reward at the last non-pad
-  token of each row, found through ``pad_token_id``). ``lm_head.weight`` stays in the file so that
-  the directory also loads as the causal LM it was fine-tuned from; HF's classifier ignores it.
+  (``LlamaForSequenceClassification`` etc.): the decoder's tensors without ``lm_head.weight`` (the
+  classifier has none: HF would report it UNEXPECTED), ``score.weight`` [K, D] (K = number of value
+  heads, 1 for a Bradley-Terry model) and ``config.json`` with ``architectures``, ``num_labels`` and
+  ``pad_token_id`` (HF reads the reward at the last non-pad token of each row, found through
+  ``pad_token_id``). It is written by ``alignjax.models.save_pretrained``, the one export path
+  (one tensor on a host at a time, safetensors shards past ``max_shard_size``).
 * Every head (GPM and PAL included) is part of the params ``{"decoder", "head"}`` in the run's orbax
   checkpoint; :func:`load_checkpoint_params` reads them back without rebuilding the optimizer.
 """
@@ -13,54 +14,71 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from alignjax.models import from_pretrained, save_pretrained
+from alignjax.models import Model, ModelConfig, load_params, save_pretrained
 from alignjax.models.heads import HeadConfig
+from alignjax.models.hf import DEFAULT_MAX_SHARD_SIZE, ExportTensor, gather_to_host, weight_files
 from alignjax.reward.model import RewardModel
 
 
-def save_classifier(model: RewardModel, params: Any, path: str, *, pad_token_id: int) -> None:
-    """Writes the value-head reward model to ``path`` as an HF sequence classifier."""
-    from safetensors.numpy import load_file, save_file
+def classifier_config(hf_architectures: list[str], num_labels: int, pad_token_id: int) -> dict[str, Any]:
+    """The ``config.json`` keys that make a causal-LM config a sequence classifier's."""
+    return dict(
+        architectures=[a.replace("ForCausalLM", "ForSequenceClassification") for a in hf_architectures],
+        num_labels=num_labels,
+        id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
+        label2id={f"LABEL_{i}": i for i in range(num_labels)},
+        pad_token_id=int(pad_token_id),
+        problem_type="regression",
+    )
 
+
+def save_classifier(
+    model: RewardModel,
+    params: Any,
+    path: Any,
+    *,
+    pad_token_id: int,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    tokenizer: Any = None,
+) -> None:
+    """Writes the value-head reward model to ``path`` (local or ``gs://``) as an HF sequence
+    classifier; ``dtype``, ``max_shard_size`` and ``tokenizer`` as in ``models.save_pretrained``."""
     if model.head_config.kind != "value":
         raise ValueError(
             f"only value heads export as AutoModelForSequenceClassification; this is a "
             f"{model.head_config.kind!r} head (it is saved with the run's checkpoint)"
         )
-    save_pretrained(model.decoder, params["decoder"], path)
-    score = np.asarray(jax.device_get(params["head"]["score"]))  # [D, K]
-    if jax.process_index() != 0:
-        return
-    weights = os.path.join(path, "model.safetensors")
-    tensors = load_file(weights)
-    tensors["score.weight"] = np.ascontiguousarray(score.T.astype(next(iter(tensors.values())).dtype))
-    tmp = weights + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, weights)
-    config_file = os.path.join(path, "config.json")
-    with open(config_file) as f:
-        hf = json.load(f)
-    k = score.shape[1]
-    hf["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification") for a in hf["architectures"]]
-    hf.update(
-        num_labels=k,
-        id2label={str(i): f"LABEL_{i}" for i in range(k)},
-        label2id={f"LABEL_{i}": i for i in range(k)},
-        pad_token_id=int(pad_token_id),
-        problem_type="regression",
+    decoder = model.decoder.config
+    dtype = dtype or decoder.param_dtype
+    score = params["head"]["score"]  # [D, K]
+    k = int(score.shape[1])
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    head = ExportTensor(
+        "score.weight", (k, decoder.hidden_size), lambda: gather_to_host(score, np_dtype).T.copy()
     )
-    with open(config_file, "w") as f:
-        json.dump(hf, f, indent=2)
+    save_pretrained(
+        model.decoder,
+        params["decoder"],
+        path,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        tokenizer=tokenizer,
+        lm_head=False,
+        extra_tensors=[head],
+        config_updates=classifier_config(decoder.to_hf()["architectures"], k, pad_token_id),
+    )
 
 
 def load_classifier(path: str, *, dtype: str = "float32", mesh: Any = None, rules: Any = None) -> RewardModel:
     """An HF sequence-classification directory -> ``RewardModel`` with ``.params`` and ``.pad_token_id``."""
+    import os
+
     from safetensors import safe_open
 
     config_file = os.path.join(path, "config.json")
@@ -68,11 +86,13 @@ def load_classifier(path: str, *, dtype: str = "float32", mesh: Any = None, rule
         raise FileNotFoundError(f"{path}: no config.json (not an exported reward model)")
     with open(config_file) as f:
         hf = json.load(f)
-    decoder = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules)
-    weights = os.path.join(path, "model.safetensors")
+    config = ModelConfig.from_hf(hf, source=config_file, param_dtype=dtype, dtype=dtype)
+    decoder = Model(config, mesh=mesh, rules=rules)
+    decoder.params = load_params(decoder, path, missing_ok=("lm_head.weight",))  # the classifier has none
+    weights = weight_files(path).get("score.weight")
+    if weights is None:
+        raise ValueError(f"{path}: no 'score.weight' tensor: not a sequence-classification checkpoint")
     with safe_open(weights, framework="numpy") as f:
-        if "score.weight" not in f.keys():
-            raise ValueError(f"{weights}: no 'score.weight' tensor: not a sequence-classification checkpoint")
         score = f.get_tensor("score.weight")
     if score.shape[1] != decoder.config.hidden_size:
         raise ValueError(
@@ -88,20 +108,8 @@ def load_classifier(path: str, *, dtype: str = "float32", mesh: Any = None, rule
 def load_checkpoint_params(workdir: str, step: int | None = None) -> Any:
     """The params ``{"decoder", "head"}`` of the run in ``workdir`` (latest checkpoint, or ``step``) as
     host numpy arrays."""
-    import orbax.checkpoint as ocp
+    from alignjax import export
 
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if step is None:
-        steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-        if not steps:
-            raise FileNotFoundError(f"{directory}: no checkpoint to load")
-        step = max(steps)
-    item = os.path.join(directory, str(step), "state")
-    meta = ocp.StandardCheckpointer().metadata(item)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])
-    restored = ocp.PyTreeCheckpointer().restore(
-        item, args=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True)
-    )
-    return jax.tree.map(np.asarray, restored["params"])
+    manager = export.checkpoint_manager(workdir)
+    params = export.restore_params(manager, export.resolve_step(workdir, manager, step))
+    return jax.tree.map(np.asarray, params)
