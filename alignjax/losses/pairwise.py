@@ -3,7 +3,9 @@
 Notation (shared by every docstring here): S = summed log-prob of a completion under the policy,
 R = the same under the reference, u = S - R, n = completion length in tokens (clamped to >= 1),
 ls = log-sigmoid, s = sigmoid. Subscripts w / l = chosen / rejected. With the f-divergence option,
-c = g(u_w), d = g(u_l) (see :func:`f_divergence_score`); z = beta (c - d).
+c = g(u_w), d = g(u_l) (see :func:`f_divergence_score`); z = beta (c - d). As in TRL 1.16, only the
+losses TRL builds on its ``delta_score`` take the option (sigmoid, hinge, ipo, exo_pair, robust,
+discopop, sigmoid_norm); nca_pair, bco_pair, sppo_hard, aot*, apo_* use the raw log-ratios u.
 
 Array inputs (all shape [B], any float dtype; computed in float32):
 ``chosen_logps, rejected_logps`` (policy S), ``ref_chosen_logps, ref_rejected_logps`` (reference R),
@@ -110,6 +112,8 @@ def dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     """DPO (TRL ``sigmoid``), with conservative label smoothing (cDPO) and the f-divergence option.
 
     Formula: z = beta (c - d);  loss = -(1 - eps) ls(z) - eps ls(-z)   (eps = 0: -ls(z), plain DPO).
+    label_smoothing keeps cDPO's meaning (TRL <= 0.28's ``sigmoid``; MCTS-DPO's smoothing). TRL 1.16's
+    ``sigmoid`` ignores ``label_smoothing``: alignjax equals it at eps = 0 (tests/losses/test_trl_parity.py).
     Paper: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
     (arXiv 2305.18290);
     cDPO: "A note on DPO with noisy preferences & relationship to IPO" (Mitchell, 2023).
@@ -174,16 +178,18 @@ def exo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
 
 @register("nca", family="pairwise", aliases=("nca_pair",))
 def nca(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
-        beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+        beta: float = 0.1) -> Array:
     """NCA for pairs (TRL ``nca_pair``): absolute (not relative) likelihood of each response.
 
-    Formula: loss = -ls(beta c) - 0.5 ls(-beta c) - 0.5 ls(-beta d).
+    Formula: loss = -ls(beta u_w) - 0.5 ls(-beta u_w) - 0.5 ls(-beta u_l)   (raw log-ratios u).
+    No f-divergence option: TRL 1.16 builds this loss from the raw log-ratios and refuses any other
+    ``f_divergence_type`` for it.
     Paper: "Noise Contrastive Alignment of Language Models with Explicit Rewards" (arXiv 2402.05369).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
     """
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
     ls = jax.nn.log_sigmoid
-    return -ls(beta * c) - 0.5 * ls(-beta * c) - 0.5 * ls(-beta * d)
+    return -ls(beta * uw) - 0.5 * ls(-beta * uw) - 0.5 * ls(-beta * ul)
 
 
 @register("robust_dpo", family="pairwise", aliases=("robust",))
@@ -205,28 +211,29 @@ def robust_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arr
 
 @register("bco_pair", family="pairwise")
 def bco_pair(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
-             *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+             *, beta: float = 0.1) -> Array:
     """BCO on pairs (TRL ``bco_pair``), without the running reward shift.
 
-    Formula: loss = -ls(beta c) - ls(-beta d).
+    Formula: loss = -ls(beta u_w) - ls(-beta u_l)   (raw log-ratios u; no f-divergence option, as TRL 1.16).
     Paper: "Binary Classifier Optimization for Large Language Model Alignment" (arXiv 2404.04656).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
     """
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
-    return -jax.nn.log_sigmoid(beta * c) - jax.nn.log_sigmoid(-beta * d)
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    return -jax.nn.log_sigmoid(beta * uw) - jax.nn.log_sigmoid(-beta * ul)
 
 
 @register("sppo_hard", family="pairwise")
 def sppo_hard(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
-              *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+              *, beta: float = 0.1) -> Array:
     """SPPO with hard win probabilities (TRL ``sppo_hard``: P = 1 for the winner, 0 for the loser).
 
-    Formula: loss = (c - 1 / (2 beta))^2 + (d + 1 / (2 beta))^2.
+    Formula: loss = (u_w - 1 / (2 beta))^2 + (u_l + 1 / (2 beta))^2   (raw log-ratios u; no f-divergence
+    option, as TRL 1.16).
     Paper: "Self-Play Preference Optimization for Language Model Alignment" (arXiv 2405.00675).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1 (eta = 1 / beta).
     """
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
-    return (c - 0.5 / beta) ** 2 + (d + 0.5 / beta) ** 2
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    return (uw - 0.5 / beta) ** 2 + (ul + 0.5 / beta) ** 2
 
 
 @register("aot", family="pairwise")
@@ -282,16 +289,16 @@ def apo_zero(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
 
 @register("apo_down", family="pairwise")
 def apo_down(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
-             *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
+             *, beta: float = 0.1) -> Array:
     """APO-down (TRL ``apo_down``): lower both likelihoods, the rejected one more.
 
-    Formula: loss = s(beta u_w) + 1 - s(beta (c - d))   (first term on the raw u_w, as TRL).
+    Formula: loss = s(beta u_w) + 1 - s(beta (u_w - u_l))   (raw log-ratios u in both terms; no
+    f-divergence option, as TRL 1.16).
     Paper: "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266), Eq. 8.
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
     """
-    uw, _ = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
-    return jax.nn.sigmoid(beta * uw) + 1.0 - jax.nn.sigmoid(beta * (c - d))
+    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    return jax.nn.sigmoid(beta * uw) + 1.0 - jax.nn.sigmoid(beta * (uw - ul))
 
 
 @register("discopop", family="pairwise")
@@ -355,12 +362,12 @@ def gamma_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arra
 
     Formula: z = beta (u_w - u_l);  loss = -ls(z - gamma_i), with
       gamma_i = gamma                                 (ranking_margin=False), or
-      gamma_i = gamma + beta max(0, R_w - R_l)        (ranking_margin=True; the max is constant, no gradient).
+      gamma_i = gamma + beta max(0, R_l - R_w)        (ranking_margin=True; the max is constant, no gradient).
     Why: the paper shows R = 1[pi(y_w) >= pi(y_l)] holds iff z >= beta (R_l - R_w), i.e. iff the DPO loss is
-    below -ls(beta (R_l - R_w)): where the reference prefers y_w (R_w > R_l) DPO can reach a low loss while
-    still ranking y_l first. Requiring z to exceed the per-example bound beta (R_w - R_l)^+ (plus gamma)
-    makes a low loss imply a correct ranking. This is our reading (the paper diagnoses, it does not name a
-    loss): gamma = 0 and ranking_margin=False recovers DPO.
+    below -ls(beta (R_l - R_w)): where the reference ranks y_l higher (R_l > R_w) DPO can reach a loss below
+    log 2 while still ranking y_l first. Shifting z by the per-example bound beta (R_l - R_w)^+ (plus gamma)
+    makes a loss below -ls(-gamma) imply a correct ranking. This is our reading (the paper diagnoses, it does
+    not name a loss): gamma = 0 and ranking_margin=False recovers DPO.
     Paper: "Preference Learning Algorithms Do Not Learn Preference Rankings" (arXiv 2405.19534).
     Shapes: four [B] -> [B].
     Hyperparameters: beta = 0.1; gamma = 0.5 (margin in units of z); ranking_margin = False.
@@ -369,7 +376,7 @@ def gamma_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arra
     margin = jnp.asarray(gamma, jnp.float32)
     if ranking_margin:
         rw, rl = as_f32(ref_chosen_logps, ref_rejected_logps)
-        margin = margin + beta * jax.lax.stop_gradient(jax.nn.relu(rw - rl))
+        margin = margin + beta * jax.lax.stop_gradient(jax.nn.relu(rl - rw))
     return -jax.nn.log_sigmoid(beta * (uw - ul) - margin)
 
 

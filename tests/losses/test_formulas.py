@@ -104,7 +104,7 @@ def np_discopop(a, a0, beta=0.1, tau=0.05):
 def np_gamma(a, a0, beta=0.1, gamma=0.5, ranking=False):
     c, d = _cd(a)
     margin = gamma + (
-        beta * np.maximum(0, a0["ref_chosen_logps"] - a0["ref_rejected_logps"]) if ranking else 0
+        beta * np.maximum(0, a0["ref_rejected_logps"] - a0["ref_chosen_logps"]) if ranking else 0
     )
     return -ls(beta * (c - d) - margin)
 

@@ -229,6 +229,27 @@ def test_ranking_identity(pair):
     np.testing.assert_array_equal(loss <= -ls(beta * c) + 1e-7, ranked)
 
 
+def test_ranking_margin_makes_low_loss_imply_correct_ranking():
+    """From the identity above (not from gamma_dpo's formula): pi(y_w) >= pi(y_l) iff
+    z = beta (u_w - u_l) >= beta (R_l - R_w). The bound is positive exactly where the reference ranks y_l
+    higher, so the margin must grow there: with gamma = 0, a loss <= log 2 then holds iff the policy ranks
+    y_w first where R_l > R_w, and implies it everywhere."""
+    r = np.random.default_rng(11)
+    n, beta = 400, 0.5
+    sw, sl = -r.uniform(5, 30, n), -r.uniform(5, 30, n)
+    rw, rl = sw + r.normal(0, 6, n), sl + r.normal(0, 6, n)
+    args = [jnp.asarray(x, jnp.float32) for x in (sw, sl, rw, rl)]
+    loss = np.asarray(pairwise.gamma_dpo(*args, beta=beta, gamma=0.0, ranking_margin=True), np.float64)
+    low = loss <= np.log(2.0)
+    ranked = sw >= sl
+    ref_prefers_rejected = rl > rw
+    # The cases plain DPO gets wrong: loss below log 2 (z > 0) while the policy ranks y_l first.
+    dpo_low = np.asarray(pairwise.dpo(*args, beta=beta), np.float64) <= np.log(2.0)
+    assert (dpo_low & ~ranked).sum() >= 5
+    assert not (low & ~ranked).any()
+    np.testing.assert_array_equal(low[ref_prefers_rejected], ranked[ref_prefers_rejected])
+
+
 # ----------------------------------------------------------------------------- registry and docs
 
 
