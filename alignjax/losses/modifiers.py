@@ -19,7 +19,7 @@ Extra array names (the trainer computes them; shapes per example):
   chosen_token_logps, rejected_token_logps,
   ref_chosen_token_logps, ref_rejected_token_logps [B, T], chosen_mask, rejected_mask [B, T]  -- LD-DPO
   semantic_distance [B]                      -- cosine distance d_cos(e(x), e(y_w)) (``cosine_distance``)
-  rationale_logps [B]                        -- log pi(rationale | prompt, y_w, y_l), summed
+  rationale_logps [B]                        -- log pi(rationale | prompt, y_w, y_l), summed over its tokens
   degree_logits [B, D], degree_labels [B]    -- SPO's preference-degree classifier
   chosen_instruction_logps, rejected_instruction_logps (+ ref_*) [B]  -- DOVE's log pi(I)
 """
@@ -137,18 +137,24 @@ def wpo_aligned_logps(token_logps: Array, token_log_sum_sq_probs: Array, mask: A
 
 
 def with_wpo_weights(base: LossFn, *, name: str | None = None) -> LossFn:
-    """Multiplies the base loss by w_w w_l, w = exp(sg(wpo_aligned_logps)) (WPO, arXiv 2406.11827)."""
+    """Multiplies the base loss by min(1, w_w w_l), w = exp(sg(wpo_aligned_logps)) (WPO, arXiv 2406.11827).
+
+    The clamp at 1 is the official code's (wzhouad/WPO scripts/run_wpo.py, ``get_batch_logps``): the
+    aligned log-prob of a token likelier than sum_v p_v^2 is positive, and the clamp keeps such pairs from
+    outweighing on-policy ones. TRL 1.16's ``use_weighting`` does not clamp; alignjax follows the authors.
+    """
 
     def combine(call, v):
         cw, cl = as_f32(v["chosen_wpo_logps"], v["rejected_wpo_logps"])
         check_vectors(chosen_wpo_logps=cw, rejected_wpo_logps=cl)
-        return call() * jax.lax.stop_gradient(jnp.exp(cw + cl))
+        return call() * jax.lax.stop_gradient(jnp.exp(jnp.minimum(cw + cl, 0.0)))
 
     return extend_loss(
         base, combine, name=name or f"{base.__name__}_wpo",
         extra_inputs=("chosen_wpo_logps", "rejected_wpo_logps"),
-        doc=f"{base.__name__} weighted per example by exp(a_w) exp(a_l) (no gradient through the weight),\n"
-            "a = mean_t(log p_t - log sum_v p_v^2) from ``wpo_aligned_logps``.\n"
+        doc=f"{base.__name__} weighted per example by min(1, exp(a_w) exp(a_l)) (no gradient through the\n"
+            "weight; clamped at 1 as the official code), a = mean_t(log p_t - log sum_v p_v^2) from\n"
+            "``wpo_aligned_logps``.\n"
             "Paper: \"WPO: Enhancing RLHF with Weighted Preference Optimization\" (arXiv 2406.11827).\n"
             "Extra inputs: chosen_wpo_logps, rejected_wpo_logps [B].")
 
@@ -242,17 +248,18 @@ def with_semantic_weight(base: LossFn, *, alpha: float = 1.0, name: str | None =
 
 
 def with_rationale(base: LossFn, *, gamma: float = 0.1, name: str | None = None) -> LossFn:
-    """Adds the rationale term -ls(rationale_gamma * log pi(rationale | prompt, y_w, y_l))."""
+    """Subtracts rationale_gamma * log pi(rationale | prompt, y_w, y_l): a plain supervised term."""
 
     def combine(call, v):
         (r,) = as_f32(v["rationale_logps"])
-        return call() - jax.nn.log_sigmoid(v["rationale_gamma"] * r)
+        return call() - v["rationale_gamma"] * r
 
     return extend_loss(
         base, combine, name=name or f"{base.__name__}_rationale", extra_inputs=("rationale_logps",),
         extra_hyper={"rationale_gamma": gamma},
-        doc=f"{base.__name__} - ls(rationale_gamma * log pi(r | x, y_w, y_l)),\n"
-            "r = a rationale for the preference.\n"
+        doc=f"{base.__name__} - rationale_gamma * log pi(r | x, y_w, y_l), r = a rationale for the\n"
+            "preference: the rationale's negative log-likelihood, weighted, added to the preference loss\n"
+            "(a supervised term, not a log-sigmoid of it).\n"
             "Paper: \"Data-Centric Human Preference Optimization with Rationales\" (arXiv 2407.14477).\n"
             f"Extra inputs: rationale_logps [B] (summed). Hyperparameters: rationale_gamma = {gamma}.")
 

@@ -324,11 +324,14 @@ def discopop(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
 def ln_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
            chosen_lengths: Array, rejected_lengths: Array, *, beta: float = 0.1,
            f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
-    """Length-normalised DPO (TRL ``sigmoid_norm``).
+    """Length-normalised DPO (TRL ``sigmoid_norm``): DPO on per-token (mean) log-ratios.
 
     Formula: loss = -ls(beta (c / n_w - d / n_l)), n clamped to >= 1.
-    Paper: DPO (arXiv 2305.18290) with per-token log-ratios, as in "Disentangling Length from Quality in
-    Direct Preference Optimization" (arXiv 2403.19159).
+    Source: TRL's ``sigmoid_norm`` loss type (no paper of its own); DPO (arXiv 2305.18290) with the
+    log-ratios divided by the completion length, the normalisation SimPO applies to its reference-free
+    reward ("SimPO: Simple Preference Optimization with a Reference-Free Reward", arXiv 2405.14734). Not
+    R-DPO ("Disentangling Length from Quality in Direct Preference Optimization", arXiv 2403.19159),
+    which keeps summed log-ratios and adds a length penalty alpha (|y_w| - |y_l|) to the logit instead.
     Shapes: four [B] log-probs, two [B] lengths -> [B]. Hyperparameters: beta = 0.1.
     """
     check_vectors(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_logps=chosen_logps)
@@ -457,20 +460,36 @@ def infifpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, r
 
 @register("gpo_square", family="pairwise")
 def gpo_square(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
-               preference_scores: Array, *, beta: float = 0.1, tau: float = 0.1) -> Array:
-    """GPO: SPPO-style square loss with win probabilities from General Preference Model scores.
+               chosen_win_probs: Array, rejected_win_probs: Array, *, beta: float = 0.1) -> Array:
+    """GPO: SPPO's square loss with per-response win probabilities against the current policy.
 
-    Formula: P = s(score / tau) (the GPM probability that y_w beats y_l; score = <R v_w, v_l>);
-      loss = (u_w - (P - 1/2) / beta)^2 + (u_l - (1/2 - P) / beta)^2.
-    P = 1 recovers ``sppo_hard``. The scores are given (computed by the GPM head, no gradient here).
+    Formula: loss = (u_w - (P_w - 1/2) / beta)^2 + (u_l - (P_l - 1/2) / beta)^2, with
+      P_w = P(y_w > pi_t), P_l = P(y_l > pi_t): each response's probability of beating the current policy,
+      estimated from GPM scores against K policy samples (``gpm_win_probability``). They are two inputs that
+      need not sum to one (a pair where both responses beat the policy has P_w, P_l > 1/2).
+    P_w = 1, P_l = 0 recovers ``sppo_hard``. The probabilities are constants here (no gradient).
     Paper: "Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment"
-    (arXiv 2410.02197);
-    the square loss is SPPO's (arXiv 2405.00675) with eta = 1 / beta.
-    Shapes: four [B] log-probs, ``preference_scores`` [B] -> [B].
-    Hyperparameters: beta = 0.1; tau = 0.1 (GPM temperature).
+    (arXiv 2410.02197); the square loss is SPPO's (arXiv 2405.00675, Eq. 4.7) with eta = 1 / beta.
+    Shapes: four [B] log-probs, ``chosen_win_probs, rejected_win_probs`` [B] in [0, 1] -> [B].
+    Hyperparameters: beta = 0.1.
     """
-    check_vectors(chosen_logps=chosen_logps, preference_scores=preference_scores)
+    check_vectors(chosen_logps=chosen_logps, chosen_win_probs=chosen_win_probs,
+                  rejected_win_probs=rejected_win_probs)
     uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
-    (score,) = as_f32(preference_scores)
-    p = jax.lax.stop_gradient(jax.nn.sigmoid(score / tau))
-    return (uw - (p - 0.5) / beta) ** 2 + (ul - (0.5 - p) / beta) ** 2
+    pw, pl = jax.lax.stop_gradient(as_f32(chosen_win_probs, rejected_win_probs))
+    return (uw - (pw - 0.5) / beta) ** 2 + (ul - (pl - 0.5) / beta) ** 2
+
+
+def gpm_win_probability(scores: Array, *, tau: float = 0.1, mask: Array | None = None) -> Array:
+    """P(y > pi_t) estimated from GPM scores s(y > y_k) against K policy samples: mean_k s(score_k / tau).
+
+    Shapes: ``scores`` [B, K] (``reward.gpm_score`` of the response against each sample), optional
+    ``mask`` [B, K] (1 = a real sample) -> [B] float32. tau = 0.1 is the GPM temperature.
+    """
+    chex.assert_rank(scores, 2)
+    (z,) = as_f32(scores)
+    p = jax.nn.sigmoid(z / tau)
+    if mask is None:
+        return jnp.mean(p, axis=-1)
+    (m,) = as_f32(mask)
+    return jnp.sum(p * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)

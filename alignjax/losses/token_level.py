@@ -50,7 +50,8 @@ def sparsepo(
     rejected_kl_mask: chex.Array | None = None,
     *,
     beta: float = 0.1,
-    sparsity_weight: float = 0.0,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
 ) -> jax.Array:
     """SparsePO: DPO with token masks on the reward and on the KL term.
 
@@ -60,12 +61,13 @@ def sparsepo(
 
         u = sum_t m^u_{w,t} Delta_t(y_w) - sum_t m^u_{l,t} Delta_t(y_l)
         d = sum_t m^d_{w,t} k_{w,t}      - sum_t m^d_{l,t} k_{l,t}
-        L = -log sigmoid(beta (u - d)) + lambda (|m_w|_1 + |m_l|_1)
+        L = -log sigmoid(beta (u - d)) + lambda_u (|m^u_w|_1 + |m^u_l|_1) + lambda_d (|m^d_w|_1 + |m^d_l|_1)
 
-    where k_t = sum_v pi_ref(v|.) (log pi(v|.) - log pi_ref(v|.)) is supplied by the trainer, and
-    the L1 term sums |m| over valid tokens of every mask that is given (reward masks, and the KL
-    masks when they are independent; shared masks are counted once). Sums run over valid
-    (``*_mask``) tokens only.
+    where k_t = sum_v pi_ref(v|.) (log pi(v|.) - log pi_ref(v|.)) is supplied by the trainer. As in the
+    official code (huawei-noah/HEBO SparsePO/src/trainers/sparse_trainer.py), the reward and KL masks
+    have separate L1 weights and both norms are added; with a shared ("common") mask both weights
+    are halved, so the one mask costs (lambda_u + lambda_d) / 2 per unit of L1 norm. Sums and norms
+    run over valid (``*_mask``) tokens only.
 
     Args:
       chosen_token_logps, rejected_token_logps: [B, T] policy token log-probs.
@@ -77,8 +79,9 @@ def sparsepo(
       chosen_kl_mask, rejected_kl_mask: optional [B, T] KL masks m^d; None = shared with the reward
         masks (the paper's "common mask" setting).
       beta: inverse temperature (paper default 0.1).
-      sparsity_weight: lambda of the L1 term (default 0.0: fixed masks need none; set > 0 for
-        learned masks to encourage sparsity).
+      l1_reward, l1_kl: lambda_u and lambda_d, the L1 weights of the reward and KL masks (official
+        ``l1_norm_param_u`` / ``l1_norm_param_d``; default 0.0 as there, 0.001 each in the paper's HH
+        setting; fixed masks need none, learned masks use them to encourage sparsity).
 
     Returns:
       [B] per-example losses.
@@ -124,8 +127,8 @@ def sparsepo(
     loss = -jax.nn.log_sigmoid(beta * (u - d))
 
     ones_w, ones_l = jnp.ones_like(mu_w), jnp.ones_like(mu_l)
-    l1 = _masked_sum(jnp.abs(mu_w), ones_w, chosen_mask) + _masked_sum(jnp.abs(mu_l), ones_l, rejected_mask)
-    if independent:
-        l1 = l1 + _masked_sum(jnp.abs(md_w), ones_w, chosen_mask)
-        l1 = l1 + _masked_sum(jnp.abs(md_l), ones_l, rejected_mask)
-    return loss + sparsity_weight * l1
+    l1_u = _masked_sum(jnp.abs(mu_w), ones_w, chosen_mask) + _masked_sum(jnp.abs(mu_l), ones_l, rejected_mask)
+    l1_d = _masked_sum(jnp.abs(md_w), ones_w, chosen_mask) + _masked_sum(jnp.abs(md_l), ones_l, rejected_mask)
+    # A shared mask enters both norms; the official trainer halves both weights to make up for it.
+    scale = 1.0 if independent else 0.5
+    return loss + scale * (l1_reward * l1_u + l1_kl * l1_d)

@@ -135,10 +135,10 @@ def np_infifpo(a, a0, beta=0.1, fusion="mean", clip=True):
     return -ls(beta * (lw - fw) - beta * (ll - fl))
 
 
-def np_gpo(a, a0, beta=0.1, tau=0.1):
+def np_gpo(a, a0, beta=0.1):
     c, d = _cd(a)
-    p = sig(a0["preference_scores"] / tau)
-    return (c - (p - 0.5) / beta) ** 2 + (d - (0.5 - p) / beta) ** 2
+    pw, pl = a0["chosen_win_probs"], a0["rejected_win_probs"]
+    return (c - (pw - 0.5) / beta) ** 2 + (d - (pl - 0.5) / beta) ** 2
 
 
 def np_simpo(a, a0, beta=2.0, gamma=0.5):
@@ -216,14 +216,14 @@ def _extra(seed, kind):
             "source_rejected_logps": -r.uniform(0.5, 3, (B, N)),
         }
     if kind == "scores":
-        return {"preference_scores": r.normal(0, 0.3, B)}
+        return {"chosen_win_probs": r.uniform(0, 1, B), "rejected_win_probs": r.uniform(0, 1, B)}
     if kind == "visits":
         return {
             "chosen_visits": r.integers(0, 6, B).astype(np.int32),
             "rejected_visits": r.integers(0, 6, B).astype(np.int32),
         }
     if kind == "wpo":
-        return {"chosen_wpo_logps": -r.uniform(0, 2, B), "rejected_wpo_logps": -r.uniform(0, 2, B)}
+        return {"chosen_wpo_logps": r.uniform(-2, 1, B), "rejected_wpo_logps": r.uniform(-2, 1, B)}
     if kind == "sem":
         return {"semantic_distance": r.uniform(0, 1, B)}
     if kind == "rationale":
@@ -293,7 +293,7 @@ def _nll(a):
 
 
 def _wpo_w(a0):
-    return np.exp(a0["chosen_wpo_logps"] + a0["rejected_wpo_logps"])
+    return np.minimum(1.0, np.exp(a0["chosen_wpo_logps"] + a0["rejected_wpo_logps"]))
 
 
 def _degree_ce(a):
@@ -394,7 +394,7 @@ CASES = [
     Case(
         "rationale_dpo",
         modifiers.rationale_dpo,
-        lambda a, a0: np_dpo(a, a0) - ls(0.1 * a["rationale_logps"]),
+        lambda a, a0: np_dpo(a, a0) - 0.1 * a["rationale_logps"],
         {},
         "rationale",
     ),

@@ -173,7 +173,12 @@ def test_mcts_dpo_limits(pair):
 
 
 def test_gpo_square_hard_is_sppo_hard(pair):
-    close(pairwise.gpo_square(**pair, preference_scores=jnp.full(B, 100.0)), pairwise.sppo_hard(**pair), 1e-4)
+    hard = {"chosen_win_probs": jnp.ones(B), "rejected_win_probs": jnp.zeros(B)}
+    close(pairwise.gpo_square(**pair, **hard), pairwise.sppo_hard(**pair))
+    # Win probabilities from GPM scores against K samples: scores far above 0 win surely, far below lose.
+    scores = jnp.asarray([[100.0, 100.0, -100.0, -100.0]] * B)
+    close(pairwise.gpm_win_probability(scores), np.full(B, 0.5))
+    close(pairwise.gpm_win_probability(scores, mask=jnp.asarray([[1, 1, 1, 0]] * B)), np.full(B, 2 / 3))
 
 
 def test_alphapo_alpha0_is_simpo(pair):
