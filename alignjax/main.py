@@ -103,6 +103,8 @@ def validate(config: ConfigDict) -> None:
     for key in ("model.path", "reference.path"):
         section, field = key.split(".")
         path = config.get(section, {}).get(field, "")
+        if path and "@" in path and path.rpartition("@")[2].isdigit():
+            path = path.rpartition("@")[0]  # a training workdir at a checkpoint step (score.py)
         if path and not os.path.isdir(path):
             check_model_name(path, key)
     check_ranges(config)
@@ -146,18 +148,20 @@ def check_model_name(name: str, key: str) -> None:
 
 
 def write_config(config: ConfigDict, workdir: str) -> None:
-    """``<workdir>/config.json`` (process 0), local or on an object store (``alignjax.storage``)."""
+    """``<workdir>/config.json`` for a fresh workdir; on a resume, the check against it and the
+    record of allowed changes (``alignjax.train.workdir.record_config``); process 0 writes."""
     import jax
 
-    from alignjax import storage
+    from alignjax.train import workdir as workdirlib
 
-    if jax.process_index() == 0:
-        storage.path(workdir).mkdir(parents=True, exist_ok=True)
-        storage.write_text(storage.path(workdir) / "config.json", config.to_json(indent=2, sort_keys=True))
+    workdirlib.record_config(config, workdir, write=jax.process_index() == 0)
 
 
 def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs ``config.job`` in ``workdir`` and returns its summary."""
+    """Runs ``config.job`` in ``workdir`` and returns its summary, holding the workdir's lock
+    (process 0) from before ``config.json`` is checked until the job ends, however it ends."""
+    import contextlib
+
     validate(config)
     if config.get("distributed") is not None and config.distributed.enabled:
         from alignjax.sharding import initialize_distributed
@@ -169,9 +173,20 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
             num_processes=count,
             process_id=int(config.distributed.process_id) if count else None,
         )
-    write_config(config, workdir)
-    module, function = JOBS[config.job].split(":")
-    return getattr(importlib.import_module(module), function)(config, workdir)
+    import jax
+
+    from alignjax.train import workdir as workdirlib
+
+    break_lock = bool(config.get("train", {}).get("break_lock", False))
+    lock = (
+        workdirlib.locked(workdir, break_lock=break_lock)
+        if jax.process_index() == 0
+        else contextlib.nullcontext()
+    )
+    with lock:
+        write_config(config, workdir)
+        module, function = JOBS[config.job].split(":")
+        return getattr(importlib.import_module(module), function)(config, workdir)
 
 
 # What a user can get wrong (a config value, a data row, a path, a checkpoint that does not fit):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Any
 
 # epath would send gs:// through TensorFlow's file layer whenever TensorFlow is importable: an
 # 8 s import on start-up, and a second GCS client that ignores STORAGE_EMULATOR_HOST. Read lazily
@@ -50,6 +51,75 @@ def write_bytes(p: PathLike, data: bytes) -> None:
 def write_text(p: PathLike, text: str) -> None:
     """:func:`write_bytes` of UTF-8 text."""
     write_bytes(p, text.encode("utf-8"))
+
+
+def _gcs_blob(p: PathLike) -> Any:
+    from google.cloud import storage as gcs  # the `gcs` extra; honours STORAGE_EMULATOR_HOST
+
+    bucket, _, name = os.fspath(p).removeprefix("gs://").partition("/")
+    return gcs.Client().bucket(bucket).blob(name)
+
+
+def create_exclusive(p: PathLike, text: str) -> bool:
+    """Creates ``p`` holding ``text`` only if it does not exist; False when it does. Atomic locally
+    (``O_EXCL``) and on gs:// (an upload with the precondition "no live generation")."""
+    target = path(p)
+    if is_local(target):
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    if os.fspath(target).startswith("gs://"):
+        from google.api_core.exceptions import PreconditionFailed
+
+        try:
+            _gcs_blob(target).upload_from_string(text, if_generation_match=0)
+        except PreconditionFailed:
+            return False
+        return True
+    if target.exists():  # other object stores: no precondition available here, best effort
+        return False
+    target.write_text(text)
+    return True
+
+
+def remove_if(p: PathLike, text: str) -> None:
+    """Deletes ``p`` if it still holds ``text`` (a lock this process took, or the stale one it read),
+    so that a lock someone else took in between survives; on gs:// the delete is conditional on the
+    generation that was read."""
+    target = path(p)
+    if os.fspath(target).startswith("gs://"):
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        blob = _gcs_blob(target)
+        try:
+            blob.reload()
+            if blob.download_as_text(if_generation_match=blob.generation) == text:
+                blob.delete(if_generation_match=blob.generation)
+        except (NotFound, PreconditionFailed):
+            pass
+        return
+    try:
+        if target.read_text() == text:
+            target.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+    """Moves a file or directory tree (an object store has no rename: copy, then delete)."""
+    source, target = path(src), path(dst)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_local(source):
+        os.replace(source, target)
+        return
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(os.fspath(source))
+    fs.mv(os.fspath(source), os.fspath(target), recursive=True)
 
 
 def check_writable(p: PathLike) -> None:

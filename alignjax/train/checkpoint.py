@@ -3,6 +3,10 @@
 A step directory only becomes visible when complete (orbax writes to a temporary directory and
 renames it on commit), so a run killed at any point restarts from the last complete checkpoint.
 The manifest (model config, parameter shapes) lets a restart refuse a checkpoint of another model.
+
+A step that is there but does not restore (a truncated or deleted file, an empty directory, a
+missing item) is moved to ``checkpoints/damaged/<step>-<reason>``, never deleted, and the previous
+step is used (:meth:`Checkpointer.restore_latest`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from alignjax import storage
+
+ITEMS = ("state", "data", "manifest")
 
 
 class CheckpointMismatch(ValueError):
@@ -62,11 +68,51 @@ class Checkpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "manifest")
+            self.directory, options=options, item_names=ITEMS
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_latest(
+        self, abstract_state: Any, manifest: Mapping[str, Any]
+    ) -> tuple[int, Any, dict] | None:
+        """``(step, state, data_state)`` of the newest step that restores, None when none does.
+
+        Each newer step that fails (see :func:`damage`) is moved aside with a message saying what was
+        wrong; a checkpoint of another model (:class:`CheckpointMismatch`) is not damage and raises.
+        """
+        moved = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            # orbax and TensorStore raise bare Exceptions, KeyErrors, JSON errors...: any of them
+            # means this step cannot be resumed from.
+            try:
+                saved = self._manifest(step)
+            except Exception as err:
+                moved.append(self._move_aside(step, *damage(self.directory / str(step), err, "manifest")))
+                continue
+            check_manifest(saved, manifest, self.directory)
+            try:
+                return (step, *self._items(step, abstract_state))
+            except Exception as err:
+                moved.append(self._move_aside(step, *damage(self.directory / str(step), err, "state")))
+        if moved:
+            print(f"no usable checkpoint left in {self.directory}: starting from step 0", flush=True)
+        return None
+
+    def _move_aside(self, step: int, reason: str, detail: str) -> str:
+        target = self.directory / "damaged" / f"{step}-{reason}"
+        while target.exists():  # an earlier damaged copy of the same step is kept too
+            target = target.parent / f"{target.name}-again"
+        if jax.process_index() == 0:
+            storage.move(self.directory / str(step), target)
+        self.manager.reload()
+        print(
+            f"checkpoint step {step} in {self.directory} is damaged ({detail}); moved to {target}, "
+            "trying the previous step",
+            flush=True,
+        )
+        return str(target)
 
     def save(self, step: int, state: Any, data_state: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
         self.manager.save(
@@ -79,13 +125,12 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any, manifest: Mapping[str, Any]) -> tuple[Any, dict]:
-        """Restores ``step`` into arrays with ``abstract_state``'s shapes and shardings, after the
-        manifest check."""
-        saved = self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))[
+    def _manifest(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))[
             "manifest"
         ]
-        check_manifest(saved, manifest, self.directory)
+
+    def _items(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -100,6 +145,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def damage(step_dir: Any, err: BaseException, phase: str) -> tuple[str, str]:
+    """``(reason, detail)`` of a step whose ``phase`` (``manifest`` or ``state``) failed to restore
+    with ``err``: a short name for the directory it is moved to (``empty``, ``no-<item>``,
+    ``bad-manifest``, ``bad-state``) and the first line of what went wrong."""
+    if not step_dir.exists() or not any(step_dir.iterdir()):
+        return "empty", "the step directory is empty"
+    for item in ITEMS:
+        if not (step_dir / item).exists():
+            return f"no-{item}", f"its {item!r} item is missing"
+    first_line = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"bad-{phase}", f"{phase} does not restore: {type(err).__name__}: {first_line}"
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

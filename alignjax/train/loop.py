@@ -377,12 +377,11 @@ def run_train(
         async_save=config.train.async_checkpoints,
     )
     writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
-    start = checkpointer.latest_step()
-    if start is not None:
-        # ---- restore (refuses a checkpoint of another model before reading any array)
-        state, data_state = checkpointer.restore(
-            start, ckpt.abstract_with_shardings(abstract, state_shardings), manifest
-        )
+    # ---- restore the newest step that restores (damaged ones are moved aside; a checkpoint of
+    # another model is refused before any array is read)
+    restored = checkpointer.restore_latest(ckpt.abstract_with_shardings(abstract, state_shardings), manifest)
+    if restored is not None:
+        start, state, data_state = restored
         data.set_state(data_state)
         writer.truncate_after(start)
     else:
@@ -526,7 +525,7 @@ def run_train(
     if jax.process_index() == 0:
         if final_eval:
             final_writer = MetricWriter(root, tensorboard=False)
-            final_writer.write(num_steps, final_eval)
+            final_writer.write_once(num_steps, final_eval)  # a finished run's rerun adds no row
             final_writer.close()
         storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         if config.train.plot:

@@ -59,12 +59,27 @@ class MetricWriter:
             self._dirty.discard(path)
 
     def truncate_after(self, step: int) -> None:
+        """Keeps the rows up to ``step``; a last line cut short (a kill mid-write) is dropped, with a
+        note: every row it could have held is past the checkpoint and is written again."""
         if not self.active:
             return
         for path in (self.path, self.perf_path):
             if path.exists():
                 lines = path.read_text().splitlines(keepends=True)
+                if lines and not lines[-1].endswith("\n"):
+                    print(f"note: {path}: dropped a partial last line {lines.pop()!r}", flush=True)
                 self._set(path, "".join(x for x in lines if x.strip() and json.loads(x)["step"] <= step))
+
+    def write_once(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """:meth:`write`, unless ``metrics.jsonl`` already has a row at ``step`` with these keys (a
+        rerun of a finished run adds nothing)."""
+        if not self.active or not metrics:
+            return
+        if self.path.exists():
+            keys = {"step", *metrics}
+            if any(r["step"] == step and set(r) == keys for r in read_metrics(self.path)):
+                return
+        self.write(step, metrics)
 
     def reset(self) -> None:
         if not self.active:
