@@ -37,7 +37,8 @@ def simpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rej
     Paper: "SimPO: Simple Preference Optimization with a Reference-Free Reward" (arXiv 2405.14734).
     Shapes: two [B] log-probs, two [B] lengths -> [B].
     Hyperparameters: beta = 2.0 (the paper's range is 2.0 to 2.5); gamma = 0.5 (TRL ``simpo_gamma``;
-    the margin in units of z); label_smoothing = 0.0.
+    the margin in units of z; the official code's ``gamma_beta_ratio`` is gamma / beta);
+    label_smoothing = 0.0.
     """
     check_probability("label_smoothing", label_smoothing)
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,

@@ -147,3 +147,13 @@ def test_trl_sigmoid_ignores_label_smoothing_and_cdpo_is_eps_zero():
     smoothed = losses.get("sigmoid")(data["logps"][w], data["logps"][lo], data["ref"][w], data["ref"][lo],
                                      beta=BETA, label_smoothing=EPS)
     assert np.abs(np.asarray(smoothed) - trl_loss).max() > 1e-2
+
+
+def test_gpo_square_with_hard_win_probabilities_is_trl_sppo_hard():
+    """P(y_w > pi) = 1, P(y_l > pi) = 0 is the hard case TRL's ``sppo_hard`` implements."""
+    data = _batch(seed=5)
+    w, lo = slice(0, B), slice(B, 2 * B)
+    got = losses.get("gpo_square")(data["logps"][w], data["logps"][lo], data["ref"][w], data["ref"][lo],
+                                   np.ones(B, np.float32), np.zeros(B, np.float32), beta=BETA)
+    want = [_trl(data, [i], "sppo_hard", "reverse_kl")[0] for i in range(B)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
