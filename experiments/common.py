@@ -146,7 +146,8 @@ def base_config() -> ConfigDict:
     c.train.break_lock = False  # take over the workdir's lock.json held by another run (docs/reliability.md)
     c.train.allow_config_change = False  # resume with a changed config, recorded in config_history.jsonl
 
-    c.score = ConfigDict(dict(mode="ref"))
+    # tokenization: "rewardbench" (RewardBench's DPO scorer, chat template) | "trl" (the data pipeline's)
+    c.score = ConfigDict(dict(mode="ref", tokenization="rewardbench"))
     return c
 
 

@@ -1,19 +1,44 @@
-"""RewardBench-format scoring: implicit DPO rewards, per-subset accuracy and section weighting.
+"""RewardBench-format scoring: rows tokenized, rewarded and reported as ``rewardbench`` 0.1.4 does.
 
 "RewardBench: Evaluating Reward Models for Language Modeling" (Lambert et al., arXiv:2403.13787).
 A row is (``prompt``, ``chosen``, ``rejected``, ``subset``); a pair is correct when the chosen
-reward is strictly greater (ties count wrong). Section scores weight each subset's accuracy by its
-example count in the official release; Reasoning's ``math-prm`` is up-weighted to the size of the
-six code subsets together, as the leaderboard does.
+reward is strictly greater (ties count wrong).
+
+Tokenization (:func:`tokenize_pair`) is that of RewardBench's DPO scorer (``scripts/run_dpo.py``:
+``utils.prepare_dialogue_from_tokenizer`` then ``dpo.DPOInference.tokenize_row``):
+
+* the tokenizer's pad token is its EOS, and a tokenizer without BOS uses EOS as BOS;
+* ``prompt`` is rendered as one user turn (a message list: turns re-roled user/assistant by
+  position, the last a user turn) with the chat template, *without* a generation prompt; the
+  chosen and rejected texts are the same conversation plus the assistant reply;
+* every occurrence of the prompt text is removed from each text (``str.replace``), the rest is the
+  answer; the answer's ids are the tail of ``tokenize(prompt + answer)`` after the prompt's ids (one
+  token earlier where the last prompt token merged across the boundary); no special tokens are
+  added by the tokenizer, then BOS is prepended to the prompt (a template that writes BOS gives
+  two) and EOS appended to each answer (after the template's own end of turn);
+* truncation: where prompt + the longer answer exceeds ``max_length`` (2048), the prompt keeps its
+  last ``max_prompt_length`` (128) tokens, then answers keep their first ``max_length -
+  max_prompt_length``;
+* the reward covers the answer tokens (EOS included).
+
+Sections (:func:`section_scores`) are ``utils.calculate_scores_per_section`` with RewardBench's
+``EXAMPLE_COUNTS`` and ``SUBSET_MAPPING``: Chat, Chat Hard, Safety, Reasoning, each the
+example-count-weighted mean of its subsets present (Reasoning's ``math-prm`` is up-weighted to the
+six code subsets together), 0 for a section none of whose subsets is present; subsets outside the
+mapping count in no section, and no overall score is computed (RewardBench's DPO script prints none).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from alignjax.data.schema import REASON_TYPE, DataError
 
 SUBSET_MAPPING: dict[str, tuple[str, ...]] = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
@@ -116,24 +141,125 @@ def subset_accuracies(
     return accuracies, counts
 
 
-def section_scores(accuracies: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
-    """RewardBench sections: example-count-weighted means of subset accuracies.
-
-    Official subsets use the release's counts (so a partial file is weighted like the leaderboard);
-    subsets outside the official mapping form an ``Other`` section weighted by their own counts.
-    ``Score`` is the mean over the sections present.
-    """
-    known = {s for subsets in SUBSET_MAPPING.values() for s in subsets}
-    mapping = {
-        section: [s for s in subsets if s in accuracies] for section, subsets in SUBSET_MAPPING.items()
-    }
-    mapping["Other"] = sorted(s for s in accuracies if s not in known)
+def section_scores(
+    accuracies: Mapping[str, float], counts: Mapping[str, int] | None = None
+) -> dict[str, float]:
+    """RewardBench's ``calculate_scores_per_section`` (module docstring); ``counts`` is unused (the
+    weights are the release's example counts, so a partial file is weighted like the leaderboard)
+    and kept for callers that pass it."""
     scores = {}
-    for section, present in mapping.items():
-        if not present:
-            continue
-        weights = np.array([EXAMPLE_COUNTS.get(s, counts[s]) for s in present], dtype=np.float64)
-        values = np.array([accuracies[s] for s in present])
-        scores[section] = float((weights * values).sum() / weights.sum())
-    scores["Score"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+    for section, subsets in SUBSET_MAPPING.items():
+        present = [s for s in subsets if s in accuracies]
+        total = sum(EXAMPLE_COUNTS[s] for s in present)
+        scores[section] = sum(accuracies[s] * EXAMPLE_COUNTS[s] for s in present) / total if total else 0
     return scores
+
+
+# ------------------------------------------------------------------------------ tokenization
+
+# DPOInference's fixed truncation (rewardbench/dpo.py).
+MAX_LENGTH = 2048
+MAX_PROMPT_LENGTH = 128
+
+
+def scorer_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer`` as run_dpo.py sets it up: pad token = EOS, and EOS as BOS where there is no BOS
+    (the template sees these values too, as transformers passes the special tokens to it)."""
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "score.tokenization='rewardbench' renders rows with the tokenizer's chat template and this "
+            "tokenizer (config.data.tokenizer) has none (RewardBench then uses a FastChat template, "
+            "which alignjax does not carry): use score.tokenization=trl"
+        )
+    rb = copy.copy(tokenizer)
+    eos = tokenizer.special["eos_token"]
+    rb.special = {**tokenizer.special, "pad_token": eos, "bos_token": tokenizer.special["bos_token"] or eos}
+    return rb
+
+
+def dialogue(tokenizer: Any, prompt: str | list[dict], chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, text_chosen, text_rejected)``: ``prepare_dialogue_from_tokenizer``'s texts."""
+    if isinstance(prompt, list) and prompt:
+        turns = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": m["content"]}
+            for i, m in enumerate(prompt)
+        ]
+        if turns[-1]["role"] != "user":
+            raise ValueError("the prompt's last turn must be a user turn (an odd number of messages)")
+    else:
+        turns = [{"role": "user", "content": prompt}]
+    render = lambda reply: tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": reply}])  # noqa: E731
+    return tokenizer.apply_chat_template(turns), render(chosen), render(rejected)
+
+
+def build_tokenized_answer(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """``DPOInference.build_tokenized_answer``: (prompt ids, answer ids) of ``prompt + answer``."""
+    full = tokenizer.encode(prompt + answer)
+    start = len(tokenizer.encode(prompt))
+    if tokenizer.encode(prompt) != full[:start]:  # the last prompt token merged with the answer's first
+        start -= 1
+    return full[:start], full[start:]
+
+
+def tokenize_pair(
+    tokenizer: Any,
+    prompt: str,
+    text_chosen: str,
+    text_rejected: str,
+    *,
+    max_length: int = MAX_LENGTH,
+    max_prompt_length: int = MAX_PROMPT_LENGTH,
+) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
+    """``DPOInference.tokenize_row``: ``((chosen ids, prompt length), (rejected ids, prompt length))``
+    for a :func:`scorer_tokenizer` and :func:`dialogue`'s texts; the reward counts the ids after the
+    prompt length."""
+    bos, eos = tokenizer.token_id(tokenizer.special["bos_token"]), tokenizer.eos_id
+    sides = []
+    for text in (text_chosen, text_rejected):
+        p, a = build_tokenized_answer(tokenizer, prompt, text.replace(prompt, ""))
+        sides.append(([bos] + p, a + [eos]))
+    longer = max(len(a) for _, a in sides)
+    out = []
+    for p, a in sides:
+        if len(p) + longer > max_length:  # keep_end on the prompt
+            p = p[-max_prompt_length:]
+        if len(p) + longer > max_length:
+            a = a[: max_length - max_prompt_length]
+        out.append((p + a, len(p)))
+    return out[0], out[1]
+
+
+def reply_text(value: str | list[dict], field: str, where: str) -> str:
+    """A reply as RewardBench takes it: a string, or (TRL's conversational rows) one message."""
+    if isinstance(value, str):
+        return value
+    if len(value) != 1:
+        raise DataError(
+            where, REASON_TYPE, f"field {field!r}: RewardBench scores one reply; got {len(value)} messages"
+        )
+    return value[0]["content"]
+
+
+def tokenize_records(
+    records: Sequence[tuple[str, Mapping[str, Any]]], tokenizer: Any, *, on_bad_row: str, stats: Any
+) -> tuple[list[tuple[tuple[list[int], int], tuple[list[int], int]]], list[Mapping[str, Any]]]:
+    """``(pairs, kept records)`` of validated pairwise records, tokenized by :func:`tokenize_pair`;
+    a bad row raises (``on_bad_row="error"``) or is counted in ``stats`` and skipped."""
+    rb = scorer_tokenizer(tokenizer)
+    pairs, kept = [], []
+    for where, rec in records:
+        try:
+            chosen, rejected = (reply_text(rec[k], k, where) for k in ("chosen", "rejected"))
+            try:
+                texts = dialogue(rb, rec["prompt"], chosen, rejected)
+            except ValueError as e:
+                raise DataError(where, REASON_TYPE, str(e)) from None
+            pairs.append(tokenize_pair(rb, *texts))
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            stats.skip(e)
+            continue
+        kept.append(rec)
+    stats.rows_kept = len(pairs)
+    return pairs, kept

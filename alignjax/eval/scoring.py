@@ -1,29 +1,37 @@
 """The scoring job: implicit rewards of a DPO policy on preference pairs, RewardBench's protocol.
 
-``python -m alignjax.main --config=experiments/score.py --workdir=DIR`` loads a policy (a preset or an
-HF directory) and, in ``ref`` mode, a reference; tokenizes every pair of ``config.data.source``
-(strings or chat messages; a ``subset`` column groups rows as RewardBench does), computes each
+``python -m alignjax.main --config=experiments/score.py --workdir=DIR`` loads a policy (a preset, an
+HF directory, or a training workdir ``DIR[@STEP]``: :func:`alignjax.export.load_run`) and, in
+``ref`` mode, a reference; tokenizes every pair of ``config.data.source`` (a ``subset`` column
+groups rows as RewardBench does) by ``config.score.tokenization``: ``"rewardbench"``, RewardBench's
+DPO scorer (chat template, BOS/EOS, truncation: :mod:`alignjax.eval.rewardbench`), or ``"trl"``,
+the training data pipeline's (TRL's DPOTrainer; ``data.max_length`` etc.); computes each
 completion's implicit reward (:func:`alignjax.eval.rewardbench.implicit_rewards`) and writes
-``summary.json``: pair accuracy (ties wrong), mean margin, per-subset and section scores, ranking
-accuracy, and the data statistics. Nothing is dropped: the last partial batch is padded with
-copies that are scored and discarded, and skipped rows (``data.on_bad_row=skip``) are counted.
+``summary.json``: pair accuracy (ties wrong), mean margin, per-subset and RewardBench section
+scores, ranking accuracy and the data statistics, and ``scores.jsonl``: each pair's subset and
+rewards, in input order (RewardBench's ``scores_chosen``/``scores_rejected``). Nothing is dropped: the last
+partial batch is padded with copies that are scored and discarded, and skipped rows
+(``data.on_bad_row=skip``) are counted.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from alignjax import logprobs, sharding
-from alignjax.data import DataStats, batching, readers, resolve_tokenizer
-from alignjax.data.pipeline import resolve_source, tokenize_all
+from alignjax import logprobs, sharding, storage
+from alignjax.data import DataStats, readers, resolve_tokenizer
+from alignjax.data.pipeline import resolve_source, tokenize_all, tokenize_options
 from alignjax.data.tokenize import TokenizedExample
 from alignjax.eval import ranking, rewardbench
+
+TOKENIZATIONS = ("rewardbench", "trl")
+# One scored sequence: its ids and how many of them are prompt (not rewarded).
+Sequence_ = tuple[list[int], int]
 
 
 def load_pairs(
@@ -56,11 +64,42 @@ def make_reward_fn(model: Any, *, mode: str, num_pairs: int, with_reference: boo
     return jax.jit(reward_fn, compiler_options=logprobs.STRICT_ROUNDING)
 
 
+def as_pairs(examples: Sequence[TokenizedExample]) -> list[tuple[Sequence_, Sequence_]]:
+    """The data pipeline's examples as (chosen, rejected) sequences with their prompt lengths."""
+    n = lambda ex: len(ex.prompt)  # noqa: E731
+    return [
+        ((ex.prompt + ex.completions[0], n(ex)), (ex.prompt + ex.completions[1], n(ex))) for ex in examples
+    ]
+
+
+def pair_batch(
+    pairs: Sequence[tuple[Sequence_, Sequence_]], length: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """The padded sequence-batch layout of ``B`` pairs: row ``i`` chosen ``i``, row ``B + i`` rejected
+    ``i``, right-padded to ``length``; ``loss_mask`` covers each sequence after its prompt."""
+    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
+    batch = {
+        "input_ids": np.full((len(seqs), length), pad_id, np.int32),
+        "positions": np.zeros((len(seqs), length), np.int32),
+        "segment_ids": np.zeros((len(seqs), length), np.int32),
+        "loss_mask": np.zeros((len(seqs), length), np.float32),
+        "example_ids": np.full((len(seqs), length), -1, np.int32),
+    }
+    for i, (ids, prompt_length) in enumerate(seqs):
+        n = len(ids)
+        batch["input_ids"][i, :n] = ids
+        batch["positions"][i, :n] = np.arange(n)
+        batch["segment_ids"][i, :n] = 1
+        batch["loss_mask"][i, prompt_length:n] = 1.0
+        batch["example_ids"][i, :n] = i
+    return batch
+
+
 def score_examples(
     model: Any,
     params: Any,
     ref_params: Any,
-    examples: Sequence[TokenizedExample],
+    pairs: Sequence[tuple[Sequence_, Sequence_]],
     *,
     mode: str,
     mesh: Any,
@@ -71,20 +110,19 @@ def score_examples(
     """Rewards and log-probs of every pair, in order: ``chosen_rewards``, ``rejected_rewards``, ...
 
     Batches have one fixed shape (``batch_size`` pairs padded to ``max_length``, or to the longest
-    pair) so the function compiles once.
+    sequence rounded up to a multiple of 8) so the function compiles once.
     """
-    if not examples:
+    if not pairs:
         raise ValueError("no pairs to score (every row was skipped or the source is empty)")
-    longest = max(len(ex.prompt) + max(len(c) for c in ex.completions) for ex in examples)
-    length = max_length or longest
+    longest = max(len(seq[0]) for pair in pairs for seq in pair)
+    length = max_length or -(-longest // 8) * 8
     reward_fn = make_reward_fn(model, mode=mode, num_pairs=batch_size, with_reference=ref_params is not None)
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("rewards", "logps", "ref_logps")}
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start : start + batch_size])
+    for start in range(0, len(pairs), batch_size):
+        chunk = list(pairs[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # fixed shape; the copies are discarded below
-        host = batching.make_batch(chunk, "padded", pad_id=pad_id, buckets=(length,))
-        host = {k: host[k] for k in ("input_ids", "positions", "segment_ids", "loss_mask", "example_ids")}
+        host = pair_batch(chunk, length, pad_id)
         outputs = reward_fn(params, ref_params, sharding.global_batch(mesh, host))
         for key, value in zip(columns, outputs, strict=True):
             chosen, rejected = np.split(np.asarray(value), 2)
@@ -125,10 +163,41 @@ def summarize(
     return summary
 
 
+def load_model(path: str, *, mesh: Any, rules: Any, dtype: str, compute_dtype: str | None) -> Any:
+    """A policy or reference: a training workdir ``DIR[@STEP]`` (its checkpoint, in the dtypes it
+    was trained with), else a preset or an HF directory (``dtype``/``compute_dtype``)."""
+    from alignjax import export, models
+
+    if export.is_workdir(path):
+        run = export.load_run(path, mesh=mesh, rules=rules)
+        if run.is_reward_model:
+            raise ValueError(f"{path}: a reward-model run; score.py scores policies by their implicit reward")
+        return run.model
+    return models.from_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules)
+
+
+def tokenize_source(config: Any, tokenizer: Any, stats: DataStats) -> tuple[list, list[Mapping[str, Any]]]:
+    """``(pairs, kept records)`` of ``config.data.source`` tokenized by ``config.score.tokenization``."""
+    tokenization = config.score.get("tokenization", "trl")
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"config.score.tokenization={tokenization!r}; valid: {list(TOKENIZATIONS)}")
+    on_bad_row = config.data.on_bad_row
+    records = readers.load_records(resolve_source(config.data.source), "pairwise", on_bad_row, stats)
+    if tokenization == "rewardbench":
+        return rewardbench.tokenize_records(records, tokenizer, on_bad_row=on_bad_row, stats=stats)
+    examples, kept = tokenize_all(
+        records,
+        tokenizer,
+        on_bad_row=on_bad_row,
+        stats=stats,
+        max_length=config.data.get("max_length") or None,
+        **tokenize_options(config.data),
+    )
+    return as_pairs(examples), kept
+
+
 def run_score(config: Any, workdir: str) -> dict[str, Any]:
     """The ``score`` job: see the module docstring. Returns the summary (also in summary.json)."""
-    from alignjax import models
-
     mode = config.score.mode
     if mode not in rewardbench.IMPLICIT_REWARD_MODES:
         raise ValueError(f"config.score.mode={mode!r}; valid: {list(rewardbench.IMPLICIT_REWARD_MODES)}")
@@ -140,13 +209,14 @@ def run_score(config: Any, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.get("rules") or None)
     tokenizer = resolve_tokenizer(config.data.tokenizer)
-    dtypes = dict(dtype=config.model.dtype, compute_dtype=config.model.get("compute_dtype") or None)
-    policy = models.from_pretrained(config.model.path, **dtypes, mesh=mesh, rules=rules)
-    reference = (
-        models.from_pretrained(config.reference.path, **dtypes, mesh=mesh, rules=rules)
-        if mode == "ref"
-        else None
+    load = dict(
+        mesh=mesh,
+        rules=rules,
+        dtype=config.model.dtype,
+        compute_dtype=config.model.get("compute_dtype") or None,
     )
+    policy = load_model(config.model.path, **load)
+    reference = load_model(config.reference.path, **load) if mode == "ref" else None
     if tokenizer.vocab_size > policy.config.vocab_size:
         raise ValueError(
             f"tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} tokens but model "
@@ -154,26 +224,24 @@ def run_score(config: Any, workdir: str) -> dict[str, Any]:
             "(config.data.tokenizer / config.model.path)"
         )
     stats = DataStats()
-    max_length = config.data.get("max_length") or None
-    examples, records = load_pairs(
-        config.data.source, tokenizer, max_length=max_length, on_bad_row=config.data.on_bad_row, stats=stats
-    )
-    batch_size = int(config.data.eval_batch_size)
+    pairs, records = tokenize_source(config, tokenizer, stats)
     scores = score_examples(
         policy,
         policy.params,
         None if reference is None else reference.params,
-        examples,
+        pairs,
         mode=mode,
         mesh=mesh,
-        batch_size=batch_size,
+        batch_size=int(config.data.eval_batch_size),
         pad_id=tokenizer.pad_id,
-        max_length=max_length,
+        max_length=None,  # truncation happened in tokenization; pad to the longest sequence
     )
-    summary = summarize(scores, subset_names(records), with_reference=reference is not None)
+    subsets = subset_names(records)
+    summary = summarize(scores, subsets, with_reference=reference is not None)
     summary.update(
         {
             "mode": mode,
+            "tokenization": config.score.get("tokenization", "trl"),
             "model": config.model.path,
             "reference": config.reference.path if reference is not None else None,
             "source": str(config.data.source),
@@ -181,7 +249,14 @@ def run_score(config: Any, workdir: str) -> dict[str, Any]:
     )
     summary.update(stats.summary())
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+        root = storage.path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        rows = zip(
+            subsets, scores["chosen_rewards"].tolist(), scores["rejected_rewards"].tolist(), strict=True
+        )
+        storage.write_text(
+            root / "scores.jsonl",
+            "".join(json.dumps({"subset": s, "chosen": c, "rejected": r}) + "\n" for s, c, r in rows),
+        )
     return summary

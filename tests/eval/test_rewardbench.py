@@ -50,7 +50,12 @@ def test_subset_accuracy_counts_ties_wrong_and_sections_use_release_weights():
     acc, counts = rewardbench.subset_accuracies(subsets, chosen, rejected)
     assert acc == {"custom": 1.0, "hep-go": 0.5, "math-prm": 0.5, "mt-bench-easy": 1.0}
     scores = rewardbench.section_scores(acc, counts)
-    # Reasoning: math-prm weighted 984, hep-go 164
-    assert scores["Reasoning"] == pytest.approx((984 * 0.5 + 164 * 0.5) / (984 + 164))
-    assert scores["Chat"] == 1.0 and scores["Other"] == 1.0
-    assert scores["Score"] == pytest.approx(np.mean([1.0, 0.5, 1.0]))
+    # Reasoning: math-prm weighted 984, hep-go 164; sections without a subset present are 0 and
+    # subsets outside RewardBench's mapping count nowhere (rewardbench's calculate_scores_per_section,
+    # compared on real rows in test_rewardbench_parity.py).
+    assert scores == {
+        "Chat": 1.0,
+        "Chat Hard": 0,
+        "Safety": 0,
+        "Reasoning": pytest.approx((984 * 0.5 + 164 * 0.5) / (984 + 164)),
+    }

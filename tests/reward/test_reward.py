@@ -131,7 +131,8 @@ def test_scoring_equals_numpy():
         assert {s: v["accuracy"] for s, v in report["subsets"].items()} == pytest.approx(per)
         chat = per["alpacaeval-easy"]
         assert report["sections"]["Chat"] == pytest.approx(chat)
-        assert report["sections"]["Score"] == pytest.approx(np.mean([chat, per["math-prm"], per["custom"]]))
+        assert report["sections"]["Reasoning"] == pytest.approx(per["math-prm"])
+        assert report["sections"]["Safety"] == 0  # absent: RewardBench reports 0
     # Ties are wrong.
     tie = {"scores": np.zeros(2), "chosen_rewards": np.ones(2), "rejected_rewards": np.ones(2)}
     assert rewardbench_report(tie, ["a", "a"])["accuracy"] == 0.0
