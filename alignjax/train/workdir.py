@@ -8,8 +8,9 @@
 - ``config.json``: written once, by the run that starts the workdir, and never overwritten. A
   resume compares its config with it (patched by ``config_history.jsonl``): changes that alter what
   the run computes are refused with a ``key: old -> new`` diff before anything is written;
-  :data:`HARMLESS` ones (and any with ``--config.train.allow_config_change=true``) are appended to
-  ``config_history.jsonl`` with the step they apply from.
+  :data:`HARMLESS` ones, keys the code gained or lost since, and any with
+  ``--config.train.allow_config_change=true`` are appended to ``config_history.jsonl`` with the
+  step they apply from.
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any,
 
 
 def harmless(key: str, old: Any, new: Any) -> bool:
+    if _ABSENT in (old, new):
+        # A key added to (or removed from) the code since the workdir was started: a new key's
+        # default keeps the behaviour the run had without it, a removed one cannot be set.
+        return True
     if key == "train.num_steps":
         return isinstance(old, int) and isinstance(new, int) and new >= old
     return key in HARMLESS
