@@ -11,7 +11,10 @@ step is used (:meth:`Checkpointer.restore_latest`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import gc
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -83,6 +86,13 @@ class Checkpointer:
         wrong; a checkpoint of another model (:class:`CheckpointMismatch`) is not damage and raises.
         """
         moved = []
+        with _unraisable_silenced():
+            found = self._first_good(abstract_state, manifest, moved)
+        if found is None and moved:
+            print(f"no usable checkpoint left in {self.directory}: starting from step 0", flush=True)
+        return found
+
+    def _first_good(self, abstract_state: Any, manifest: Mapping[str, Any], moved: list) -> Any:
         for step in sorted(self.manager.all_steps(), reverse=True):
             # orbax and TensorStore raise bare Exceptions, KeyErrors, JSON errors...: any of them
             # means this step cannot be resumed from.
@@ -96,8 +106,6 @@ class Checkpointer:
                 return (step, *self._items(step, abstract_state))
             except Exception as err:
                 moved.append(self._move_aside(step, *damage(self.directory / str(step), err, "state")))
-        if moved:
-            print(f"no usable checkpoint left in {self.directory}: starting from step 0", flush=True)
         return None
 
     def _move_aside(self, step: int, reason: str, detail: str) -> str:
@@ -145,6 +153,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _unraisable_silenced() -> Iterator[None]:
+    """When one array of a damaged step fails to read, orbax drops its other reads' coroutines
+    unawaited; their errors, the one already reported, would print as "Exception ignored in ..."
+    tracebacks whenever they are collected. Collected here, silently."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
 
 
 def damage(step_dir: Any, err: BaseException, phase: str) -> tuple[str, str]:

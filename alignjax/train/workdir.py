@@ -70,6 +70,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD: set[str] = set()  # the lock texts this process holds
+
+
+def _gone(pid: int, text: str) -> bool:
+    """The holder on this host has exited; a lock naming this very pid that this process does not
+    hold was left by an earlier process the pid was reused for (a restarted container)."""
+    return not _pid_alive(pid) or (pid == os.getpid() and text not in _HELD)
+
+
 def _holder(text: str) -> dict[str, Any]:
     try:
         holder = json.loads(text)
@@ -94,7 +103,7 @@ def locked(workdir: storage.PathLike, *, break_lock: bool = False) -> Iterator[N
     if not storage.create_exclusive(lock, mine):
         text = lock.read_text() if lock.exists() else ""
         holder = _holder(text)
-        stale = holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+        stale = holder.get("host") == socket.gethostname() and _gone(int(holder.get("pid", -1)), text)
         if not (stale or break_lock):
             raise WorkdirLocked(
                 f"{os.fspath(workdir)} is in use by another run ({_describe(holder)}; {os.fspath(lock)}). "
@@ -106,9 +115,11 @@ def locked(workdir: storage.PathLike, *, break_lock: bool = False) -> Iterator[N
         storage.remove_if(lock, text)
         if not storage.create_exclusive(lock, mine):
             raise WorkdirLocked(f"{os.fspath(workdir)}: another run took the lock first ({os.fspath(lock)})")
+    _HELD.add(mine)
     try:
         yield
     finally:
+        _HELD.discard(mine)
         storage.remove_if(lock, mine)
 
 

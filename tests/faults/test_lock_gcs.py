@@ -1,6 +1,7 @@
 """The workdir lock on gs:// against a real GCS emulator (fake-gcs-server): the create-if-absent
 upload (``if_generation_match=0``) lets exactly one of two runs take it, a release deletes only the
-lock it took, and a lock left by a dead process on this host is taken over."""
+lock it took, and a lock left by a dead process on this host (or by an earlier process with this pid) is taken
+over."""
 
 import json
 import os
@@ -65,3 +66,10 @@ def test_second_run_refused_then_released_then_stale_taken_over(env, capsys):
         assert json.loads(fs.cat(f"{BUCKET}/run/lock.json"))["pid"] == os.getpid()
     assert "(its process is gone)" in capsys.readouterr().out
     assert not fs.exists(f"{BUCKET}/run/lock.json")
+
+    # A restarted container can give this process the pid its killed predecessor had.
+    mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    fs.pipe(f"{BUCKET}/run/lock.json", json.dumps(mine).encode())
+    with workdir.locked(root):
+        pass
+    assert "(its process is gone)" in capsys.readouterr().out

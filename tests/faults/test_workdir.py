@@ -87,24 +87,26 @@ def runs(tmp_path_factory):
     assert out["clean"][0] == 0, out["clean"]
 
     # ---- phase 2: copies of the finished run, damaged or rerun with another config.
-    copies = ("empty_and_no_manifest", "truncated_array", "finished", "changed", "extended")
+    copies = ("all_damaged", "truncated_array", "finished", "changed", "extended")
     for name in copies:
         d[name] = str(base / name)
         shutil.copytree(d["clean"], d[name])
-    ck = os.path.join(d["empty_and_no_manifest"], "checkpoints")
+    ck = os.path.join(d["all_damaged"], "checkpoints")
     shutil.rmtree(os.path.join(ck, "6"))
     os.mkdir(os.path.join(ck, "6"))
     shutil.rmtree(os.path.join(ck, "4", "manifest"))
-    _cut_last_line(os.path.join(d["empty_and_no_manifest"], "metrics.jsonl"))
-    _lock(d["empty_and_no_manifest"], socket.gethostname(), _dead_pid())  # a SIGKILLed run's
+    with open(os.path.join(ck, "2", "manifest", "metadata"), "w") as f:
+        f.write("{not json")
+    _lock(d["all_damaged"], socket.gethostname(), _dead_pid())  # a SIGKILLed run's
     arrays = os.path.join(d["truncated_array"], "checkpoints", "6", "state", "ocdbt.process_0", "d")
     largest = max(os.listdir(arrays), key=lambda f: os.path.getsize(os.path.join(arrays, f)))
     os.truncate(os.path.join(arrays, largest), 1000)
     _cut_last_line(os.path.join(d["truncated_array"], "perf.jsonl"))
+    _cut_last_line(os.path.join(d["truncated_array"], "metrics.jsonl"))
     _lock(d["finished"], "elsewhere.example", 4242)
     before = {name: _listing(d[name]) for name in ("finished", "changed")}
     procs = {
-        "empty_and_no_manifest": _start(d["empty_and_no_manifest"]),
+        "all_damaged": _start(d["all_damaged"]),
         "truncated_array": _start(d["truncated_array"]),
         "finished": _start(d["finished"], "--config.train.break_lock=true"),
         "changed": _start(d["changed"], "--config.optim.learning_rate=0.001", "--config.seed=7"),
@@ -159,7 +161,7 @@ def test_a_foreign_lock_is_refused_and_break_lock_takes_it(runs):
 
 
 def test_a_killed_runs_lock_on_this_host_is_taken_over(runs):
-    rc, out, err = runs["out"]["empty_and_no_manifest"]
+    rc, out, err = runs["out"]["all_damaged"]
     assert rc == 0, (out, err)
     assert f"on {socket.gethostname()}, started" in out and "(its process is gone)" in out
 
@@ -180,16 +182,6 @@ def test_rerunning_a_finished_workdir_adds_no_rows(runs):
 def test_damaged_newest_checkpoints_are_moved_aside_and_the_run_resumes_identically(runs):
     d = runs["dirs"]
     clean = _read(os.path.join(d["clean"], "metrics.jsonl"), "rb")
-    rc, out, err = runs["out"]["empty_and_no_manifest"]
-    assert rc == 0 and "Traceback" not in err, (out, err)
-    ck = os.path.join(d["empty_and_no_manifest"], "checkpoints")
-    assert "checkpoint step 6 in" in out and "damaged (the step directory is empty)" in out
-    assert "checkpoint step 4 in" in out and "damaged (its 'manifest' item is missing)" in out
-    assert "dropped a partial last line" in out
-    assert sorted(os.listdir(os.path.join(ck, "damaged"))) == ["4-no-manifest", "6-empty"]
-    assert os.listdir(os.path.join(ck, "damaged", "4-no-manifest"))  # moved, not deleted
-    assert _read(os.path.join(d["empty_and_no_manifest"], "metrics.jsonl"), "rb") == clean
-
     rc, out, err = runs["out"]["truncated_array"]
     assert rc == 0 and "Traceback" not in err, (out, err)
     assert "checkpoint step 6 in" in out and "damaged (state does not restore:" in out
@@ -203,7 +195,24 @@ def test_damaged_newest_checkpoints_are_moved_aside_and_the_run_resumes_identica
     clean_perf = [json.loads(x) for x in _read(os.path.join(d["clean"], "perf.jsonl")).splitlines()]
     assert [r for r in perf if r["step"] <= 4] == [r for r in clean_perf if r["step"] <= 4]
     assert [r["step"] for r in perf if r["step"] > 4] == [6]
+    assert "dropped a partial last line" in out
     assert sorted(int(s) for s in os.listdir(ck) if s.isdigit())[-1] == 6
+
+
+def test_with_every_checkpoint_damaged_the_run_starts_over_and_says_so(runs):
+    d = runs["dirs"]
+    rc, out, err = runs["out"]["all_damaged"]
+    assert rc == 0 and "Traceback" not in err, (out, err)
+    ck = os.path.join(d["all_damaged"], "checkpoints")
+    assert "checkpoint step 6 in" in out and "damaged (the step directory is empty)" in out
+    assert "checkpoint step 4 in" in out and "damaged (its 'manifest' item is missing)" in out
+    assert "checkpoint step 2 in" in out and "damaged (manifest does not restore:" in out
+    assert "no usable checkpoint left in" in out and "starting from step 0" in out
+    damaged = sorted(os.listdir(os.path.join(ck, "damaged")))
+    assert damaged == ["2-bad-manifest", "4-no-manifest", "6-empty"]
+    assert os.listdir(os.path.join(ck, "damaged", "4-no-manifest"))  # moved, not deleted
+    clean = _read(os.path.join(d["clean"], "metrics.jsonl"), "rb")
+    assert _read(os.path.join(d["all_damaged"], "metrics.jsonl"), "rb") == clean
 
 
 def test_a_changed_config_is_refused_with_a_diff_before_anything_is_written(runs):
