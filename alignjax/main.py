@@ -7,7 +7,8 @@
 scoring), ``reward_model``, ``mcts_dpo`` (search-then-train rounds) and the paper reproductions
 ``repro_*``. Everything a user can get wrong in the command line (an
 unknown config key, loss name, model preset or job) fails here, before any compute, with the valid
-choices. The workdir receives ``config.json``; rerunning with the same workdir resumes.
+choices. The workdir receives ``config.json``; rerunning with the same workdir resumes, one run at
+a time and only with a config that does not change what the run computes (docs/reliability.md).
 """
 
 from __future__ import annotations
