@@ -67,9 +67,14 @@ def commands_in(text: str, where: str) -> list[tuple[str, str]]:
     return found
 
 
+# An inline mention like `python -m alignjax.export --workdir=DIR --out=OUT` is a synopsis: its
+# concrete form is in a code block nearby.
+SYNOPSIS = re.compile(r"=(?:DIR|OUT|N)\b|\[")
+
+
 def readme_commands() -> list[tuple[str, str]]:
     with open(os.path.join(ROOT, "README.md")) as f:
-        return commands_in(f.read(), "README.md")
+        return [(w, c) for w, c in commands_in(f.read(), "README.md") if not SYNOPSIS.search(c)]
 
 
 def experiment_commands() -> list[tuple[str, str]]:
