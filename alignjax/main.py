@@ -99,8 +99,9 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.job={config.job!r}; valid jobs: {sorted(JOBS)}")
     if config.job in ("train",) and "loss" in config:
         import alignjax.losses as losses
+        from alignjax.train.step import check_inputs_provided
 
-        losses.canonical(config.loss.name)  # KeyError listing the registered losses
+        check_inputs_provided(losses.spec(config.loss.name))  # unknown: KeyError listing the losses
     for key in ("model.path", "reference.path"):
         section, field = key.split(".")
         path = config.get(section, {}).get(field, "")

@@ -63,6 +63,11 @@ BAD_COMMANDS = {
     "unknown flag": ([DPO, "--bogus=1"], 2, "Unknown command line flag 'bogus'"),
     "unknown loss": ([DPO, "--config.loss.name=nope"], 2, "unknown loss 'nope'"),
     "no --config": ([], 2, "--config is required"),
+    "loss without provider": (
+        ["--config=experiments/dpo.py:runlocal,loss=wpo"],
+        2,
+        "config.loss.name='wpo': the preference step cannot supply its input(s) ['chosen_wpo_logps'",
+    ),
     "zero log_every": ([DPO, "--config.train.log_every=0"], 2, "config.train.log_every=0: must be >= 1"),
     "keep no checkpoint": ([DPO, "--config.train.keep_checkpoints=0"], 2, "0 would delete the trained model"),
     "negative steps": ([DPO, "--config.train.num_steps=-1"], 2, "config.train.num_steps=-1: must be >= 0"),

@@ -24,6 +24,7 @@ import optax
 
 import alignjax.losses as losses
 from alignjax import logprobs
+from alignjax.data import schema
 from alignjax.losses.metrics import preference_metrics
 
 Array = jax.Array
@@ -55,6 +56,13 @@ _TOK = {
 _MASK = {"chosen_mask": "first", "rejected_mask": "second"}
 # Reference values a precomputed cache can supply (per-sequence sums only).
 CACHEABLE = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
+# Every loss input this step can supply: computed from the forwards, or a per-example column the
+# data layer puts in the batch. A loss needing anything else is refused before compilation.
+PROVIDED = frozenset(
+    {*_SEQ, *_LEN, *_TOK, *_MASK, "labels", "state", *schema.BATCH_FLOAT_FIELDS, *schema.INT_EXTRAS}
+)
+# Families trained by their own job, not by the preference step.
+OWN_JOB = {"reward": "experiments/reward_model.py", "diffusion": "experiments/repro_diffusion2d.py"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +107,7 @@ def make_step_spec(config: Any, batch_size: int, reference: str) -> StepSpec:
     key the loss does not take is an error naming it.
     """
     spec = losses.spec(config.loss.name)
+    check_inputs_provided(spec)
     hyper = {}
     for key, value in config.loss.items():
         if key in ("name", "nll_weight"):
@@ -137,6 +146,21 @@ def make_step_spec(config: Any, batch_size: int, reference: str) -> StepSpec:
                 f"{spec.name!r} needs {bad}: use kind=frozen"
             )
     return step_spec
+
+
+def check_inputs_provided(spec: losses.LossSpec) -> None:
+    """Refuses, before any compilation, a loss whose array inputs this step cannot supply."""
+    missing = [n for n in spec.required if n not in PROVIDED]
+    if not missing:
+        return
+    where = (
+        f"it is trained by {OWN_JOB[spec.family]}"
+        if spec.family in OWN_JOB
+        else "its provider (a model output or a data column) is not built yet"
+    )
+    raise ValueError(
+        f"config.loss.name={spec.name!r}: the preference step cannot supply its input(s) {missing}; {where}"
+    )
 
 
 def _half(values: Array, which: str, b: int) -> Array:
