@@ -24,7 +24,7 @@ memory of the log-prob computation is O(B T chunk) rather than O(B T V).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import chex
@@ -49,13 +49,49 @@ __all__ = [
 ]
 
 # Compiler options for every program whose log-probs are compared with log-probs computed elsewhere
-# (policy vs reference in the train step, the reference cache, evaluation, scoring). By default XLA
-# may keep an f32 intermediate where the program rounds to bf16 ("excess precision"), deciding per
-# fusion, so the same forward can round differently in two programs -- or twice in one: a bf16 DPO
-# step whose policy equals its reference then gave loss 0.6917 (CPU) / 0.669 (H200), not log 2.
-# Rounding exactly as written makes equal params give bitwise-equal log-probs everywhere, as PyTorch's
-# eager ops do. No effect on fp32 programs; its cost on bf16 steps is in docs/benchmarks.md.
-STRICT_ROUNDING: dict[str, Any] = {"xla_allow_excess_precision": False}
+# (policy vs reference in the train step, the reference cache, evaluation, scoring): equal params
+# must give bitwise-equal log-probs in all of them, as PyTorch's eager ops do. Two things break that:
+#
+# * Excess precision (all backends). By default XLA may keep an f32 intermediate where the program
+#   rounds to bf16, deciding per fusion, so the same forward can round differently in two programs --
+#   or twice in one: a bf16 DPO step whose policy equals its reference gave loss 0.6917 (CPU) / 0.669
+#   (H200), not log 2. Its cost on bf16 steps is in docs/benchmarks.md.
+# * Fusion-dependent elementwise code (CPU, fp32 too). The differentiated policy forward keeps
+#   intermediates for the backward (exp of the log-softmax, the SiLU's sigmoid, ...), so XLA:CPU fuses
+#   it differently from the reference's plain forward, and the same op then ran different code: an exp
+#   fused into a YNNPACK reduction (one program) vs XLA's loop (the other), and the MLIR fusion
+#   emitters' elementwise code differs by fusion. Result: 1-ulp differences in per-sequence log-probs,
+#   e.g. rewards/chosen -1.2e-8 and accuracies 0.083 at step 1 with policy = reference. XLA's own
+#   (legacy) elementwise emitter and no YNNPACK fusions give one result for an op wherever it is fused;
+#   the CPU step was no slower with them (tests/train/test_step.py holds the equality).
+_STRICT_ALL: dict[str, Any] = {"xla_allow_excess_precision": False}
+_STRICT_CPU: dict[str, Any] = {
+    "xla_cpu_experimental_ynn_fusion_type": "",
+    "xla_cpu_use_fusion_emitters": False,
+}
+
+
+class _StrictRounding(Mapping[str, Any]):
+    """The options for the backend in use, read when a program is jitted (``jax.default_backend()``
+    then; the CPU-only options are not handed to GPU/TPU compilers)."""
+
+    def _options(self) -> dict[str, Any]:
+        return {**_STRICT_ALL, **(_STRICT_CPU if jax.default_backend() == "cpu" else {})}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._options()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._options())
+
+    def __len__(self) -> int:
+        return len(self._options())
+
+    def __repr__(self) -> str:
+        return f"STRICT_ROUNDING({self._options()})"
+
+
+STRICT_ROUNDING: Mapping[str, Any] = _StrictRounding()
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
