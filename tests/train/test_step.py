@@ -182,3 +182,74 @@ def test_kto_kl_sequences_pair_each_prompt_with_the_next_completion(model_params
                 records[:1], "arithmetic", kind="unpaired", batch_size=1, process_index=0, process_count=1
             )[0]
         )
+
+
+@pytest.fixture(scope="module")
+def hf_pairs(tmp_path_factory):
+    from tests import hf_fixtures
+
+    root = tmp_path_factory.mktemp("hf_pairs")
+    path = hf_fixtures.save_checkpoint(str(root / "ckpt"))
+    return path, hf_fixtures.write_pairs(str(root / "pairs.jsonl"), 16)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layout):
+    """Policy = reference, CPU fp32, 8-device mesh: the differentiated policy forward, the reference
+    forward in the same program and the plain forward (the reference cache's and evaluation's
+    program) give bitwise-equal per-sequence log-probs, so the real train step's first metrics are DPO
+    at the reference exactly: rewards 0, accuracy 0, loss fp32 log 2 (XLA:CPU's default fusions gave
+    1-ulp differences: rewards/accuracies 0.083 -- see logprobs.STRICT_ROUNDING)."""
+    from alignjax import logprobs
+    from alignjax.data import make_preference_batches
+    from alignjax.models import from_pretrained
+    from alignjax.train.optim import make_optimizer
+    from alignjax.train.reference import stored_reference
+
+    path, pairs = hf_pairs
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = from_pretrained(path, mesh=mesh)
+    params = model.params
+    extra = dict(pack_length=96, pack_rows=16) if layout == "packed" else dict(buckets=(48,))
+    data, _ = make_preference_batches(
+        pairs, path, kind="pairwise", layout=layout, batch_size=16, max_length=48, seed=0,
+        process_index=0, process_count=1, **extra,
+    )  # fmt: skip
+    host = next(data)
+    batch = to_global(mesh, host, stacked=False)
+    n = 32
+
+    def forward(p, b):
+        return logprobs.batch_sequence_logps(model, p, b, n)[0]
+
+    def objective(p, r, b):
+        policy, ref = forward(p, b), jax.lax.stop_gradient(forward(r, b))
+        return jnp.mean(jax.nn.log_sigmoid(0.1 * (policy - ref))), (policy, ref)
+
+    ref_params = stored_reference(params, model.config.dtype)
+    options = logprobs.STRICT_ROUNDING
+    (_, (policy, ref)), _ = jax.jit(jax.value_and_grad(objective, has_aux=True), compiler_options=options)(
+        params, ref_params, batch
+    )
+    plain = jax.jit(forward, compiler_options=options)(ref_params, batch)
+    assert np.all(np.asarray(policy) < 0)
+    np.testing.assert_array_equal(np.asarray(policy), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(policy), np.asarray(plain))
+
+    config = ml_collections.ConfigDict(
+        dict(name="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.1,
+             end_learning_rate_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
+    )  # fmt: skip
+    tx, schedule = make_optimizer(config, 10)
+    spec = steplib.make_step_spec(_config(beta=0.1), 16, "model")
+    step = jax.jit(steplib.make_train_step(model, spec, tx, schedule), compiler_options=options)
+    state = {
+        "params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.PRNGKey(0), "ref_params": ref_params,
+    }  # fmt: skip
+    _, metrics = step(state, to_global(mesh, stack([host]), stacked=True))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[key] == 0.0, key
+    assert metrics["loss"] == float(np.float32(np.log(2.0)))
+    assert metrics["logps/chosen"] == pytest.approx(float(np.mean(np.asarray(policy)[:16])), rel=1e-6)
