@@ -74,7 +74,7 @@ def _trl_history(root, path, loss, conversational):
     return rows
 
 
-def _alignjax_history(root, path, loss, conversational):
+def _alignjax_history(root, path, loss, conversational, reference="frozen"):
     from alignjax.main import load_config_file
     from alignjax.train.loop import run_train
 
@@ -89,7 +89,8 @@ def _alignjax_history(root, path, loss, conversational):
         grad_clip_norm=MAX_GRAD_NORM, end_learning_rate_factor=0.0,
     )  # fmt: skip
     c.train.update(progress=False, tensorboard=False, plot=False, checkpoint_every=STEPS)
-    workdir = root / f"aj_{loss}_{conversational}"
+    c.reference.update(kind=reference, cache_dir=str(root / "ref_cache"))
+    workdir = root / f"aj_{loss}_{conversational}_{reference}"
     run_train(c, str(workdir))
     with open(workdir / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -130,3 +131,14 @@ def test_ten_steps_equal_trl_conversational(checkpoint):
     root, path = checkpoint
     _compare(root, path, "sigmoid", conversational=True)
 
+
+
+def test_reference_cache_run_equals_frozen_reference_run_bitwise(checkpoint):
+    """The cached reference log-probs (a plain forward, in its own program) equal the frozen
+    reference's forward inside the train step bit for bit, so the two runs log the same numbers."""
+    root, path = checkpoint
+    frozen = _alignjax_history(root, path, "sigmoid", False)
+    cached = _alignjax_history(root, path, "sigmoid", False, reference="cache")
+    assert cached[0]["rewards/chosen"] == 0.0 and cached[0]["rewards/accuracies"] == 0.0
+    for a, b in zip(frozen, cached):
+        assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
