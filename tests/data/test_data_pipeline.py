@@ -153,7 +153,8 @@ def test_holdout_split_is_disjoint_and_fixed():
         "all",
     )
     assert eval_plan("/data/pairs.jsonl", "synthetic:arithmetic_dpo:val", 0.0) is None
-    assert eval_plan("/data/pairs.jsonl", "synthetic:arithmetic_dpo:val", 0.1) == ("/data/pairs.jsonl", "eval")
+    held_out = eval_plan("/data/pairs.jsonl", "synthetic:arithmetic_dpo:val", 0.1)
+    assert held_out == ("/data/pairs.jsonl", "eval")
     assert eval_plan("/data/pairs.jsonl", "/data/held.jsonl", 0.1) == ("/data/held.jsonl", "all")
 
 
