@@ -15,7 +15,7 @@ then assembles the host-local batches into global arrays.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,22 +110,36 @@ def tokenize_all(
     """``(examples, kept records)``: every ``(where, record)`` tokenized (options as
     :func:`~alignjax.data.tokenize.tokenize_record`), a bad row raising (``on_bad_row = "error"``) or
     counted in ``stats`` and skipped; ``stats.rows_kept`` is set."""
+    def tokenize(where: str, rec: Mapping[str, Any]) -> TokenizedExample:
+        return tokenize_record(
+            rec,
+            tokenizer,
+            tokenization=tokenization,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            truncation_mode=truncation_mode,
+            where=where,
+            stats=stats,
+        )
+
+    return map_rows(records, tokenize, on_bad_row=on_bad_row, stats=stats)
+
+
+def map_rows(
+    records: Iterable[tuple[str, Mapping[str, Any]]],
+    fn: Callable[[str, Mapping[str, Any]], Any],
+    *,
+    on_bad_row: str,
+    stats: DataStats,
+) -> tuple[list[Any], list[Mapping[str, Any]]]:
+    """``(outputs, kept records)`` of ``fn(where, record)`` over ``records``: a row whose ``fn``
+    raises DataError raises (``on_bad_row="error"``) or is counted in ``stats`` and skipped;
+    ``stats.rows_kept`` is set."""
     out, kept = [], []
     for where, rec in records:
         try:
-            out.append(
-                tokenize_record(
-                    rec,
-                    tokenizer,
-                    tokenization=tokenization,
-                    max_length=max_length,
-                    max_prompt_length=max_prompt_length,
-                    max_completion_length=max_completion_length,
-                    truncation_mode=truncation_mode,
-                    where=where,
-                    stats=stats,
-                )
-            )
+            out.append(fn(where, rec))
         except DataError as e:
             if on_bad_row == "error":
                 raise

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignjax.data.pipeline import map_rows
 from alignjax.data.schema import REASON_TYPE, DataError
 
 SUBSET_MAPPING: dict[str, tuple[str, ...]] = {
@@ -246,20 +247,13 @@ def tokenize_records(
     """``(pairs, kept records)`` of validated pairwise records, tokenized by :func:`tokenize_pair`;
     a bad row raises (``on_bad_row="error"``) or is counted in ``stats`` and skipped."""
     rb = scorer_tokenizer(tokenizer)
-    pairs, kept = [], []
-    for where, rec in records:
+
+    def tokenize(where: str, rec: Mapping[str, Any]) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
+        chosen, rejected = (reply_text(rec[k], k, where) for k in ("chosen", "rejected"))
         try:
-            chosen, rejected = (reply_text(rec[k], k, where) for k in ("chosen", "rejected"))
-            try:
-                texts = dialogue(rb, rec["prompt"], chosen, rejected)
-            except ValueError as e:
-                raise DataError(where, REASON_TYPE, str(e)) from None
-            pairs.append(tokenize_pair(rb, *texts))
-        except DataError as e:
-            if on_bad_row == "error":
-                raise
-            stats.skip(e)
-            continue
-        kept.append(rec)
-    stats.rows_kept = len(pairs)
-    return pairs, kept
+            texts = dialogue(rb, rec["prompt"], chosen, rejected)
+        except ValueError as e:
+            raise DataError(where, REASON_TYPE, str(e)) from None
+        return tokenize_pair(rb, *texts)
+
+    return map_rows(records, tokenize, on_bad_row=on_bad_row, stats=stats)
