@@ -40,6 +40,9 @@ class ModelConfig:
     (training forward; decoding always uses XLA's): ``"auto"`` takes cuDNN flash attention on GPUs and
     the Pallas splash kernel on TPUs where they apply, else XLA's; ``"xla"`` always XLA's;
     ``"splash"`` the splash kernel wherever it applies (interpret mode off TPU: for tests).
+    ``scan_layers`` runs the decoder layers as one ``nn.scan`` over params stacked on a leading
+    ``layers`` axis (``params["layers"]``, and a stacked KV cache) instead of a Python loop over
+    ``layers_0 .. layers_{L-1}``: the same values, and a compile time that does not grow with depth.
     """
 
     model_type: str = "llama"
@@ -63,6 +66,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention_kernel: str = "auto"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -32,13 +32,16 @@ from alignjax.models.presets import PRESETS
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
     """One HF tensor <-> one param leaf. ``split``: HF tensor viewed in split dims; ``groups``: which
-    split dims merge into each HF dim; ``perm``: target dim t is split dim perm[t]."""
+    split dims merge into each HF dim; ``perm``: target dim t is split dim perm[t]. ``layer``: for a
+    scanned model (``ModelConfig.scan_layers``), the index of this HF tensor along the leading
+    ``layers`` axis of the stacked leaf at ``param_path`` (``target_shape`` is then one layer's)."""
 
     param_path: tuple[str, ...]
     hf_name: str
     split: tuple[int, ...]
     groups: tuple[tuple[int, ...], ...]
     perm: tuple[int, ...]
+    layer: int | None = None
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -56,7 +59,8 @@ class TensorMap:
 
 
 def tensor_maps(config: ModelConfig) -> list[TensorMap]:
-    """The full HF <-> param mapping for ``config``."""
+    """The full HF <-> param mapping for ``config``: one map per HF tensor; with ``scan_layers`` the
+    maps of layer i point into the stacked ``layers`` leaves at index i."""
     c = config
     D, H, K, Dh, F, V = (
         c.hidden_size,
@@ -72,8 +76,9 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
     linear = lambda path, name, n_out, n_in: TensorMap(path, name, (n_out, n_in), ((0,), (1,)), (1, 0))
     maps = [ident(("embedding",), "model.embed_tokens.weight", (V, D))]
     for i in range(c.num_layers):
-        p, hf = f"layers_{i}", f"model.layers.{i}"
+        p, hf = ("layers" if c.scan_layers else f"layers_{i}"), f"model.layers.{i}"
         attn = (p, "self_attn")
+        start = len(maps)
         for proj, n in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
             maps.append(
                 TensorMap(
@@ -111,6 +116,8 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
         maps.append(
             ident((p, "post_attention_layernorm", "scale"), f"{hf}.post_attention_layernorm.weight", (D,))
         )
+        if c.scan_layers:
+            maps[start:] = [dataclasses.replace(m, layer=i) for m in maps[start:]]
     maps.append(ident(("norm", "scale"), "model.norm.weight", (D,)))
     if not c.tie_word_embeddings:
         maps.append(linear(("lm_head",), "lm_head.weight", V, D))
@@ -172,17 +179,23 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
 def load_params(model: Model, path: str, *, missing_ok: Sequence[str] = ()) -> dict:
     """Reads the checkpoint in ``path`` into ``model``'s param pytree, each leaf placed with its
     sharding (``model.mesh``; one device when there is none). Tensors named in ``missing_ok`` that
-    the checkpoint lacks are zeros (a sequence classifier has no ``lm_head.weight``)."""
+    the checkpoint lacks are zeros (a sequence classifier has no ``lm_head.weight``). A scanned
+    model's stacked leaves are built per device from the per-layer HF tensors
+    (:func:`_stacked_array`), so no host holds more of a stack than its own devices' slices."""
     from safetensors import safe_open
 
     files = weight_files(path)
     dtype = np.dtype(jnp.dtype(model.config.param_dtype))
     shardings = model.shardings() if model.mesh is not None else None
     params: dict = {}
+    stacked: dict[tuple[str, ...], list[tuple[TensorMap, Any]]] = {}  # per layer (map, HF slice)
     with contextlib.ExitStack() as stack:
         handles: dict[str, Any] = {}
         for m in tensor_maps(model.config):
             file = files.get(m.hf_name)
+            if file is None and m.hf_name in missing_ok and m.layer is not None:
+                stacked.setdefault(m.param_path, []).append((m, None))
+                continue
             if file is None and m.hf_name in missing_ok:
                 sharding = _get(shardings, m.param_path) if shardings is not None else None
                 _set(params, m.param_path, jnp.zeros(m.target_shape, dtype, device=sharding))
@@ -206,6 +219,9 @@ def load_params(model: Model, path: str, *, missing_ok: Sequence[str] = ()) -> d
                     f"{file}: tensor {m.hf_name!r} has shape {found}, expected {m.hf_shape} for "
                     f"config.json (model_type={model.config.model_type!r})"
                 )
+            if m.layer is not None:
+                stacked.setdefault(m.param_path, []).append((m, tensor))
+                continue
             sharding = (
                 _get(shardings, m.param_path)
                 if shardings is not None
@@ -220,7 +236,38 @@ def load_params(model: Model, path: str, *, missing_ok: Sequence[str] = ()) -> d
                 return cache[key]
 
             _set(params, m.param_path, jax.make_array_from_callback(m.target_shape, sharding, read))
+        for param_path, layers in stacked.items():
+            sharding = (
+                _get(shardings, param_path)
+                if shardings is not None
+                else SingleDeviceSharding(jax.local_devices()[0])
+            )
+            _set(params, param_path, _stacked_array(layers, sharding, dtype))
     return params
+
+
+def _stacked_array(layers: Sequence[tuple[TensorMap, Any]], sharding: Any, dtype: np.dtype) -> jax.Array:
+    """The ``[L, ...]`` leaf of a scanned model from its per-layer HF tensors (``layers[i]`` =
+    ``(map, safetensors slice or None for zeros)``, in layer order): each device's callback reads,
+    for the layers in its slice, only its block of each layer, and stacks them."""
+    shape = (len(layers), *layers[0][0].target_shape)
+    cache: dict[Any, np.ndarray] = {}
+
+    def read(index: Sequence[slice]) -> np.ndarray:
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:  # replicated shards read once per host
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            first, last, _ = index[0].indices(len(layers))
+            blocks = [
+                _read_block(tensor, m, index[1:]).astype(dtype)
+                if tensor is not None
+                else np.zeros(m.target_shape, dtype)[index[1:]]
+                for m, tensor in layers[first:last]
+            ]
+            cache[key] = np.stack(blocks)
+        return cache[key]
+
+    return jax.make_array_from_callback(shape, sharding, read)
 
 
 def from_pretrained(
@@ -232,15 +279,19 @@ def from_pretrained(
     compute_dtype: str | None = None,
     remat: str | None = None,
     attention_kernel: str | None = None,
+    scan_layers: bool | None = None,
 ) -> Model:
     """A ``Model`` with ``.params`` loaded from an HF checkpoint directory, or a preset with random
     params (seed 0). ``dtype`` is the param dtype (and compute dtype unless ``compute_dtype``);
-    ``remat`` and ``attention_kernel`` set those ``ModelConfig`` fields."""
+    ``remat``, ``attention_kernel`` and ``scan_layers`` set those ``ModelConfig`` fields (None: the
+    preset's value, or ``ModelConfig``'s default for a checkpoint directory)."""
     overrides: dict[str, Any] = {"param_dtype": dtype, "dtype": compute_dtype or dtype}
     if remat is not None:
         overrides["remat"] = remat
     if attention_kernel is not None:
         overrides["attention_kernel"] = attention_kernel
+    if scan_layers is not None:
+        overrides["scan_layers"] = bool(scan_layers)
     if path_or_preset in PRESETS:
         model = Model(PRESETS[path_or_preset].replace(**overrides), mesh=mesh, rules=rules)
         model.params = model.init(jax.random.PRNGKey(0))
@@ -301,6 +352,22 @@ def gather_to_host(x: jax.Array, dtype: np.dtype) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+@jax.jit
+def _layer_of(stacked: jax.Array, layer: jax.Array) -> jax.Array:
+    """``stacked[layer]`` on device (traced index: one program per shape, not per layer)."""
+    return jax.lax.dynamic_index_in_dim(stacked, layer, axis=0, keepdims=False)
+
+
+def _leaf(params: Any, m: TensorMap) -> Any:
+    """The param ``m`` reads: a leaf, or for a scanned model one layer's slice of a stacked leaf."""
+    leaf = _get(params, m.param_path)
+    if m.layer is None:
+        return leaf
+    if isinstance(leaf, jax.Array):
+        return _layer_of(leaf, jnp.int32(m.layer))
+    return np.asarray(leaf)[m.layer]
+
+
 def decoder_tensors(
     config: ModelConfig, params: Any, dtype: str, *, lm_head: bool = True
 ) -> list[ExportTensor]:
@@ -309,9 +376,7 @@ def decoder_tensors(
     ``lm_head=False`` leaves out ``lm_head.weight`` (a sequence classifier has ``score`` instead)."""
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = [
-        ExportTensor(
-            m.hf_name, m.hf_shape, lambda m=m: m.to_hf(gather_to_host(_get(params, m.param_path), np_dtype))
-        )
+        ExportTensor(m.hf_name, m.hf_shape, lambda m=m: m.to_hf(gather_to_host(_leaf(params, m), np_dtype)))
         for m in tensor_maps(config)
         if lm_head or m.hf_name != "lm_head.weight"
     ]

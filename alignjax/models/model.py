@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignjax.models.config import ModelConfig
 from alignjax.models.transformer import Decoder, dense, fit_spec, mixed_precision_logits
-from alignjax.sharding import rules_from_config, tree_shardings
+from alignjax.sharding import normalize_mesh, rules_from_config, tree_shardings
 
 Array = jax.Array
 Params = Any
@@ -48,9 +48,9 @@ class Model:
     ) -> None:
         self.config = config
         self.params = params
-        self.mesh = mesh
+        self.mesh = normalize_mesh(mesh)  # a jax.make_mesh mesh (Explicit axes) becomes Auto
         self.rules = rules_from_config(rules)
-        self.module = Decoder(config, mesh, self.rules)
+        self.module = Decoder(config, self.mesh, self.rules)
         self._logical_axes = None
 
     def __repr__(self) -> str:
@@ -163,23 +163,31 @@ class Model:
     # ---- KV-cache decoding --------------------------------------------------------------------
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> dict:
-        """Zeroed key/value buffers {layers_i: {k, v}} of shape [B, max_length, K, Dh]."""
+        """Zeroed key/value buffers {layers_i: {k, v}} of shape [B, max_length, K, Dh]; with
+        ``scan_layers`` one stack {layers: {k, v}} of shape [L, B, max_length, K, Dh]."""
         cfg = self.config
         shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        axes: tuple[str | None, ...] = ("batch", "length", "act_kv_heads", None)
         dtype = jnp.dtype(dtype or cfg.dtype)
+        if cfg.scan_layers:
+            shape, axes = (cfg.num_layers, *shape), ("layers", *axes)
 
         def make():
-            return {
-                f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                for i in range(cfg.num_layers)
-            }
+            kv = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            if cfg.scan_layers:
+                return {"layers": kv()}
+            return {f"layers_{i}": kv() for i in range(cfg.num_layers)}
 
         if self.mesh is None:
             return make()
-        sharding = NamedSharding(
-            self.mesh, fit_spec(shape, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
-        )
+        sharding = NamedSharding(self.mesh, fit_spec(shape, axes, self.mesh, self.rules))
         return jax.jit(make, out_shardings=sharding)()
+
+    def repeat_cache_rows(self, cache: dict, repeats: int) -> dict:
+        """Each cache row repeated ``repeats`` times (row i -> rows i r .. i r + r - 1), along the
+        batch axis of either layout (axis 1 of a scanned cache's [L, B, S, K, Dh])."""
+        axis = 1 if self.config.scan_layers else 0
+        return jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=axis), cache)
 
     def decode(
         self, params: Params, input_ids: Array, cache: dict, *, positions: Array

@@ -536,6 +536,18 @@ class Decoder(nn.Module):
                 positions,
                 cfg.sliding_window,
             )
+        if cfg.scan_layers:
+            x, new_cache = self._scanned_layers(x, positions, mask, cache, segment_ids)
+        else:
+            x, new_cache = self._unrolled_layers(x, positions, mask, cache, segment_ids)
+        hidden = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
+        if not cfg.tie_word_embeddings:
+            self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
+        return hidden, new_cache
+
+    def _unrolled_layers(self, x, positions, mask, cache, segment_ids):
+        """A Python loop over ``layers_0 .. layers_{L-1}``; the cache is ``{layers_i: {k, v}}``."""
+        cfg = self.config
         layer_cls = DecoderLayer
         if cfg.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICY[cfg.remat], prevent_cse=True)
@@ -547,7 +559,48 @@ class Decoder(nn.Module):
             x, c = layer(x, positions, mask, layer_cache, segment_ids)
             if cache is not None:
                 new_cache[name] = c
-        hidden = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
-        if not cfg.tie_word_embeddings:
-            self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
-        return hidden, new_cache
+        return x, new_cache
+
+    def _scanned_layers(self, x, positions, mask, cache, segment_ids):
+        """One ``nn.scan`` over the layers: params ``layers/...`` stacked on a leading ``layers`` axis
+        (one rng per layer at init), the hidden state as the carry, and the cache ``{"layers": {k, v}}``
+        ``[L, B, S, K, Dh]`` scanned with the params (sliced per layer in, stacked out)."""
+        cfg = self.config
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            # Inside a scan XLA cannot CSE the recomputation across iterations, so the barriers
+            # prevent_cse adds would only block fusion (flax's advice for remat under scan).
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
+        scanned = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        layer_cache = cache["layers"] if cache is not None else None
+        x, c = scanned(cfg, self.mesh, self.rules, name="layers")(
+            x, positions, mask, layer_cache, segment_ids
+        )
+        return x, ({"layers": c} if cache is not None else None)
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+    """Unrolled params (``layers_0 .. layers_{L-1}``) -> the scanned layout (``layers``, each leaf
+    stacked on a new leading axis); other entries unchanged. Also converts a KV cache."""
+    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if not _is_layer_key(k)}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
+
+
+def unstack_layers(params: Any, num_layers: int) -> Any:
+    """The scanned layout -> unrolled params (``layers_i`` = slice ``i`` of every ``layers`` leaf);
+    the inverse of :func:`stack_layers`. Also converts a KV cache."""
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)}
+    return {**rest, **layers}
+
+
+def _is_layer_key(key: str) -> bool:
+    return key.startswith("layers_") and key[len("layers_") :].isdigit()

@@ -142,7 +142,7 @@ class Generator:
         last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
         # Share the prompt KV among the n samples of each prompt: repeat rows (i -> i n .. i n + n - 1).
         rep = lambda x: jnp.repeat(x, n, axis=0)
-        cache = jax.tree.map(rep, cache)
+        cache = model.repeat_cache_rows(cache, n)
         last, lengths = rep(last), rep(lengths_B)
         rows = rep(row_ids_B) * n + jnp.tile(jnp.arange(n, dtype=jnp.int32), B)
         R = B * n
