@@ -10,6 +10,10 @@ changing config only. The mesh always has the three axes ``data``, ``fsdp`` and 
 * ``tensor`` - Megatron-style tensor parallelism (heads, MLP and vocabulary split).
 
 The batch dimension is split over ``("data", "fsdp")``.
+
+Every alignjax mesh has ``Auto`` axis types: sharding is propagated by XLA from the constraints the
+model places by logical name. A mesh from ``jax.make_mesh`` (``Explicit`` axes by default in current
+JAX) or with ``Manual`` axes is accepted wherever a mesh is, through :func:`normalize_mesh`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -88,7 +92,38 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None, devices: Sequence[Any
     except (AssertionError, ValueError, NotImplementedError):
         # Topology-aware placement is for TPU/GPU; CPU devices simply go in order.
         device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def normalize_mesh(mesh: Mesh | None) -> Mesh | None:
+    """``mesh`` as an alignjax mesh: the same devices and axis names, every axis type ``Auto``.
+
+    The model's activation constraints (``with_sharding_constraint`` by logical name) may only name
+    Auto axes, so a ``jax.make_mesh`` mesh (Explicit axes by default) or a Manual one is rebuilt
+    with Auto axes; JAX caches meshes, so equal inputs give the identical mesh. Raises a ValueError
+    naming the missing or unknown axes when ``mesh`` is not a ``(data, fsdp, tensor)`` mesh.
+    ``None`` (no mesh: one device) passes through.
+    """
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh with axes {MESH_AXES} (a concrete mesh, with devices), "
+            f"got {type(mesh).__name__}"
+        )
+    names = tuple(mesh.axis_names)
+    missing = [a for a in MESH_AXES if a not in names]
+    unknown = [a for a in names if a not in MESH_AXES]
+    if missing or unknown:
+        problems = ([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown else [])
+        raise ValueError(
+            f"mesh axes {names} must be exactly {MESH_AXES} ({', '.join(problems)}); "
+            "build it with alignjax.sharding.make_mesh or jax.make_mesh(shape, "
+            f"{MESH_AXES}) (an axis of size 1 is fine)"
+        )
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def rules_from_config(rules: Any = None) -> tuple[tuple[str, Any], ...]:
@@ -124,7 +159,7 @@ def logical_sharding(
     mesh: Mesh, logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
 ) -> NamedSharding:
     """NamedSharding for an array whose dimensions carry ``logical_axes``."""
-    return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+    return NamedSharding(normalize_mesh(mesh), logical_to_spec(logical_axes, rules))
 
 
 def tree_shardings(mesh: Mesh, logical_axes: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
@@ -136,11 +171,11 @@ def tree_shardings(mesh: Mesh, logical_axes: Any, rules: Sequence[tuple[str, Any
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dimension split over ``data`` x ``fsdp``; the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    return NamedSharding(normalize_mesh(mesh), PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(normalize_mesh(mesh), PartitionSpec())
 
 
 def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -149,6 +184,7 @@ def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray]) -> dict[str, 
     Every process passes its own rows (its shard of the global batch, leading dimension); the
     global leading dimension is the sum over processes. On one process this is a device_put.
     """
+    mesh = normalize_mesh(mesh)
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     out = {}
     for key, value in host_batch.items():
