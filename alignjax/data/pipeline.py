@@ -5,24 +5,33 @@ this epoch): epoch ``e`` visits the kept examples in the order ``default_rng([se
 step ``s`` takes the global slice ``[s*G, (s+1)*G)`` of it (``G = batch_size``, the *global* number of
 examples per step) and process ``p`` of ``P`` keeps the ``p``-th contiguous ``G/P`` of that slice, so
 the processes see disjoint shards whose union is the epoch (the remainder ``N mod G`` is dropped,
-different each epoch). Restoring the state resumes exactly.
+different each epoch). Restoring the state resumes exactly. (grain's index sampler would do the
+same with its own state; these two integers are what checkpoints and resume tests already hold.)
 
-Every process reads, validates and tokenizes the whole source once (cheap next to training) so
-that skip decisions, epoch lengths and the permutation agree across processes without communication;
-only its own shard is laid out into batches. ``alignjax.sharding.global_batch(mesh, host_batch)``
-then assembles the host-local batches into global arrays.
+Examples are columns (:mod:`alignjax.data.store`: int32 tokens and offsets), tokenized in batches
+(``encode_batch``, the ``tokenizers`` library's threads). A JSONL/Parquet source with a
+``cache_dir`` goes through the tokenized on-disk cache (:mod:`alignjax.data.cache`): process ``p``
+reads and tokenizes only its part of the file once, every process then maps all parts, and skip
+decisions, counts, the held-out split and the permutation come from the cache's metadata, the same
+on every process. Other sources (``hf:``, TFDS, SeqIO, in-memory records) are read and tokenized by
+every process. Only its own shard of each step is laid out into batches;
+``alignjax.sharding.global_batch(mesh, host_batch)`` then assembles them into global arrays.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from alignjax.data import batching, readers, schema
+from alignjax import storage
+from alignjax.data import batching, cache, readers, schema
 from alignjax.data.schema import DataError, DataStats
-from alignjax.data.tokenize import ChatTokenizer, TokenizedExample, tokenize_record
+from alignjax.data.store import ColumnWriter, ExamplesView, Store
+from alignjax.data.tokenize import ChatTokenizer, TokenizedExample, tokenize_rows
 
 
 def resolve_tokenizer(tokenizer: Any) -> ChatTokenizer:
@@ -57,20 +66,24 @@ def is_synthetic(source: Any) -> bool:
     return isinstance(source, str) and source.startswith("synthetic:")
 
 
-def holdout_split(records: Sequence[Any], fraction: float, split: str) -> list[Any]:
-    """``split`` of ``records``: ``"all"``; ``"eval"``, a ``fraction`` of them chosen by a fixed
-    permutation (the same rows whatever the run's seed); ``"train"``, the rest (disjoint)."""
+def holdout_mask(n: int, fraction: float, split: str) -> np.ndarray:
+    """Which of ``n`` records ``split`` keeps (see :func:`holdout_split`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if split == "all":
-        return list(records)
+        return np.ones(n, bool)
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"data.eval_fraction must be in (0, 1) to hold out rows, got {fraction}")
-    n = len(records)
-    n_eval = max(1, round(fraction * n))
-    held = set(np.random.default_rng(0).permutation(n)[:n_eval].tolist())
-    keep = (lambda i: i in held) if split == "eval" else (lambda i: i not in held)
-    return [r for i, r in enumerate(records) if keep(i)]
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(0).permutation(n)[: max(1, round(fraction * n))]] = True
+    return held if split == "eval" else ~held
+
+
+def holdout_split(records: Sequence[Any], fraction: float, split: str) -> list[Any]:
+    """``split`` of ``records``: ``"all"``; ``"eval"``, a ``fraction`` of them chosen by a fixed
+    permutation (the same rows whatever the run's seed); ``"train"``, the rest (disjoint)."""
+    keep = holdout_mask(len(records), fraction, split)
+    return [r for r, k in zip(records, keep) if k]
 
 
 def eval_plan(source: Any, eval_source: Any, eval_fraction: float) -> tuple[Any, str] | None:
@@ -95,6 +108,34 @@ def tokenize_options(data_config: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+CHUNK = 512  # records per batched tokenizer call
+
+
+def iter_tokenized(
+    records: Iterable[tuple[str, Mapping[str, Any]]],
+    tokenizer: ChatTokenizer,
+    *,
+    on_bad_row: str,
+    stats: DataStats,
+    **options: Any,
+) -> Iterator[tuple[TokenizedExample, Mapping[str, Any]]]:
+    """``(example, record)`` of every ``(where, record)`` that tokenizes (options as
+    :func:`~alignjax.data.tokenize.tokenize_record`), ``CHUNK`` records per batched
+    ``encode_batch``; a bad row raises (``on_bad_row="error"``) or is counted in ``stats`` and skipped
+    (a pair made identical by truncation is always skipped)."""
+    it = iter(records)
+    while chunk := list(itertools.islice(it, CHUNK)):
+        rows = tokenize_rows([r for _, r in chunk], [w for w, _ in chunk], tokenizer, **options)
+        for (_, rec), row in zip(chunk, rows):
+            row.add_to(stats)
+            if isinstance(row.result, DataError):
+                if on_bad_row == "error" and row.result.reason not in schema.ALWAYS_SKIP:
+                    raise row.result
+                stats.skip(row.result)
+                continue
+            yield row.result, rec
+
+
 def tokenize_all(
     records: Iterable[tuple[str, Mapping[str, Any]]],
     tokenizer: ChatTokenizer,
@@ -107,23 +148,23 @@ def tokenize_all(
     max_completion_length: int | None = None,
     truncation_mode: str = "keep_start",
 ) -> tuple[list[TokenizedExample], list[Mapping[str, Any]]]:
-    """``(examples, kept records)``: every ``(where, record)`` tokenized (options as
-    :func:`~alignjax.data.tokenize.tokenize_record`), a bad row raising (``on_bad_row = "error"``) or
-    counted in ``stats`` and skipped; ``stats.rows_kept`` is set."""
-    def tokenize(where: str, rec: Mapping[str, Any]) -> TokenizedExample:
-        return tokenize_record(
-            rec,
-            tokenizer,
-            tokenization=tokenization,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            max_completion_length=max_completion_length,
-            truncation_mode=truncation_mode,
-            where=where,
-            stats=stats,
-        )
-
-    return map_rows(records, tokenize, on_bad_row=on_bad_row, stats=stats)
+    """``(examples, kept records)`` of :func:`iter_tokenized`; ``stats.rows_kept`` is set."""
+    out, kept = [], []
+    for ex, rec in iter_tokenized(
+        records,
+        tokenizer,
+        on_bad_row=on_bad_row,
+        stats=stats,
+        tokenization=tokenization,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        truncation_mode=truncation_mode,
+    ):
+        out.append(ex)
+        kept.append(rec)
+    stats.rows_kept = len(out)
+    return out, kept
 
 
 def map_rows(
@@ -141,13 +182,23 @@ def map_rows(
         try:
             out.append(fn(where, rec))
         except DataError as e:
-            if on_bad_row == "error":
+            if on_bad_row == "error" and e.reason not in schema.ALWAYS_SKIP:
                 raise
             stats.skip(e)
             continue
         kept.append(rec)
     stats.rows_kept = len(out)
     return out, kept
+
+
+def resolve_cache_dir(cache_dir: str, workdir: Any = None) -> str | None:
+    """``config.data.cache_dir``: a directory (local or gs://, may be shared by runs); ``""`` =
+    ``<workdir>/data_cache`` (none without a workdir); ``"off"`` = no cache."""
+    if cache_dir == "off":
+        return None
+    if cache_dir:
+        return cache_dir
+    return None if workdir is None else os.fspath(storage.path(workdir) / "data_cache")
 
 
 class TooFewExamples(ValueError):
@@ -164,7 +215,9 @@ class PreferenceData:
     """Iterator of host-local batches (see :mod:`alignjax.data.batching` for the layout).
 
     ``split``/``eval_fraction`` select rows of ``source`` (:func:`holdout_split`); the tokenization
-    and truncation options are :func:`~alignjax.data.tokenize.tokenize_record`'s.
+    and truncation options are :func:`~alignjax.data.tokenize.tokenize_record`'s. With ``cache_dir``
+    a JSONL/Parquet source goes through the tokenized on-disk cache (:mod:`alignjax.data.cache`):
+    built once, split across the processes, then memory-mapped; other sources are tokenized in memory.
     ``get_state()``/``set_state()`` checkpoint it; ``stats`` holds read/skip/truncation/padding counts.
     """
 
@@ -193,6 +246,7 @@ class PreferenceData:
         eval_fraction: float = 0.0,
         process_index: int | None = None,
         process_count: int | None = None,
+        cache_dir: str | None = None,
     ):
         schema.check_on_bad_row(on_bad_row)
         if layout not in batching.LAYOUTS:
@@ -224,23 +278,75 @@ class PreferenceData:
             pad_to_multiple_of=pad_to_multiple_of,
         )
         self.stats = DataStats()
-        records = readers.load_records(resolve_source(source), kind, on_bad_row, self.stats)
-        records = holdout_split(records, eval_fraction, split)
-        self.examples, _ = tokenize_all(
-            records,
-            self.tokenizer,
-            on_bad_row=on_bad_row,
-            stats=self.stats,
+        options = dict(
             tokenization=tokenization,
             max_length=max_length,
             max_prompt_length=max_prompt_length,
             max_completion_length=max_completion_length,
             truncation_mode=truncation_mode,
         )
+        source = resolve_source(source)
+        if cache_dir is not None and readers.is_file_source(source):
+            self.examples = self._from_cache(
+                os.fspath(source), cache_dir, kind, on_bad_row, options, split, eval_fraction
+            )
+        else:
+            records = readers.load_records(source, kind, on_bad_row, self.stats)
+            records = holdout_split(records, eval_fraction, split)
+            writer, wheres = ColumnWriter(), []
+            for ex, _ in iter_tokenized(
+                records, self.tokenizer, on_bad_row=on_bad_row, stats=self.stats, **options
+            ):
+                writer.add(ex)
+                wheres.append(ex.where)
+            self.stats.rows_kept = len(wheres)
+            store = Store(writer.finish(), wheres.__getitem__)
+            self.examples = ExamplesView(store, np.arange(len(store)))
         self.steps_per_epoch = len(self.examples) // batch_size
         if self.steps_per_epoch == 0:
             raise TooFewExamples(len(self.examples), batch_size, dict(self.stats.skipped))
         self.epoch, self.position = 0, 0
+
+    def _from_cache(
+        self,
+        source: str,
+        cache_dir: str,
+        kind: str,
+        on_bad_row: str,
+        options: Mapping[str, Any],
+        split: str,
+        eval_fraction: float,
+    ) -> ExamplesView:
+        """The examples of ``split`` from the tokenized cache (built first if needed), with the
+        statistics the in-memory path would have counted for them."""
+        cached = cache.load(
+            source,
+            self.tokenizer,
+            cache_dir,
+            kind=kind,
+            on_bad_row=on_bad_row,
+            options=options,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
+        stats = self.stats
+        stats.rows_read = cached.rows_read
+        if stats.rows_read == 0:
+            raise DataError(source, schema.REASON_EMPTY, "the file has no data rows")
+        stats.skipped.update(cached.validation_skips)
+        stats.examples.extend(cached.validation_messages)
+        keep = holdout_mask(len(cached.rec_example), eval_fraction, split)
+        for rec, err in cached.tokenization_skips:
+            if keep[rec]:
+                stats.skip(err)
+        stats.truncated_prompts, stats.truncated_completions, stats.boundary_shifts = (
+            int(v) for v in cached.rec_deltas[keep].sum(axis=0)
+        )
+        stats.duplicates = cached.duplicates
+        index = cached.rec_example[keep]
+        index = index[index >= 0]
+        stats.rows_kept = len(index)
+        return ExamplesView(cached.store, index)
 
     # ---- checkpointable state ----
     def get_state(self) -> dict[str, int]:

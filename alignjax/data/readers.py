@@ -27,33 +27,89 @@ from alignjax.data import schema
 from alignjax.data.schema import REASON_INVALID_UTF8, DataError, DataStats
 
 
+def _jsonl_row(raw: bytes, where: str) -> Any:
+    """A parsed JSONL line, None for a blank one, or the DataError of a bad one."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return DataError(where, REASON_INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+    if not line.strip():
+        return None
+    try:
+        return schema.parse_json_line(line, where)
+    except DataError as e:
+        return e
+
+
 def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
     """Yields ``("path:line", row)``; blank lines are ignored, unparsable lines (invalid UTF-8
     included) yield a DataError. ``path`` may be local or on an object store (gs://)."""
     with storage.path(path).open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield where, DataError(where, REASON_INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, schema.parse_json_line(line, where)
-            except DataError as e:
-                yield where, e
+            row = _jsonl_row(raw, where)
+            if row is not None:
+                yield where, row
+
+
+def _line_start(f: Any, offset: int, size: int) -> int:
+    """The first line start at or after byte ``offset``."""
+    if offset <= 0 or offset >= size:
+        return min(max(offset, 0), size)
+    f.seek(offset - 1)
+    return offset - 1 + len(f.readline())
+
+
+def share_bounds(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """``[lo, hi)`` of the ``shard``-th of ``num_shards`` contiguous, near-equal parts of ``n``."""
+    return n * shard // num_shards, n * (shard + 1) // num_shards
+
+
+def jsonl_share(path: str, shard: int, num_shards: int) -> Iterator[tuple[int, Any]]:
+    """``(line, row)`` of the lines starting in byte range ``shard`` of ``num_shards`` (numbered
+    from 1 within the range; ``row`` None for a blank line, else as :func:`read_jsonl` yields it).
+    Only that range is read."""
+    p = storage.path(path)
+    size = p.stat().length
+    with p.open("rb") as f:
+        lo, hi = (_line_start(f, b, size) for b in share_bounds(size, shard, num_shards))
+        f.seek(lo)
+        pos, lineno = lo, 0
+        while pos < hi:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            lineno += 1
+            yield lineno, _jsonl_row(raw, str(lineno))
 
 
 def read_parquet(path: str) -> Iterator[tuple[str, Any]]:
     """Yields ``("path:row", row)`` with rows numbered from 1; nested lists/structs become lists/dicts."""
+    for i, row in parquet_share(path, 0, 1):
+        yield f"{path}:{i}", row
+
+
+def parquet_share(path: str, shard: int, num_shards: int) -> Iterator[tuple[int, Any]]:
+    """``(row, row dict)`` of the ``shard``-th of ``num_shards`` contiguous row ranges (numbered from 1
+    within the range); only the row groups overlapping it are read, 1024 rows at a time."""
     import pyarrow.parquet as pq
 
     with storage.path(path).open("rb") as f:
-        table = pq.read_table(f)
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield f"{path}:{i}", {k: v for k, v in row.items() if v is not None}
+        pf = pq.ParquetFile(f)
+        lo, hi = share_bounds(pf.metadata.num_rows, shard, num_shards)
+        start, local = 0, 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if start < hi and start + n > lo:
+                table = pf.read_row_group(g)
+                a = max(lo - start, 0)
+                table = table.slice(a, min(hi - start, n) - a)
+                for batch in table.to_batches(max_chunksize=1024):
+                    for row in batch.to_pylist():
+                        local += 1
+                        yield local, {k: v for k, v in row.items() if v is not None}
+            start += n
 
 
 # Files save_to_disk writes: a Dataset (state.json, dataset_info.json) or a DatasetDict (dataset_dict.json).
@@ -198,28 +254,49 @@ def iter_source(source: Any) -> Iterator[tuple[str, Any]]:
     raise TypeError(f"unsupported data source {type(source).__name__}")
 
 
+def validate_row(raw: Any, kind: str, where: str) -> list[dict[str, Any]]:
+    """The validated record(s) of one raw row (a pair read as ``unpaired`` gives two); raises the
+    row's DataError (a reader yields unparsable rows as DataErrors)."""
+    if isinstance(raw, DataError):
+        raise raw
+    if kind == "unpaired" and schema.is_pair_row(raw):
+        return schema.unpair(schema.validate_record(raw, "pairwise", where))
+    return [schema.validate_record(raw, kind, where)]
+
+
+def is_file_source(source: Any) -> bool:
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(
+        (".jsonl", ".json", ".parquet")
+    )
+
+
 def load_records(
     source: Any, kind: str = "pairwise", on_bad_row: str = "error", stats: DataStats | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
     """Reads and validates every row: returns ``[(where, record), ...]``.
 
     ``on_bad_row="error"`` raises the first DataError (message ``"file:line: problem"``);
-    ``"skip"`` counts each bad row by reason in ``stats`` and goes on.
+    ``"skip"`` counts each bad row by reason in ``stats`` and goes on. Records equal to an earlier
+    one are kept and counted (``stats.duplicates``); a file without rows is an error naming it.
     """
     schema.check_on_bad_row(on_bad_row)
     stats = DataStats() if stats is None else stats
     out = []
+    seen: set[bytes] = set()
     for where, raw in iter_source(source):
         stats.rows_read += 1
         try:
-            if isinstance(raw, DataError):
-                raise raw
-            if kind == "unpaired" and schema.is_pair_row(raw):
-                out.extend((where, r) for r in schema.unpair(schema.validate_record(raw, "pairwise", where)))
-            else:
-                out.append((where, schema.validate_record(raw, kind, where)))
+            records = validate_row(raw, kind, where)
         except DataError as e:
             if on_bad_row == "error":
                 raise
             stats.skip(e)
+            continue
+        for rec in records:
+            key = schema.record_key(rec)
+            stats.duplicates += key in seen
+            seen.add(key)
+            out.append((where, rec))
+    if stats.rows_read == 0 and is_file_source(source):
+        raise DataError(os.fspath(source), schema.REASON_EMPTY, "the file has no data rows")
     return out

@@ -56,6 +56,15 @@ REASON_TYPE = "wrong_type"
 REASON_IDENTICAL = "chosen_equals_rejected"
 REASON_PROMPT_TOO_LONG = "prompt_too_long"
 REASON_BAD_VALUE = "bad_value"
+REASON_UNKNOWN_ROLE = "unknown_role"
+# A pair whose chosen and rejected ids are equal once cut to the length settings: it carries no
+# preference, so it is skipped whatever on_bad_row says (the data is fine, the settings made it so).
+REASON_IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+ALWAYS_SKIP = (REASON_IDENTICAL_AFTER_TRUNCATION,)
+
+# Message roles a chat row may use: the union of what the chat templates of the supported model
+# families (Llama 3, Mistral, Qwen2/3, ChatML) and OpenAI-style data know.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
@@ -83,6 +92,8 @@ class DataStats:
     truncated_completions: int = 0
     # Rows whose tokenized prompt is not a prefix of prompt+completion (a token straddles the boundary).
     boundary_shifts: int = 0
+    # Validated records equal to an earlier one of the same source (counted, kept).
+    duplicates: int = 0
 
     max_examples = 20
 
@@ -108,6 +119,8 @@ class DataStats:
             "data/truncated_prompts": self.truncated_prompts,
             "data/truncated_completions": self.truncated_completions,
             "data/boundary_shifts": self.boundary_shifts,
+            "data/duplicates": self.duplicates,
+            "data/identical_after_truncation": self.skipped.get(REASON_IDENTICAL_AFTER_TRUNCATION, 0),
             "data/padding_fraction": self.padding_fraction,
         }
         out.update({f"data/skipped/{k}": v for k, v in sorted(self.skipped.items())})
@@ -138,6 +151,13 @@ def _check_text(value: Any, field: str, where: str, *, allow_messages: bool = Tr
             if not isinstance(msg["role"], str) or not isinstance(msg["content"], str):
                 raise DataError(
                     where, REASON_TYPE, f"field {field!r} message {j} role/content must be strings"
+                )
+            if msg["role"] not in ROLES:
+                raise DataError(
+                    where,
+                    REASON_UNKNOWN_ROLE,
+                    f"field {field!r} message {j} has role {msg['role']!r}; allowed roles: "
+                    + ", ".join(ROLES),
                 )
             out.append({"role": msg["role"], "content": msg["content"]})
         return out
@@ -294,6 +314,14 @@ def parse_json_line(line: str, where: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(where, REASON_NOT_JSON, f"not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def record_key(record: Mapping[str, Any]) -> bytes:
+    """An 8-byte digest of a validated record's content (duplicate counting)."""
+    import hashlib
+
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
 
 
 def check_on_bad_row(on_bad_row: str) -> None:

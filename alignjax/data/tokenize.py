@@ -42,7 +42,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from alignjax.data.schema import BATCH_FLOAT_FIELDS, REASON_PROMPT_TOO_LONG, REASON_TYPE, DataError, DataStats
+from alignjax.data.schema import (
+    BATCH_FLOAT_FIELDS,
+    REASON_IDENTICAL_AFTER_TRUNCATION,
+    REASON_PROMPT_TOO_LONG,
+    REASON_TYPE,
+    DataError,
+    DataStats,
+)
 
 # The named special tokens of transformers' ``SPECIAL_TOKENS_ATTRIBUTES``.
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -228,6 +235,11 @@ class ChatTokenizer:
 
         path = os.fspath(path)
         tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"data.tokenizer={path}: no such tokenizer directory (give a built-in name or a "
+                "directory with tokenizer.json)"
+            )
         if not os.path.exists(tok_file):
             raise FileNotFoundError(
                 f"{tok_file}: no such file (data.tokenizer must be a built-in name or a directory "
@@ -291,6 +303,25 @@ class ChatTokenizer:
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
         except Exception as e:  # tokenizers raises a bare Exception (e.g. a character outside the vocab)
             raise ValueError(f"cannot tokenize {text[:80]!r}: {e}") from None
+
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = False
+    ) -> list[list[int] | ValueError]:
+        """``encode`` of each text, batched (the ``tokenizers`` library's threads); a text that cannot
+        be tokenized gives the ValueError ``encode`` raises, in its place."""
+        if not texts:
+            return []
+        try:
+            encodings = self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+        except Exception:  # one bad text fails the batch: find it (and keep the others) one by one
+            out: list[list[int] | ValueError] = []
+            for text in texts:
+                try:
+                    out.append(self.encode(text, add_special_tokens=add_special_tokens))
+                except ValueError as e:
+                    out.append(e)
+            return out
+        return [e.ids for e in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -399,6 +430,42 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _render(tokenizer: ChatTokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text; a template's own ``raise_exception`` becomes a ValueError (a bad row)."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from None
+
+
+def trl_texts(
+    tokenizer: ChatTokenizer,
+    prompt: str | list[dict],
+    completions: Sequence[str | list[dict]],
+    *,
+    append_eos: bool = True,
+) -> tuple[list[str], bool]:
+    """``([prompt text, prompt+completion text, ...], add_special_tokens)`` that TRL 1.16 encodes."""
+    if isinstance(prompt, str):
+        eos = tokenizer.special["eos_token"]
+        texts = [c if not append_eos or c.endswith(eos) else c + eos for c in completions]
+        return [prompt, *(prompt + c for c in texts)], True
+    full = [_render(tokenizer, list(prompt) + list(c), False) for c in completions]
+    return [_render(tokenizer, prompt, True), *full], False
+
+
+def trl_split(ids: Sequence[list[int]]) -> tuple[list[int], list[list[int]], bool]:
+    """``(prompt_ids, completion_ids, shifted)`` from the encoded :func:`trl_texts` (module docstring)."""
+    prompt_ids, fulls = ids[0], ids[1:]
+    n = min(common_prefix_length(prompt_ids, f) for f in fulls)
+    comps = [f[n:] for f in fulls]
+    if not all(comps):
+        raise ValueError("a completion has no tokens of its own after the prompt")
+    return prompt_ids[:n], comps, n < len(prompt_ids)
+
+
 def tokenize_trl(
     tokenizer: ChatTokenizer,
     prompt: str | list[dict],
@@ -408,19 +475,8 @@ def tokenize_trl(
 ) -> tuple[list[int], list[list[int]], bool]:
     """``(prompt_ids, completion_ids, shifted)`` as TRL 1.16's DPOTrainer tokenizes a row (module
     docstring); ``shifted``: the prompt lost tokens to the completions at the boundary."""
-    if isinstance(prompt, str):
-        eos = tokenizer.special["eos_token"]
-        texts = [c if not append_eos or c.endswith(eos) else c + eos for c in completions]
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
-        fulls = [tokenizer.encode(prompt + c, add_special_tokens=True) for c in texts]
-    else:
-        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-        fulls = [tokenizer.encode(tokenizer.apply_chat_template(list(prompt) + list(c))) for c in completions]
-    n = min(common_prefix_length(prompt_ids, f) for f in fulls)
-    comps = [f[n:] for f in fulls]
-    if not all(comps):
-        raise ValueError("a completion has no tokens of its own after the prompt")
-    return prompt_ids[:n], comps, n < len(prompt_ids)
+    texts, special = trl_texts(tokenizer, prompt, completions, append_eos=append_eos)
+    return trl_split([tokenizer.encode(t, add_special_tokens=special) for t in texts])
 
 
 def truncate(
@@ -485,6 +541,152 @@ def truncate(
 _SCALAR_KEYS = ("label", "user_id", "scores", *BATCH_FLOAT_FIELDS)
 
 
+def _completions(record: Mapping[str, Any]) -> list[Any]:
+    if "chosen" in record:
+        return [record["chosen"], record["rejected"]]
+    if "candidates" in record:
+        return list(record["candidates"])
+    return [record["completion"]]
+
+
+@dataclasses.dataclass
+class Row:
+    """One record's tokenization: the example or the DataError that drops it, and what it added to
+    the truncation/boundary counters of :class:`DataStats` (a dropped row may have added some)."""
+
+    result: TokenizedExample | DataError
+    truncated_prompts: int = 0
+    truncated_completions: int = 0
+    boundary_shifts: int = 0
+
+    def add_to(self, stats: DataStats) -> None:
+        stats.truncated_prompts += self.truncated_prompts
+        stats.truncated_completions += self.truncated_completions
+        stats.boundary_shifts += self.boundary_shifts
+
+
+def _finish(
+    record: Mapping[str, Any],
+    encoded: tuple[list[int], list[list[int]], bool] | ValueError,
+    *,
+    where: str,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+    truncation_mode: str,
+) -> Row:
+    """Truncation, the identical-after-truncation check and the extras of an encoded record."""
+    if isinstance(encoded, ValueError):
+        return Row(DataError(where, REASON_TYPE, str(encoded)))
+    p_ids, c_ids, shifted = encoded
+    stats = DataStats()
+    row = Row(DataError(where, REASON_TYPE, ""), boundary_shifts=int(shifted))
+    try:
+        untruncated = c_ids
+        p_ids, c_ids = truncate(
+            p_ids,
+            c_ids,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            truncation_mode=truncation_mode,
+            where=where,
+            stats=stats,
+        )
+        if "chosen" in record and c_ids[0] == c_ids[1] and untruncated[0] != untruncated[1]:
+            raise DataError(
+                where,
+                REASON_IDENTICAL_AFTER_TRUNCATION,
+                f"chosen and rejected are identical after truncation to data.max_length={max_length}",
+            )
+        row.result = TokenizedExample(
+            p_ids, c_ids, {k: record[k] for k in _SCALAR_KEYS if k in record}, where
+        )
+    except DataError as e:
+        row.result = e
+    row.truncated_prompts, row.truncated_completions = stats.truncated_prompts, stats.truncated_completions
+    return row
+
+
+def _check_options(tokenization: str, truncation_mode: str) -> None:
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"data.tokenization must be one of {list(TOKENIZATIONS)}, got {tokenization!r}")
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(
+            f"data.truncation_mode must be one of {list(TRUNCATION_MODES)}, got {truncation_mode!r}"
+        )
+
+
+def _encode_joint(
+    tokenizer: ChatTokenizer, record: Mapping[str, Any]
+) -> tuple[list[int], list[list[int]], bool]:
+    prompt, append_eos = record["prompt"], record.get("append_eos", True)
+    before = tokenizer.boundary_fallbacks
+    p_ids = tokenizer.encode_prompt(prompt)
+    c_ids = [
+        tokenizer.encode_completion(prompt, c, p_ids, append_eos=append_eos) for c in _completions(record)
+    ]
+    return p_ids, c_ids, tokenizer.boundary_fallbacks > before
+
+
+def tokenize_rows(
+    records: Sequence[Mapping[str, Any]],
+    wheres: Sequence[str],
+    tokenizer: ChatTokenizer,
+    *,
+    tokenization: str = "trl",
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_start",
+) -> list[Row]:
+    """:func:`tokenize_record` of many records at once: every text of the chunk goes through one
+    batched, multi-threaded ``encode_batch`` per special-token setting; the ids are those of the
+    per-row path. Bad rows come back as DataErrors in their :class:`Row`, never raised."""
+    _check_options(tokenization, truncation_mode)
+    encoded: list[Any] = [None] * len(records)
+    pending: dict[bool, list[tuple[int, int, str]]] = {True: [], False: []}  # (record, slot, text)
+    spans: list[int] = [0] * len(records)
+    for i, rec in enumerate(records):
+        try:
+            if tokenization == "joint":
+                encoded[i] = _encode_joint(tokenizer, rec)
+                continue
+            texts, special = trl_texts(
+                tokenizer, rec["prompt"], _completions(rec), append_eos=rec.get("append_eos", True)
+            )
+        except ValueError as e:
+            encoded[i] = e
+            continue
+        spans[i] = len(texts)
+        pending[special].extend((i, j, t) for j, t in enumerate(texts))
+    ids: dict[int, list[Any]] = {i: [None] * spans[i] for i in range(len(records)) if spans[i]}
+    for special, items in pending.items():
+        for (i, j, _), out in zip(items, tokenizer.encode_batch([t for _, _, t in items], special)):
+            ids[i][j] = out
+    for i, parts in ids.items():
+        failed = next((p for p in parts if isinstance(p, ValueError)), None)  # the per-row path's first
+        if failed is not None:
+            encoded[i] = failed
+            continue
+        try:
+            encoded[i] = trl_split(parts)
+        except ValueError as e:
+            encoded[i] = e
+    return [
+        _finish(
+            rec,
+            enc,
+            where=where,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            truncation_mode=truncation_mode,
+        )
+        for rec, enc, where in zip(records, encoded, wheres)
+    ]
+
+
 def tokenize_record(
     record: Mapping[str, Any],
     tokenizer: ChatTokenizer,
@@ -497,38 +699,30 @@ def tokenize_record(
     where: str = "",
     stats: DataStats | None = None,
 ) -> TokenizedExample:
-    """Tokenizes a validated record (any kind) into a TokenizedExample; errors name ``where``."""
-    if tokenization not in TOKENIZATIONS:
-        raise ValueError(f"data.tokenization must be one of {list(TOKENIZATIONS)}, got {tokenization!r}")
-    prompt = record["prompt"]
-    if "chosen" in record:
-        comps = [record["chosen"], record["rejected"]]
-    elif "candidates" in record:
-        comps = list(record["candidates"])
-    else:
-        comps = [record["completion"]]
-    append_eos = record.get("append_eos", True)
+    """Tokenizes a validated record (any kind) into a TokenizedExample; errors name ``where``.
+    A pair whose completions are identical after truncation raises DataError
+    (``identical_after_truncation``)."""
+    _check_options(tokenization, truncation_mode)
     try:
         if tokenization == "trl":
-            p_ids, c_ids, shifted = tokenize_trl(tokenizer, prompt, comps, append_eos=append_eos)
+            enc = tokenize_trl(
+                tokenizer, record["prompt"], _completions(record), append_eos=record.get("append_eos", True)
+            )
         else:
-            before = tokenizer.boundary_fallbacks
-            p_ids = tokenizer.encode_prompt(prompt)
-            c_ids = [tokenizer.encode_completion(prompt, c, p_ids, append_eos=append_eos) for c in comps]
-            shifted = tokenizer.boundary_fallbacks > before
+            enc = _encode_joint(tokenizer, record)
     except ValueError as e:
-        raise DataError(where, REASON_TYPE, str(e)) from None
-    if shifted and stats is not None:
-        stats.boundary_shifts += 1
-    p_ids, c_ids = truncate(
-        p_ids,
-        c_ids,
+        enc = e
+    row = _finish(
+        record,
+        enc,
+        where=where,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
         truncation_mode=truncation_mode,
-        where=where,
-        stats=stats,
     )
-    extras = {k: record[k] for k in _SCALAR_KEYS if k in record}
-    return TokenizedExample(p_ids, c_ids, extras, where)
+    if stats is not None:
+        row.add_to(stats)
+    if isinstance(row.result, DataError):
+        raise row.result
+    return row.result
