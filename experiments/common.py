@@ -91,6 +91,9 @@ def base_config() -> ConfigDict:
     c.data.tokenizer = "arithmetic"  # a built-in name or a directory with tokenizer.json
     c.data.kind = "pairwise"  # pairwise | sft | unpaired
     c.data.on_bad_row = "error"  # error | skip (skips are counted in summary.json)
+    # Tokenized cache of a JSONL/Parquet source (alignjax/data/cache.py): a directory, local or gs://,
+    # that runs may share; "" = <workdir>/data_cache, "off" = tokenize in memory every start.
+    c.data.cache_dir = ""
     c.data.layout = "padded"  # padded | packed | shared_prompt
     # Prompt/completion boundary: trl (TRL 1.16's DPOTrainer, token for token) | joint (docs/interop.md).
     c.data.tokenization = "trl"
