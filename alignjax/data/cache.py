@@ -73,6 +73,8 @@ def source_fingerprint(source: str, cache_dir: str) -> str:
     """The content hash of a data file, memoised under ``cache_dir/sources`` by its identity (path,
     size, mtime; an object's own checksum on object stores) so that a restart does not re-read it."""
     p = storage.path(source)
+    if not p.exists():
+        raise FileNotFoundError(f"data.source={source}: no such file")
     st = p.stat()
     identity = _digest(os.fspath(p), st.length, getattr(st, "mtime", None), getattr(st, "owner", None))
     memo = storage.path(cache_dir) / "sources" / f"{identity}.txt"

@@ -91,12 +91,13 @@ def data_iterator(
     seed: int | None = None,
     split: str = "all",
     batch_key: str = "config.data.batch_size",
+    workdir: Any = None,
 ) -> Any:
     """The data pipeline for ``source`` with fixed-length batches (one compiled shape); ``split``
     (``all``/``train``/``eval``) with ``config.data.eval_fraction`` holds rows out for evaluation.
     ``batch_key`` is the config key a too-small data set is reported against."""
     from alignjax.data import make_preference_batches
-    from alignjax.data.pipeline import TooFewExamples, tokenize_options
+    from alignjax.data.pipeline import TooFewExamples, resolve_cache_dir, tokenize_options
 
     if not source:
         raise ValueError("config.data.source is empty: give a dataset (e.g. synthetic:arithmetic_dpo:train)")
@@ -120,6 +121,7 @@ def data_iterator(
             eval_fraction=float(config.data.get("eval_fraction", 0.0)),
             pad_to_multiple_of=config.data.get("pad_to_multiple_of", 0) or None,
             **tokenize_options(config.data),
+            cache_dir=resolve_cache_dir(config.data.get("cache_dir", ""), workdir),
             **extra,
         )
     except TooFewExamples as err:
@@ -309,7 +311,7 @@ def run_train(
             flush=True,
         )
     train_split = "train" if plan is not None and plan[1] == "eval" else "all"
-    data, stats = data_iterator(config, config.data.source, micro_size, split=train_split)
+    data, stats = data_iterator(config, config.data.source, micro_size, split=train_split, workdir=workdir)
     eval_batches_host = []
     if plan is not None:
         eval_data, _ = data_iterator(
@@ -320,6 +322,7 @@ def run_train(
             num_epochs=1,
             split=plan[1],
             batch_key="config.data.eval_batch_size",
+            workdir=workdir,
         )
         for host in eval_data:
             eval_batches_host.append(globalize_ids(host, config.data.kind))
@@ -549,7 +552,7 @@ def _build_cache(
     cache = reflib.ReferenceCache(directory, key, spec.required)
     if cache.complete(num_micro):
         return cache
-    data, _ = data_iterator(config, config.data.source, micro_size)
+    data, _ = data_iterator(config, config.data.source, micro_size, workdir=workdir)
     n = spec.num_sequences
     b = micro_size
     out_sharding = sharding.batch_sharding(mesh, 1)
