@@ -149,6 +149,15 @@ def check_model_name(name: str, key: str) -> None:
         )
 
 
+def check_workdir(workdir: str) -> None:
+    """The workdir is a directory or does not exist yet (it is created)."""
+    from alignjax import storage
+
+    root = storage.path(workdir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory")
+
+
 def write_config(config: ConfigDict, workdir: str) -> None:
     """``<workdir>/config.json`` for a fresh workdir; on a resume, the check against it and the
     record of allowed changes (``alignjax.train.workdir.record_config``); process 0 writes."""
@@ -165,6 +174,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
     import contextlib
 
     validate(config)
+    check_workdir(workdir)
     if config.get("distributed") is not None and config.distributed.enabled:
         from alignjax.sharding import initialize_distributed
 
@@ -194,7 +204,13 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
 # What a user can get wrong (a config value, a data row, a path, a checkpoint that does not fit):
 # reported as one line without a traceback; --debug shows it.
 USER_ERRORS = (
-    ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FloatingPointError,  # a non-finite step (alignjax.train.loop.NonFiniteStep)
 )
 USAGE_EXIT = 2
 

@@ -145,7 +145,7 @@ def base_config() -> ConfigDict:
     c.train.tensorboard = True
     c.train.vocab_chunk = 0  # > 0: chunked log-probs (no [B, T, V] logits), this many vocab columns a chunk
     c.train.seq_chunk = 0
-    c.train.nan_at_step = -1  # testing aid: inject a NaN loss at this step (-1 = never)
+    c.train.nan_at_step = -1  # testing aid: a NaN gradient at this step, under a finite loss (-1 = never)
     c.train.break_lock = False  # take over the workdir's lock.json held by another run (docs/reliability.md)
     c.train.allow_config_change = False  # resume with a changed config, recorded in config_history.jsonl
 

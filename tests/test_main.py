@@ -73,6 +73,17 @@ BAD_COMMANDS = {
     "negative steps": ([DPO, "--config.train.num_steps=-1"], 2, "config.train.num_steps=-1: must be >= 0"),
     "zero beta": ([DPO, "--config.loss.beta=0"], 2, "config.loss.beta=0.0: must be > 0"),
     "zero accumulation": ([DPO, "--config.optim.grad_accum_steps=0"], 2, "config.optim.grad_accum_steps=0"),
+    "non-finite step": (
+        [DPO, "--config.train.nan_at_step=2"],
+        1,
+        "step 2 was not applied: non-finite gradient norm and updated parameters (its loss,",
+    ),
+    "vocabulary past the embedding": (
+        [DPO, "--config.model.overrides.vocab_size=8"],
+        1,
+        "the tokenizer (config.data.tokenizer) has 15 tokens but the model's embedding has 8 rows "
+        "(config.model.overrides.vocab_size)",
+    ),
     "missing data file": (
         ["--config=experiments/dpo.py:runlocal", "--config.data.source=/nonexistent/pairs.jsonl"],
         1,
@@ -98,6 +109,70 @@ def test_user_errors_are_one_line_without_traceback(name, tmp_path):
     assert len(errors) == 1 and message in errors[0], proc.stderr
     if code == 2:
         assert not workdir.exists()  # usage errors stop before anything is written
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    workdir = tmp_path / "notes.txt"
+    workdir.write_text("keep me")
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignjax.main", DPO, f"--workdir={workdir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: --workdir={workdir} is a file, not a directory"
+    assert workdir.read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def own_model_and_data(tmp_path_factory):
+    """A tokenizer of 320 tokens, pairs, and HF Llamas: one with 64 embedding rows, one truncated."""
+    from tests import hf_fixtures
+
+    d = tmp_path_factory.mktemp("own")
+    hf_fixtures.save_tokenizer(str(d / "tok"))
+    hf_fixtures.write_pairs(str(d / "pairs.jsonl"))
+    hf_fixtures.save_llama(str(d / "small_vocab"), vocab_size=64)
+    hf_fixtures.save_llama(str(d / "truncated"), vocab_size=320)
+    weights = d / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return d
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (
+            "small_vocab",
+            "error: the tokenizer (config.data.tokenizer) has 320 tokens but the model's embedding has 64 "
+            "rows (config.model.path={d}/small_vocab)",
+        ),
+        ("truncated", "error: {d}/truncated/model.safetensors: not a complete safetensors file"),
+    ],
+)
+def test_a_model_that_cannot_take_the_data_is_named_before_compute(own_model_and_data, model, message, tmp_path):
+    d = own_model_and_data
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignjax.main",
+            DPO,
+            f"--config.model.path={d}/{model}",
+            f"--config.data.tokenizer={d}/tok",
+            f"--config.data.source={d}/pairs.jsonl",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(message.format(d=d)), proc.stderr
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

@@ -155,13 +155,24 @@ def weight_files(path: str) -> dict[str, str]:
         raise FileNotFoundError(
             f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors"
         )
-    from safetensors import safe_open
-
     out = {}
     for file in files:
-        with safe_open(os.path.join(path, file), framework="numpy") as f:
+        with open_safetensors(os.path.join(path, file)) as f:
             out.update({name: os.path.join(path, file) for name in f.keys()})
     return out
+
+
+@contextlib.contextmanager
+def open_safetensors(file: str):
+    """``safe_open(file)`` whose errors (a truncated or corrupt file) name the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(file, framework="numpy")
+    except SafetensorError as err:
+        raise ValueError(f"{file}: not a complete safetensors file ({err})") from None
+    with handle as f:
+        yield f
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -182,8 +193,6 @@ def load_params(model: Model, path: str, *, missing_ok: Sequence[str] = ()) -> d
     the checkpoint lacks are zeros (a sequence classifier has no ``lm_head.weight``). A scanned
     model's stacked leaves are built per device from the per-layer HF tensors
     (:func:`_stacked_array`), so no host holds more of a stack than its own devices' slices."""
-    from safetensors import safe_open
-
     files = weight_files(path)
     dtype = np.dtype(jnp.dtype(model.config.param_dtype))
     shardings = model.shardings() if model.mesh is not None else None
@@ -206,7 +215,7 @@ def load_params(model: Model, path: str, *, missing_ok: Sequence[str] = ()) -> d
                     f"checkpoint files {sorted(set(os.path.basename(f) for f in files.values()))}"
                 )
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+                handles[file] = stack.enter_context(open_safetensors(file))
             try:
                 tensor = handles[file].get_slice(m.hf_name)
             except Exception as e:  # an index that names a file without the tensor

@@ -2,7 +2,8 @@
 
 mesh -> model -> data -> abstract init (``jax.eval_shape``) -> shardings -> ``jit(init,
 out_shardings)`` -> restore -> ``jit(step, donate_argnums=0)`` -> loop (metrics read one step late,
-periodic evaluation, orbax checkpoints, SIGTERM = save and exit, non-finite loss = stop) -> summary.
+periodic evaluation, orbax checkpoints, SIGTERM = save and exit, non-finite step = not applied, stop)
+-> summary.
 
 Determinism: the data iterator, the params and the RNG are all in the checkpoint, and metrics
 past the restored step are dropped from ``metrics.jsonl``, so a run killed at any step and restarted
@@ -31,11 +32,16 @@ from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
 from alignjax.train.metrics import MetricWriter, Throughput, plot_curves
 from alignjax.train.optim import make_optimizer
-from alignjax.train.step import make_eval_fn, make_step_spec, make_train_step
+from alignjax.train.step import NONFINITE, make_eval_fn, make_step_spec, make_train_step, nonfinite_causes
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+class NonFiniteStep(FloatingPointError):
+    """A step's loss, gradient norm or updated parameters were NaN or infinite; the step was not
+    applied and the run stops, keeping its last good checkpoint."""
+
+
+# Consecutive steps with a gradient norm of exactly 0 after which the run says it no longer learns.
+ZERO_GRAD_STREAK = 5
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -68,6 +74,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         if not overrides.get("vocab_size") and vocab_size > base.vocab_size:
             overrides["vocab_size"] = vocab_size
         cfg = base.replace(**numerics, **overrides)
+        check_vocab_fits(vocab_size, cfg.vocab_size, "config.model.overrides.vocab_size")
         return models.Model(cfg, mesh=mesh, rules=rules), None
     model = models.from_pretrained(
         path,
@@ -78,7 +85,18 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         mesh=mesh,
         rules=rules,
     )
+    check_vocab_fits(vocab_size, model.config.vocab_size, f"config.model.path={path}")
     return model, model.params
+
+
+def check_vocab_fits(tokenizer_vocab: int, model_vocab: int, where: str) -> None:
+    """Token ids past the embedding would read garbage rows (NaN at step 1): refused up front."""
+    if tokenizer_vocab > model_vocab:
+        raise ValueError(
+            f"the tokenizer (config.data.tokenizer) has {tokenizer_vocab} tokens but the model's "
+            f"embedding has {model_vocab} rows ({where}): use the model's own tokenizer or a model "
+            "with a vocabulary at least as large"
+        )
 
 
 def data_iterator(
@@ -269,6 +287,44 @@ class _Stop:
 # ------------------------------------------------------------------------------------------ the loop
 
 
+def nonfinite_message(
+    step: int, causes: list[str], values: Mapping[str, float], last_saved: int | None, directory: Any
+) -> str:
+    """Why the run stopped at ``step`` and which checkpoint to resume from."""
+    finite_loss = "" if "loss" in causes else f" (its loss, {values['loss']:.6g}, was finite)"
+    advice = "lower config.optim.learning_rate or check the data"
+    kept = (
+        f"The last good checkpoint (step {last_saved}) is kept in {directory}; {advice}, then rerun "
+        "to resume from it."
+        if last_saved
+        else f"No checkpoint was saved before it; {advice}."
+    )
+    return f"step {step} was not applied: non-finite {' and '.join(causes)}{finite_loss}; stopping. {kept}"
+
+
+class ZeroGradients:
+    """Counts steps whose gradient norm is exactly 0 and says once per streak of
+    :data:`ZERO_GRAD_STREAK` that the model no longer learns (a saturated or detached model)."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+        self.total, self.streak = 0, 0
+
+    def add(self, step: int, grad_norm: float) -> None:
+        self.streak = self.streak + 1 if grad_norm == 0.0 else 0
+        self.total += grad_norm == 0.0
+        if self.streak == ZERO_GRAD_STREAK and jax.process_index() == 0:
+            print(
+                f"warning: grad_norm has been exactly 0 for {ZERO_GRAD_STREAK} steps (steps "
+                f"{step - ZERO_GRAD_STREAK + 1}-{step}): the model no longer learns (saturated: is "
+                f"config.optim.learning_rate={self.learning_rate:g} too large?)",
+                flush=True,
+            )
+
+    def summary(self) -> dict[str, int]:
+        return {"train/zero_grad_steps": self.total} if self.total else {}
+
+
 def run_train(
     config: Any,
     workdir: storage.PathLike,
@@ -441,20 +497,21 @@ def run_train(
     )
     speeds: list[dict[str, float]] = []
 
+    zero_grads = ZeroGradients(float(config.optim.learning_rate))
+
     def drain(item: tuple[int, Any] | None) -> None:
-        """Reads a step's metrics (one step late), stops on a non-finite loss, logs."""
+        """Reads a step's metrics (one step late), stops on a non-finite step, logs."""
         nonlocal last_metrics
         if item is None:
             return
         step_no, metrics = item
         values = {key: float(v) for key, v in jax.device_get(metrics).items()}
-        if not math.isfinite(values["loss"]):
+        causes = nonfinite_causes(values.pop(NONFINITE, 0.0))
+        if causes:
             checkpointer.wait()
-            raise NonFiniteLoss(
-                f"loss is {values['loss']} at step {step_no}; stopping. The last good checkpoint "
-                f"(step {last_saved}) is kept in {checkpointer.directory}; lower config.optim.learning_rate "
-                "or check the data, then rerun to resume from it."
-            )
+            message = nonfinite_message(step_no, causes, values, last_saved, checkpointer.directory)
+            raise NonFiniteStep(message)
+        zero_grads.add(step_no, values["grad_norm"])
         last_metrics = values
         if step_no % config.train.log_every == 0 or step_no == num_steps:
             writer.write(step_no, values)
@@ -524,6 +581,7 @@ def run_train(
         **{key: float(np.median([p[key] for p in speeds])) for key in (speeds[0] if speeds else {})},
         **final_eval,
         **stats.summary(),
+        **zero_grads.summary(),
     }
     if jax.process_index() == 0:
         if final_eval:

@@ -284,6 +284,29 @@ def ema_update(ref_params: Any, params: Any, alpha: float | Array) -> Any:
     )
 
 
+# Metric key of the step's finiteness check: a bit per quantity found non-finite (0 = applied).
+NONFINITE = "nonfinite"
+NONFINITE_BITS = (("loss", 1), ("gradient norm", 2), ("updated parameters", 4))
+
+
+def all_finite(tree: Any) -> Array:
+    """Whether every element of every leaf of ``tree`` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def nonfinite_code(loss: Array, grad_norm: Array, new_params: Any) -> Array:
+    """``NONFINITE_BITS`` of what is not finite after a step, as a float32 scalar (0 = all finite)."""
+    flags = (jnp.isfinite(loss), jnp.isfinite(grad_norm), all_finite(new_params))
+    return sum(jnp.where(ok, 0.0, float(bit)) for ok, (_, bit) in zip(flags, NONFINITE_BITS)).astype(
+        jnp.float32
+    )
+
+
+def nonfinite_causes(code: float) -> list[str]:
+    """The names of the quantities a :data:`NONFINITE` code marks as non-finite."""
+    return [name for name, bit in NONFINITE_BITS if int(code) & bit]
+
+
 def make_train_step(
     model: Any,
     spec: StepSpec,
@@ -301,6 +324,9 @@ def make_train_step(
     every ``sync_every``-th optimiser step. ``loss_fn`` (default :func:`make_loss_fn`) has the
     signature ``loss_fn(params, ref_params, loss_state, batch) -> (loss, (metrics, new_loss_state))``;
     other objectives (reward models) pass their own and reuse everything else.
+
+    A step whose loss, gradient norm or updated parameters are not finite is not applied: the
+    returned state is the input state and ``metrics[NONFINITE]`` says what was not finite.
     """
     loss_fn = make_loss_fn(model, spec) if loss_fn is None else loss_fn
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -320,10 +346,9 @@ def make_train_step(
         (grads, loss_state), metrics = jax.lax.scan(micro, (zeros, state.get("loss_state")), batch)
         grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-        if spec.nan_at_step >= 0:  # testing aid: a poisoned update, as a diverging run would make
+        if spec.nan_at_step >= 0:  # testing aid: a poisoned update under a finite loss
             poison = jnp.where(state["step"] + 1 == spec.nan_at_step, jnp.nan, 0.0)
             grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
-            metrics["loss"] = metrics["loss"] + poison
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -335,6 +360,10 @@ def make_train_step(
             due = (new_state["step"] % sync_every) == 0
             alpha = jnp.where(due, jnp.float32(sync_alpha), jnp.float32(0.0))
             new_state["ref_params"] = ema_update(ref_params, new_params, alpha)
+        metrics[NONFINITE] = nonfinite_code(metrics["loss"], metrics["grad_norm"], new_params)
+        applied = metrics[NONFINITE] == 0
+        # A non-finite step leaves the state as it was, so no checkpoint can ever hold one.
+        new_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), new_state, state)
         return new_state, metrics
 
     return step

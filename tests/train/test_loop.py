@@ -170,9 +170,13 @@ def _inprocess_config(workdir_steps=4, **changes):
 
 def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint_then_shape_mismatch(tmp_path):
     from alignjax.train.checkpoint import CheckpointMismatch
-    from alignjax.train.loop import NonFiniteLoss, run_train
+    from alignjax.train.loop import NonFiniteStep, run_train
 
-    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 3; .*last good checkpoint \(step 2\)"):
+    with pytest.raises(
+        NonFiniteStep,
+        match=r"step 3 was not applied: non-finite gradient norm and updated parameters \(its "
+        r"loss, [0-9.]+, was finite\); stopping. The last good checkpoint \(step 2\)",
+    ):
         run_train(_inprocess_config(train__nan_at_step=3), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     assert [r["step"] for r in _steps(str(tmp_path))] == [1, 2]
@@ -270,3 +274,29 @@ def test_perf_metrics_go_to_their_own_file(tmp_path):
         assert 8 * n < per_token <= bound * (1 + 1e-9)
     median = statistics.median(r["perf/tokens_per_s"] for r in rows)
     assert summary["perf/tokens_per_s"] == pytest.approx(median)
+
+
+def test_an_update_that_makes_parameters_infinite_under_a_finite_loss_is_never_applied(tmp_path):
+    from alignjax.train.loop import NonFiniteStep, run_train
+
+    # lr 1e39: the first AdamW update (about lr in size) overflows float32; loss and gradients are finite.
+    config = _inprocess_config(optim__learning_rate=1e39, train__checkpoint_every=1)
+    with pytest.raises(
+        NonFiniteStep,
+        match=r"^step 1 was not applied: non-finite updated parameters \(its loss, 0.693147, was finite\); "
+        r"stopping. No checkpoint was saved before it",
+    ):
+        run_train(config, str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+def test_a_run_whose_gradients_stay_exactly_zero_says_so(tmp_path, capsys):
+    from alignjax.train.loop import ZERO_GRAD_STREAK, run_train
+
+    # lr 1e5 saturates the tiny model by step 3: every later gradient is exactly 0, every loss finite.
+    config = _inprocess_config(optim__learning_rate=1e5, train__num_steps=10, train__log_every=1)
+    summary = run_train(config, str(tmp_path))
+    zero = [r["step"] for r in _steps(str(tmp_path)) if r.get("grad_norm") == 0.0]
+    assert zero == list(range(3, 11))
+    assert summary["train/zero_grad_steps"] == len(zero)
+    assert f"grad_norm has been exactly 0 for {ZERO_GRAD_STREAK} steps (steps 3-7)" in capsys.readouterr().out
