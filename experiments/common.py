@@ -64,7 +64,11 @@ def base_config() -> ConfigDict:
     # compute_dtype: activations and matmuls ("" = dtype; float32 + bfloat16 is mixed precision);
     # remat: none | full | dots | dots_no_batch ("" = none), per decoder layer. attention_kernel:
     # auto | xla | splash ("" = auto: cuDNN flash attention on GPUs, Pallas splash on TPUs).
+    # scan_layers: true = the decoder layers as one nn.scan (compile time flat in depth), false =
+    # unrolled; unset = the preset's choice (scanned for the real checkpoints' shapes, unrolled for
+    # tiny/bench-7m) and unrolled for an HF directory. A run resumes only in the layout it saved.
     c.model = ConfigDict(dict(path="tiny", dtype="float32", compute_dtype="", remat="", attention_kernel=""))
+    c.model.scan_layers = ml_collections.config_dict.placeholder(bool)
     # ModelConfig fields replacing the preset's (presets only), e.g. vocab_size, hidden_size; vocab_size
     # 0 = the tokenizer's vocabulary when that is larger than the preset's.
     c.model.overrides = ConfigDict(

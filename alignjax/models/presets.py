@@ -2,6 +2,12 @@
 
 The real presets copy each model's published ``config.json`` values; ``from_pretrained(name)``
 gives them random weights (for shape/throughput work), a checkpoint directory gives real ones.
+
+The real presets scan their layers (``scan_layers=True``): they are 16-36 layers deep, where an
+unrolled DPO step's compile time and program size grow with every layer and a scanned one's stay
+flat (``bench/compile_layers.py``), which is what a pod slice pays at every start and restart;
+MaxText and Levanter scan by default for the same reason. ``tiny`` and ``bench-7m`` stay unrolled:
+at 2-4 layers there is nothing to gain, and tests and benchmarks address their layers by name.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from alignjax.models.config import ModelConfig, RopeScaling
 _LLAMA31_SCALING = RopeScaling(
     factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
 )
+
+_UNROLLED = ("tiny", "bench-7m")
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
@@ -176,3 +184,5 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=40960,
     ),
 }
+
+PRESETS = {name: c if name in _UNROLLED else c.replace(scan_layers=True) for name, c in PRESETS.items()}

@@ -55,7 +55,8 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
     param (master-weight) dtype, ``compute_dtype`` that of activations and matmuls ("" = ``dtype``;
     float32 + bfloat16 is the usual mixed precision), ``remat`` the decoder layers' rematerialisation
     policy ("" = none; see ``alignjax.models.config.REMAT_POLICIES``), ``attention_kernel`` the
-    training forward's attention ("" = auto: cuDNN on GPUs, splash on TPUs; ``ModelConfig``).
+    training forward's attention ("" = auto: cuDNN on GPUs, splash on TPUs; ``ModelConfig``),
+    ``scan_layers`` the layer layout (None = the preset's; unrolled for a directory).
     """
     from alignjax import models
 
@@ -66,6 +67,8 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         remat=model_config.get("remat") or "none",
         attention_kernel=model_config.get("attention_kernel") or "auto",
     )
+    if model_config.get("scan_layers") is not None:
+        numerics["scan_layers"] = bool(model_config.get("scan_layers"))
     if path in models.PRESETS:
         overrides = {
             k: v for k, v in dict(model_config.get("overrides", {})).items() if v not in (0, "", None)
@@ -82,6 +85,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         compute_dtype=numerics["dtype"],
         remat=numerics["remat"],
         attention_kernel=numerics["attention_kernel"],
+        scan_layers=numerics.get("scan_layers"),
         mesh=mesh,
         rules=rules,
     )
