@@ -276,11 +276,11 @@ class JaxDPO:
 
 def hf_state_dict(model: Model, params: Any) -> dict[str, np.ndarray]:
     """The HF-layout tensors of ``params`` in memory (what ``save_pretrained`` writes to disk)."""
-    from alignjax.models.hf import _get, tensor_maps
+    from alignjax.models.hf import _leaf, tensor_maps
 
     dtype = np.dtype(jnp.dtype(model.config.param_dtype))
     return {
-        m.hf_name: m.to_hf(np.asarray(jax.device_get(_get(params, m.param_path))).astype(dtype))
+        m.hf_name: m.to_hf(np.asarray(jax.device_get(_leaf(params, m))).astype(dtype))
         for m in tensor_maps(model.config)
     }
 

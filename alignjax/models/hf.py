@@ -5,7 +5,10 @@ each device's callback reads only its slice from the memory-mapped safetensors f
 ever holds the whole model. Layout conversion, per tensor, is "reshape the HF tensor into split
 dims, then transpose": e.g. ``q_proj.weight`` [H*Dh, D] -> split (H, Dh, D) -> perm (2, 0, 1) ->
 kernel [D, H, Dh]. A device's slice of the target maps back to one contiguous row range per
-merged HF dim, which is what ``safe_open(...).get_slice`` reads.
+merged HF dim, which is what ``safe_open(...).get_slice`` reads. A scanned model's stacked leaf
+``[L, ...]`` is built the same way, each device's callback stacking its block of every layer's HF
+tensor; export takes one layer of it at a time (``model.layers.i.*``), so both layouts read and
+write the same HF checkpoint.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 Parameter names mirror the Hugging Face module tree (``layers_0/self_attn/q_proj/kernel``) so the
 checkpoint mapping in ``hf.py`` reads as a table. Kernels are stored ``[in..., out...]`` with heads
-split out: q ``[D, H, Dh]``, k/v ``[D, K, Dh]``, o ``[H, Dh, D]``.
+split out: q ``[D, H, Dh]``, k/v ``[D, K, Dh]``, o ``[H, Dh, D]``. With ``ModelConfig.scan_layers``
+the layers are one ``nn.scan`` and every layer leaf is stacked on a leading ``layers`` axis
+(``layers/self_attn/q_proj/kernel`` ``[L, D, H, Dh]``, the axis replicated by the default rules);
+:func:`stack_layers` / :func:`unstack_layers` convert params (and KV caches) between the layouts.
 
 Attention masking (full forward), for query index i and key index j of one row:
     allowed(i, j) = j <= i  and  seg[i] == seg[j] != 0  and  (branch[j] == 0 or branch[j] == branch[i])
@@ -14,7 +17,8 @@ Pallas splash kernel (TPUs; rows without branches or window), per ``ModelConfig.
 
 Decoding with a cache: key/value buffers ``[B, S, K, Dh]`` hold the entry for position p in slot p;
 a query at position p sees slots j <= p (and within the window), so slots beyond each row's current
-position, stale or unwritten, are masked without any per-length recompilation.
+position, stale or unwritten, are masked without any per-length recompilation. A scanned model's
+cache is one stack ``[L, B, S, K, Dh]``, scanned together with the params.
 """
 
 from __future__ import annotations

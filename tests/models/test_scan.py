@@ -175,6 +175,7 @@ def test_optimizer_decay_mask_and_update_equal(mesh, unrolled):
     tx, _ = make_optimizer(optim, 10)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
 
+    @jax.jit
     def update(p, g):
         u, _ = tx.update(g, tx.init(p), p)
         return jax.tree.map(lambda a, b: a + b, p, u)
