@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 
 def free_port() -> int:
@@ -28,8 +29,13 @@ def launch(
     devices_per_process: int = 1,
     log_dir: str | None = None,
     timeout: float | None = None,
+    cwd: str | None = None,
 ) -> int:
-    """Runs the processes to completion and returns the first non-zero exit status (or 0)."""
+    """Runs the processes to completion and returns the first non-zero exit status (or 0).
+
+    ``cwd`` is where they run (relative ``--config``/``--workdir`` paths resolve there; default: here).
+    After ``timeout`` seconds every process is killed and TimeoutExpired raised.
+    """
     address = f"127.0.0.1:{free_port()}"
     procs = []
     for i in range(num_processes):
@@ -50,17 +56,26 @@ def launch(
         ]
         log = open(os.path.join(log_dir, f"process_{i}.log"), "w") if log_dir else None
         procs.append(
-            (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None), log)
+            (
+                subprocess.Popen(
+                    cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT if log else None
+                ),
+                log,
+            )
         )
+    deadline = None if timeout is None else time.monotonic() + timeout
     codes = []
-    for proc, log in procs:
-        try:
-            codes.append(proc.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for p, _ in procs:
-                p.kill()
-            raise
-        finally:
+    try:
+        for proc, _ in procs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            codes.append(proc.wait(timeout=left))
+    except subprocess.TimeoutExpired:
+        for proc, _ in procs:  # a process left waiting on a collective never exits by itself
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        for _, log in procs:
             if log:
                 log.close()
     return next((c for c in codes if c), 0)

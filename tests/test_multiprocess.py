@@ -1,9 +1,15 @@
-"""A real two-process ``jax.distributed`` run on CPU (gloo collectives).
+"""Real two-process ``jax.distributed`` runs on CPU (gloo collectives).
 
-Each process holds half of the rows of a sequence batch, passes them to
-``alignjax.sharding.global_batch``, and runs a jitted sum of token log-probs (and of squared
-sequence log-probs) of the tiny decoder over the global array; both processes must get the
-single-process value computed here.
+* Each process holds half of the rows of a sequence batch, passes them to
+  ``alignjax.sharding.global_batch``, and runs a jitted sum of token log-probs (and of squared
+  sequence log-probs) of the tiny decoder over the global array; both processes must get the
+  single-process value computed here.
+* The reference cache decides together which chunks are built: in the same children, a chunk that
+  only one process has is recomputed by both (its computation is a collective), one that both have
+  is skipped by both.
+* End to end through ``launch/local.py``: a cache-reference DPO run, then one process's chunk file
+  deleted and a second run on the same cache: both processes recompute that chunk (bitwise the
+  same files) and the second run's metrics equal the first's line by line.
 """
 
 from __future__ import annotations
@@ -82,6 +88,37 @@ CHILD = COMMON + textwrap.dedent(
     total, squares = objective(model)(model.params, global_batch)
     print("RESULT " + json.dumps(dict(process=process_id, total=float(total), squares=float(squares))))
     sys.stdout.flush()
+
+    # Reference cache, 3 chunks of 2 micro-batches: chunk 0 on both processes, chunk 1 only on
+    # process 0 (as a preemption between the two hosts' writes leaves it), chunk 2 on none.
+    import io
+    from jax.experimental import multihost_utils
+    from alignjax.train.reference import ReferenceCache
+
+    cache = ReferenceCache(sys.argv[4], "key", ("ref_chosen_logps",), chunk=2)
+    cache.directory.mkdir(parents=True, exist_ok=True)
+    old = np.full((2, 2), -7.0, np.float32)
+    for chunk in (0, 1) if process_id == 0 else (0,):
+        buf = io.BytesIO()
+        np.savez(buf, ref_chosen_logps=old)
+        cache._path(chunk).write_bytes(buf.getvalue())
+    multihost_utils.sync_global_devices("cache files written")
+    computed = []
+    total_of = jax.jit(lambda x: x + jnp.sum(x), out_shardings=sharding.batch_sharding(mesh, 1))
+
+    def compute(host):
+        computed.append(int(host["index"][0]))
+        x = sharding.global_batch(mesh, {"x": host["x"]})["x"]
+        return {"ref_chosen_logps": total_of(x)}  # a cross-process sum: a collective
+
+    batches = ({"index": np.full(2, i), "x": np.full(2, 10.0 * i + process_id, np.float32)} for i in range(6))
+    was_complete = cache.complete(6)
+    written = cache.build(batches, 6, compute)
+    print("CACHE " + json.dumps(dict(
+        process=process_id, was_complete=was_complete, written=written, computed=computed,
+        complete=cache.complete(6), rows=[cache.lookup(i)["ref_chosen_logps"].tolist() for i in range(6)],
+    )))
+    sys.stdout.flush()
     jax.distributed.shutdown()
     """
 )
@@ -109,13 +146,16 @@ def single_process_value():
     return float(total), float(squares)
 
 
-def test_two_process_global_batch_matches_single_process(tmp_path, single_process_value):
+@pytest.fixture(scope="module")
+def children(tmp_path_factory):
+    """The two children's outputs (each: its RESULT and CACHE lines)."""
+    tmp_path = tmp_path_factory.mktemp("children")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     port = portpicker.pick_unused_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(port), str(i), str(NUM_PROCESSES)],
+            [sys.executable, str(script), str(port), str(i), str(NUM_PROCESSES), str(tmp_path / "cache")],
             env=_child_env(),
             cwd=str(tmp_path),
             stdout=subprocess.PIPE,
@@ -136,13 +176,90 @@ def test_two_process_global_batch_matches_single_process(tmp_path, single_proces
                 p.wait()
     for i, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed (rc={p.returncode}):\n{out[-4000:]}"
+    return outputs
+
+
+def _lines(outputs: list[str], tag: str) -> list[dict]:
     results = []
     for out in outputs:
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        lines = [line for line in out.splitlines() if line.startswith(tag + " ")]
         assert len(lines) == 1, out[-4000:]
-        results.append(json.loads(lines[0][len("RESULT ") :]))
+        results.append(json.loads(lines[0][len(tag) + 1 :]))
+    return results
+
+
+def test_two_process_global_batch_matches_single_process(children, single_process_value):
+    results = _lines(children, "RESULT")
     want_total, want_squares = single_process_value
     assert want_total < -10.0  # a real sum of log-probs
     for r in results:
         np.testing.assert_allclose(r["total"], want_total, rtol=1e-5)
         np.testing.assert_allclose(r["squares"], want_squares, rtol=1e-5)
+
+
+def test_cache_chunks_are_skipped_or_recomputed_by_all_processes_together(children):
+    results = _lines(children, "CACHE")
+    for p, r in enumerate(results):
+        assert r["process"] == p
+        assert not r["was_complete"] and r["complete"]  # chunk 1 was on process 0 only
+        assert r["written"] == 2 and r["computed"] == [2, 3, 4, 5]  # chunks 1 and 2, on both
+        assert r["rows"][:2] == [[-7.0, -7.0]] * 2  # chunk 0 (on both) kept as it was
+        for i in range(2, 6):  # each row + the sum of micro-batch i's 4 global rows
+            total = 2 * (10.0 * i) + 2 * (10.0 * i + 1)
+            assert r["rows"][i] == [10.0 * i + p + total] * 2
+
+
+# A cache-reference DPO run through launch/local.py, as small as test_loop's.
+RUN = [
+    "--config=experiments/dpo.py:runlocal,steps=2,reference=cache",
+    "--config.optim.schedule=constant",
+    "--config.optim.warmup_steps=0",
+    "--config.data.max_length=10",
+    "--config.data.eval_source=",
+    "--config.train.progress=False",
+    "--config.train.tensorboard=False",
+    "--config.train.plot=False",
+    "--config.model.overrides.vocab_size=16",
+    "--config.model.overrides.hidden_size=32",
+    "--config.model.overrides.num_layers=1",
+    "--config.model.overrides.num_heads=2",
+    "--config.model.overrides.num_kv_heads=2",
+    "--config.model.overrides.intermediate_size=64",
+]
+
+
+def _launch(workdir: Path, cache_dir: Path) -> None:
+    sys.path.insert(0, str(REPO / "launch"))
+    import local
+
+    workdir.mkdir()
+    args = [*RUN, f"--workdir={workdir}", f"--config.reference.cache_dir={cache_dir}"]
+    try:
+        rc = local.launch(args, NUM_PROCESSES, log_dir=str(workdir), timeout=240, cwd=str(REPO))
+    except subprocess.TimeoutExpired:  # what a process left alone in a collective does
+        rc = "timeout"
+    logs = "\n".join((workdir / f"process_{i}.log").read_text()[-3000:] for i in range(NUM_PROCESSES))
+    assert rc == 0, f"rc={rc}:\n{logs}"
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def test_cache_chunk_lost_on_one_process_is_rebuilt_by_both(tmp_path):
+    cache_dir = tmp_path / "cache"
+    _launch(tmp_path / "undamaged", cache_dir)
+    (key,) = os.listdir(cache_dir)
+    files = {p: cache_dir / key / f"p{p}_c000000.npz" for p in range(NUM_PROCESSES)}
+    before = {p: (f.read_bytes(), f.stat().st_ino, f.stat().st_mtime_ns) for p, f in files.items()}
+    files[1].unlink()  # process 0's chunk survived, process 1's did not
+    _launch(tmp_path / "rerun", cache_dir)
+    assert os.listdir(cache_dir) == [key]
+    for p, f in files.items():  # rewritten by both processes, bitwise as before
+        data, inode, mtime = before[p]
+        assert f.read_bytes() == data
+        if p == 0:
+            assert (f.stat().st_ino, f.stat().st_mtime_ns) != (inode, mtime)
+    undamaged, rerun = _metrics(tmp_path / "undamaged"), _metrics(tmp_path / "rerun")
+    assert [r["step"] for r in undamaged if "loss" in r] == [1, 2]
+    assert rerun == undamaged  # every metric of every step, bit for bit

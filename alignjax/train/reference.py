@@ -8,9 +8,10 @@
   inputs is refused at start-up);
 * ``cache``  - the reference log-probs of every training batch are computed once, written under
   ``<cache_dir>/<key>/`` (per process, in chunks, each written atomically, so an interrupted build
-  resumes) and then read into the batch as ``ref_chosen_logps`` / ``ref_rejected_logps``; ``key`` is
-  a content hash of the model config, a params fingerprint and the data settings, so a changed
-  model or dataset never reads a stale cache;
+  resumes; a chunk counts as built only when every process has its file, so all processes skip or
+  compute the same chunks together) and then read into the batch as ``ref_chosen_logps`` /
+  ``ref_rejected_logps``; ``key`` is a content hash of the model config, a params fingerprint and
+  the data settings, so a changed model or dataset never reads a stale cache;
 * ``ema``    - TR-DPO: every ``sync_every`` steps ``ref <- alpha * policy + (1 - alpha) * ref``
   ("Learn Your Reference Model for Real Good Alignment", arXiv:2404.09656; alpha = 1 is the hard
   update), done inside the jitted step (:func:`alignjax.train.step.ema_update`).
@@ -22,13 +23,14 @@ import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from alignjax import storage
 from alignjax.train.step import CACHEABLE, ema_update
@@ -38,6 +40,7 @@ __all__ = [
     "step_reference_mode",
     "cache_key",
     "ReferenceCache",
+    "all_processes",
     "ema_update",
     "local_rows",
     "stored_reference",
@@ -74,23 +77,43 @@ def local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
 
 
-class ReferenceCache:
-    """Per-process files ``p<process>_c<chunk>.npz`` holding ``[CHUNK, b_local]`` arrays per name.
+def all_processes(flags: Sequence[bool]) -> np.ndarray:
+    """``flags`` AND-ed entry by entry over all processes: True where every process passed True.
 
-    Micro-batch ``i`` (counted over the whole run, ``step * k + j``) lives in chunk ``i // CHUNK``.
+    A collective: every process calls it with the same number of flags. It turns per-process
+    observations (which files this host sees) into one decision all hosts act on, so no host skips
+    a computation whose collectives another host runs.
+    """
+    local = np.asarray(flags, dtype=np.int32).reshape(-1)
+    if jax.process_count() == 1 or local.size == 0:
+        return local.astype(bool)
+    return np.asarray(multihost_utils.process_allgather(local)).min(axis=0).astype(bool)
+
+
+class ReferenceCache:
+    """Per-process files ``p<process>_c<chunk>.npz`` holding ``[chunk, b_local]`` arrays per name.
+
+    Micro-batch ``i`` (counted over the whole run, ``step * k + j``) lives in chunk ``i // chunk``.
+    ``complete`` and ``build`` are collectives (every process calls them): a chunk is built when
+    every process has its file, else every process computes it again.
     """
 
-    def __init__(self, directory: storage.PathLike, key: str, names: tuple[str, ...]):
+    def __init__(self, directory: storage.PathLike, key: str, names: tuple[str, ...], chunk: int = CHUNK):
         self.directory = storage.path(directory) / key  # local or an object store
         self.names = tuple(n for n in names if n in CACHEABLE)
         self.process = jax.process_index()
+        self.chunk = chunk
         self._loaded: dict[int, dict[str, np.ndarray]] = {}
 
     def _path(self, chunk: int) -> epath.Path:
         return self.directory / f"p{self.process}_c{chunk:06d}.npz"
 
+    def built_chunks(self, num_micro: int) -> np.ndarray:
+        """[num_chunks] bool: chunk c is built on every process (a collective)."""
+        return all_processes([self._path(c).exists() for c in range(-(-num_micro // self.chunk))])
+
     def complete(self, num_micro: int) -> bool:
-        return all(self._path(c).exists() for c in range(-(-num_micro // CHUNK)))
+        return bool(self.built_chunks(num_micro).all())
 
     def build(
         self,
@@ -99,17 +122,18 @@ class ReferenceCache:
         compute: Callable[[Mapping[str, np.ndarray]], dict[str, jax.Array]],
         progress: bool = False,
     ) -> int:
-        """Computes and writes every missing chunk; returns the number of chunks written.
+        """Computes and writes every chunk that some process lacks (on every process, each writing
+        its own file); returns the number of chunks written.
 
         ``batches`` yields host-local micro-batches in training order; ``compute`` maps one to
         global per-example arrays ``{name: [B]}`` (batch-sharded).
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         written = 0
-        num_chunks = -(-num_micro // CHUNK)
-        for chunk in range(num_chunks):
-            count = min(CHUNK, num_micro - chunk * CHUNK)
-            if self._path(chunk).exists():
+        built = self.built_chunks(num_micro)
+        for chunk, done in enumerate(built):
+            count = min(self.chunk, num_micro - chunk * self.chunk)
+            if done:
                 for _ in range(count):  # already built: advance the iterator past it
                     next(batches)
                 continue
@@ -125,7 +149,7 @@ class ReferenceCache:
         return written
 
     def lookup(self, micro_index: int) -> dict[str, np.ndarray]:
-        chunk, offset = divmod(micro_index, CHUNK)
+        chunk, offset = divmod(micro_index, self.chunk)
         if chunk not in self._loaded:
             self._loaded = {chunk: dict(np.load(io.BytesIO(self._path(chunk).read_bytes())))}
         return {n: self._loaded[chunk][n][offset] for n in self.names}
