@@ -106,6 +106,15 @@ def test_normalize_mesh_keeps_devices_and_names_with_auto_axes():
     assert sharding.normalize_mesh(None) is None
 
 
+def test_preset_init_on_a_jax_mesh_shards_as_on_the_alignjax_mesh():
+    want = from_pretrained("tiny", mesh=sharding.make_mesh(dict(zip(sharding.MESH_AXES, SHAPE))))
+    got = from_pretrained("tiny", mesh=jax.make_mesh(SHAPE, sharding.MESH_AXES))
+    assert got.mesh.axis_types == (AxisType.Auto,) * 3
+    for g, w in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+        assert g.sharding.is_equivalent_to(w.sharding, g.ndim)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 @pytest.mark.parametrize(
     "names, shape, message",
     [
