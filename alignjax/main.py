@@ -13,6 +13,7 @@ a time and only with a config that does not change what the run computes (docs/r
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import json
@@ -215,6 +216,11 @@ USER_ERRORS = (
 USAGE_EXIT = 2
 
 
+def is_user_error(err: BaseException) -> bool:
+    """One of :data:`USER_ERRORS`, or a full disk (the user frees space and reruns)."""
+    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno == errno.ENOSPC)
+
+
 def error_line(err: BaseException) -> str:
     """The message of ``err`` as the user should read it (KeyError's repr quotes stripped)."""
     if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
@@ -243,8 +249,8 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
         summary = run(_CONFIG.value, _WORKDIR.value)
-    except USER_ERRORS as err:
-        if _DEBUG.value:
+    except Exception as err:
+        if _DEBUG.value or not is_user_error(err):
             raise
         fail(error_line(err), 1)
     public = {k: v for k, v in summary.items() if not k.startswith("_")}

@@ -122,6 +122,19 @@ def move(src: PathLike, dst: PathLike) -> None:
     fs.mv(os.fspath(source), os.fspath(target), recursive=True)
 
 
+def free_bytes(p: PathLike) -> int | None:
+    """Free bytes on the file system holding ``p`` (its nearest existing parent); None for an
+    object store, which has no such limit to check."""
+    if not is_local(p):
+        return None
+    import shutil
+
+    target = path(p)
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    return shutil.disk_usage(str(target)).free
+
+
 def check_writable(p: PathLike) -> None:
     """Writes and deletes a probe object under ``p`` (created if absent); raises ``OSError`` naming
     ``p`` when that fails (no credentials, no such bucket, no permission)."""

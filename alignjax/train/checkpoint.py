@@ -12,7 +12,9 @@ step is used (:meth:`Checkpointer.restore_latest`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
+import logging
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -28,6 +30,48 @@ ITEMS = ("state", "data", "manifest")
 
 class CheckpointMismatch(ValueError):
     """The workdir holds a checkpoint that does not fit the configured model."""
+
+
+class DiskFull(OSError):
+    """A checkpoint does not fit on its file system; nothing of it is left behind."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+# Room kept for a checkpoint's metadata files (sharding, array metadata, JSON items) beyond its
+# arrays' bytes.
+METADATA_ALLOWANCE = 1 << 20
+
+
+def local_state_bytes(state: Any) -> int:
+    """Bytes of the array shards this process writes for ``state`` (one replica of each)."""
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(state)
+        if isinstance(leaf, jax.Array)
+        for shard in leaf.addressable_shards
+        if shard.replica_id == 0
+    )
+
+
+def fits(needed: int, free: int | None) -> bool:
+    return free is None or needed <= free
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process: a save some processes skip would hang the others."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    text = str(err)  # TensorStore's errors carry the OS error only in their text
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text
 
 
 def shape_manifest(abstract_state: Any, model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,6 +114,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
+        self._quiet = contextlib.ExitStack()
+        self._quiet.enter_context(_disk_full_noise_silenced())
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=ITEMS
         )
@@ -123,15 +169,55 @@ class Checkpointer:
         return str(target)
 
     def save(self, step: int, state: Any, data_state: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(dict(data_state)),
-                manifest=ocp.args.JsonSave(dict(manifest)),
-            ),
-            force=True,
-        )
+        """Saves ``step`` (asynchronously where configured) after checking that it fits on disk.
+
+        A save that would not fit, or that runs out of space while writing, raises
+        :class:`DiskFull` naming the directory, with no partial step left behind.
+        """
+        needed = local_state_bytes(state) + METADATA_ALLOWANCE
+        free = storage.free_bytes(self.directory)
+        if not _everywhere(fits(needed, free)):
+            self.wait()
+            raise DiskFull(
+                f"no space for checkpoint step {step} in {self.directory}: it needs about "
+                f"{needed / 2**20:.1f} MiB and {(free or 0) / 2**20:.1f} MiB are free"
+                f"{self._resume_hint()}"
+            )
+        with self._disk_full_reported():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(dict(data_state)),
+                    manifest=ocp.args.JsonSave(dict(manifest)),
+                ),
+                force=True,
+            )
+
+    def _resume_hint(self) -> str:
+        latest = self.latest_step()
+        start = f"resume from step {latest}" if latest is not None else "start again"
+        return f"; free space on it (or use another --workdir) and rerun to {start}"
+
+    @contextlib.contextmanager
+    def _disk_full_reported(self) -> Iterator[None]:
+        """A write that ran out of space: its temporary step removed, one :class:`DiskFull` raised."""
+        try:
+            yield
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            self._remove_temporaries()
+            raise DiskFull(
+                f"no space left on device writing a checkpoint in {self.directory}; its partial files were "
+                f"removed{self._resume_hint()}"
+            ) from None
+
+    def _remove_temporaries(self) -> None:
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                tmp.rmtree()
+        self.manager.reload()
 
     def _manifest(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))[
@@ -148,11 +234,15 @@ class Checkpointer:
         return restored["state"], dict(restored["data"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full_reported():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+            self.manager.close()
+        finally:
+            self._quiet.close()
 
 
 @contextlib.contextmanager
@@ -167,6 +257,38 @@ def _unraisable_silenced() -> Iterator[None]:
     finally:
         gc.collect()
         sys.unraisablehook = previous
+
+
+class _DiskFullNoise(logging.Filter):
+    """Drops orbax's logged tracebacks of a write that ran out of space (:class:`DiskFull` reports it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        full = is_disk_full(err) if err is not None else "No space left on device" in record.getMessage()
+        return not full
+
+
+@contextlib.contextmanager
+def _disk_full_noise_silenced() -> Iterator[None]:
+    """While a checkpointer is open: orbax logs every failed write of a full disk with its
+    traceback from its background threads, and TensorStore's callbacks for the other writes, arriving
+    after orbax's event loop closed, each print "RuntimeError: Event loop is closed" through
+    ``sys.excepthook``. Those records and only those are dropped."""
+    previous = sys.excepthook
+
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            previous(kind, value, tb)
+
+    noise = _DiskFullNoise()
+    logger = logging.getLogger("absl")
+    sys.excepthook = hook
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+        sys.excepthook = previous
 
 
 def damage(step_dir: Any, err: BaseException, phase: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from tests.faults.test_disk_full import tmpfs
 from tests.train.test_loop import COMMON, ROOT, _steps, _wait_for_step
 
 ARGS = [*COMMON, "--config.train.keep_checkpoints=3", "--config.train.plot=False"]
@@ -77,6 +78,10 @@ def runs(tmp_path_factory):
     holder = _start(d["held"], "--config.train.num_steps=100000")
     _lock(d["foreign"], "elsewhere.example", 4242)
     foreign = _start(d["foreign"])
+    # a workdir on a disk too small for one checkpoint (a tmpfs; root only)
+    d["full"] = str(base / "disk" / "run")
+    on_tmpfs = tmpfs(str(base / "disk"), "600k")
+    full = _start(d["full"]) if on_tmpfs else None
     _wait_for_step(holder, d["held"], 2)
     second = _start(d["held"])
     out = {"second": _finish(second), "foreign": _finish(foreign)}
@@ -85,6 +90,10 @@ def runs(tmp_path_factory):
     out["holder"] = _finish(holder)
     out["clean"] = _finish(clean)
     assert out["clean"][0] == 0, out["clean"]
+    if full is not None:
+        out["full"] = _finish(full)
+        out["full_listing"] = _listing(d["full"])
+        subprocess.run(["mount", "-o", "remount,size=64m", str(base / "disk")], check=True)
 
     # ---- phase 2: copies of the finished run, damaged or rerun with another config.
     copies = ("all_damaged", "truncated_array", "finished", "changed", "extended")
@@ -117,8 +126,12 @@ def runs(tmp_path_factory):
             "--config.train.allow_config_change=true",
         ),
     }
+    if full is not None:
+        procs["full_rerun"] = _start(d["full"])
     out.update({name: _finish(p) for name, p in procs.items()})
-    return dict(dirs=d, out=out, before=before, lock_while_held=lock_while_held)
+    yield dict(dirs=d, out=out, before=before, lock_while_held=lock_while_held)
+    if on_tmpfs:
+        subprocess.run(["umount", str(base / "disk")], check=True)
 
 
 def _read(path, mode="r"):
@@ -236,3 +249,21 @@ def test_an_allowed_change_is_recorded_with_its_step_and_config_json_kept(runs):
     assert entry["changes"] == {"optim.learning_rate": [0.0005, 0.001], "train.num_steps": [6, 8]}
     steps = [r["step"] for r in _steps(d["extended"]) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_a_rerun_with_space_resumes_identically(runs):
+    if "full" not in runs["out"]:
+        pytest.skip("mounting a tmpfs needs root")
+    rc, out, err = runs["out"]["full"]
+    assert rc == 1, (out, err)
+    line = _one_error_line(err)
+    full = runs["dirs"]["full"]
+    expected = f"error: no space for checkpoint step 2 in {full}/checkpoints: it needs about "
+    assert line.startswith(expected), line
+    assert line.endswith("MiB are free; free space on it (or use another --workdir) and rerun to start again")
+    left = [f for f, _ in runs["out"]["full_listing"]]
+    assert not [f for f in left if f.startswith("checkpoints/")] and "lock.json" not in left
+    rc, out, err = runs["out"]["full_rerun"]
+    assert rc == 0, (out, err)
+    clean = runs["dirs"]["clean"]
+    assert _read(os.path.join(full, "metrics.jsonl")) == _read(os.path.join(clean, "metrics.jsonl"))
