@@ -43,6 +43,7 @@ HARMLESS = frozenset({
     "train.tensorboard",
     "distributed.coordinator_address",  # where the processes meet, not what they compute
     "distributed.process_id",
+    "data.cache_dir",  # where tokenized rows are kept; its key covers everything they depend on
 })
 # Per-invocation switches: never part of the comparison.
 CONTROLS = frozenset({"train.break_lock", "train.allow_config_change"})
