@@ -172,8 +172,6 @@ def write_config(config: ConfigDict, workdir: str) -> None:
 def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs ``config.job`` in ``workdir`` and returns its summary, holding the workdir's lock
     (process 0) from before ``config.json`` is checked until the job ends, however it ends."""
-    import contextlib
-
     validate(config)
     check_workdir(workdir)
     if config.get("distributed") is not None and config.distributed.enabled:
@@ -186,17 +184,10 @@ def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
             num_processes=count,
             process_id=int(config.distributed.process_id) if count else None,
         )
-    import jax
-
     from alignjax.train import workdir as workdirlib
 
     break_lock = bool(config.get("train", {}).get("break_lock", False))
-    lock = (
-        workdirlib.locked(workdir, break_lock=break_lock)
-        if jax.process_index() == 0
-        else contextlib.nullcontext()
-    )
-    with lock:
+    with workdirlib.locked_by_process_0(workdir, break_lock=break_lock):
         write_config(config, workdir)
         module, function = JOBS[config.job].split(":")
         return getattr(importlib.import_module(module), function)(config, workdir)

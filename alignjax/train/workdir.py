@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from alignjax import storage
 
 LOCK = "lock.json"
@@ -122,6 +124,33 @@ def locked(workdir: storage.PathLike, *, break_lock: bool = False) -> Iterator[N
     finally:
         _HELD.discard(mine)
         storage.remove_if(lock, mine)
+
+
+@contextlib.contextmanager
+def locked_by_process_0(workdir: storage.PathLike, *, break_lock: bool = False) -> Iterator[None]:
+    """:func:`locked` taken by process 0 for all processes: when process 0 is refused, every
+    process raises (the others would otherwise wait on it in their first collective)."""
+    import jax
+
+    if jax.process_count() == 1:
+        with locked(workdir, break_lock=break_lock):
+            yield
+        return
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        refused: WorkdirLocked | None = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(locked(workdir, break_lock=break_lock))
+            except WorkdirLocked as err:
+                refused = err
+        taken = multihost_utils.process_allgather(np.asarray(refused is None))
+        if refused is not None:
+            raise refused
+        if not np.all(taken):
+            raise WorkdirLocked(f"{os.fspath(workdir)}: in use by another run (process 0 was refused)")
+        yield
 
 
 # ------------------------------------------------------------------------------------------ config

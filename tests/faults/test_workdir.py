@@ -68,9 +68,7 @@ def _cut_last_line(path):
         f.write(data[: len(data) - len(last) // 2 - 1])  # half of the last row, no newline
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("faults")
+def _runs(base):
     d = {name: str(base / name) for name in ("clean", "held", "foreign")}
     # ---- phase 1: the uninterrupted run; a long run holding its workdir and a second run on it;
     # a workdir whose lock belongs to another host.
@@ -129,9 +127,17 @@ def runs(tmp_path_factory):
     if full is not None:
         procs["full_rerun"] = _start(d["full"])
     out.update({name: _finish(p) for name, p in procs.items()})
-    yield dict(dirs=d, out=out, before=before, lock_while_held=lock_while_held)
-    if on_tmpfs:
-        subprocess.run(["umount", str(base / "disk")], check=True)
+    return dict(dirs=d, out=out, before=before, lock_while_held=lock_while_held)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults")
+    try:
+        yield _runs(base)
+    finally:
+        if os.path.ismount(base / "disk"):
+            subprocess.run(["umount", str(base / "disk")], check=True)
 
 
 def _read(path, mode="r"):
