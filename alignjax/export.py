@@ -81,10 +81,13 @@ def read_config(workdir: str) -> dict[str, Any]:
     root = storage.path(workdir)
     if not root.exists():
         raise FileNotFoundError(f"--workdir={workdir}: no such directory")
-    file = root / "config.json"
-    if not file.exists():
+    from alignjax.train import workdir as workdirlib
+
+    flat = workdirlib.effective_config(root)
+    if flat is None:
+        file = root / workdirlib.CONFIG
         raise FileNotFoundError(f"{file}: no such file (not a training workdir: alignjax.main writes it)")
-    return json.loads(file.read_text())
+    return workdirlib.unflatten(flat)  # config.json as the run's allowed changes left it
 
 
 def resolve_step(workdir: str, manager: Any, step: int | None) -> int:

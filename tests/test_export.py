@@ -256,3 +256,4 @@ def test_writer_holds_one_tensor_at_a_time(dpo_run, tmp_path):
     names = hf.write_safetensors(tensors, str(tmp_path / "hf"), dtype="float32", max_shard_size="100KB")
     assert len(names) > 1 and len(live_at_fetch) == len(tensors) > 10
     assert max(live_at_fetch) == 0
+

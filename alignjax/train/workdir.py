@@ -209,6 +209,18 @@ def effective_config(workdir: storage.PathLike) -> dict[str, Any] | None:
     return flat
 
 
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (the inverse of :func:`flatten`)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, field = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[field] = value
+    return tree
+
+
 def record_config(config: Any, workdir: storage.PathLike, *, write: bool = True) -> None:
     """Writes ``config.json`` for a fresh workdir; on a resume checks ``config`` against the saved
     one (see the module docstring) and records allowed changes. ``write=False`` (processes other

@@ -255,6 +255,10 @@ def test_an_allowed_change_is_recorded_with_its_step_and_config_json_kept(runs):
     assert entry["changes"] == {"optim.learning_rate": [0.0005, 0.001], "train.num_steps": [6, 8]}
     steps = [r["step"] for r in _steps(d["extended"]) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    from alignjax.export import read_config  # what an export of the workdir describes
+
+    config = read_config(d["extended"])
+    assert config["optim"]["learning_rate"] == 0.001 and config["train"]["num_steps"] == 8
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_a_rerun_with_space_resumes_identically(runs):
