@@ -100,9 +100,10 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.job={config.job!r}; valid jobs: {sorted(JOBS)}")
     if config.job in ("train",) and "loss" in config:
         import alignjax.losses as losses
-        from alignjax.train.step import check_inputs_provided
+        from alignjax.train.step import check_loss_config
 
-        check_inputs_provided(losses.spec(config.loss.name))  # unknown: KeyError listing the losses
+        losses.load_module(config.loss.get("module", ""))  # a user's losses, before any name is read
+        check_loss_config(config)  # unknown name: KeyError listing the losses; inputs no data provides
     for key in ("model.path", "reference.path"):
         section, field = key.split(".")
         path = config.get(section, {}).get(field, "")

@@ -113,9 +113,15 @@ def base_config() -> ConfigDict:
     c.data.eval_batch_size = 64
     c.data.num_eval = 256  # held-out examples for periodic evaluation
 
-    # name + the loss's keyword-only hyperparameters (filled by fill_loss_hyperparameters) +
-    # nll_weight, the RPO modifier: + nll_weight * mean token NLL of the chosen completions.
-    c.loss = ConfigDict(dict(name="sigmoid", nll_weight=0.0))
+    # name: a loss of alignjax.losses.names(), or several joined by "+" with weights (one per loss,
+    # () = all 1.0): TRL's loss_type=[...] and loss_weights, e.g. MPO "sigmoid+bco_pair+sft" (0.8, 0.2,
+    # 1.0). Then the losses' keyword-only hyperparameters (filled by fill_loss_hyperparameters; a key
+    # goes to every mixed loss that takes it). nll_weight: the loss's own where it has one (cpo, rpo,
+    # spar), else the trainer's + nll_weight * mean token NLL of the chosen completions; unset = the
+    # loss's default and no added term. module: a dotted module name or .py path imported before the
+    # registry is read, so that a loss it registers can be named here.
+    c.loss = ConfigDict(dict(name="sigmoid", weights=(), module=""))
+    c.loss.nll_weight = ml_collections.config_dict.placeholder(float)
 
     c.reference = ConfigDict()
     c.reference.kind = "frozen"  # frozen | none | cache | ema
@@ -198,16 +204,21 @@ def runlocal(c: ConfigDict) -> ConfigDict:
     return c
 
 
-def fill_loss_hyperparameters(c: ConfigDict, loss_name: str) -> None:
-    """Puts the loss's keyword-only hyperparameters (with their defaults) under ``config.loss``.
+def fill_loss_hyperparameters(c: ConfigDict, loss_name: str, module: str = "") -> None:
+    """Puts the losses' keyword-only hyperparameters (with their defaults) under ``config.loss``.
 
-    Existing values win; an unknown loss name raises with the list of registered names.
+    ``loss_name`` is one name or several joined by ``+``; ``module`` (a dotted name or .py path) is
+    imported first, so that it may register the loss. Existing values win (a key two mixed losses
+    share takes the first one's default); an unknown loss name raises with the registered names.
     """
     import alignjax.losses as losses
 
-    spec = losses.spec(loss_name)
+    losses.load_module(module)
+    if module:
+        c.loss.module = module
     c.loss.name = loss_name
-    for key, default in spec.hyperparameters.items():
-        # A None default (an optional array or "off") stays with the loss: it cannot be typed here.
-        if key not in c.loss and default is not None:
-            c.loss[key] = default
+    for name in (n for n in loss_name.replace(",", "+").split("+") if n.strip()):
+        for key, default in losses.spec(name.strip()).hyperparameters.items():
+            # A None default (an optional array or "off") stays with the loss: it cannot be typed here.
+            if key not in c.loss and default is not None:
+                c.loss[key] = default

@@ -8,7 +8,10 @@ Launch (one host; on a TPU slice see launch/tpu_vm.sh, which runs the same comma
       --config.data.tokenizer=/ckpt/Qwen2.5-0.5B --config.data.eval_fraction=0.05 \
       --config.model.compute_dtype=bfloat16 --config.model.remat=dots_no_batch   # fp32 master weights
 
-Arguments: model (preset or HF directory), loss (a name from alignjax.losses.names()), source (data:
+Arguments: model (preset or HF directory), loss (a name from alignjax.losses.names(trainable=True), or
+several joined by "+", e.g. sigmoid+bco_pair+sft, with --config.loss.weights="(0.8,0.2,1.0)"), module
+(a .py file or module of the user's own losses, imported first: loss=my_loss,module=my_losses.py),
+kind (the data kind: pairwise, step, listwise...), source (data:
 a path, hf:<dataset>, ...; with it the real-data defaults hold: data.max_length 1024, evaluation only
 on data.eval_source or a data.eval_fraction of it; without it the built-in arithmetic pairs),
 reference (frozen | none | cache | ema), steps, runlocal.
@@ -19,7 +22,8 @@ from experiments import common
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(
-        arg, model="tiny", loss="sigmoid", source="", reference="frozen", steps=0, runlocal=False
+        arg, model="tiny", loss="sigmoid", module="", kind="pairwise", source="", reference="frozen", steps=0,
+        runlocal=False,
     )
     c = common.base_config()
     c.model.path = a.model
@@ -27,12 +31,12 @@ def get_config(arg: str | None = None):
         c.data.source = a.source
     else:
         common.arithmetic_data(c, "arithmetic_dpo")
-    c.data.kind = "pairwise"
+    c.data.kind = a.kind
     c.reference.kind = a.reference
     c.optim.learning_rate = 5e-4
     c.optim.warmup_steps = 10
     c.train.num_steps = 200
-    common.fill_loss_hyperparameters(c, a.loss)
+    common.fill_loss_hyperparameters(c, a.loss, a.module)
     if a.runlocal:
         common.runlocal(c)
     if a.steps:

@@ -1,6 +1,8 @@
 """Preference objectives as pure functions of arrays, and their registry.
 
-``get(name)`` returns a loss function, ``names()`` lists them, ``spec(name)`` says what it needs.
+``get(name)`` returns a loss function, ``names()`` lists them (``names(trainable=True)``: the ones the
+preference step trains), ``spec(name)`` says what it needs and ``spec(name).status`` where it trains;
+``providers`` is the table of how the step computes each input.
 Each family module registers its losses on import; ``docs/losses.md`` lists them all
 (regenerate with ``python -m alignjax.losses.docs``).
 """
@@ -11,6 +13,7 @@ from alignjax.losses import (
     listwise,
     modifiers,
     pairwise,
+    providers,
     reference_free,
     reward,
     step_level,
@@ -19,8 +22,18 @@ from alignjax.losses import (
     unpaired,
 )
 from alignjax.losses.metrics import preference_metrics
-from alignjax.losses.registry import LossSpec, aliases, canonical, get, inputs, names, register, spec
+from alignjax.losses.registry import (
+    LossSpec,
+    aliases,
+    canonical,
+    get,
+    inputs,
+    load_module,
+    names,
+    register,
+    spec,
+)
 
-__all__ = ["LossSpec", "aliases", "canonical", "get", "inputs", "names", "register", "spec",
+__all__ = ["LossSpec", "aliases", "canonical", "get", "inputs", "load_module", "names", "register", "spec",
            "pairwise", "reference_free", "listwise", "step_level", "modifiers", "unpaired", "token_level",
-           "reward", "diffusion", "supervised", "preference_metrics"]
+           "reward", "diffusion", "supervised", "preference_metrics", "providers"]

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from alignjax import losses
-from alignjax.losses import registry
+from alignjax.losses import providers, registry
 
 DOCS_PATH = Path(__file__).resolve().parents[2] / "docs" / "losses.md"
 
@@ -30,7 +30,31 @@ keyword-only. Pairwise losses take summed sequence log-probs `chosen_logps`, `re
 and return per-example losses [B] (float32); the caller reduces. `losses.spec(name).required` lists
 what the trainer must compute. Composite losses (``rpo``, ``wpo``, ``ld_dpo``, ...) are built with the
 modifiers in `alignjax/losses/modifiers.py` and are declared the same way.
+
+"Trains" says what trains each loss, derived from the provider table
+(`alignjax/losses/providers.py`): the preference step (`config.job='train'`) on the data kinds listed,
+a job of its own, or nothing yet (the missing inputs and what would provide them are named). Several
+losses can be mixed: `config.loss.name='sigmoid+bco_pair+sft'` with `config.loss.weights`.
 """
+
+
+def _trains(name: str) -> str:
+    st = losses.spec(name).status
+    if st.trains:
+        return "step: " + ", ".join(st.kinds)
+    return st.trained_by or "not yet"
+
+
+def _data(name: str) -> str:
+    st = losses.spec(name).status
+    if st.trains:
+        cols = ", ".join(f"`{c}`" for c in dict.fromkeys(st.columns))
+        kinds = " or ".join(f"`{k}`" for k in st.kinds)
+        return f"data kind {kinds}" + (f" with column(s) {cols}" if cols else "")
+    if st.trained_by:
+        return f"trained by {st.trained_by}"
+    return "; ".join(f"`{n}`: {providers.what_would_provide(n)}" for n in st.missing)
+
 
 
 def _fmt(value: object) -> str:
@@ -40,12 +64,13 @@ def _fmt(value: object) -> str:
 def render() -> str:
     """The full Markdown text of docs/losses.md for the current registry."""
     canon = losses.names(include_aliases=False)
-    lines = [_HEADER, "## Index", "", "| name | aliases | family | required inputs |", "|---|---|---|---|"]
+    lines = [_HEADER, "## Index", "", "| name | aliases | family | trains | required inputs |",
+             "|---|---|---|---|---|"]
     for name in canon:
         s = losses.spec(name)
         al = ", ".join(f"`{a}`" for a in registry.aliases(name)) or "-"
         req = ", ".join(f"`{r}`" for r in s.required)
-        lines.append(f"| [`{name}`](#{name}) | {al} | {s.family} | {req} |")
+        lines.append(f"| [`{name}`](#{name}) | {al} | {s.family} | {_trains(name)} | {req} |")
     lines.append("")
     for family in sorted({losses.spec(n).family for n in canon}):
         lines += [f"## Family: {family}", ""]
@@ -55,7 +80,12 @@ def render() -> str:
             al = registry.aliases(name)
             if al:
                 lines.append("- aliases: " + ", ".join(f"`{a}`" for a in al))
+            lines.append("- trains: " + _data(name))
             lines.append("- required inputs: " + (", ".join(f"`{r}`" for r in s.required) or "none"))
+            extra = providers.provider_hyperparameters(s.required)
+            if extra:
+                hp_in = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in extra.items())
+                lines.append("- input hyperparameters (their providers'): " + hp_in)
             if s.optional:
                 lines.append("- optional inputs: " + ", ".join(f"`{o}`" for o in s.optional))
             hp = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in s.hyperparameters.items())

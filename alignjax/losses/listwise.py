@@ -18,7 +18,7 @@ from alignjax.losses.registry import register
 Array = jax.Array
 
 
-@register("adpo_listwise", family="listwise")
+@register("adpo_listwise", family="listwise", reward_scale=lambda h: 1.0 / h["tau"])
 def adpo_listwise(logps: Array, ref_logps: Array, target_probs: Array, candidate_mask: Array | None = None, *,
                   tau: float = 10.0) -> Array:
     """Anchored DPO, listwise: KL from the soft targets to the anchored softmax over candidates.
@@ -50,3 +50,21 @@ def adpo_listwise(logps: Array, ref_logps: Array, target_probs: Array, candidate
     safe_q = jnp.where(positive, q, 1.0)
     safe_log_p = jnp.where(valid, log_p, 0.0)
     return jnp.sum(jnp.where(positive, q * (jnp.log(safe_q) - safe_log_p), 0.0), axis=-1)
+
+
+def score_targets(scores: Array, *, target_temperature: float = 1.0) -> Array:
+    """ADPO's soft targets from candidate scores: q = softmax(standardise(scores) / temperature), [B, K].
+
+    Scores are standardised over each example's K candidates (mean 0, standard deviation 1, floored
+    at 1e-6 so that equal scores give uniform targets), so the temperature means the same for any
+    score scale. A temperature near 0 approaches the hard target (all mass on the best candidate).
+    Paper: ADPO, "Anchored Direct Preference Optimization" (objectives.md: soft targets as a softmax of
+    standardised rewards over a temperature).
+    Shapes: ``scores`` [B, K] -> [B, K] float32, no gradient.
+    """
+    chex.assert_rank(scores, 2)
+    if target_temperature <= 0:
+        raise ValueError(f"target_temperature must be > 0; got {target_temperature!r}")
+    (s,) = as_f32(jax.lax.stop_gradient(scores))
+    z = (s - jnp.mean(s, axis=-1, keepdims=True)) / jnp.maximum(jnp.std(s, axis=-1, keepdims=True), 1e-6)
+    return jax.nn.softmax(z / target_temperature, axis=-1)

@@ -343,7 +343,7 @@ def ln_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, 
 # ----------------------------------------------------------------------------- further pairwise objectives
 
 
-@register("dpo_split_beta", family="pairwise")
+@register("dpo_split_beta", family="pairwise", reward_scale=lambda h: h["beta_chosen"])
 def dpo_split_beta(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array,
                    ref_rejected_logps: Array, *, beta_chosen: float = 0.1,
                    beta_rejected: float = 0.05) -> Array:
@@ -383,7 +383,7 @@ def gamma_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arra
     return -jax.nn.log_sigmoid(beta * (uw - ul) - margin)
 
 
-@register("adpo", family="pairwise", aliases=("adpo_pair",))
+@register("adpo", family="pairwise", aliases=("adpo_pair",), reward_scale=lambda h: 1.0 / h["tau"])
 def adpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
          chosen_probs: Array | None = None, *, tau: float = 10.0) -> Array:
     """Anchored DPO, pairwise soft-target form.

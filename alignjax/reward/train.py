@@ -111,7 +111,7 @@ def make_reward_spec(config: Any, batch_size: int, reference: str = "none") -> R
     supplied = _HEAD_SUPPLIED.get(config.reward.objective, ())
     hyper = {}
     for key, value in config.loss.items():
-        if key in ("name", "nll_weight"):
+        if key in ("name", "nll_weight", "weights", "module"):
             continue
         if key not in spec.hyperparameters or key in supplied:
             valid = sorted(k for k in spec.hyperparameters if k not in supplied)
@@ -120,7 +120,7 @@ def make_reward_spec(config: Any, batch_size: int, reference: str = "none") -> R
                 f"hyperparameter {key!r}; its hyperparameters: {valid}"
             )
         hyper[key] = value
-    if float(config.loss.get("nll_weight", 0.0)):
+    if float(config.loss.get("nll_weight") or 0.0):
         raise ValueError("config.loss.nll_weight: reward models have no language-model loss; set it to 0")
     return RewardSpec(
         objective=config.reward.objective,

@@ -1,11 +1,18 @@
-"""The preference / SFT train step: a sequence batch in, exactly the loss's declared inputs out.
+"""The preference / SFT train step: a sequence batch in, exactly the losses' declared inputs out.
 
-The step never branches on the loss. ``alignjax.losses.spec(name).required`` lists the arrays the
-loss takes; :func:`loss_inputs` builds each from the policy (and, when a ``ref_*`` name is listed,
-reference) log-probs of the batch, or takes it from the batch itself (per-example arrays such as
-``labels`` and cached ``ref_chosen_logps``). Sequences ``0..B-1`` of a batch are the chosen (or
-single, or desirable/undesirable) completions, ``B..2B-1`` the rejected (or KTO's mismatched KL)
-completions; SFT batches hold only ``0..B-1``.
+The step never branches on the loss. ``alignjax.losses.spec(name).required`` lists the arrays a
+loss takes, and :data:`alignjax.losses.providers.PROVIDERS` says where each comes from; the step has one
+function per provider *source* (:data:`SOURCES`): per-sequence sums, lengths, token log-probs and
+masks of the policy and reference forwards, statistics of their next-token distributions (WPO's
+weights, SparsePO's token KL and activation masks: the forwards then keep their logits / hidden
+states), per-example data columns (``labels``, visit counts, source log-probs, listwise scores) and
+cached reference sums. Sequences ``0..B-1`` of a batch are the chosen (or single, or
+desirable/undesirable) completions, ``B..2B-1`` the rejected (or KTO's mismatched KL) completions;
+SFT batches hold only ``0..B-1``; listwise batches hold candidate k of example i as sequence
+``k B + i``, and their sequence inputs are ``[B, K]``.
+
+``config.loss.name`` may name several losses (``"sigmoid+bco_pair+sft"``) with ``config.loss.weights``:
+the objective is ``sum_i w_i mean_B(loss_i)``, TRL's ``loss_type=[...]`` with ``loss_weights``.
 
 Batches enter the step stacked as ``[k, ...]``: ``k = config.optim.grad_accum_steps`` micro-batches,
 scanned with gradients summed and divided by ``k``, so that one optimiser update sees the mean of
@@ -15,6 +22,7 @@ the micro-batch losses, which is the full-batch mean loss when micro-batches hav
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,45 +32,30 @@ import optax
 
 import alignjax.losses as losses
 from alignjax import logprobs
-from alignjax.data import schema
+from alignjax.losses import providers as inputs_table
 from alignjax.losses.metrics import preference_metrics
 
 Array = jax.Array
 State = dict[str, Any]
 
-KINDS = ("pairwise", "step", "sft", "unpaired")  # alignjax.data kinds this step trains on
+KINDS = ("pairwise", "step", "sft", "unpaired", "listwise")  # alignjax.data kinds this step trains on
 # Kinds whose batches hold two sequences an example (chosen, rejected); "step" adds visit counts.
 PAIRED = ("pairwise", "step")
 # Kinds laid out as 2B sequences: pairs, and unpaired batches with KTO's mismatched (KL) sequences.
 TWO_SEQUENCE = (*PAIRED, "unpaired")
-# Names computed from model outputs (everything else comes from the batch).
-_SEQ = {
-    "chosen_logps": ("policy", "first"),
-    "rejected_logps": ("policy", "second"),
-    "ref_chosen_logps": ("ref", "first"),
-    "ref_rejected_logps": ("ref", "second"),
-    "logps": ("policy", "first"),
-    "kl_logps": ("policy", "second"),
-    "ref_logps": ("ref", "first"),
-    "ref_kl_logps": ("ref", "second"),
-}
-_LEN = {"chosen_lengths": "first", "rejected_lengths": "second", "lengths": "first"}
-_TOK = {
-    "chosen_token_logps": ("policy", "first"),
-    "rejected_token_logps": ("policy", "second"),
-    "ref_chosen_token_logps": ("ref", "first"),
-    "ref_rejected_token_logps": ("ref", "second"),
-}
-_MASK = {"chosen_mask": "first", "rejected_mask": "second"}
+# Every loss input this step can supply (alignjax.losses.providers.PROVIDERS): computed from the
+# forwards, or a per-example column the data layer puts in the batch.
+PROVIDED = frozenset(inputs_table.PROVIDERS)
 # Reference values a precomputed cache can supply (per-sequence sums only).
-CACHEABLE = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
-# Every loss input this step can supply: computed from the forwards, or a per-example column the
-# data layer puts in the batch. A loss needing anything else is refused before compilation.
-PROVIDED = frozenset(
-    {*_SEQ, *_LEN, *_TOK, *_MASK, "labels", "state", *schema.BATCH_FLOAT_FIELDS, *schema.INT_EXTRAS}
-)
-# Families trained by their own job, not by the preference step.
-OWN_JOB = {"reward": "experiments/reward_model.py", "diffusion": "experiments/repro_diffusion2d.py"}
+CACHEABLE = tuple(n for n, p in inputs_table.PROVIDERS.items() if p.cacheable)
+# config.loss keys that are not hyperparameters of one loss.
+_LOSS_KEYS = ("name", "weights", "module", "nll_weight")
+# What each distribution statistic needs from which forward ("logits" or "hidden").
+_STAT_NEEDS = {
+    "wpo": {"policy": "logits"},
+    "token_kl": {"policy": "logits", "ref": "logits"},
+    "activation_mask": {"ref": "hidden"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +64,10 @@ class StepSpec:
 
     ``reference``: "model" (run a reference forward with ``state["ref_params"]``), "batch" (the
     reference log-probs arrive in the batch from the on-disk cache) or "none" (reference-free).
+    ``components``: ``(loss name, weight, hyperparameters)`` per mixed loss; the objective is
+    ``sum_i weight_i * mean_B(loss_i)`` as TRL's ``loss_type=[...]`` with ``loss_weights``.
+    ``nll_weight``: the trainer's RPO-style ``+ w * mean token NLL of y_w`` (only when no component
+    takes its own ``nll_weight``).
     """
 
     loss: str
@@ -82,150 +79,440 @@ class StepSpec:
     vocab_chunk: int | None = None
     seq_chunk: int | None = None
     nan_at_step: int = -1
+    components: tuple[tuple[str, float, tuple[tuple[str, Any], ...]], ...] = ()
+    provider_hyperparameters: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.components:  # a single loss taking every hyperparameter
+            object.__setattr__(self, "components", ((self.loss, 1.0, self.hyperparameters),))
 
     @property
     def num_sequences(self) -> int:
+        if self.kind == "listwise":
+            raise ValueError("listwise batches hold K sequences an example: use sequences_in(batch)")
         return 2 * self.batch_size if self.kind in TWO_SEQUENCE else self.batch_size
+
+    def sequences_in(self, batch: Mapping[str, Array]) -> int:
+        """Sequences of ``batch`` (static): ``K * B`` for listwise batches of K candidates."""
+        if self.kind == "listwise":
+            return self.batch_size * int(_candidates(batch))
+        return self.num_sequences
+
+    @property
+    def specs(self) -> tuple[losses.LossSpec, ...]:
+        return tuple(losses.spec(name) for name, _, _ in self.components)
 
     @property
     def required(self) -> tuple[str, ...]:
-        return losses.spec(self.loss).required
+        return tuple(dict.fromkeys(n for s in self.specs for n in s.required))
 
     @property
     def stateful(self) -> bool:
-        return losses.spec(self.loss).stateful
+        return any(s.stateful for s in self.specs)
 
     @property
     def needs_reference(self) -> bool:
-        return losses.spec(self.loss).needs_reference
+        return any(s.needs_reference for s in self.specs)
+
+    @property
+    def beta(self) -> float:
+        """The implicit reward's scale for TRL's reward metrics (the first component's)."""
+        name, _, hyper = self.components[0]
+        return losses.spec(name).beta(dict(hyper))
+
+
+def _candidates(batch: Mapping[str, Array]) -> int:
+    for key in ("scores", "lengths"):
+        if key in batch and jnp.ndim(batch[key]) == 2:
+            return int(batch[key].shape[-1])
+    raise ValueError("a listwise batch needs its [B, K] 'scores' (the data kind 'listwise' gives them)")
+
+
+def loss_components(config_loss: Any) -> list[tuple[str, float]]:
+    """``config.loss.name`` (one name, names joined by ``+`` or ``,``, or a list) and
+    ``config.loss.weights`` (one per name; empty = all 1.0) as ``[(canonical name, weight)]``."""
+    name = config_loss.name
+    names = [n.strip() for n in name.replace(",", "+").split("+")] if isinstance(name, str) else list(name)
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("config.loss.name is empty: name a loss from alignjax.losses.names()")
+    weights = config_loss.get("weights") or ()
+    if isinstance(weights, str):
+        weights = [float(w) for w in weights.replace(",", "+").split("+") if w.strip()]
+    weights = list(weights) or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(
+            f"config.loss.weights={tuple(weights)} has {len(weights)} entries for the {len(names)} losses "
+            f"of config.loss.name={name!r}"
+        )
+    out = []
+    for n, w in zip(names, weights):
+        try:
+            canonical = losses.canonical(n)
+        except KeyError as err:
+            raise KeyError(f"config.loss.name: {err.args[0]}") from None
+        out.append((canonical, float(w)))
+    if len({n for n, _ in out}) != len(out):
+        raise ValueError(f"config.loss.name={name!r} names a loss twice")
+    return out
+
+
+def _label(config_loss: Any) -> str:
+    name = config_loss.name
+    return name if isinstance(name, str) else "+".join(name)
+
+
+def check_loss_config(config: Any) -> None:
+    """Refuses, before any compilation, a ``config.loss`` the step cannot train: an unknown name, a
+    loss whose inputs no provider supplies, or one the data kind / layout cannot feed."""
+    data = config.get("data", {})
+    kind = data.get("kind")
+    layout = data.get("layout", "padded")
+    vocab_chunk = config.get("train", {}).get("vocab_chunk") or None
+    seq_chunk = config.get("train", {}).get("seq_chunk") or None
+    comps = loss_components(config.loss)
+    for name, _ in comps:
+        check_inputs_provided(
+            losses.spec(name), kind=kind, layout=layout, chunked=bool(vocab_chunk or seq_chunk)
+        )
+    stateful = [n for n, _ in comps if losses.spec(n).stateful]
+    if stateful and len(comps) > 1:
+        raise ValueError(f"config.loss.name: {stateful[0]!r} keeps its own state and cannot be mixed")
+
+
+def check_inputs_provided(
+    spec: losses.LossSpec, *, kind: str | None = None, layout: str | None = None, chunked: bool = False
+) -> None:
+    """Refuses a loss whose array inputs this step cannot supply (for ``kind``/``layout``), naming
+    the loss, the missing input and what would provide it."""
+    status = spec.status
+    where = f"config.loss.name={spec.name!r}"
+    if spec.family in inputs_table.OWN_JOB:
+        raise ValueError(f"{where}: a {spec.family} loss, trained by {status.trained_by}, not by this step")
+    if status.missing:
+        needs = "; ".join(f"{n!r} needs {inputs_table.what_would_provide(n)}" for n in status.missing)
+        raise ValueError(
+            f"{where}: the preference step cannot supply its input(s) {list(status.missing)}: {needs}"
+        )
+    if kind is not None and kind not in status.kinds:
+        lacking = [n for n in spec.required if kind not in inputs_table.PROVIDERS[n].kinds]
+        raise ValueError(
+            f"{where} needs input {lacking[0]!r}, which config.data.kind={kind!r} batches do not have; "
+            f"it trains on config.data.kind in {list(status.kinds)} "
+            f"({inputs_table.what_would_provide(lacking[0])})"
+        )
+    per_token = [n for n in spec.required if inputs_table.PROVIDERS[n].per_token]
+    if per_token and layout not in (None, "padded"):
+        raise ValueError(
+            f"{where} takes per-token input {per_token[0]!r}, which this step builds for "
+            f"config.data.layout='padded' only (got {layout!r})"
+        )
+    stats = [n for n in spec.required if inputs_table.PROVIDERS[n].source == "distribution"]
+    if stats and chunked:
+        raise ValueError(
+            f"{where} takes {stats[0]!r}, a statistic of the full next-token distribution, which the "
+            "vocabulary-chunked path does not form: set config.train.vocab_chunk=0 and seq_chunk=0"
+        )
 
 
 def make_step_spec(config: Any, batch_size: int, reference: str) -> StepSpec:
     """Builds the StepSpec from ``config.loss`` / ``config.data`` and checks it can be satisfied.
 
-    ``config.loss`` holds ``name``, ``nll_weight`` and the loss's keyword-only hyperparameters; a
-    key the loss does not take is an error naming it.
+    ``config.loss`` holds ``name`` (one loss or a mix), ``weights``, ``nll_weight`` and the losses'
+    (and their inputs' providers') keyword-only hyperparameters; each key goes to every component
+    that takes it (as TRL shares ``beta``), and a key none takes is an error naming it.
+    ``nll_weight`` is the loss's own where a component has one (``cpo``, ``rpo``, ``spar``), else the
+    trainer's added NLL term; unset (None) means the loss's default and no added term.
     """
-    spec = losses.spec(config.loss.name)
-    check_inputs_provided(spec)
-    hyper = {}
-    for key, value in config.loss.items():
-        if key in ("name", "nll_weight"):
-            continue
-        if key not in spec.hyperparameters:
-            raise ValueError(
-                f"config.loss.{key}: loss {config.loss.name!r} has no hyperparameter {key!r}; "
-                f"its hyperparameters: {sorted(spec.hyperparameters)}"
-            )
-        hyper[key] = value
     kind = config.data.kind
     if kind not in KINDS:
         raise ValueError(f"config.data.kind={kind!r}; choose one of {list(KINDS)}")
+    check_loss_config(config)
+    comps = loss_components(config.loss)
+    specs = [losses.spec(n) for n, _ in comps]
+    required = tuple(dict.fromkeys(r for s in specs for r in s.required))
+    provider_hyper = inputs_table.provider_hyperparameters(required)
+    given = {k: v for k, v in config.loss.items() if k not in _LOSS_KEYS and v is not None}
+    nll = config.loss.get("nll_weight")
+    own_nll = any("nll_weight" in s.hyperparameters for s in specs)
+    if nll is not None and own_nll:
+        given["nll_weight"] = nll
+    for key in given:
+        if key not in provider_hyper and not any(key in s.hyperparameters for s in specs):
+            taken = sorted({h for s in specs for h in s.hyperparameters} | set(provider_hyper))
+            raise ValueError(
+                f"config.loss.{key}: loss {_label(config.loss)!r} has no hyperparameter {key!r}; "
+                f"its hyperparameters: {taken}"
+            )
+    components = tuple(
+        (s.name, w, tuple(sorted((k, v) for k, v in given.items() if k in s.hyperparameters)))
+        for s, (_, w) in zip(specs, comps)
+    )
+    provider = tuple(
+        sorted({**provider_hyper, **{k: v for k, v in given.items() if k in provider_hyper}}.items())
+    )
+    merged = {k: v for _, _, h in components for k, v in h}
     step_spec = StepSpec(
-        loss=spec.name,
-        hyperparameters=tuple(sorted(hyper.items())),
+        loss="+".join(n for n, _ in comps),
+        hyperparameters=tuple(sorted(merged.items())),
         kind=kind,
         batch_size=int(batch_size),
-        reference=reference if spec.needs_reference else "none",
-        nll_weight=float(config.loss.nll_weight),
+        reference=reference if any(s.needs_reference for s in specs) else "none",
+        nll_weight=0.0 if (own_nll or nll is None) else float(nll),
         vocab_chunk=config.get("train", {}).get("vocab_chunk") or None,
         seq_chunk=config.get("train", {}).get("seq_chunk") or None,
         nan_at_step=int(config.get("train", {}).get("nan_at_step", -1)),
+        components=components,
+        provider_hyperparameters=provider,
     )
-    if spec.needs_reference and reference == "none":
+    ref_inputs = [n for n in required if inputs_table.PROVIDERS[n].model == "ref"]
+    if step_spec.needs_reference and reference == "none":
         raise ValueError(
-            f"loss {spec.name!r} needs reference log-probs "
-            f"({[n for n in spec.required if n.startswith('ref_')]}) "
+            f"loss {step_spec.loss!r} needs reference log-probs ({ref_inputs}) "
             "but config.reference.kind='none'; use frozen, cache or ema"
         )
     if reference == "batch":
-        bad = [n for n in spec.required if n.startswith("ref_") and n not in CACHEABLE]
+        bad = [n for n in ref_inputs if not inputs_table.PROVIDERS[n].cacheable or kind == "listwise"]
         if bad:
             raise ValueError(
-                f"config.reference.kind='cache' holds per-sequence sums only; loss "
-                f"{spec.name!r} needs {bad}: use kind=frozen"
+                f"config.reference.kind='cache' holds per-sequence sums of pairs only; loss "
+                f"{step_spec.loss!r} needs {bad}: use kind=frozen"
             )
     return step_spec
 
 
-def check_inputs_provided(spec: losses.LossSpec) -> None:
-    """Refuses, before any compilation, a loss whose array inputs this step cannot supply."""
-    missing = [n for n in spec.required if n not in PROVIDED]
-    if not missing:
-        return
-    where = (
-        f"it is trained by {OWN_JOB[spec.family]}"
-        if spec.family in OWN_JOB
-        else "its provider (a model output or a data column) is not built yet"
-    )
-    raise ValueError(
-        f"config.loss.name={spec.name!r}: the preference step cannot supply its input(s) {missing}; {where}"
-    )
+# ----------------------------------------------------------------------------- providers, by source
 
 
-def _half(values: Array, which: str, b: int) -> Array:
-    return values[:b] if which == "first" else values[b : 2 * b]
+def _shift_right(values: Array) -> Array:
+    """A value computed at position t for token t + 1, moved to t + 1 (0 at t = 0)."""
+    return jnp.concatenate([jnp.zeros_like(values[:, :1]), values[:, :-1]], axis=1)
+
+
+def _wpo_stat(policy: Mapping[str, Array], ref: Any, batch: Mapping[str, Array], n: int) -> Array:
+    """[N] mean over each sequence's tokens of log p_t - log sum_v p_v^2 (policy, no gradient)."""
+    z = jax.lax.stop_gradient(policy["logits"]).astype(jnp.float32)
+    log_sum_sq = jax.nn.logsumexp(2.0 * z, axis=-1) - 2.0 * jax.nn.logsumexp(z, axis=-1)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    aligned = (jax.lax.stop_gradient(policy["tok"]) - _shift_right(log_sum_sq)) * mask
+    total = logprobs.sequence_logps(aligned, mask, batch["example_ids"], n)
+    count = logprobs.sequence_lengths(mask, batch["example_ids"], n)
+    return total / jnp.maximum(count, 1.0)
+
+
+def _token_kl_stat(policy: Mapping[str, Array], ref: Mapping[str, Array], batch: Any, n: int) -> Array:
+    """[R, T] k_t = sum_v pi_ref(v) (log pi(v) - log pi_ref(v)) for token t (0 off the loss mask)."""
+    lp = jax.nn.log_softmax(policy["logits"].astype(jnp.float32), axis=-1)
+    lq = jax.lax.stop_gradient(jax.nn.log_softmax(ref["logits"].astype(jnp.float32), axis=-1))
+    k = jnp.sum(jnp.exp(lq) * (lp - lq), axis=-1)
+    return _shift_right(k) * batch["loss_mask"].astype(jnp.float32)
+
+
+def _activation_mask_stat(policy: Any, ref: Mapping[str, Array], batch: Mapping[str, Array], n: int) -> Array:
+    """[R, T] in [0, 1]: the reference's hidden-state norm at the position predicting token t,
+    min-max normalised over each row's completion tokens (no gradient)."""
+    h = jax.lax.stop_gradient(ref["hidden"]).astype(jnp.float32)
+    a = _shift_right(jnp.sqrt(jnp.mean(h * h, axis=-1)))
+    valid = batch["loss_mask"] > 0
+    lo = jnp.min(jnp.where(valid, a, jnp.inf), axis=-1, keepdims=True)
+    hi = jnp.max(jnp.where(valid, a, -jnp.inf), axis=-1, keepdims=True)
+    m = (a - lo) / jnp.maximum(hi - lo, 1e-6)
+    return jnp.where(valid, jnp.clip(m, 0.0, 1.0), 0.0)
+
+
+_STATS = {"wpo": _wpo_stat, "token_kl": _token_kl_stat, "activation_mask": _activation_mask_stat}
+
+
+def _transform(path: str) -> Callable[..., Array]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclasses.dataclass
+class _Context:
+    """What the providers read: the step spec, the batch and the two forwards' outputs."""
+
+    spec: StepSpec
+    batch: Mapping[str, Array]
+    outputs: dict[str, Mapping[str, Array] | None]
+    state: Any
+    n: int
+    _lengths: Array | None = None
+    _stats: dict[str, Array] = dataclasses.field(default_factory=dict)
+
+    def part(self, values: Array, which: str) -> Array:
+        """Sequences of a part: ``[B]`` halves, or ``[B, K]`` candidates of listwise batches."""
+        b = self.spec.batch_size
+        if self.spec.kind == "listwise":
+            return values[: self.n].reshape(self.n // b, b, *values.shape[1:]).swapaxes(0, 1)
+        return values[:b] if which == "first" else values[b : 2 * b]
+
+    def lengths(self) -> Array:
+        if self._lengths is None:
+            self._lengths = logprobs.sequence_lengths(
+                self.batch["loss_mask"], self.batch["example_ids"], self.n
+            )
+        return self._lengths
+
+    def forward(self, model: str) -> Mapping[str, Array]:
+        out = self.outputs[model]
+        if out is None:
+            raise ValueError(f"this input needs the {model} forward, which this step does not run")
+        return out
+
+    def stat(self, name: str) -> Array:
+        if name not in self._stats:
+            self._stats[name] = _STATS[name](self.outputs["policy"], self.outputs["ref"], self.batch, self.n)
+        return self._stats[name]
+
+
+def _from_sequence(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    if p.model == "ref" and ctx.outputs["ref"] is None and name in ctx.batch:
+        return ctx.batch[name]  # the reference cache's per-sequence sums
+    return ctx.part(ctx.forward(p.model)["seq"], p.part)
+
+
+def _from_length(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    if ctx.spec.kind in ("sft", "unpaired") and jnp.ndim(ctx.batch.get("lengths", jnp.zeros((0, 0)))) == 1:
+        return ctx.batch["lengths"]  # the data layer's own count of each example's completion
+    return ctx.part(ctx.lengths(), p.part)
+
+
+def _rows(values: Array, which: str, b: int) -> Array:
+    return values[:b] if which == "first" else values[b : 2 * b]  # padded layout: row r = sequence r
+
+
+def _from_token(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    return _rows(ctx.forward(p.model)["tok"], p.part, ctx.spec.batch_size)
+
+
+def _from_mask(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    return _rows(ctx.batch["loss_mask"].astype(jnp.float32), p.part, ctx.spec.batch_size)
+
+
+def _from_distribution(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    values = ctx.stat(p.stat)
+    if p.per_token:
+        return _rows(values, p.part, ctx.spec.batch_size)
+    return ctx.part(values, p.part)
+
+
+def _from_column(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    if p.column not in ctx.batch:
+        raise ValueError(
+            f"loss {ctx.spec.loss!r} reads input {name!r} from the data column {p.column!r}, which these "
+            f"batches do not carry (give it on every row; batch keys: {sorted(ctx.batch)})"
+        )
+    value = ctx.batch[p.column]
+    if p.rank == 2 and jnp.ndim(value) == 1:
+        value = value[:, None]  # one source
+    if p.transform:
+        hyper = dict(ctx.spec.provider_hyperparameters)
+        value = _transform(p.transform)(value, **{k: hyper[k] for k, _ in p.hyper})
+    return value
+
+
+def _from_state(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    return ctx.state
+
+
+# One function per source of alignjax.losses.providers (tests check every source has one).
+SOURCES: dict[str, Callable[[str, inputs_table.Provider, _Context], Any]] = {
+    "sequence": _from_sequence,
+    "length": _from_length,
+    "token": _from_token,
+    "mask": _from_mask,
+    "distribution": _from_distribution,
+    "column": _from_column,
+    "state": _from_state,
+}
+
+
+def _optional_available(name: str, ctx: _Context) -> bool:
+    """An optional input is passed when its provider exists for this kind (a column: when present)."""
+    p = inputs_table.PROVIDERS.get(name)
+    if p is None or ctx.spec.kind not in p.kinds:
+        return False
+    return p.source != "column" or p.column in ctx.batch
 
 
 def loss_inputs(
     spec: StepSpec,
     batch: Mapping[str, Array],
-    policy: tuple[Array, Array],
-    ref: tuple[Array, Array] | None,
+    policy: Mapping[str, Array],
+    ref: Mapping[str, Array] | None,
     state: Any = None,
 ) -> dict[str, Array]:
-    """The arrays named in ``losses.spec(spec.loss).required`` (plus ``chosen_*`` for metrics).
+    """The arrays the step's losses take (required ones, and optional ones that have a provider).
 
-    ``policy`` / ``ref`` are ``(sequence_logps [N], token_logps [R, T])`` from
-    :func:`alignjax.logprobs.batch_sequence_logps`. Token-level inputs assume the padded layout,
-    where row r holds sequence r.
+    ``policy`` / ``ref``: forward outputs, ``seq`` [N] summed and ``tok`` [R, T] masked token
+    log-probs, plus ``logits`` / ``hidden`` where a distribution statistic needs them.
     """
-    b = spec.batch_size
-    sources = {"policy": policy, "ref": ref}
-    names = set(spec.required) | {"chosen_logps", "chosen_lengths"}
-    if spec.kind in PAIRED:
-        names |= {"rejected_logps", "rejected_lengths"}
-    if ref is not None and spec.kind in PAIRED:
-        names |= {"ref_chosen_logps", "ref_rejected_logps"}
-    lengths = None
-    out: dict[str, Array] = {}
-    for name in sorted(names):
-        if name == "labels" and "label" in batch:
-            out[name] = batch["label"]
-        elif name == "chosen_lengths" and "lengths" in batch and spec.kind not in PAIRED:
-            out[name] = batch["lengths"]
-        elif name in batch and (name.startswith("ref_") or name not in _SEQ):
-            out[name] = batch[name]  # per-example arrays and cached reference log-probs
-        elif name in _SEQ:
-            source, which = _SEQ[name]
-            if sources[source] is None:
-                raise ValueError(f"{name} needs the reference forward, which this step does not run")
-            out[name] = _half(sources[source][0], which, b)
-        elif name in _LEN:
-            if lengths is None:
-                lengths = logprobs.sequence_lengths(
-                    batch["loss_mask"], batch["example_ids"], spec.num_sequences
-                )
-            out[name] = _half(lengths, _LEN[name], b)
-        elif name in _TOK:
-            source, which = _TOK[name]
-            out[name] = _half(sources[source][1], which, b)
-        elif name in _MASK:
-            out[name] = _half(batch["loss_mask"].astype(jnp.float32), _MASK[name], b)
-        elif name == "state":
-            out[name] = state
-        else:
-            raise ValueError(
-                f"loss {spec.loss!r} needs the array {name!r}, which the batch does not carry "
-                f"(batch keys: {sorted(batch)})"
-            )
+    ctx = _Context(spec, batch, {"policy": policy, "ref": ref}, state, spec.sequences_in(batch))
+    names = list(spec.required)
+    names += [o for s in spec.specs for o in s.optional if o not in names and _optional_available(o, ctx)]
+    out = {}
+    for name in names:
+        p = inputs_table.PROVIDERS[name]
+        out[name] = SOURCES[p.source](name, p, ctx)
     return out
 
 
-def _call_loss(spec: StepSpec, inputs: Mapping[str, Array]) -> tuple[Array, Any]:
-    fn = losses.get(spec.loss)
-    args = {name: inputs[name] for name in spec.required}
-    result = fn(**args, **dict(spec.hyperparameters))
+def _forward_needs(spec: StepSpec) -> dict[str, set[str]]:
+    needs: dict[str, set[str]] = {"policy": set(), "ref": set()}
+    for name in spec.required:
+        p = inputs_table.PROVIDERS[name]
+        if p.source == "distribution":
+            for model, what in _STAT_NEEDS[p.stat].items():
+                needs[model].add(what)
+    return needs
+
+
+def _forward(
+    model: Any, params: Any, batch: Mapping[str, Array], n: int, spec: StepSpec, keep: set[str]
+) -> dict[str, Array]:
+    """``seq`` [N], ``tok`` [R, T] (masked), and the ``logits``/``hidden`` named in ``keep``."""
+    if not keep:
+        seq, tok = logprobs.batch_sequence_logps(
+            model, params, batch, n, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk
+        )
+        return {"seq": seq, "tok": tok}
+    kwargs = {k: batch[k] for k in ("positions", "segment_ids", "branch_ids") if batch.get(k) is not None}
+    hidden = model.hidden(params, batch["input_ids"], **kwargs)
+    logits = model.logits_from_hidden(params, hidden)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    tok = logprobs.next_token_logps(logits, batch["input_ids"]) * mask
+    out = {"seq": logprobs.sequence_logps(tok, mask, batch["example_ids"], n), "tok": tok}
+    out.update({k: v for k, v in (("logits", logits), ("hidden", hidden)) if k in keep})
+    return out
+
+
+def _input_metrics(
+    inputs: Mapping[str, Array], batch: Mapping[str, Array], spec: StepSpec
+) -> dict[str, Array]:
+    """``inputs/<name>``: batch means of the distribution statistics and data columns the losses read."""
+    out = {}
+    for name, value in inputs.items():
+        p = inputs_table.PROVIDERS[name]
+        dtype = jnp.asarray(value).dtype
+        numeric = jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+        if p.source not in ("distribution", "column") or not numeric:
+            continue
+        value = jax.lax.stop_gradient(jnp.asarray(value, jnp.float32))
+        if p.per_token:
+            m = _rows(batch["loss_mask"].astype(jnp.float32), p.part, spec.batch_size)
+            out[f"inputs/{name}"] = jnp.sum(value * m) / jnp.maximum(jnp.sum(m), 1.0)
+        else:
+            out[f"inputs/{name}"] = jnp.mean(value)
+    return out
+
+
+def _call_loss(
+    name: str, hyper: tuple[tuple[str, Any], ...], inputs: Mapping[str, Array]
+) -> tuple[Array, Any]:
+    spec = losses.spec(name)
+    args = {n: inputs[n] for n in (*spec.required, *spec.optional) if n in inputs}
+    result = spec.fn(**args, **dict(hyper))
     if spec.stateful:
         return result
     return result, None
@@ -233,40 +520,47 @@ def _call_loss(spec: StepSpec, inputs: Mapping[str, Array]) -> tuple[Array, Any]
 
 def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple[dict[str, Array], Any]]]:
     """``loss_fn(params, ref_params, loss_state, batch) -> (loss, (metrics, new_loss_state))``."""
-
-    def forward(params: Any, batch: Mapping[str, Array]) -> tuple[Array, Array]:
-        return logprobs.batch_sequence_logps(
-            model, params, batch, spec.num_sequences, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk
-        )
+    needs = _forward_needs(spec)
 
     def loss_fn(params: Any, ref_params: Any, loss_state: Any, batch: Mapping[str, Array]):
-        policy = forward(params, batch)
+        n = spec.sequences_in(batch)
+        policy = _forward(model, params, batch, n, spec, needs["policy"])
         ref = None
         if spec.reference == "model":
-            ref = jax.lax.stop_gradient(forward(ref_params, batch))
+            ref = jax.lax.stop_gradient(_forward(model, ref_params, batch, n, spec, needs["ref"]))
         inputs = loss_inputs(spec, batch, policy, ref, loss_state)
-        per_example, new_state = _call_loss(spec, inputs)
-        loss = jnp.mean(per_example.astype(jnp.float32))
-        metrics = {"loss/objective": loss}
-        # RPO / CPO-style modifier: + w * mean token NLL of the chosen completions.
-        lengths = jnp.maximum(inputs["chosen_lengths"].astype(jnp.float32), 1.0)
-        nll = jnp.mean(-inputs["chosen_logps"] / lengths)
+        loss = jnp.zeros((), jnp.float32)
+        metrics = {}
+        new_state = None
+        for name, weight, hyper in spec.components:
+            per_example, state_out = _call_loss(name, hyper, inputs)
+            term = jnp.mean(per_example.astype(jnp.float32))
+            new_state = state_out if state_out is not None else new_state
+            if len(spec.components) > 1:
+                metrics[f"loss/{name}"] = term
+            loss = loss + weight * term
+        metrics["loss/objective"] = loss
+        metrics.update(_input_metrics(inputs, batch, spec))
+        # RPO-style modifier: + w * mean token NLL of the chosen (first) completions.
+        b = spec.batch_size
+        lengths = logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"], n)
+        chosen_logps = policy["seq"][:b]
+        nll = jnp.mean(-chosen_logps / jnp.maximum(lengths[:b], 1.0))
         metrics["nll/chosen"] = nll
         loss = loss + spec.nll_weight * nll
         metrics["loss"] = loss
         if spec.kind in PAIRED:
-            beta = float(dict(spec.hyperparameters).get("beta", 1.0))
+            ref_seq = ref["seq"] if ref is not None else None
+            ref_w = ref_l = None
+            if ref_seq is not None:
+                ref_w, ref_l = ref_seq[:b], ref_seq[b : 2 * b]
+            elif spec.reference == "batch":
+                ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             # TRL's metrics; rewards use R = 0 when the step runs reference-free.
             metrics.update(
-                preference_metrics(
-                    inputs["chosen_logps"],
-                    inputs["rejected_logps"],
-                    inputs.get("ref_chosen_logps"),
-                    inputs.get("ref_rejected_logps"),
-                    beta=beta,
-                )
+                preference_metrics(chosen_logps, policy["seq"][b : 2 * b], ref_w, ref_l, beta=spec.beta)
             )
-        metrics["logps/chosen"] = jnp.mean(inputs["chosen_logps"])
+        metrics["logps/chosen"] = jnp.mean(chosen_logps)
         return loss, (metrics, new_state)
 
     return loss_fn
@@ -375,20 +669,27 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
 
     def forward(params: Any, batch: Mapping[str, Array]) -> tuple[Array, Array]:
         return logprobs.batch_sequence_logps(
-            model, params, batch, spec.num_sequences, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk
+            model,
+            params,
+            batch,
+            spec.sequences_in(batch),
+            vocab_chunk=spec.vocab_chunk,
+            seq_chunk=spec.seq_chunk,
         )
 
     def evaluate(params: Any, ref_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
         policy = forward(params, batch)
         ref = forward(ref_params, batch) if spec.reference == "model" else None
         b = spec.batch_size
-        lengths = logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"], spec.num_sequences)
+        lengths = logprobs.sequence_lengths(
+            batch["loss_mask"], batch["example_ids"], spec.sequences_in(batch)
+        )
         out = {"chosen_logps": policy[0][:b], "chosen_lengths": lengths[:b]}
         if spec.kind in PAIRED:
             out.update(rejected_logps=policy[0][b : 2 * b], rejected_lengths=lengths[b : 2 * b])
-        if ref is not None:
+        if ref is not None and spec.kind in PAIRED:
             out.update(ref_chosen_logps=ref[0][:b], ref_rejected_logps=ref[0][b : 2 * b])
-        elif "ref_chosen_logps" in batch:
+        elif "ref_chosen_logps" in batch and spec.kind in PAIRED:
             out.update(
                 ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"]
             )
