@@ -250,3 +250,32 @@ def test_orbax_checkpoint_of_the_stacked_layout(mesh, unrolled, tmp_path):
     with pytest.raises(ckpt.CheckpointMismatch, match=r"'scan_layers': \(True, False\)"):
         checkpointer.restore_latest(other, other_manifest)
     checkpointer.close()
+
+
+def test_train_run_saved_scanned_resumes_scanned_and_refuses_the_other_layout(tmp_path):
+    import json
+
+    from alignjax.main import load_config_file
+    from alignjax.train.loop import run_train
+
+    def config(steps, scan):
+        c = load_config_file(f"experiments/dpo.py:runlocal,steps={steps}")
+        c.model.overrides.update(
+            dict(
+                vocab_size=16, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64
+            )
+        )
+        c.model.scan_layers = scan
+        c.data.max_length, c.data.num_eval = 10, 0
+        c.train.update(dict(checkpoint_every=2, progress=False, tensorboard=False, plot=False))
+        return c
+
+    run_train(config(2, True), str(tmp_path))
+    manifest = json.loads((tmp_path / "checkpoints" / "2" / "manifest" / "metadata").read_text())
+    assert manifest["model_config"]["scan_layers"] is True
+    assert any(k.startswith("['layers']") for k in manifest["param_shapes"])
+    run_train(config(3, True), str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3]
+    with pytest.raises(ckpt.CheckpointMismatch, match=r"'scan_layers': \(True, False\)"):
+        run_train(config(4, False), str(tmp_path))
