@@ -10,23 +10,32 @@ from alignjax.losses.registry import register
 
 
 @register("sft", family="supervised")
-def sft(chosen_logps: chex.Array, chosen_lengths: chex.Array) -> jax.Array:
+def sft(chosen_logps: chex.Array, chosen_lengths: chex.Array, *, reduction: str = "sequence") -> jax.Array:
     """Mean token negative log-likelihood of the completion (the SFT stage before DPO).
 
-        L_i = -S_i / max(n_i, 1)
+        reduction="sequence":  L_i = -S_i / max(n_i, 1)          (each example's own token mean)
+        reduction="tokens":    L_i = -S_i / max(mean_j n_j, 1)   (mean_i L_i = -sum S / sum n)
 
     S_i is the summed completion log-prob of example i and n_i its completion length; the caller
-    averages over examples. The length normalisation matches TRL's SFT loss on equal-length batches
-    and keeps long and short completions on one scale.
+    averages over examples. "tokens" is TRL's reduction (DPOTrainer's ``sft`` loss_type, used in
+    MPO's ``sigmoid + bco_pair + sft`` mix, and SFTTrainer): the mean over every completion token of
+    the batch, which weights long completions more; the two agree on equal-length batches.
+    "sequence" keeps long and short completions on one scale.
 
     Args:
       chosen_logps: [B] summed completion log-probs under the policy.
       chosen_lengths: [B] number of completion tokens (clamped to >= 1).
+
+      reduction: "sequence" (default) or "tokens" (TRL's), see above.
 
     Returns:
       [B] per-example losses, float32.
     """
     chex.assert_rank([chosen_logps, chosen_lengths], 1)
     chex.assert_equal_shape([chosen_logps, chosen_lengths])
-    n = jnp.maximum(jnp.asarray(chosen_lengths, jnp.float32), 1.0)
-    return -jnp.asarray(chosen_logps, jnp.float32) / n
+    n = jnp.asarray(chosen_lengths, jnp.float32)
+    if reduction == "tokens":
+        n = jnp.mean(n)
+    elif reduction != "sequence":
+        raise ValueError(f"sft reduction must be 'sequence' or 'tokens'; got {reduction!r}")
+    return -jnp.asarray(chosen_logps, jnp.float32) / jnp.maximum(n, 1.0)

@@ -518,6 +518,24 @@ def _call_loss(
     return result, None
 
 
+def combine_losses(spec: StepSpec, inputs: Mapping[str, Array]) -> tuple[Array, dict[str, Array], Any]:
+    """``sum_i w_i mean_B(loss_i(inputs))`` over ``spec.components`` (TRL's ``loss_type`` list with
+    ``loss_weights``), the ``loss/objective`` metric (and ``loss/<name>`` per term of a mix), and the
+    stateful loss's new state (None if none)."""
+    loss = jnp.zeros((), jnp.float32)
+    metrics = {}
+    new_state = None
+    for name, weight, hyper in spec.components:
+        per_example, state_out = _call_loss(name, hyper, inputs)
+        term = jnp.mean(per_example.astype(jnp.float32))
+        new_state = state_out if state_out is not None else new_state
+        if len(spec.components) > 1:
+            metrics[f"loss/{name}"] = term
+        loss = loss + weight * term
+    metrics["loss/objective"] = loss
+    return loss, metrics, new_state
+
+
 def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple[dict[str, Array], Any]]]:
     """``loss_fn(params, ref_params, loss_state, batch) -> (loss, (metrics, new_loss_state))``."""
     needs = _forward_needs(spec)
@@ -529,17 +547,7 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
         if spec.reference == "model":
             ref = jax.lax.stop_gradient(_forward(model, ref_params, batch, n, spec, needs["ref"]))
         inputs = loss_inputs(spec, batch, policy, ref, loss_state)
-        loss = jnp.zeros((), jnp.float32)
-        metrics = {}
-        new_state = None
-        for name, weight, hyper in spec.components:
-            per_example, state_out = _call_loss(name, hyper, inputs)
-            term = jnp.mean(per_example.astype(jnp.float32))
-            new_state = state_out if state_out is not None else new_state
-            if len(spec.components) > 1:
-                metrics[f"loss/{name}"] = term
-            loss = loss + weight * term
-        metrics["loss/objective"] = loss
+        loss, metrics, new_state = combine_losses(spec, inputs)
         metrics.update(_input_metrics(inputs, batch, spec))
         # RPO-style modifier: + w * mean token NLL of the chosen (first) completions.
         b = spec.batch_size
