@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 ROWS, T, NUM_SEQUENCES = 8, 16, 8
+EXPORT_SHARD = "60KB"  # several safetensors files for the tiny preset
 
 # Shared by the children and this process: the batch and the objective.
 COMMON = textwrap.dedent(
@@ -42,6 +43,7 @@ COMMON = textwrap.dedent(
     from alignjax import logprobs as lp
 
     ROWS, T, NUM_SEQUENCES = {ROWS}, {T}, {NUM_SEQUENCES}
+    EXPORT_SHARD = "{EXPORT_SHARD}"
 
 
     def make_batch():
@@ -88,6 +90,11 @@ CHILD = COMMON + textwrap.dedent(
     total, squares = objective(model)(model.params, global_batch)
     print("RESULT " + json.dumps(dict(process=process_id, total=float(total), squares=float(squares))))
     sys.stdout.flush()
+
+    # The HF export, every tensor gathered across the two processes (process 0 writes).
+    from alignjax.models import save_pretrained
+
+    save_pretrained(model, model.params, sys.argv[5], dtype="bfloat16", max_shard_size=EXPORT_SHARD)
 
     # Reference cache, 3 chunks of 2 micro-batches: chunk 0 on both processes, chunk 1 only on
     # process 0 (as a preemption between the two hosts' writes leaves it), chunk 2 on none.
@@ -146,6 +153,12 @@ def single_process_value():
     return float(total), float(squares)
 
 
+class _Outputs(list):
+    """The children's stdout, one string each, and where they exported the model."""
+
+    export_dir: Path
+
+
 @pytest.fixture(scope="module")
 def children(tmp_path_factory):
     """The two children's outputs (each: its RESULT and CACHE lines)."""
@@ -155,7 +168,8 @@ def children(tmp_path_factory):
     port = portpicker.pick_unused_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(port), str(i), str(NUM_PROCESSES), str(tmp_path / "cache")],
+            [sys.executable, str(script), str(port), str(i), str(NUM_PROCESSES), str(tmp_path / "cache"),
+             str(tmp_path / "export")],
             env=_child_env(),
             cwd=str(tmp_path),
             stdout=subprocess.PIPE,
@@ -164,7 +178,7 @@ def children(tmp_path_factory):
         )
         for i in range(NUM_PROCESSES)
     ]
-    outputs = []
+    outputs = _Outputs()
     try:
         for p in procs:
             out, _ = p.communicate(timeout=90)
@@ -176,6 +190,7 @@ def children(tmp_path_factory):
                 p.wait()
     for i, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed (rc={p.returncode}):\n{out[-4000:]}"
+    outputs.export_dir = tmp_path / "export"
     return outputs
 
 
@@ -195,6 +210,17 @@ def test_two_process_global_batch_matches_single_process(children, single_proces
     for r in results:
         np.testing.assert_allclose(r["total"], want_total, rtol=1e-5)
         np.testing.assert_allclose(r["squares"], want_squares, rtol=1e-5)
+
+
+def test_two_process_export_writes_the_single_process_files_byte_for_byte(children, tmp_path):
+    from alignjax.models import from_pretrained, save_pretrained
+
+    model = from_pretrained("tiny")
+    save_pretrained(model, model.params, tmp_path, dtype="bfloat16", max_shard_size=EXPORT_SHARD)
+    written = sorted(p.name for p in children.export_dir.iterdir())
+    assert written == sorted(p.name for p in tmp_path.iterdir()) and len(written) > 3
+    for name in written:
+        assert (children.export_dir / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
 def test_cache_chunks_are_skipped_or_recomputed_by_all_processes_together(children):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -359,9 +360,34 @@ def gather_to_host(x: jax.Array, dtype: np.dtype) -> np.ndarray:
     x = x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype)
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
+    whole = _resharder(_one_copy_per_host(x))(x)
+    host = np.empty(x.shape, x.dtype)
+    for shard in whole.addressable_shards:
+        host[shard.index] = np.asarray(shard.data)
+    return host
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+@functools.cache
+def _resharder(sharding: jax.sharding.NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    """One jitted identity per target sharding, so a layer's tensors compile it once, not per layer."""
+    return jax.jit(lambda a: a, out_shardings=sharding)
+
+
+def _one_copy_per_host(x: jax.Array) -> jax.sharding.NamedSharding:
+    """Replicated across processes and split across each process's devices along the dimension
+    ``x`` is already split along (so the reshard is an all-gather between hosts, no full replica)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    hosts = sorted({d.process_index for d in jax.devices()})
+    grid = np.array([[d for d in jax.devices() if d.process_index == p] for p in hosts])
+    local = grid.shape[1]
+    split = x.sharding.shard_shape(x.shape)
+    axes = [a for a, (n, k) in enumerate(zip(x.shape, split)) if k < n and n % local == 0]
+    axes += [a for a, n in enumerate(x.shape) if n % local == 0]
+    spec = [None] * x.ndim
+    if axes:
+        spec[axes[0]] = "local"
+    return NamedSharding(Mesh(grid, ("hosts", "local")), PartitionSpec(*spec))
 
 
 @jax.jit
