@@ -102,7 +102,8 @@ def check_manifest(saved: Mapping[str, Any], current: Mapping[str, Any], directo
             f"{problems[0]}"
             + (f" ({len(problems) - 1} more)" if len(problems) > 1 else "")
             + (f"; model config differs in {diff} (checkpoint, now)" if diff else "")
-            + ". Use a fresh --workdir, or the model config the checkpoint was written with."
+            + ". Use a fresh --workdir, or the model config the checkpoint was written with"
+            + (f" (--config.model.scan_layers={diff['scan_layers'][0]})." if "scan_layers" in diff else ".")
         )
 
 
