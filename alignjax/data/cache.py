@@ -14,7 +14,8 @@ skip decisions, counts, duplicates and splits from their metadata; process 0 the
 
 ``key`` hashes the source's content (memoised per file identity: path, size, mtime), the tokenizer
 (its ``tokenizer.json`` serialisation, templates and special tokens), the record kind, the
-tokenization and length settings, ``on_bad_row`` and :data:`VERSION`. The batch layout, batch
+tokenization and length settings, ``on_bad_row``, the per-example columns a shard stores
+(:data:`alignjax.data.store.EXTRA_DTYPES`) and :data:`VERSION`. The batch layout, batch
 size, seed, process count and held-out split are not in it: they are applied when reading.
 On gs:// the shards are copied to a local directory (``$TMPDIR/alignjax-data-cache``) and mapped
 there.
@@ -38,7 +39,7 @@ import numpy as np
 from alignjax import storage
 from alignjax.data import readers, schema
 from alignjax.data.schema import ALWAYS_SKIP, DataError
-from alignjax.data.store import ColumnWriter, Concat, Store
+from alignjax.data.store import EXTRA_DTYPES, ColumnWriter, Concat, Store
 from alignjax.data.tokenize import ChatTokenizer, tokenize_rows
 
 VERSION = 1  # bump when the shard format or anything that changes ids or skip decisions changes
@@ -99,7 +100,10 @@ def tokenizer_fingerprint(tokenizer: ChatTokenizer) -> str:
 
 
 def cache_key(source_hash: str, tokenizer: ChatTokenizer, settings: Mapping[str, Any]) -> str:
-    return _digest(VERSION, source_hash, tokenizer_fingerprint(tokenizer), dict(settings))[:32]
+    # The per-example columns a shard stores are in the key: a cache built before a column was
+    # batched lacks it, and a later run must rebuild rather than train without it.
+    columns = sorted(EXTRA_DTYPES)
+    return _digest(VERSION, columns, source_hash, tokenizer_fingerprint(tokenizer), dict(settings))[:32]
 
 
 # ------------------------------------------------------------------------------------------ coordination

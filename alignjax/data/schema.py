@@ -14,12 +14,16 @@ Records are plain dicts. Five kinds are understood (``kind=`` everywhere in alig
 * ``listwise``: ``prompt``, ``candidates`` (list of >= 2 completions), ``scores`` (one number each).
 
 Optional per-example extras, carried into batches as ``[B]`` arrays: ``margin``, ``score``,
-``weight``, ``user_id`` (int), ``ref_chosen_logps``, ``ref_rejected_logps``, and ``source_logps``
+``weight``, ``user_id`` (int), ``ref_chosen_logps``, ``ref_rejected_logps``, ``source_logps``
 (``[chosen, rejected]`` or ``{"chosen", "rejected"}``, stored as ``source_chosen_logps`` /
-``source_rejected_logps``). ``rationale`` and ``subset`` (RewardBench's subset name) are strings kept
-on the record but never batched. ``append_eos`` (bool, default true) set to false keeps completions
-as written: partial solutions such as one reasoning step of MCTS-DPO, which the model continues
-after, get no EOS (a completion whose text ends with the EOS token keeps it).
+``source_rejected_logps``), GPO's win probabilities against the current policy ``chosen_probs_win``
+= P(y_w > pi_t) and ``chosen_probs_lose`` = P(y_l > pi_t) (each in [0, 1], and they
+need not sum to one; SPPO's and GPO's names), and Sem-DPO's ``semantic_distance`` (>= 0: 1 - cos of sentence
+embeddings of the prompt and y_w, computed offline). ``rationale`` and ``subset`` (RewardBench's
+subset name) are strings kept on the record but never batched. ``append_eos`` (bool, default true)
+set to false keeps completions as written: partial solutions such as one reasoning step of MCTS-DPO,
+which the model continues after, get no EOS (a completion whose text ends with the EOS token keeps
+it).
 
 Every problem raises :class:`DataError` whose message starts with ``"<file>:<line>: "`` (line is
 1-based; for non-line sources the record number). With ``on_bad_row="skip"`` the row is dropped and
@@ -35,7 +39,21 @@ from collections.abc import Mapping
 from typing import Any
 
 KINDS = ("pairwise", "step", "unpaired", "sft", "listwise")
-FLOAT_EXTRAS = ("margin", "score", "weight", "ref_chosen_logps", "ref_rejected_logps")
+# Probabilities in [0, 1]: each response's probability of beating the current policy (GPO / SPPO),
+# named as the official SPPO and GPO data scripts write them (``compute_prob.py``:
+# ``chosen_probs_win`` = P(y_w > pi_t), ``chosen_probs_lose`` = P(y_l > pi_t)).
+PROBABILITY_EXTRAS = ("chosen_probs_win", "chosen_probs_lose")
+# Distances, >= 0: Sem-DPO's cosine distance of sentence embeddings, 1 - cos(e(x), e(y_w)), in [0, 2].
+DISTANCE_EXTRAS = ("semantic_distance",)
+FLOAT_EXTRAS = (
+    "margin",
+    "score",
+    "weight",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    *PROBABILITY_EXTRAS,
+    *DISTANCE_EXTRAS,
+)
 # Per-example float arrays a batch carries: the extras above plus the ones derived from records
 # (``source_logps`` split in two; the ``step`` kind's visit counts).
 BATCH_FLOAT_FIELDS = (
@@ -266,6 +284,14 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
     for field in FLOAT_EXTRAS:
         if raw.get(field) is not None:
             rec[field] = _number(raw[field], field, where)
+    for field in PROBABILITY_EXTRAS:
+        if field in rec and not 0.0 <= rec[field] <= 1.0:  # (NaN fails too)
+            raise DataError(where, REASON_BAD_VALUE, f"field {field!r} must be a probability in [0, 1], "
+                            f"got {rec[field]!r}")
+    for field in DISTANCE_EXTRAS:
+        if field in rec and not 0.0 <= rec[field] < float("inf"):
+            raise DataError(where, REASON_BAD_VALUE, f"field {field!r} must be a finite distance >= 0, "
+                            f"got {rec[field]!r}")
     for field in INT_EXTRAS:
         if raw.get(field) is not None:
             rec[field] = _number(raw[field], field, where, int)

@@ -240,7 +240,9 @@ def with_semantic_weight(base: LossFn, *, alpha: float = 1.0, name: str | None =
             "d_cos = 1 - cos of sentence embeddings (``cosine_distance``), so pairs whose preferred output\n"
             "drifts semantically from the input count less (no gradient through W).\n"
             "Paper: \"Sem-DPO: Mitigating Semantic Inconsistency in Preference Optimization for Prompt\n"
-            "Engineering\". Extra inputs: semantic_distance [B].\n"
+            "Engineering\". Extra inputs: semantic_distance [B], a data column: the paper computes it\n"
+            "offline from sentence embeddings and supplying it per record is the contract (the step\n"
+            "does not embed).\n"
             f"Hyperparameters: sem_alpha = {alpha}.")
 
 

@@ -466,7 +466,8 @@ def gpo_square(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arr
     Formula: loss = (u_w - (P_w - 1/2) / beta)^2 + (u_l - (P_l - 1/2) / beta)^2, with
       P_w = P(y_w > pi_t), P_l = P(y_l > pi_t): each response's probability of beating the current policy,
       estimated from GPM scores against K policy samples (``gpm_win_probability``). They are two inputs that
-      need not sum to one (a pair where both responses beat the policy has P_w, P_l > 1/2).
+      need not sum to one (a pair where both responses beat the policy has P_w, P_l > 1/2). The step reads
+      them from each record's ``chosen_probs_win`` / ``chosen_probs_lose`` (SPPO's and GPO's data columns).
     P_w = 1, P_l = 0 recovers ``sppo_hard``. The probabilities are constants here (no gradient).
     Paper: "Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment"
     (arXiv 2410.02197); the square loss is SPPO's (arXiv 2405.00675, Eq. 4.7) with eta = 1 / beta.

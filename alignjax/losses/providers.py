@@ -123,6 +123,13 @@ PROVIDERS: dict[str, Provider] = {
                          "target_temperature) over the candidates (the record's 'scores')",
                          transform="alignjax.losses.listwise:score_targets",
                          hyper=(("target_temperature", 1.0),)),
+    "chosen_win_probs": _col("chosen_probs_win", PAIRS, "GPO/SPPO: P(y_w > pi_t), y_w's probability of "
+                             "beating the current policy, in [0, 1] (the record's 'chosen_probs_win', as "
+                             "SPPO's and GPO's compute_prob.py write it)"),
+    "rejected_win_probs": _col("chosen_probs_lose", PAIRS, "GPO/SPPO: P(y_l > pi_t) (the record's "
+                               "'chosen_probs_lose'; need not sum to one with P(y_w > pi_t))"),
+    "semantic_distance": _col("semantic_distance", PAIRS, "Sem-DPO: 1 - cos(e(x), e(y_w)) of sentence "
+                              "embeddings, computed once offline (the record's 'semantic_distance')"),
     "margin": _col("margin", ALL_KINDS, "the record's 'margin'"),
     "score": _col("score", ALL_KINDS, "the record's 'score'"),
     "weight": _col("weight", ALL_KINDS, "the record's 'weight' (1 where absent)"),
@@ -133,8 +140,6 @@ PROVIDERS: dict[str, Provider] = {
 
 # Names a loss may take that the step does not provide yet, and what would provide each.
 PENDING: dict[str, str] = {
-    "semantic_distance": "a per-example column 'semantic_distance' (cosine distance of sentence "
-    "embeddings of x and y_w, computed once offline); the data layer does not batch it yet",
     "rationale_logps": "log pi(rationale | x, y_w, y_l) on a templated third sequence built from the "
     "record's 'rationale'; the data layer does not tokenize rationales into batches yet",
     "chosen_instruction_logps": "joint instruction+response sequences (rows whose two sides have their "
@@ -142,9 +147,6 @@ PENDING: dict[str, str] = {
     "rejected_instruction_logps": "joint instruction+response sequences (see chosen_instruction_logps)",
     "ref_chosen_instruction_logps": "joint instruction+response sequences (see chosen_instruction_logps)",
     "ref_rejected_instruction_logps": "joint instruction+response sequences (see chosen_instruction_logps)",
-    "chosen_win_probs": "per-example columns of GPM win probabilities against policy samples "
-    "('chosen_win_prob'); the data layer does not batch them yet",
-    "rejected_win_probs": "per-example column 'rejected_win_prob' (see chosen_win_probs)",
     "degree_logits": "SPO's preference-degree head on the policy (not built)",
     "degree_labels": "SPO's self-supervised degree labels (built by removing key content; not built)",
     "chosen_probs": "ADPO's pairwise soft target (a per-example column); not batched yet",

@@ -160,6 +160,28 @@ def test_key_changes_with_tokenizer_template_length_and_data(tmp_path, tok_dir):
     assert key(tok, base) != k0
 
 
+def test_loss_columns_survive_the_cache_and_are_in_its_key(tmp_path, tok_dir, monkeypatch):
+    """GPO's win probabilities and Sem-DPO's distance: cold and cached batches equal the in-memory
+    ones, values included; a cache built before a column was stored is not reused."""
+    rng = np.random.default_rng(7)
+    recs = [dict(r, chosen_probs_win=float(rng.uniform()), chosen_probs_lose=float(rng.uniform()),
+                 semantic_distance=float(rng.uniform(0, 2))) for r in rows(30)]
+    path = write_jsonl(tmp_path / "d.jsonl", recs, bad=False)
+    kw = dict(KW, process_count=1, process_index=0)
+    ref = PreferenceData(path, tok_dir, **kw)
+    cold = PreferenceData(path, tok_dir, cache_dir=str(tmp_path / "c"), **kw)
+    hit = PreferenceData(path, tok_dir, cache_dir=str(tmp_path / "c"), **kw)
+    want = batches(ref, 3)
+    for col in ("chosen_probs_win", "chosen_probs_lose", "semantic_distance"):
+        assert want[0][col].shape == (4,) and want[0][col].std() > 0
+    assert_same(want, batches(cold, 3))
+    assert_same(want, batches(hit, 3))
+    tok = ChatTokenizer.from_pretrained(tok_dir)
+    k0 = cache.cache_key("h", tok, {"kind": "pairwise"})
+    monkeypatch.delitem(cache.EXTRA_DTYPES, "semantic_distance")
+    assert cache.cache_key("h", tok, {"kind": "pairwise"}) != k0
+
+
 def test_interrupted_build_leaves_nothing_a_restart_reads(tmp_path, tok_dir, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", rows(30))
     kw = dict(KW, process_count=2, process_index=0, cache_dir=str(tmp_path / "c"))

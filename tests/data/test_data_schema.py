@@ -1,6 +1,7 @@
 """Schema validation and readers: exact error messages (file:line), skip counts, Parquet = JSONL."""
 
 import json
+import re
 
 import pytest
 
@@ -101,6 +102,27 @@ def test_kinds_and_extras():
     assert (rec["source_chosen_logps"], rec["source_rejected_logps"], rec["rationale"]) == (-1.0, -2.5, "why")
     with pytest.raises(DataError, match=r"^f:3: missing field 'chosen_visits'$"):
         validate_record(GOOD, "step", "f:3")
+
+
+def test_win_probabilities_and_semantic_distance_are_checked():
+    cols = {"chosen_probs_win": 0.9, "chosen_probs_lose": 0.7, "semantic_distance": 0.25}
+    rec = validate_record({**GOOD, **cols}, "pairwise", "f:1")
+    assert {k: rec[k] for k in cols} == cols  # P_w + P_l need not be 1
+    ends = validate_record({**GOOD, "chosen_probs_win": 0, "chosen_probs_lose": 1}, "pairwise", "f:1")
+    assert (ends["chosen_probs_win"], ends["chosen_probs_lose"]) == (0.0, 1.0)
+    prob, dist = "must be a probability in [0, 1], got", "must be a finite distance >= 0, got"
+    bad = [
+        ({"chosen_probs_win": 1.01}, f"field 'chosen_probs_win' {prob} 1.01"),
+        ({"chosen_probs_lose": -0.2}, f"field 'chosen_probs_lose' {prob} -0.2"),
+        ({"chosen_probs_win": float("nan")}, f"field 'chosen_probs_win' {prob} nan"),
+        ({"chosen_probs_win": True}, "field 'chosen_probs_win' must be a number, got bool"),
+        ({"semantic_distance": "far"}, "field 'semantic_distance' must be a number, got str"),
+        ({"semantic_distance": -1e-3}, f"field 'semantic_distance' {dist} -0.001"),
+        ({"semantic_distance": float("inf")}, f"field 'semantic_distance' {dist} inf"),
+    ]
+    for extra, problem in bad:
+        with pytest.raises(DataError, match="^" + re.escape(f"f:7: {problem}") + "$"):
+            validate_record({**GOOD, **extra}, "pairwise", "f:7")
 
 
 def test_parquet_matches_jsonl(tmp_path):

@@ -44,7 +44,10 @@ def sources(tmp_path_factory):
     for r in _pairs():
         src = [-float(rng.uniform(0.5, 3.0)), -float(rng.uniform(0.5, 3.0))]
         visits = [int(rng.integers(1, 9)), int(rng.integers(0, 9))]
-        rows["step"].append(dict(r, source_logps=src, chosen_visits=visits[0], rejected_visits=visits[1]))
+        win = [float(rng.uniform(0.0, 1.0)), float(rng.uniform(0.0, 1.0))]  # GPO: need not sum to 1
+        rows["step"].append(dict(r, source_logps=src, chosen_visits=visits[0], rejected_visits=visits[1],
+                                 chosen_probs_win=win[0], chosen_probs_lose=win[1],
+                                 semantic_distance=float(rng.uniform(0.0, 1.0))))
         rows["listwise"].append({"prompt": r["prompt"], "candidates": [r["chosen"], r["rejected"]],
                                  "scores": [1.0, 0.0]})
     paths = {}
@@ -105,7 +108,7 @@ def test_every_pair_loss_trains_in_one_mix_and_sigmoid_equals_dpo(tmp_path, sour
         assert math.isfinite(r["loss"])  # (a non-finite step would have stopped the run)
     # Each loss's own inputs reach it (WPO's weights, SparsePO's KL and masks, the data's columns).
     for key in ("chosen_wpo_logps", "chosen_token_kl", "chosen_reward_mask", "source_chosen_logps",
-                "chosen_visits"):
+                "chosen_visits", "chosen_win_probs", "rejected_win_probs", "semantic_distance"):
         assert math.isfinite(rows[0][f"inputs/{key}"]), key
     assert 0.0 <= rows[0]["inputs/chosen_reward_mask"] <= 1.0
     assert rows[0]["inputs/chosen_wpo_logps"] < 0.0  # log p_t < log sum_v p_v^2 on average off-policy
