@@ -64,9 +64,10 @@ BAD_COMMANDS = {
     "unknown loss": ([DPO, "--config.loss.name=nope"], 2, "unknown loss 'nope'"),
     "no --config": ([], 2, "--config is required"),
     "loss without provider": (
-        ["--config=experiments/dpo.py:runlocal,loss=wpo"],
+        ["--config=experiments/dpo.py:runlocal,loss=rationale_dpo"],
         2,
-        "config.loss.name='wpo': the preference step cannot supply its input(s) ['chosen_wpo_logps'",
+        "config.loss.name='rationale_dpo': the preference step cannot supply its input(s) "
+        "['rationale_logps']",
     ),
     "zero log_every": ([DPO, "--config.train.log_every=0"], 2, "config.train.log_every=0: must be >= 1"),
     "keep no checkpoint": ([DPO, "--config.train.keep_checkpoints=0"], 2, "0 would delete the trained model"),
@@ -152,7 +153,9 @@ def own_model_and_data(tmp_path_factory):
         ("truncated", "error: {d}/truncated/model.safetensors: not a complete safetensors file"),
     ],
 )
-def test_a_model_that_cannot_take_the_data_is_named_before_compute(own_model_and_data, model, message, tmp_path):
+def test_a_model_that_cannot_take_the_data_is_named_before_compute(
+    own_model_and_data, model, message, tmp_path
+):
     d = own_model_and_data
     proc = subprocess.run(
         [

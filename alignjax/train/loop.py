@@ -32,7 +32,14 @@ from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
 from alignjax.train.metrics import MetricWriter, Throughput, plot_curves
 from alignjax.train.optim import make_optimizer
-from alignjax.train.step import NONFINITE, make_eval_fn, make_step_spec, make_train_step, nonfinite_causes
+from alignjax.train.step import (
+    NONFINITE,
+    check_data_columns,
+    make_eval_fn,
+    make_step_spec,
+    make_train_step,
+    nonfinite_causes,
+)
 
 
 class NonFiniteStep(FloatingPointError):
@@ -372,6 +379,10 @@ def run_train(
         )
     train_split = "train" if plan is not None and plan[1] == "eval" else "all"
     data, stats = data_iterator(config, config.data.source, micro_size, split=train_split, workdir=workdir)
+    if objective is PREFERENCE:  # a data column the loss reads is checked on one batch, before any compile
+        before = data.get_state()
+        check_data_columns(config, next(data).keys(), config.data.source)
+        data.set_state(before)
     eval_batches_host = []
     if plan is not None:
         eval_data, _ = data_iterator(

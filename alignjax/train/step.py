@@ -180,6 +180,18 @@ def check_loss_config(config: Any) -> None:
         raise ValueError(f"config.loss.name: {stateful[0]!r} keeps its own state and cannot be mixed")
 
 
+def check_data_columns(config: Any, batch_keys: Any, source: Any) -> None:
+    """Refuses, before the model is built, a loss that reads a data column the batches of
+    ``source`` do not carry (``batch_keys``: the keys of one host batch)."""
+    for name, _ in loss_components(config.loss):
+        missing = [c for c in losses.spec(name).status.columns if c not in batch_keys]
+        if missing:
+            raise ValueError(
+                f"config.loss.name={name!r} reads the data column(s) {missing}, which the rows of "
+                f"config.data.source={source} do not carry (give them on every row)"
+            )
+
+
 def check_inputs_provided(
     spec: losses.LossSpec, *, kind: str | None = None, layout: str | None = None, chunked: bool = False
 ) -> None:

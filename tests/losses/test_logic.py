@@ -191,5 +191,6 @@ def test_errors():
     with pytest.raises(TypeError, match="logic Formula"):
         mw & 3
     L.compile_loss(L.dpo_formula(), name="logic_dup")
-    with pytest.raises(ValueError, match="registered twice"):
-        L.compile_loss(L.dpo_formula(), name="logic_dup")
+    L.compile_loss(L.dpo_formula(), name="logic_dup")  # the same definition again: a no-op
+    with pytest.raises(ValueError, match="registered twice"):  # another formula under the name
+        L.compile_loss(L.Preference(L.M("w") | L.M("l")), name="logic_dup")

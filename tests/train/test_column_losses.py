@@ -131,9 +131,13 @@ def test_data_without_the_columns_is_refused_naming_the_column(tmp_path):
     for loss, column in (("gpo_square", "chosen_probs_win"), ("sem_dpo", "semantic_distance")):
         config = _config(loss, plain, steps=1)
         config.data.cache_dir = "off"
-        with pytest.raises(ValueError, match=f"loss {loss!r} reads input .* from the data column {column!r}, "
-                           "which these batches do not carry"):
+        with pytest.raises(
+            ValueError,
+            match=rf"config.loss.name={loss!r} reads the data column\(s\) \[{column!r}.*\], which the rows "
+            rf"of config.data.source={plain} do not carry",
+        ):
             run_train(config, str(tmp_path / loss))
+        assert not (tmp_path / loss / "checkpoints").exists()  # refused before the model was built
 
 
 def test_a_column_on_some_rows_only_names_the_first_row_without_it(tmp_path):
