@@ -548,6 +548,22 @@ def combine_losses(spec: StepSpec, inputs: Mapping[str, Array]) -> tuple[Array, 
     return loss, metrics, new_state
 
 
+def _is_vector(value: Any) -> bool:
+    return isinstance(value, jax.Array) and value.ndim == 1
+
+
+def _replicated(values: Array, model: Any) -> Array:
+    """A per-sequence vector on every device: a batch mean is then one local sum in a fixed order,
+    whichever sharding the rest of the program (a frozen reference's forward, a cached reference's
+    inputs) would have given it, so comparable runs report bitwise-equal losses and metrics."""
+    mesh = getattr(model, "mesh", None)
+    if mesh is None:
+        return values
+    from alignjax.sharding import replicated
+
+    return jax.lax.with_sharding_constraint(values, replicated(mesh))
+
+
 def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple[dict[str, Array], Any]]]:
     """``loss_fn(params, ref_params, loss_state, batch) -> (loss, (metrics, new_loss_state))``."""
     needs = _forward_needs(spec)
@@ -558,7 +574,11 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
         ref = None
         if spec.reference == "model":
             ref = jax.lax.stop_gradient(_forward(model, ref_params, batch, n, spec, needs["ref"]))
+        policy = dict(policy, seq=_replicated(policy["seq"], model))
+        if ref is not None:
+            ref = dict(ref, seq=_replicated(ref["seq"], model))
         inputs = loss_inputs(spec, batch, policy, ref, loss_state)
+        inputs = {k: _replicated(v, model) if _is_vector(v) else v for k, v in inputs.items()}
         loss, metrics, new_state = combine_losses(spec, inputs)
         metrics.update(_input_metrics(inputs, batch, spec))
         # RPO-style modifier: + w * mean token NLL of the chosen (first) completions.
