@@ -70,21 +70,39 @@ def _write_atomic(p: Any, text: str) -> None:
     os.replace(tmp, p)
 
 
+def _files_under(root: Any) -> Iterator[Any]:
+    for p in root.iterdir():
+        if p.is_dir():
+            yield from _files_under(p)
+        else:
+            yield p
+
+
 def source_fingerprint(source: str, cache_dir: str) -> str:
     """The content hash of a data file, memoised under ``cache_dir/sources`` by its identity (path,
     size, mtime; an object's own checksum on object stores) so that a restart does not re-read it."""
-    p = storage.path(source)
-    if not p.exists():
-        raise FileNotFoundError(f"data.source={source}: no such file")
-    st = p.stat()
-    identity = _digest(os.fspath(p), st.length, getattr(st, "mtime", None), getattr(st, "owner", None))
+    if source.startswith("hf:"):  # a saved dataset: every file of its directory
+        root = storage.path(readers.parse_hf_source(source)[0])
+        files = sorted(_files_under(root))
+    else:
+        root = storage.path(source)
+        if not root.exists():
+            raise FileNotFoundError(f"data.source={source}: no such file")
+        files = [root]
+    stats = [(os.fspath(f), f.stat()) for f in files]
+    identity = _digest(
+        source,
+        *((name, st.length, getattr(st, "mtime", None), getattr(st, "owner", None)) for name, st in stats),
+    )
     memo = storage.path(cache_dir) / "sources" / f"{identity}.txt"
     if memo.exists():
         return memo.read_text().strip()
     h = hashlib.sha256()
-    with p.open("rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
+    for f in files:
+        h.update(os.fspath(f.relative_to(root) if f != root else f.name).encode() + b"\0")
+        with f.open("rb") as handle:
+            while block := handle.read(1 << 24):
+                h.update(block)
     value = h.hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(memo, value)
@@ -148,6 +166,8 @@ class Coordinator:
 
 
 def _share(source: str, shard: int, num_shards: int) -> Iterator[tuple[int, Any]]:
+    if source.startswith("hf:"):
+        return readers.hf_share(source, shard, num_shards)
     if source.endswith(".parquet"):
         return readers.parquet_share(source, shard, num_shards)
     return readers.jsonl_share(source, shard, num_shards)
@@ -311,7 +331,7 @@ class Cached:
         for m, base in zip(metas, bases):
             if m["error"]:
                 line, reason, problem = m["error"]
-                raise DataError(f"{source}:{base + line}", reason, problem)
+                raise DataError(readers.row_where(source, base + line), reason, problem)
         stores, rec_example, rec_deltas, rec_hash, self.rec_line = [], [], [], [], []
         self.tokenization_skips: list[tuple[int, DataError]] = []
         self.validation_skips: collections.Counter = collections.Counter()
@@ -329,20 +349,21 @@ class Cached:
             example_line = np.full(len(arrays["example_seqs"]) - 1, -1, np.int64)
             kept = np.asarray(arrays["rec_example"]) >= 0
             example_line[np.asarray(arrays["rec_example"])[kept]] = lines[kept]
-            stores.append(Store(dict(arrays, tokens=tokens), lambda i, el=example_line: f"{source}:{el[i]}"))
+            where = lambda i, el=example_line: readers.row_where(source, el[i])  # noqa: E731
+            stores.append(Store(dict(arrays, tokens=tokens), where))
             re = np.asarray(arrays["rec_example"])
             rec_example.append(np.where(re >= 0, re + num_examples, -1))
             rec_deltas.append(np.asarray(arrays["rec_deltas"]))
             rec_hash.append(np.asarray(arrays["rec_hash"]))
             self.rec_line.append(lines)
             for rec, reason, problem in m["tokenization_skips"]:
-                where = f"{source}:{lines[rec]}"
+                where = readers.row_where(source, lines[rec])
                 self.tokenization_skips.append((rec + num_records, DataError(where, reason, problem)))
             self.validation_skips.update(m["validation_skips"])
             for line, reason, problem in m["validation_messages"]:
                 if len(self.validation_messages) < MAX_MESSAGES:
                     self.validation_messages.append(
-                        str(DataError(f"{source}:{base + line}", reason, problem))
+                        str(DataError(readers.row_where(source, base + line), reason, problem))
                     )
             self.rows_read += m["rows_read"]
             num_records += len(re)

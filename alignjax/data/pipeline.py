@@ -9,12 +9,13 @@ different each epoch). Restoring the state resumes exactly. (grain's index sampl
 same with its own state; these two integers are what checkpoints and resume tests already hold.)
 
 Examples are columns (:mod:`alignjax.data.store`: int32 tokens and offsets), tokenized in batches
-(``encode_batch``, the ``tokenizers`` library's threads). A JSONL/Parquet source with a
-``cache_dir`` goes through the tokenized on-disk cache (:mod:`alignjax.data.cache`): process ``p``
-reads and tokenizes only its part of the file once, every process then maps all parts, and skip
-decisions, counts, the held-out split and the permutation come from the cache's metadata, the same
-on every process. Other sources (``hf:``, TFDS, SeqIO, in-memory records) are read and tokenized by
-every process. Only its own shard of each step is laid out into batches;
+(``encode_batch``, the ``tokenizers`` library's threads). A JSONL/Parquet source or an ``hf:``
+dataset saved with ``save_to_disk``, with a ``cache_dir``, goes through the tokenized on-disk cache
+(:mod:`alignjax.data.cache`): process ``p`` reads and tokenizes only its part of the rows once,
+every process then maps all parts, and skip decisions, counts, the held-out split and the
+permutation come from the cache's metadata, the same on every process. Other sources (Hub ``hf:``
+names, TFDS, SeqIO, in-memory records) are read and tokenized by every process. Only its own shard
+of each step is laid out into batches;
 ``alignjax.sharding.global_batch(mesh, host_batch)`` then assembles them into global arrays.
 """
 
@@ -286,7 +287,7 @@ class PreferenceData:
             truncation_mode=truncation_mode,
         )
         source = resolve_source(source)
-        if cache_dir is not None and readers.is_file_source(source):
+        if cache_dir is not None and readers.is_shardable(source):
             self.examples = self._from_cache(
                 os.fspath(source), cache_dir, kind, on_bad_row, options, split, eval_fraction
             )

@@ -135,6 +135,16 @@ def read_hf(source: str) -> Iterator[tuple[str, Any]]:
     lists of ``{role, content}``; without ``prompt`` the shared conversation prefix), or
     ``prompt``/``completion``/``label``. ``None`` cells (columns a row lacks) are dropped.
     """
+    ds = _hf_dataset(source)
+    for i, row in enumerate(ds):
+        yield row_where(source, i + 1), _hf_row(row)
+
+
+def _hf_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _hf_dataset(source: str) -> Any:
     try:
         import datasets
     except ImportError:
@@ -142,8 +152,7 @@ def read_hf(source: str) -> Iterator[tuple[str, Any]]:
             "data.source hf:... needs the datasets package (pip install 'alignjax[hf]')"
         ) from None
     name, split = parse_hf_source(source)
-    saved = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in _SAVED_DATASET_FILES)
-    if saved:
+    if is_saved_dataset(source):
         ds = datasets.load_from_disk(name)
         if isinstance(ds, datasets.DatasetDict):
             split = split or "train"
@@ -152,11 +161,35 @@ def read_hf(source: str) -> Iterator[tuple[str, Any]]:
             ds = ds[split]
         elif split not in (None, "train"):
             raise ValueError(f"data source {source!r}: {name} holds one Dataset, not a split {split!r}")
-    else:
-        ds = datasets.load_dataset(name, split=split or "train")
-    prefix = f"hf:{name}[{split or 'train'}]"
-    for i, row in enumerate(ds):
-        yield f"{prefix}:row {i}", {k: v for k, v in row.items() if v is not None}
+        return ds
+    return datasets.load_dataset(name, split=split or "train")
+
+
+def is_saved_dataset(source: Any) -> bool:
+    """``hf:<dir>`` of a dataset written by ``save_to_disk``."""
+    if not (isinstance(source, str) and source.startswith("hf:")):
+        return False
+    name, _ = parse_hf_source(source)
+    return os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in _SAVED_DATASET_FILES)
+
+
+def hf_share(source: str, shard: int, num_shards: int) -> Iterator[tuple[int, Any]]:
+    """``(row, row dict)`` of the ``shard``-th of ``num_shards`` contiguous row ranges of a saved
+    dataset (numbered from 1 within the range); its Arrow files are memory-mapped, so only those
+    rows are read."""
+    ds = _hf_dataset(source)
+    lo, hi = share_bounds(len(ds), shard, num_shards)
+    for local, row in enumerate(ds.select(range(lo, hi)), 1):
+        yield local, _hf_row(row)
+
+
+def row_where(source: Any, n: int) -> str:
+    """Where row ``n`` (from 1) of ``source`` is, as its errors and examples name it: ``path:n`` for
+    files, ``hf:<name>[<split>]:row <n - 1>`` for Hugging Face datasets (their own 0-based index)."""
+    if isinstance(source, str) and source.startswith("hf:"):
+        name, split = parse_hf_source(source)
+        return f"hf:{name}[{split or 'train'}]:row {n - 1}"
+    return f"{os.fspath(source)}:{n}"
 
 
 def _from_tf(value: Any) -> Any:
@@ -268,6 +301,12 @@ def is_file_source(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(
         (".jsonl", ".json", ".parquet")
     )
+
+
+def is_shardable(source: Any) -> bool:
+    """Sources each process can read a share of (the tokenized cache's): JSONL and Parquet files,
+    ``hf:`` datasets saved with ``save_to_disk``."""
+    return is_file_source(source) or is_saved_dataset(source)
 
 
 def load_records(

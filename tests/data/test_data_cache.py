@@ -82,18 +82,23 @@ def stats_of(data):
     return s, list(data.stats.examples)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
 @pytest.mark.parametrize("split", ["all", "train", "eval"])
 def test_cache_cold_and_hit_equal_the_in_memory_path(tmp_path, tok_dir, fmt, split):
     path = write_jsonl(tmp_path / "d.jsonl", rows(60))
+    good = [r for r in rows(90) if isinstance(r["prompt"], str)]
+    good[4] = dict(good[4], chosen="  ")  # a bad row (empty field)
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        good = [r for r in rows(90) if isinstance(r["prompt"], str)]
-        good[4] = dict(good[4], chosen="  ")  # a bad row (empty field)
         path = str(tmp_path / "d.parquet")
         pq.write_table(pa.Table.from_pylist(good), path, row_group_size=7)
+    if fmt == "hf":  # a dataset saved by `datasets`, in several Arrow files
+        import datasets
+
+        datasets.Dataset.from_list(good).save_to_disk(str(tmp_path / "ds"), num_shards=3)
+        path = f"hf:{tmp_path / 'ds'}"
     kw = dict(
         KW, split=split, eval_fraction=0.25 if split != "all" else 0.0, process_count=1, process_index=0
     )
@@ -114,9 +119,17 @@ def test_cache_cold_and_hit_equal_the_in_memory_path(tmp_path, tok_dir, fmt, spl
         assert messages[0] == f"{path}:6: not valid JSON (Expecting value at column 1)"
 
 
-def test_simulated_and_real_process_splits_give_the_same_batches(tmp_path, tok_dir):
+@pytest.mark.parametrize("fmt", ["jsonl", "hf"])
+def test_simulated_and_real_process_splits_give_the_same_batches(tmp_path, tok_dir, fmt):
     """Two processes (here one standing for both) build two shards; batches equal one process's."""
     path = write_jsonl(tmp_path / "d.jsonl", rows(50))
+    if fmt == "hf":
+        import datasets
+
+        datasets.Dataset.from_list([r for r in rows(80) if isinstance(r["prompt"], str)]).save_to_disk(
+            str(tmp_path / "ds")
+        )
+        path = f"hf:{tmp_path / 'ds'}"
     one = PreferenceData(
         path, tok_dir, cache_dir=str(tmp_path / "one"), process_count=1, process_index=0, **KW
     )
