@@ -126,6 +126,37 @@ CHILD = COMMON + textwrap.dedent(
         complete=cache.complete(6), rows=[cache.lookup(i)["ref_chosen_logps"].tolist() for i in range(6)],
     )))
     sys.stdout.flush()
+
+    # HF import over fsdp across both processes, each HF slice the loader requests counted: each
+    # process should read its own HF rows only (about half the checkpoint), in both layouts.
+    import hashlib
+    from alignjax.models import hf
+
+    requested = [0]
+    real_read_block = hf._read_block
+
+    class Counted:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __getitem__(self, index):
+            block = self.tensor[index]
+            requested[0] += block.nbytes
+            return block
+
+    hf._read_block = lambda tensor, m, index: real_read_block(Counted(tensor), m, index)
+    fsdp = sharding.make_mesh({"fsdp": -1})
+    for scan in (False, True):
+        requested[0] = 0
+        loaded = from_pretrained(sys.argv[6], mesh=fsdp, scan_layers=scan)
+        digests = {
+            jax.tree_util.keystr(path): hashlib.sha256(
+                np.asarray(multihost_utils.process_allgather(x, tiled=True)).tobytes()
+            ).hexdigest()
+            for path, x in jax.tree_util.tree_leaves_with_path(loaded.params)
+        }
+        print("IMPORT " + json.dumps(dict(scan=scan, requested=requested[0], digests=digests)))
+    sys.stdout.flush()
     jax.distributed.shutdown()
     """
 )
@@ -160,8 +191,18 @@ class _Outputs(list):
 
 
 @pytest.fixture(scope="module")
-def children(tmp_path_factory):
-    """The two children's outputs (each: its RESULT and CACHE lines)."""
+def hf_llama(tmp_path_factory) -> Path:
+    """A tiny Llama saved by transformers, which the children import."""
+    from tests.hf_fixtures import save_llama
+
+    path = tmp_path_factory.mktemp("llama")
+    save_llama(str(path), vocab_size=64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory, hf_llama):
+    """The two children's outputs (each: its RESULT, CACHE and IMPORT lines)."""
     tmp_path = tmp_path_factory.mktemp("children")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -169,7 +210,7 @@ def children(tmp_path_factory):
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(port), str(i), str(NUM_PROCESSES), str(tmp_path / "cache"),
-             str(tmp_path / "export")],
+             str(tmp_path / "export"), str(hf_llama)],
             env=_child_env(),
             cwd=str(tmp_path),
             stdout=subprocess.PIPE,
@@ -194,12 +235,13 @@ def children(tmp_path_factory):
     return outputs
 
 
-def _lines(outputs: list[str], tag: str) -> list[dict]:
+def _lines(outputs: list[str], tag: str, count: int = 1) -> list:
+    """Each child's ``tag`` line (its ``count`` lines, as a list, where ``count`` > 1), parsed."""
     results = []
     for out in outputs:
-        lines = [line for line in out.splitlines() if line.startswith(tag + " ")]
-        assert len(lines) == 1, out[-4000:]
-        results.append(json.loads(lines[0][len(tag) + 1 :]))
+        lines = [json.loads(line[len(tag) + 1 :]) for line in out.splitlines() if line.startswith(tag + " ")]
+        assert len(lines) == count, out[-4000:]
+        results.append(lines if count > 1 else lines[0])
     return results
 
 
@@ -221,6 +263,25 @@ def test_two_process_export_writes_the_single_process_files_byte_for_byte(childr
     assert written == sorted(p.name for p in tmp_path.iterdir()) and len(written) > 3
     for name in written:
         assert (children.export_dir / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_two_process_import_reads_each_row_once_and_equals_the_single_process_load(children, hf_llama):
+    import hashlib
+
+    from alignjax.models import from_pretrained
+    from alignjax.models.hf import open_safetensors
+
+    with open_safetensors(str(hf_llama / "model.safetensors")) as f:
+        checkpoint = sum(f.get_tensor(name).nbytes for name in f.keys())
+    for scan, per_process in zip((False, True), zip(*_lines(children, "IMPORT", count=2), strict=True)):
+        params = from_pretrained(str(hf_llama), scan_layers=scan).params
+        want = {
+            jax.tree_util.keystr(path): hashlib.sha256(np.asarray(x).tobytes()).hexdigest()
+            for path, x in jax.tree_util.tree_leaves_with_path(params)
+        }
+        for r in per_process:
+            assert r["scan"] == scan and r["digests"] == want
+            assert 0 < r["requested"] <= 0.6 * checkpoint, (scan, r["requested"] / checkpoint)
 
 
 def test_cache_chunks_are_skipped_or_recomputed_by_all_processes_together(children):

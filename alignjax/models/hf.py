@@ -240,15 +240,11 @@ def load_params(model: Model, path: str, *, missing_ok: Sequence[str] = ()) -> d
                 if shardings is not None
                 else SingleDeviceSharding(jax.local_devices()[0])
             )
-            cache: dict[Any, np.ndarray] = {}
-
-            def read(index, m=m, tensor=tensor, cache=cache):
-                key = tuple((s.start, s.stop) for s in index)
-                if key not in cache:  # replicated shards read once per host
-                    cache[key] = _read_block(tensor, m, index).astype(dtype)
-                return cache[key]
-
-            _set(params, m.param_path, jax.make_array_from_callback(m.target_shape, sharding, read))
+            read = _once_per_index(lambda index, m=m, t=tensor: _read_block(t, m, index).astype(dtype))
+            read_rows = _once_per_index(
+                lambda index, m=m, t=tensor: _read_block(t, _hf_view(m), index).astype(dtype)
+            )
+            _set(params, m.param_path, _placed(m, None, sharding, read, read_rows))
         for param_path, layers in stacked.items():
             sharding = (
                 _get(shardings, param_path)
@@ -263,24 +259,139 @@ def _stacked_array(layers: Sequence[tuple[TensorMap, Any]], sharding: Any, dtype
     """The ``[L, ...]`` leaf of a scanned model from its per-layer HF tensors (``layers[i]`` =
     ``(map, safetensors slice or None for zeros)``, in layer order): each device's callback reads,
     for the layers in its slice, only its block of each layer, and stacks them."""
-    shape = (len(layers), *layers[0][0].target_shape)
+    m = layers[0][0]
+
+    def stack(index: Sequence[slice], view: Callable[[TensorMap], TensorMap], shape: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (1 + len(shape) - len(index))
+        first, last, _ = index[0].indices(len(layers))
+        blocks = [
+            _read_block(tensor, view(m), index[1:]).astype(dtype)
+            if tensor is not None
+            else np.zeros(shape, dtype)[index[1:]]
+            for m, tensor in layers[first:last]
+        ]
+        return np.stack(blocks)
+
+    read = _once_per_index(lambda index: stack(index, lambda m: m, m.target_shape))
+    read_rows = _once_per_index(lambda index: stack(index, _hf_view, m.hf_shape))
+    return _placed(m, len(layers), sharding, read, read_rows)
+
+
+def _once_per_index(read: Callable[[Any], np.ndarray]) -> Callable[[Any], np.ndarray]:
+    """``read`` for ``make_array_from_callback``, run once per distinct index: replicated shards
+    are read once per host."""
     cache: dict[Any, np.ndarray] = {}
 
-    def read(index: Sequence[slice]) -> np.ndarray:
+    def once(index: Sequence[slice]) -> np.ndarray:
         key = tuple((s.start, s.stop) for s in index)
-        if key not in cache:  # replicated shards read once per host
-            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-            first, last, _ = index[0].indices(len(layers))
-            blocks = [
-                _read_block(tensor, m, index[1:]).astype(dtype)
-                if tensor is not None
-                else np.zeros(m.target_shape, dtype)[index[1:]]
-                for m, tensor in layers[first:last]
-            ]
-            cache[key] = np.stack(blocks)
+        if key not in cache:
+            cache[key] = read(index)
         return cache[key]
 
-    return jax.make_array_from_callback(shape, sharding, read)
+    return once
+
+
+def _hf_view(m: TensorMap) -> TensorMap:
+    """``m``'s tensor in its own HF layout (no split, no transpose)."""
+    n = len(m.hf_shape)
+    return TensorMap(m.param_path, m.hf_name, m.hf_shape, tuple((i,) for i in range(n)), tuple(range(n)))
+
+
+def _placed(
+    m: TensorMap,
+    num_layers: int | None,
+    sharding: Any,
+    read: Callable[[Any], np.ndarray],
+    read_rows: Callable[[Any], np.ndarray],
+) -> jax.Array:
+    """The leaf of ``m`` (stacked over ``num_layers`` for a scanned model) in ``sharding``: built
+    by ``read`` (a block of the target), or, where :func:`_row_sharding` finds that splitting the
+    HF rows across processes reads less on the busiest host, built in HF layout by ``read_rows`` (a
+    block of HF rows, one contiguous byte range of the file) and converted and resharded on
+    device. fsdp splits most kernels along HF's inner dim, so a target block spans every HF row:
+    without this each host would touch every page of the checkpoint."""
+    lead = () if num_layers is None else (num_layers,)
+    row = _row_sharding(sharding, m, lead)
+    if row is None:
+        return jax.make_array_from_callback(lead + m.target_shape, sharding, read)
+    rows = jax.make_array_from_callback(lead + m.hf_shape, row, read_rows)
+    # Waited for: on CPU, collectives of programs left in flight together can deadlock (gloo).
+    return jax.block_until_ready(_hf_to_target(m.split, m.perm, len(lead), sharding)(rows))
+
+
+@functools.cache
+def _hf_to_target(
+    split: tuple[int, ...], perm: tuple[int, ...], lead: int, sharding: Any
+) -> Callable[[jax.Array], jax.Array]:
+    """Jitted HF layout -> target layout (``TensorMap.to_target`` behind ``lead`` layer dims), out in
+    ``sharding``; one per layout and sharding, so the layers of a model share its compile."""
+    axes = tuple(range(lead)) + tuple(lead + p for p in perm)
+    return jax.jit(lambda a: a.reshape(a.shape[:lead] + split).transpose(axes), out_shardings=sharding)
+
+
+def _row_sharding(sharding: Any, m: TensorMap, lead: tuple[int, ...]) -> Any:
+    """A sharding of the HF-layout array ``lead + m.hf_shape`` over ``sharding``'s mesh that splits
+    the HF rows (then the layers) over as many mesh axes as divide them, or None where that would
+    not read fewer rows on the busiest process than ``sharding`` does (always on one process).
+    Decided from the global device map, so every process decides the same."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if jax.process_count() == 1 or not isinstance(sharding, NamedSharding):
+        return None
+    mesh = sharding.mesh
+    shape = lead + m.hf_shape
+    row_dims = [len(lead)] + list(range(len(lead)))
+    axes_of = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    order = [a for e in sharding.spec for a in axes_of(e)] + list(mesh.axis_names)
+    spec: list[list[str]] = [[] for _ in shape]
+    for axis in dict.fromkeys(order):
+        for d in row_dims:
+            n = math.prod(mesh.shape[a] for a in spec[d]) * mesh.shape[axis]
+            if mesh.shape[axis] > 1 and shape[d] % n == 0:
+                spec[d].append(axis)
+                break
+    row = NamedSharding(mesh, PartitionSpec(*(tuple(a) or None for a in spec)))
+    R, k = m.hf_shape[0], len(lead)
+    g0 = m.groups[0]
+    inner = math.prod(m.split[g] for g in g0[1:])
+    t0 = k + m.perm.index(g0[0])
+
+    def target_rows(index: tuple[slice, ...]) -> tuple[range, range]:
+        a0, a1, _ = index[t0].indices(m.split[g0[0]])
+        return _layer_range(index, lead), range(a0 * inner, a1 * inner)
+
+    def hf_rows(index: tuple[slice, ...]) -> tuple[range, range]:
+        return _layer_range(index, lead), range(*index[k].indices(R)[:2])
+
+    busiest = _busiest_rows(row, shape, hf_rows, R)
+    if busiest >= _busiest_rows(sharding, lead + m.target_shape, target_rows, R):
+        return None
+    return row
+
+
+def _layer_range(index: tuple[slice, ...], lead: tuple[int, ...]) -> range:
+    return range(*index[0].indices(lead[0])[:2]) if lead else range(1)
+
+
+def _busiest_rows(
+    sharding: Any, shape: tuple[int, ...], rows_of: Callable[[Any], tuple[range, range]], num_rows: int
+) -> int:
+    """The most (layer, HF row) pairs any one process's devices read under ``sharding``."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        layers, rows = rows_of(tuple(index))
+        spans.setdefault(device.process_index, []).extend(
+            (layer * num_rows + rows.start, layer * num_rows + rows.stop) for layer in layers
+        )
+    return max(_union_length(s) for s in spans.values())
+
+
+def _union_length(spans: list[tuple[int, int]]) -> int:
+    total, end = 0, -1
+    for start, stop in sorted(spans):
+        total += max(0, stop - max(start, end))
+        end = max(end, stop)
+    return total
 
 
 def from_pretrained(
