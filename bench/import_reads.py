@@ -6,10 +6,10 @@ A Llama-shaped model (about 100M parameters, random fp32 weights) is saved with
 as the loader does ("rows": tensors that fsdp splits along HF's inner dim are read as blocks of HF
 rows and resharded on device) and once with that turned off ("blocks": every device reads its
 target block, which spans all HF rows). Reported per process: the bytes of the HF slices it
-requested (``_read_block`` wrapped here) and the pages of the safetensors mapping resident in the
-process when the file is closed (``Rss`` of the mapping in ``/proc/self/smaps``), each over the
-checkpoint's bytes (the baseline: 1.0 is one whole checkpoint per host; 0.5 is the ideal for 2),
-and the load time.
+requested (``_read_block`` wrapped here; counted as whole HF rows, the pages a block spans) and the
+pages of the safetensors mapping resident in the process when the file is closed (``Rss`` of the
+mapping in ``/proc/self/smaps``), each over the checkpoint's bytes (the baseline: 1.0 is one whole
+checkpoint per host; 0.5 is the ideal for 2), and the load time.
 
     python bench/import_reads.py [--meshes=fsdp=8,data=2:fsdp=4] [--scan_layers]
 """
@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import socket
 import subprocess
@@ -94,8 +95,10 @@ def child(args: argparse.Namespace) -> None:
             self.tensor = tensor
 
         def __getitem__(self, index):
-            block = self.tensor[index]
-            requested[0] += block.nbytes
+            block = self.tensor[index]  # counted as whole HF rows: the pages a block spans
+            shape = self.tensor.get_shape()
+            rows = len(range(*index[0].indices(shape[0]))) if shape else 1
+            requested[0] += rows * block.itemsize * math.prod(shape[1:])
             return block
 
     @contextlib.contextmanager

@@ -130,6 +130,7 @@ CHILD = COMMON + textwrap.dedent(
     # HF import over fsdp across both processes, each HF slice the loader requests counted: each
     # process should read its own HF rows only (about half the checkpoint), in both layouts.
     import hashlib
+    import math
     from alignjax.models import hf
 
     requested = [0]
@@ -140,8 +141,10 @@ CHILD = COMMON + textwrap.dedent(
             self.tensor = tensor
 
         def __getitem__(self, index):
-            block = self.tensor[index]
-            requested[0] += block.nbytes
+            block = self.tensor[index]  # counted as whole HF rows: the pages a block spans
+            shape = self.tensor.get_shape()
+            rows = len(range(*index[0].indices(shape[0]))) if shape else 1
+            requested[0] += rows * block.itemsize * math.prod(shape[1:])
             return block
 
     hf._read_block = lambda tensor, m, index: real_read_block(Counted(tensor), m, index)
