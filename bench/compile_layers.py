@@ -22,21 +22,9 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from typing import Any
-
-
-def lscpu_model() -> str:
-    """``lscpu``'s "Model name" (the machine the figures come from)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    return next(
-        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown"
-    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,6 +141,7 @@ def main() -> None:
 
     jax.config.update("jax_enable_compilation_cache", False)
     from bench import common as bc
+    from bench.host import lscpu_model
 
     depths = [int(x) for x in args.layers.split(",")]
     info = bc.machine()

@@ -14,18 +14,16 @@ command and the date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import time
 
 T0 = time.perf_counter()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import host  # noqa: E402
 
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but "
@@ -38,13 +36,6 @@ CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def lscpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?"
-    )
 
 
 def write_rows(path: str, n: int, seed: int = 0) -> None:
@@ -129,42 +120,14 @@ def child(args: argparse.Namespace) -> None:
         jax.distributed.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(data: str, tokenizer: str, cache_dir: str, num_processes: int) -> list[dict]:
-    address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--child",
-                f"--data={data}",
-                f"--tokenizer={tokenizer}",
-            ]
-            + [f"--cache_dir={cache_dir}", f"--num_processes={num_processes}", f"--process_id={p}"]
-            + [f"--address={address}"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for p in range(num_processes)
-    ]
-    out = []
-    for p in procs:
-        text = p.communicate()[0]
-        lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
-        if p.returncode or not lines:
-            raise RuntimeError(text[-3000:])
-        out.append(json.loads(lines[0][7:]))
-    return out
+    return host.run_children(
+        __file__,
+        num_processes,
+        lambda p, address: [f"--data={data}", f"--tokenizer={tokenizer}", f"--cache_dir={cache_dir}"]
+        + [f"--num_processes={num_processes}", f"--process_id={p}", f"--address={address}"],
+        devices_per_process=1,
+    )
 
 
 def main() -> None:
@@ -183,9 +146,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"machine: {lscpu_model()} ({os.cpu_count()} cores, loadavg {os.getloadavg()[0]:.1f})")
-    print(f"command: python {' '.join(sys.argv)}")
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    host.print_header()
     os.makedirs(args.out, exist_ok=True)
     tok = os.path.join(args.out, "tokenizer")
     if not os.path.exists(os.path.join(tok, "tokenizer.json")):

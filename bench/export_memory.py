@@ -16,16 +16,17 @@ own bytes, so the figures compare across sizes on one machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import socket
-import subprocess
+import shutil
 import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import host  # noqa: E402
 
 SIZES = {  # ~parameters -> (hidden, layers, intermediate, heads, kv heads); vocabulary 32000, untied
     "100M": (768, 8, 2048, 12, 4),
@@ -137,41 +138,21 @@ def child(args: argparse.Namespace) -> None:
             print("RESULT " + json.dumps(result), flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(n: int, args: argparse.Namespace) -> list[dict]:
     """Runs the sizes in ``n`` fresh processes (``DEVICES / n`` CPU devices each)."""
-    address = f"127.0.0.1:{free_port()}"
     shared = tempfile.mkdtemp()
-    procs = []
-    for i in range(n):
-        devices = f"--xla_force_host_platform_device_count={DEVICES // n}"
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=devices)
-        cmd = [sys.executable, __file__, "--child", f"--sizes={args.sizes}"]
-        cmd += [f"--max_shard_size={args.max_shard_size}", f"--num_processes={n}", f"--process_id={i}"]
-        cmd += [f"--coordinator={address}", f"--out={shared}"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
-    results = []
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise SystemExit(f"a benchmark process failed (exit {p.returncode})")
-        results += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    subprocess.run(["rm", "-rf", shared])
-    return results
-
-
-def machine() -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        names = (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        return next(names)
-    except (OSError, StopIteration):
-        return "unknown"
+        return host.run_children(
+            __file__,
+            n,
+            lambda i, address: [
+                f"--sizes={args.sizes}", f"--max_shard_size={args.max_shard_size}", f"--num_processes={n}",
+                f"--process_id={i}", f"--coordinator={address}", f"--out={shared}",
+            ],  # fmt: skip
+            devices_per_process=DEVICES // n,
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def main() -> None:
@@ -187,9 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    print(f"machine: {machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"command: {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}")
-    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    host.print_header()
     columns = ("size", "processes", "process", "params_M", "model_bf16_MB", "largest_tensor_M")
     columns += ("rss_before_MB", "extra_MB", "extra_over_model", "extra_over_bound", "export_s")
     print("| " + " | ".join(columns) + " |")

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import host  # noqa: E402
 
 # ~100M parameters: (hidden, layers, intermediate, heads, kv heads); vocabulary 32000, untied.
 HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 768, 8, 2048, 12, 4, 32000
@@ -125,43 +125,17 @@ def child(args: argparse.Namespace) -> None:
     jax.distributed.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(path: str, mesh: str, mode: str, scan_layers: bool) -> list[dict]:
-    address = f"127.0.0.1:{free_port()}"
-    devices = f"--xla_force_host_platform_device_count={DEVICES // PROCESSES}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=devices)
-    procs = []
-    for i in range(PROCESSES):
-        cmd = [sys.executable, __file__, "--child", f"--path={path}", f"--mesh={mesh}", f"--mode={mode}"]
-        cmd += [f"--process_id={i}", f"--coordinator={address}"] + ["--scan_layers"] * scan_layers
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=600)
-            if p.returncode:
-                raise SystemExit(f"a benchmark process failed (exit {p.returncode})")
-            results += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    finally:
-        for p in procs:  # never leave a process waiting on the coordinator
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = host.run_children(
+        __file__,
+        PROCESSES,
+        lambda i, address: [f"--path={path}", f"--mesh={mesh}", f"--mode={mode}", f"--process_id={i}"]
+        + [f"--coordinator={address}"]
+        + ["--scan_layers"] * scan_layers,
+        devices_per_process=DEVICES // PROCESSES,
+        timeout=600,
+    )
     return sorted(results, key=lambda r: r["process"])
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        names = (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        return next(names)
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def main() -> None:
@@ -177,9 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    print(f"machine: {machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"command: {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}")
-    print(f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    host.print_header()
     with tempfile.TemporaryDirectory() as path:
         checkpoint = save(path)
         print(f"checkpoint: {checkpoint / 1e6:.0f} MB fp32 ({checkpoint // 4 / 1e6:.0f}M parameters)")
