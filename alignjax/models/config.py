@@ -27,6 +27,48 @@ class RopeScaling:
     original_max_position_embeddings: int
 
 
+LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_QUANTIZE = ("none", "int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the decoder's projections ("LoRA", Hu et al., arXiv:2106.09685):
+    ``y = x W + (alpha / rank) (x A) B`` with ``A`` [in, rank], ``B`` [rank, out] zero-initialised.
+
+    ``targets``: ``fnmatch`` patterns matched against a projection's name (``q_proj``) and its path
+    in the layer (``self_attn/q_proj``); the default is every linear layer (PEFT's ``all-linear``).
+    ``quantize``: the frozen base kernels of the targeted projections stored as ``int8``
+    (per-output-channel absmax) or ``nf4`` (QLoRA's 4-bit NormalFloat, blocks of 64,
+    arXiv:2305.14314), dequantized to the compute dtype where used; ``none`` keeps them as they are.
+    """
+
+    rank: int
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_ALL_LINEAR
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank <= 0:
+            raise ValueError(f"config.model.lora.rank={self.rank} must be > 0 (0 = no adapters)")
+        if self.quantize not in LORA_QUANTIZE:
+            raise ValueError(
+                f"config.model.lora.quantize={self.quantize!r}; choose one of {list(LORA_QUANTIZE)}"
+            )
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def applies(self, name: str, parent: str) -> bool:
+        """Whether the projection ``name`` inside ``parent`` (``self_attn``/``mlp``) gets an adapter."""
+        import fnmatch
+
+        return any(fnmatch.fnmatchcase(n, pat) for pat in self.targets for n in (name, f"{parent}/{name}"))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and options of one decoder-only transformer.
@@ -43,6 +85,7 @@ class ModelConfig:
     ``scan_layers`` runs the decoder layers as one ``nn.scan`` over params stacked on a leading
     ``layers`` axis (``params["layers"]``, and a stacked KV cache) instead of a Python loop over
     ``layers_0 .. layers_{L-1}``: the same values, and a compile time that does not grow with depth.
+    ``lora`` (a :class:`LoraConfig`, or None) adds low-rank adapters (``alignjax.models.lora``).
     """
 
     model_type: str = "llama"
@@ -67,6 +110,7 @@ class ModelConfig:
     remat: str = "none"
     attention_kernel: str = "auto"
     scan_layers: bool = False
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -95,6 +139,8 @@ class ModelConfig:
                 )
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

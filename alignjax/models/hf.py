@@ -404,12 +404,16 @@ def from_pretrained(
     remat: str | None = None,
     attention_kernel: str | None = None,
     scan_layers: bool | None = None,
+    lora: Any = None,
 ) -> Model:
     """A ``Model`` with ``.params`` loaded from an HF checkpoint directory, or a preset with random
     params (seed 0). ``dtype`` is the param dtype (and compute dtype unless ``compute_dtype``);
     ``remat``, ``attention_kernel`` and ``scan_layers`` set those ``ModelConfig`` fields (None: the
-    preset's value, or ``ModelConfig``'s default for a checkpoint directory)."""
+    preset's value, or ``ModelConfig``'s default for a checkpoint directory). ``lora`` (a
+    ``LoraConfig``) adds adapters (key 0; ``alignjax.models.lora.attach``) to the loaded weights."""
     overrides: dict[str, Any] = {"param_dtype": dtype, "dtype": compute_dtype or dtype}
+    if lora is not None:
+        overrides["lora"] = lora
     if remat is not None:
         overrides["remat"] = remat
     if attention_kernel is not None:
@@ -430,7 +434,13 @@ def from_pretrained(
         hf = json.load(f)
     config = ModelConfig.from_hf(hf, source=config_file, **overrides)
     model = Model(config, mesh=mesh, rules=rules)
-    model.params = load_params(model, path)
+    if config.lora is None:
+        model.params = load_params(model, path)
+        return model
+    from alignjax.models import lora as lora_lib
+
+    base = load_params(Model(config.replace(lora=None), mesh=mesh, rules=rules), path)
+    model.params = lora_lib.attach(model, base, jax.random.PRNGKey(0))
     return model
 
 

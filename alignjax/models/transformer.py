@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alignjax.models.config import ModelConfig
+from alignjax.models import lora as lora_lib
+from alignjax.models.config import LoraConfig, ModelConfig
 
 Array = jax.Array
 Rules = tuple[tuple[str, Any], ...]
@@ -369,18 +370,27 @@ class Proj(nn.Module):
     use_bias: bool
     dtype: Any
     param_dtype: Any
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", _init(self.axes), self.in_shape + self.out_shape, self.param_dtype)
         n_in = len(self.in_shape)
-        y = dense(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+        shape = self.in_shape + self.out_shape
+        quantize = self.lora.quantize if self.lora is not None else "none"
+        if quantize == "none":
+            kernel = self.param("kernel", _init(self.axes), shape, self.param_dtype).astype(self.dtype)
+        else:  # QLoRA: the frozen kernel stored quantized, dequantized in the compute dtype
+            kernel = lora_lib.quantized_kernel(self, shape, self.axes, quantize, self.param_dtype, self.dtype)
+        y = dense(x.astype(self.dtype), kernel, n_in)
         if self.use_bias:
             bias_axes = self.axes[n_in:]
             bias = self.param(
                 "bias", _init(bias_axes, nn.initializers.zeros), self.out_shape, self.param_dtype
             )
             y = y + bias.astype(self.dtype)
+        # Adapters absent from the params (the base weights alone: LoRA's reference) are skipped.
+        if self.lora is not None and (self.is_initializing() or self.has_variable("params", "lora_a")):
+            y = y + lora_lib.adapter(self, x.astype(self.dtype), self.in_shape, self.out_shape, self.axes)
         return y
 
 
@@ -399,7 +409,9 @@ class Attention(nn.Module):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         B, T = x.shape[:2]
-        proj = lambda name, out, axes, bias: Proj((D,), out, axes, bias, dt, pdt, name=name)
+        proj = lambda name, out, axes, bias: Proj(
+            (D,), out, axes, bias, dt, pdt, lora_lib.target(cfg, name, "self_attn"), name=name
+        )
         q = proj("q_proj", (H, Dh), ("embed", "heads", "head_dim"), cfg.attention_bias)(x)
         k = proj("k_proj", (K, Dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias)(x)
         v = proj("v_proj", (K, Dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias)(x)
@@ -441,8 +453,9 @@ class Attention(nn.Module):
             out = attention_core(q, k, v, mask, implementation=impl)
         out = constrain(out, ("batch", "length", "act_heads", None), self.mesh, self.rules)
         o = Proj(
-            (H, Dh), (D,), ("heads", "head_dim", "embed"), cfg.attention_out_bias, dt, pdt, name="o_proj"
-        )
+            (H, Dh), (D,), ("heads", "head_dim", "embed"), cfg.attention_out_bias, dt, pdt,
+            lora_lib.target(cfg, "o_proj", "self_attn"), name="o_proj",
+        )  # fmt: skip
         return o(out), new_cache
 
 
@@ -458,10 +471,11 @@ class MLP(nn.Module):
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         D, F = cfg.hidden_size, cfg.intermediate_size
-        gate = Proj((D,), (F,), ("embed", "mlp"), False, dt, pdt, name="gate_proj")(x)
-        up = Proj((D,), (F,), ("embed", "mlp"), False, dt, pdt, name="up_proj")(x)
+        lora = lambda name: lora_lib.target(cfg, name, "mlp")
+        gate = Proj((D,), (F,), ("embed", "mlp"), False, dt, pdt, lora("gate_proj"), name="gate_proj")(x)
+        up = Proj((D,), (F,), ("embed", "mlp"), False, dt, pdt, lora("up_proj"), name="up_proj")(x)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), self.mesh, self.rules)
-        return Proj((F,), (D,), ("mlp", "embed"), False, dt, pdt, name="down_proj")(h)
+        return Proj((F,), (D,), ("mlp", "embed"), False, dt, pdt, lora("down_proj"), name="down_proj")(h)
 
 
 class DecoderLayer(nn.Module):

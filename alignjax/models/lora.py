@@ -1,0 +1,356 @@
+"""LoRA and QLoRA on the decoder: adapters inside ``Proj``, the frozen/trainable split, merging.
+
+LoRA ("LoRA: Low-Rank Adaptation of Large Language Models", Hu et al., arXiv:2106.09685): a targeted
+projection computes ``y = x W (+ b) + s (x A) B`` with ``A`` [*in, r] (PEFT's init: uniform in
+``+-1/sqrt(fan_in)``), ``B`` [r, *out] zero-initialised and ``s = alpha / r``; only ``A``, ``B`` (and
+a reward model's head) are trained. The adapters are params ``lora_a`` / ``lora_b`` next to the
+projection's ``kernel`` and carry logical axes (the kernel's input axes + ``lora_rank``;
+``lora_rank`` + its output axes), so they shard on the mesh, stack under ``nn.scan`` and are
+rematerialised with their layer like every other param.
+
+The reference for free: a ``Proj`` whose params hold no ``lora_a`` runs the base weights alone, so
+DPO's reference is the same params with the adapters removed (:func:`strip_adapters`) -- the same
+forward program, no copy of the weights. With ``B = 0`` the adapter adds exact zeros: the policy's
+log-probs equal the base model's bitwise.
+
+QLoRA ("QLoRA: Efficient Finetuning of Quantized LLMs", Dettmers et al., arXiv:2305.14314): with
+``LoraConfig.quantize`` the targeted kernels are stored quantized in blocks of :data:`BLOCK`
+consecutive weights along the flattened input dimension, each block scaled by its absmax:
+``int8`` codes ``round(127 w / absmax)``, or ``nf4`` (4-bit NormalFloat, :data:`NF4` levels, two codes
+a byte), dequantized to the compute dtype where used; the adapters stay in the param dtype.
+
+Why not qwix: it intercepts a module's matmuls and adds its own params, outside our logical-axis
+names and HF/PEFT name maps; adapters inside ``Proj`` get sharding, scan stacking and export from
+the code that already handles the kernels, in a hundred lines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alignjax.models.config import LORA_ALL_LINEAR, LoraConfig, ModelConfig
+
+Array = jax.Array
+ADAPTERS = ("lora_a", "lora_b")
+BLOCK = 64  # quantization block (QLoRA's block size for NF4)
+# QLoRA's NF4 code book (bitsandbytes' table): the quantiles of N(0, 1) rescaled to [-1, 1].
+NF4 = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0,
+    ],
+    np.float32,
+)  # fmt: skip
+
+
+def from_config(lora: Any) -> LoraConfig | None:
+    """``config.model.lora`` -> a :class:`LoraConfig`, or None when ``rank`` is 0 (no adapters).
+
+    ``targets``: a comma-separated string or a sequence of patterns; ``all-linear`` (PEFT's name) is
+    every projection of the attention and MLP blocks.
+    """
+    if lora is None or not int(lora.get("rank", 0) or 0):
+        return None
+    targets = lora.get("targets", "all-linear")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = tuple(t for name in targets for t in (LORA_ALL_LINEAR if name == "all-linear" else (name,)))
+    if not any(fnmatch_any(t) for t in targets):
+        raise ValueError(
+            f"config.model.lora.targets={lora.get('targets')!r} matches no projection; names: "
+            f"{list(LORA_ALL_LINEAR)} (fnmatch patterns, or 'all-linear')"
+        )
+    if float(lora.get("dropout", 0.0) or 0.0):
+        raise ValueError(
+            f"config.model.lora.dropout={lora.get('dropout')}: LoRA dropout is not supported (the "
+            "train forward takes no rng); use 0"
+        )
+    return LoraConfig(
+        rank=int(lora.rank),
+        alpha=float(lora.get("alpha", 16.0)),
+        targets=targets,
+        quantize=str(lora.get("quantize", "none") or "none"),
+    )
+
+
+def fnmatch_any(pattern: str) -> bool:
+    probe = LoraConfig(rank=1, targets=(pattern,))
+    return any(probe.applies(n, p) for n in LORA_ALL_LINEAR for p in ("self_attn", "mlp"))
+
+
+def target(config: ModelConfig, name: str, parent: str) -> LoraConfig | None:
+    """The adapter config of projection ``parent/name``, or None where it gets none."""
+    lora = config.lora
+    return lora if lora is not None and lora.applies(name, parent) else None
+
+
+def model_lora(model: Any) -> LoraConfig | None:
+    """The LoRA config of a ``Model`` or a ``RewardModel`` (its decoder's), or None."""
+    config = model.config
+    config = getattr(config, "decoder", config)
+    return getattr(config, "lora", None)
+
+
+# ---------------------------------------------------------------------------------- in the module
+
+
+def adapter(module: nn.Module, x: Array, in_shape: tuple, out_shape: tuple, axes: tuple) -> Array:
+    """``s (x A) B`` for a ``Proj`` (``x`` already in the compute dtype); creates ``lora_a`` and
+    ``lora_b`` at init."""
+    from alignjax.models.transformer import dense
+
+    lora = module.lora
+    n_in = len(in_shape)
+    bound = 1.0 / math.sqrt(math.prod(in_shape))  # kaiming_uniform(a=sqrt(5)), PEFT's default for A
+    a_init = lambda rng, shape, dtype: jax.random.uniform(rng, shape, dtype, -bound, bound)  # noqa: E731
+    a = module.param(
+        "lora_a",
+        nn.with_logical_partitioning(a_init, (*axes[:n_in], "lora_rank")),
+        (*in_shape, lora.rank),
+        module.param_dtype,
+    )
+    b = module.param(
+        "lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *axes[n_in:])),
+        (lora.rank, *out_shape),
+        module.param_dtype,
+    )
+    h = dense(x, a.astype(x.dtype), n_in)
+    return dense(h, b.astype(x.dtype), 1) * jnp.asarray(lora.scale, x.dtype)
+
+
+def quantized_shapes(shape: tuple, n_in: int, kind: str) -> tuple[tuple, tuple]:
+    """(codes shape, scales shape) of a kernel ``shape`` with ``n_in`` input dims."""
+    size, out = math.prod(shape[:n_in]), tuple(shape[n_in:])
+    if size % BLOCK:
+        raise ValueError(
+            f"config.model.lora.quantize={kind!r}: a kernel's input size {size} is not a multiple of "
+            f"the quantization block {BLOCK}"
+        )
+    return ((size // 2 if kind == "nf4" else size, *out), (size // BLOCK, *out))
+
+
+def quantize(w: Array, n_lead: int, n_in: int, kind: str) -> tuple[Array, Array]:
+    """``w`` [*lead, *in, *out] -> (codes [*lead, I or I/2, *out], fp32 scales [*lead, I/BLOCK, *out])
+    with ``I = prod(in)``: absmax per block of :data:`BLOCK` along the flattened input."""
+    lead, ins, outs = w.shape[:n_lead], w.shape[n_lead : n_lead + n_in], w.shape[n_lead + n_in :]
+    size = math.prod(ins)
+    blocks = w.astype(jnp.float32).reshape(*lead, size // BLOCK, BLOCK, *outs)
+    absmax = jnp.max(jnp.abs(blocks), axis=n_lead + 1, keepdims=True)
+    absmax = jnp.where(absmax == 0, 1.0, absmax)
+    x = blocks / absmax
+    if kind == "int8":
+        codes = jnp.round(x * 127.0).astype(jnp.int8).reshape(*lead, size, *outs)
+        return codes, jnp.squeeze(absmax / 127.0, n_lead + 1)
+    mids = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
+    idx = jnp.searchsorted(mids, x).astype(jnp.uint8).reshape(*lead, size // 2, 2, *outs)
+    hi, lo = jnp.take(idx, 0, axis=n_lead + 1), jnp.take(idx, 1, axis=n_lead + 1)
+    return (hi << 4) | lo, jnp.squeeze(absmax, n_lead + 1)
+
+
+def dequantize(codes: Array, scales: Array, shape: tuple, n_in: int, kind: str, dtype: Any) -> Array:
+    """The inverse of :func:`quantize` for one kernel (no leading dims), in ``dtype``."""
+    outs = tuple(shape[n_in:])
+    size = math.prod(shape[:n_in])
+    if kind == "int8":
+        values = codes.astype(jnp.float32)
+    else:
+        pair = jnp.stack([codes >> 4, codes & 15], axis=1)  # [I/2, 2, *out]
+        values = jnp.asarray(NF4)[pair.astype(jnp.int32)].reshape(size, *outs)
+    values = values.reshape(size // BLOCK, BLOCK, *outs) * scales[:, None].astype(jnp.float32)
+    return values.reshape(shape).astype(dtype)
+
+
+def quantized_kernel(
+    module: nn.Module, shape: tuple, axes: tuple, kind: str, param_dtype: Any, dtype: Any
+) -> Array:
+    """A ``Proj``'s kernel stored as ``kernel`` (codes) + ``kernel_scale``; at init a normal(0.02)
+    kernel, quantized. Returns the dequantized kernel in ``dtype``."""
+    n_in = len(module.in_shape)
+    code_shape, scale_shape = quantized_shapes(shape, n_in, kind)
+    made: dict[str, Array] = {}
+
+    def codes_init(rng: Array, *_: Any) -> Array:
+        w = nn.initializers.normal(0.02)(rng, shape, jnp.float32)
+        made["codes"], made["scale"] = quantize(w, 0, n_in, kind)
+        return made["codes"]
+
+    codes = module.param("kernel", nn.with_logical_partitioning(codes_init, (axes[0], *axes[n_in:])))
+    scales = module.param(
+        "kernel_scale",
+        nn.with_logical_partitioning(lambda *_: made["scale"].astype(param_dtype), (None, *axes[n_in:])),
+    )
+    return dequantize(codes, scales, shape, n_in, kind, dtype)
+
+
+# ------------------------------------------------------------------------ trees of params
+
+
+def _is_adapter(path: tuple) -> bool:
+    return bool(path) and getattr(path[-1], "key", None) in ADAPTERS
+
+
+def has_adapters(params: Any) -> bool:
+    """Whether ``params`` hold LoRA adapters anywhere."""
+    if isinstance(params, Mapping):
+        return any(k in ADAPTERS or has_adapters(v) for k, v in params.items())
+    return False
+
+
+def strip_adapters(params: Any) -> Any:
+    """``params`` without their ``lora_a``/``lora_b`` leaves: the base model (LoRA's reference)."""
+    if isinstance(params, Mapping):
+        return {k: strip_adapters(v) for k, v in params.items() if k not in ADAPTERS}
+    return params
+
+
+def reference_params(params: Any, ref_params: Any) -> Any:
+    """The params the reference forward runs: ``ref_params`` (a frozen copy, an EMA), or with LoRA
+    the policy's own base weights (the adapters removed; ``ref_params`` None or the policy's)."""
+    return strip_adapters(params if ref_params is None else ref_params)
+
+
+def trainable_mask(params: Any) -> Any:
+    """``params``' tree of bools, False on the frozen base of a LoRA decoder (every leaf but the
+    adapters of a subtree that has an ``embedding`` and adapters); True elsewhere (a head)."""
+    if isinstance(params, Mapping):
+        if "embedding" in params and has_adapters(params):
+            return jax.tree_util.tree_map_with_path(lambda p, _: _is_adapter(p), dict(params))
+        return {k: trainable_mask(v) for k, v in params.items()}
+    return jax.tree.map(lambda _: True, params)
+
+
+def partition(params: Any) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: two trees shaped like ``params`` with None where the other holds the
+    leaf; without adapters ``(params, None)``."""
+    if not has_adapters(params):
+        return params, None
+    mask = trainable_mask(params)
+    trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """The inverse of :func:`partition`."""
+    if frozen is None:
+        return trainable
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+def trainable_part(params: Any) -> Any:
+    """The trainable leaves of ``params`` (any tree shaped like the params, e.g. their shardings)."""
+    if not has_adapters(params):
+        return params
+    return jax.tree.map(lambda p, m: p if m else None, params, trainable_mask(params))
+
+
+def count(params: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# ------------------------------------------------------------------- attaching and merging
+
+
+def _get(tree: Any, keys: tuple) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _keys(path: tuple) -> tuple:
+    return tuple(getattr(k, "key", k) for k in path)
+
+
+def attach(model: Any, base: Any, rng: Array) -> Any:
+    """Base decoder params (no adapters, float kernels; e.g. loaded from HF) -> the params of
+    ``model`` (its config has ``lora``): fresh adapters from ``rng``, targeted kernels quantized
+    where ``lora.quantize`` says so, every other leaf ``base``'s. Sharded as ``model.shardings()``."""
+    lora = model.config.lora
+    shardings = model.shardings() if model.mesh is not None else None
+
+    def build(base: Any, rng: Array) -> Any:
+        fresh = nn.unbox(model._boxed_init(rng))  # only the adapters survive dead-code elimination
+
+        def leaf(path: tuple, new: Array) -> Array:
+            keys = _keys(path)
+            if keys[-1] in ADAPTERS:
+                return new
+            if lora.quantize != "none" and keys[-1] in ("kernel", "kernel_scale"):
+                parent = _get(fresh, keys[:-1])
+                if "kernel_scale" in parent:
+                    w = _get(base, (*keys[:-1], "kernel"))
+                    n_lead = 1 if keys[0] == "layers" else 0
+                    n_in = w.ndim - parent["kernel"].ndim + 1
+                    codes, scales = quantize(w, n_lead, n_in, lora.quantize)
+                    return codes if keys[-1] == "kernel" else scales.astype(new.dtype)
+            return _get(base, keys)
+
+        return jax.tree_util.tree_map_with_path(leaf, fresh)
+
+    fn = jax.jit(build) if shardings is None else jax.jit(build, out_shardings=shardings)
+    return fn(base, rng)
+
+
+def _targets(params: Any) -> list[tuple]:
+    """Key paths of the projections (dicts with a ``kernel``) in a decoder's params."""
+    out = []
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            out += [(k,) + p for p in _targets(v)] if "kernel" not in v else [(k,)]
+    return out
+
+
+def merged_kernel(proj: Mapping[str, Array], lora: LoraConfig, n_lead: int, dtype: Any) -> Array:
+    """One projection's float kernel: dequantized where quantized, plus ``s A B`` where adapted."""
+    if "kernel_scale" in proj:
+        codes, scales = proj["kernel"], proj["kernel_scale"]
+        a = proj["lora_a"]
+        shape = (*a.shape[n_lead:-1], *proj["lora_b"].shape[n_lead + 1 :])
+        n_in = a.ndim - n_lead - 1
+        fn = lambda c, s: dequantize(c, s, shape, n_in, lora.quantize, jnp.float32)  # noqa: E731
+        for _ in range(n_lead):
+            fn = jax.vmap(fn)
+        w = fn(codes, scales)
+    else:
+        w = proj["kernel"].astype(jnp.float32)
+    if "lora_a" in proj:
+        a, b = proj["lora_a"].astype(jnp.float32), proj["lora_b"].astype(jnp.float32)
+        n_in = a.ndim - n_lead - 1
+        lead = a.shape[:n_lead]
+        a2 = a.reshape(*lead, -1, a.shape[-1])
+        b2 = b.reshape(*lead, b.shape[n_lead], -1)
+        w = w + (lora.scale * (a2 @ b2)).reshape(w.shape)
+    return w.astype(dtype)
+
+
+def merge(config: ModelConfig, params: Any) -> Any:
+    """Decoder params with every adapter folded into its kernel (``W + s A B``, quantized kernels
+    dequantized), in the param dtype: the plain decoder of ``config.replace(lora=None)``."""
+    if config.lora is None:
+        return params
+    n_lead = 1 if config.scan_layers else 0
+    dtype = jnp.dtype(config.param_dtype)
+
+    def fold(params: Any) -> Any:
+        out = strip_adapters(params)
+        for path in _targets(params):
+            proj = _get(params, path)
+            if "lora_a" in proj or "kernel_scale" in proj:
+                node = _get(out, path[:-1])
+                node[path[-1]] = {
+                    **{k: v for k, v in node[path[-1]].items() if k != "kernel_scale"},
+                    "kernel": merged_kernel(proj, config.lora, n_lead, dtype),
+                }
+        return out
+
+    return jax.jit(fold)(params)
