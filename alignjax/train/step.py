@@ -34,6 +34,7 @@ import alignjax.losses as losses
 from alignjax import logprobs
 from alignjax.losses import providers as inputs_table
 from alignjax.losses.metrics import preference_metrics
+from alignjax.models import lora
 
 Array = jax.Array
 State = dict[str, Any]
@@ -573,6 +574,7 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
         policy = _forward(model, params, batch, n, spec, needs["policy"])
         ref = None
         if spec.reference == "model":
+            ref_params = lora.reference_params(params, ref_params)  # LoRA: the base, adapters off
             ref = jax.lax.stop_gradient(_forward(model, ref_params, batch, n, spec, needs["ref"]))
         policy = dict(policy, seq=_replicated(policy["seq"], model))
         if ref is not None:
@@ -663,16 +665,18 @@ def make_train_step(
     returned state is the input state and ``metrics[NONFINITE]`` says what was not finite.
     """
     loss_fn = make_loss_fn(model, spec) if loss_fn is None else loss_fn
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # Only the trainable params are differentiated and updated: with LoRA the adapters (and a head);
+    # the frozen base enters as a constant (alignjax.models.lora.partition).
+    grad_fn = jax.value_and_grad(lambda p, frozen, *a: loss_fn(lora.combine(p, frozen), *a), has_aux=True)
 
     def step(state: State, batch: Mapping[str, Array]) -> tuple[State, dict[str, Array]]:
-        params = state["params"]
+        params, frozen = lora.partition(state["params"])
         ref_params = state.get("ref_params")
         k = jax.tree.leaves(batch)[0].shape[0]
 
         def micro(carry, micro_batch):
             grads_sum, loss_state = carry
-            (_, (metrics, new_loss_state)), grads = grad_fn(params, ref_params, loss_state, micro_batch)
+            (_, (metrics, new_loss_state)), grads = grad_fn(params, frozen, ref_params, loss_state, micro_batch)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
             return (grads_sum, new_loss_state), metrics
 
@@ -687,13 +691,13 @@ def make_train_step(
         metrics["learning_rate"] = schedule(state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_state = dict(state, params=new_params, opt_state=opt_state, step=state["step"] + 1)
+        new_state = dict(state, params=lora.combine(new_params, frozen), opt_state=opt_state, step=state["step"] + 1)
         if loss_state is not None:
             new_state["loss_state"] = loss_state
         if ref_params is not None and sync_every > 0:
             due = (new_state["step"] % sync_every) == 0
             alpha = jnp.where(due, jnp.float32(sync_alpha), jnp.float32(0.0))
-            new_state["ref_params"] = ema_update(ref_params, new_params, alpha)
+            new_state["ref_params"] = ema_update(ref_params, new_state["params"], alpha)
         metrics[NONFINITE] = nonfinite_code(metrics["loss"], metrics["grad_norm"], new_params)
         applied = metrics[NONFINITE] == 0
         # A non-finite step leaves the state as it was, so no checkpoint can ever hold one.
@@ -719,7 +723,7 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
 
     def evaluate(params: Any, ref_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
         policy = forward(params, batch)
-        ref = forward(ref_params, batch) if spec.reference == "model" else None
+        ref = forward(lora.reference_params(params, ref_params), batch) if spec.reference == "model" else None
         b = spec.batch_size
         lengths = logprobs.sequence_lengths(
             batch["loss_mask"], batch["example_ids"], spec.sequences_in(batch)
