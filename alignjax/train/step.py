@@ -676,7 +676,9 @@ def make_train_step(
 
         def micro(carry, micro_batch):
             grads_sum, loss_state = carry
-            (_, (metrics, new_loss_state)), grads = grad_fn(params, frozen, ref_params, loss_state, micro_batch)
+            (_, (metrics, new_loss_state)), grads = grad_fn(
+                params, frozen, ref_params, loss_state, micro_batch
+            )
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
             return (grads_sum, new_loss_state), metrics
 
@@ -691,7 +693,9 @@ def make_train_step(
         metrics["learning_rate"] = schedule(state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_state = dict(state, params=lora.combine(new_params, frozen), opt_state=opt_state, step=state["step"] + 1)
+        new_state = dict(
+            state, params=lora.combine(new_params, frozen), opt_state=opt_state, step=state["step"] + 1
+        )
         if loss_state is not None:
             new_state["loss_state"] = loss_state
         if ref_params is not None and sync_every > 0:
@@ -723,7 +727,9 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
 
     def evaluate(params: Any, ref_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
         policy = forward(params, batch)
-        ref = forward(lora.reference_params(params, ref_params), batch) if spec.reference == "model" else None
+        ref = None
+        if spec.reference == "model":
+            ref = forward(lora.reference_params(params, ref_params), batch)
         b = spec.batch_size
         lengths = logprobs.sequence_lengths(
             batch["loss_mask"], batch["example_ids"], spec.sequences_in(batch)
