@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alignjax import flops, logprobs, sharding, storage
+from alignjax.models import lora as lora_lib
 from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
 from alignjax.train.metrics import MetricWriter, Throughput, plot_curves
@@ -76,6 +77,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
     )
     if model_config.get("scan_layers") is not None:
         numerics["scan_layers"] = bool(model_config.get("scan_layers"))
+    numerics["lora"] = lora_lib.from_config(model_config.get("lora"))  # rank 0: None, no adapters
     if path in models.PRESETS:
         overrides = {
             k: v for k, v in dict(model_config.get("overrides", {})).items() if v not in (0, "", None)
@@ -93,6 +95,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         remat=numerics["remat"],
         attention_kernel=numerics["attention_kernel"],
         scan_layers=numerics.get("scan_layers"),
+        lora=numerics["lora"],
         mesh=mesh,
         rules=rules,
     )
@@ -407,7 +410,7 @@ def run_train(
     ref_mode = reflib.step_reference_mode(config.reference.kind)
     spec = objective.make_step_spec(config, micro_size, ref_mode)
     tx, schedule = make_optimizer(config.optim, num_steps)
-    keep_ref = spec.reference == "model"
+    keep_ref = ref_params is not None or reflib.keeps_copy(config.reference.kind, model)
     sync_every = int(config.reference.sync_every) if config.reference.kind == "ema" else 0
     loss_state0 = None
     if spec.stateful:
@@ -422,7 +425,8 @@ def run_train(
     def init(rng: jax.Array, params: Any, ref: Any) -> dict[str, Any]:
         init_rng, rng = jax.random.split(rng)
         params = model.init(init_rng) if params is None else params
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
+        opt_state = tx.init(lora_lib.trainable_part(params))  # LoRA: the adapters' moments only
+        state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": rng}
         if keep_ref:
             ref_dtype = None if sync_every else model.config.dtype  # see reflib.stored_reference
             state["ref_params"] = reflib.stored_reference(params if ref is None else ref, ref_dtype)
@@ -435,7 +439,11 @@ def run_train(
     state_shardings = {
         "params": param_shardings,
         "opt_state": optax.tree_map_params(
-            tx, lambda _, s: s, abstract["opt_state"], param_shardings, transform_non_params=lambda _: repl
+            tx,
+            lambda _, s: s,
+            abstract["opt_state"],
+            lora_lib.trainable_part(param_shardings),
+            transform_non_params=lambda _: repl,
         ),
         "step": repl,
         "rng": repl,
