@@ -410,7 +410,9 @@ def run_train(
     ref_mode = reflib.step_reference_mode(config.reference.kind)
     spec = objective.make_step_spec(config, micro_size, ref_mode)
     tx, schedule = make_optimizer(config.optim, num_steps)
-    keep_ref = ref_params is not None or reflib.keeps_copy(config.reference.kind, model)
+    keep_ref = spec.reference == "model" and (
+        ref_params is not None or reflib.keeps_copy(config.reference.kind, model)
+    )  # LoRA: the reference is the policy's base, no copy
     sync_every = int(config.reference.sync_every) if config.reference.kind == "ema" else 0
     loss_state0 = None
     if spec.stateful:
