@@ -3,7 +3,8 @@
 ``config.reference.kind``:
 
 * ``frozen`` - a copy of the initial policy params (or the model at ``config.reference.path``),
-  sharded like the policy, never differentiated;
+  sharded like the policy, never differentiated; with LoRA the policy's own base weights, adapters
+  off (:func:`keeps_copy`: no copy);
 * ``none``   - reference-free: the step runs no reference forward (a loss that needs ``ref_*``
   inputs is refused at start-up);
 * ``cache``  - the reference log-probs of every training batch are computed once, written under
@@ -37,6 +38,7 @@ from alignjax.train.step import CACHEABLE, ema_update
 
 __all__ = [
     "KINDS",
+    "keeps_copy",
     "step_reference_mode",
     "cache_key",
     "ReferenceCache",
@@ -55,6 +57,25 @@ def step_reference_mode(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"config.reference.kind={kind!r}; choose one of {list(KINDS)}")
     return {"frozen": "model", "ema": "model", "cache": "batch", "none": "none"}[kind]
+
+
+def keeps_copy(kind: str, model: Any) -> bool:
+    """Whether the train state holds reference params for ``config.reference.kind``.
+
+    A frozen reference is a copy of the initial policy, except with LoRA adapters
+    (``config.model.lora.rank > 0``): the reference is then the policy's own frozen base with the
+    adapters removed (:func:`alignjax.models.lora.reference_params`), so the state holds no second
+    copy of the weights and the step's reference forward reads the same buffers as the policy's.
+    An EMA reference averages the whole policy into a copy, which LoRA's split does not support.
+    """
+    from alignjax.models import lora
+
+    if kind == "ema" and lora.model_lora(model) is not None:
+        raise ValueError(
+            "config.reference.kind='ema' with config.model.lora.rank > 0 is not supported (LoRA's "
+            "reference is the frozen base itself): use kind='frozen' or 'cache'"
+        )
+    return step_reference_mode(kind) == "model" and lora.model_lora(model) is None
 
 
 def cache_key(model_config: Any, params_fingerprint: list[float], data_settings: Mapping[str, Any]) -> str:
