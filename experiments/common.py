@@ -82,6 +82,10 @@ def base_config() -> ConfigDict:
             intermediate_size=0,
         )
     )
+    # LoRA / QLoRA (alignjax/models/lora.py): rank 0 = full fine-tuning. targets: comma-separated
+    # fnmatch patterns of projection names (q_proj, ..., down_proj) or "all-linear"; quantize: the
+    # frozen base as none | int8 | nf4 (QLoRA). With LoRA the frozen reference is the base itself.
+    c.model.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all-linear", quantize="none"))
 
     c.data = ConfigDict()
     # synthetic:<task>:<split> (alignjax.data.synthetic), a JSONL/Parquet path, hf:<dataset dir or
