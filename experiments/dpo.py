@@ -3,6 +3,7 @@
 Launch (one host; on a TPU slice see launch/tpu_vm.sh, which runs the same command on every worker):
 
   python -m alignjax.main --config=experiments/dpo.py:model=tiny,loss=ipo,runlocal --workdir=workdirs/dpo
+  python -m alignjax.main --config=experiments/dpo.py:model=tiny,runlocal,lora=8 --workdir=workdirs/dpo_lora
   python -m alignjax.main --config=experiments/dpo.py:loss=sigmoid,source=/data/pairs.jsonl \
       --workdir=workdirs/dpo --config.model.path=/ckpt/Qwen2.5-0.5B --config.loss.beta=0.1 \
       --config.data.tokenizer=/ckpt/Qwen2.5-0.5B --config.data.eval_fraction=0.05 \
@@ -14,7 +15,9 @@ several joined by "+", e.g. sigmoid+bco_pair+sft, with --config.loss.weights="(0
 kind (the data kind: pairwise, step, listwise...), source (data:
 a path, hf:<dataset>, ...; with it the real-data defaults hold: data.max_length 1024, evaluation only
 on data.eval_source or a data.eval_fraction of it; without it the built-in arithmetic pairs),
-reference (frozen | none | cache | ema), steps, runlocal.
+reference (frozen | none | cache | ema), steps, lora (the LoRA rank, 0 = full fine-tuning; with LoRA the
+frozen reference is the base weights with the adapters off; QLoRA: --config.model.lora.quantize=nf4),
+runlocal.
 """
 
 from experiments import common
@@ -23,7 +26,7 @@ from experiments import common
 def get_config(arg: str | None = None):
     a = common.parse_arg(
         arg, model="tiny", loss="sigmoid", module="", kind="pairwise", source="", reference="frozen", steps=0,
-        runlocal=False,
+        lora=0, runlocal=False,
     )
     c = common.base_config()
     c.model.path = a.model
@@ -41,4 +44,5 @@ def get_config(arg: str | None = None):
         common.runlocal(c)
     if a.steps:
         c.train.num_steps = a.steps
+    c.model.lora.rank = a.lora
     return c

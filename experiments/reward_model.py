@@ -3,13 +3,15 @@
   python -m alignjax.main --config=experiments/reward_model.py:objective=bt,runlocal --workdir=workdirs/rm_bt
   python -m alignjax.main --config=experiments/reward_model.py:objective=secrets,runlocal --workdir=wd/rm_s
   python -m alignjax.main --config=experiments/reward_model.py:objective=gpm,runlocal --workdir=wd/rm_gpm
+  python -m alignjax.main --config=experiments/reward_model.py:objective=bt,runlocal,lora=8 --workdir=wd/rm_lora
   python -m alignjax.main --config=experiments/reward_model.py:objective=bt --workdir=workdirs/rm \
       --config.model.path=/ckpt/Qwen2.5-0.5B --config.data.source=/data/pairs.jsonl \
       --config.data.tokenizer=/ckpt/Qwen2.5-0.5B --config.reward.eval_source=/data/rewardbench.jsonl \
       --config.reward.export_dir=workdirs/rm/hf
 
 (``python -m alignjax.reward`` takes the same flags.) Arguments: objective (bt | secrets | gpm | pal),
-model, source, eval (a RewardBench-format file scored after training), steps, runlocal.
+model, source, eval (a RewardBench-format file scored after training), steps, lora (LoRA rank on the
+decoder, 0 = full fine-tuning; the head is trained fully), runlocal.
 ``objective=secrets`` runs the whole Secrets-II pipeline: an ensemble of ``reward.secrets.ensemble_size``
 independently trained reward models (``ensemble="heads"``: value heads on one decoder; ``ensemble_steps``
 steps), each pair's strength (mean, std), then flipping / smoothing / adaptive margin (``secrets_rm``)
@@ -22,7 +24,9 @@ OBJECTIVE_LOSS = {"bt": "bradley_terry", "secrets": "secrets_rm", "gpm": "gpm", 
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, objective="bt", model="tiny", source="", eval="", steps=0, runlocal=False)
+    a = common.parse_arg(
+        arg, objective="bt", model="tiny", source="", eval="", steps=0, lora=0, runlocal=False
+    )
     if a.objective not in OBJECTIVE_LOSS:
         raise ValueError(
             f"experiments/reward_model.py: objective={a.objective!r}; choose one of {sorted(OBJECTIVE_LOSS)}"
@@ -74,4 +78,5 @@ def get_config(arg: str | None = None):
         c.reward.secrets.score_batch_size = 32
     if a.steps:
         c.train.num_steps = a.steps
+    c.model.lora.rank = a.lora
     return c
