@@ -13,6 +13,7 @@ from alignjax.losses import (
     listwise,
     modifiers,
     pairwise,
+    policy_gradient,
     providers,
     reference_free,
     reward,
@@ -36,4 +37,4 @@ from alignjax.losses.registry import (
 
 __all__ = ["LossSpec", "aliases", "canonical", "get", "inputs", "load_module", "names", "register", "spec",
            "pairwise", "reference_free", "listwise", "step_level", "modifiers", "unpaired", "token_level",
-           "reward", "diffusion", "supervised", "preference_metrics", "providers"]
+           "reward", "diffusion", "policy_gradient", "supervised", "preference_metrics", "providers"]

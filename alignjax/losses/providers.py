@@ -160,6 +160,7 @@ PENDING: dict[str, str] = {
 OWN_JOB: dict[str, str] = {
     "reward": "the reward_model job (experiments/reward_model.py)",
     "diffusion": "its own job (experiments/repro_diffusion2d.py)",
+    "policy_gradient": "the online job on its own rollouts (experiments/grpo.py, experiments/rloo.py)",
 }
 
 
