@@ -532,7 +532,13 @@ def decoder_tensors(
 ) -> list[ExportTensor]:
     """The decoder's HF tensors in checkpoint order, plus the zero biases HF requires but ``config``
     lacks (HF's ``attention_bias`` covers q/k/v/o together; Qwen2 always has q/k/v biases).
-    ``lm_head=False`` leaves out ``lm_head.weight`` (a sequence classifier has ``score`` instead)."""
+    ``lm_head=False`` leaves out ``lm_head.weight`` (a sequence classifier has ``score`` instead).
+    LoRA params are merged first (``W + s A B``, quantized kernels dequantized; on device, one copy
+    of the decoder, ``alignjax.models.lora.merge``): the plain HF model of the adapted policy."""
+    if config.lora is not None:
+        from alignjax.models import lora
+
+        params, config = lora.merge(config, params), config.replace(lora=None)
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = [
         ExportTensor(m.hf_name, m.hf_shape, lambda m=m: m.to_hf(gather_to_host(_leaf(params, m), np_dtype)))

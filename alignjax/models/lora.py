@@ -15,7 +15,7 @@ log-probs equal the base model's bitwise.
 
 QLoRA ("QLoRA: Efficient Finetuning of Quantized LLMs", Dettmers et al., arXiv:2305.14314): with
 ``LoraConfig.quantize`` the targeted kernels are stored quantized in blocks of :data:`BLOCK`
-consecutive weights along the flattened input dimension, each block scaled by its absmax:
+(:func:`block_size`) consecutive weights along the flattened input dimension, each block scaled by its absmax:
 ``int8`` codes ``round(127 w / absmax)``, or ``nf4`` (4-bit NormalFloat, :data:`NF4` levels, two codes
 a byte), dequantized to the compute dtype where used; the adapters stay in the param dtype.
 
@@ -27,7 +27,7 @@ the code that already handles the kernels, in a hundred lines.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -131,20 +131,24 @@ def adapter(module: nn.Module, x: Array, in_shape: tuple, out_shape: tuple, axes
 def quantized_shapes(shape: tuple, n_in: int, kind: str) -> tuple[tuple, tuple]:
     """(codes shape, scales shape) of a kernel ``shape`` with ``n_in`` input dims."""
     size, out = math.prod(shape[:n_in]), tuple(shape[n_in:])
-    if size % BLOCK:
-        raise ValueError(
-            f"config.model.lora.quantize={kind!r}: a kernel's input size {size} is not a multiple of "
-            f"the quantization block {BLOCK}"
-        )
-    return ((size // 2 if kind == "nf4" else size, *out), (size // BLOCK, *out))
+    if kind == "nf4" and size % 2:
+        raise ValueError(f"config.model.lora.quantize='nf4': a kernel's input size {size} is odd")
+    return ((size // 2 if kind == "nf4" else size, *out), (size // block_size(size), *out))
+
+
+def block_size(size: int) -> int:
+    """Weights per quantization block: :data:`BLOCK`, or the largest power of two dividing a
+    smaller input size."""
+    return math.gcd(size, BLOCK)
 
 
 def quantize(w: Array, n_lead: int, n_in: int, kind: str) -> tuple[Array, Array]:
-    """``w`` [*lead, *in, *out] -> (codes [*lead, I or I/2, *out], fp32 scales [*lead, I/BLOCK, *out])
-    with ``I = prod(in)``: absmax per block of :data:`BLOCK` along the flattened input."""
+    """``w`` [*lead, *in, *out] -> (codes [*lead, I or I/2, *out], fp32 scales [*lead, I/block, *out])
+    with ``I = prod(in)``: absmax per block of :func:`block_size` weights along the flattened input."""
     lead, ins, outs = w.shape[:n_lead], w.shape[n_lead : n_lead + n_in], w.shape[n_lead + n_in :]
     size = math.prod(ins)
-    blocks = w.astype(jnp.float32).reshape(*lead, size // BLOCK, BLOCK, *outs)
+    block = block_size(size)
+    blocks = w.astype(jnp.float32).reshape(*lead, size // block, block, *outs)
     absmax = jnp.max(jnp.abs(blocks), axis=n_lead + 1, keepdims=True)
     absmax = jnp.where(absmax == 0, 1.0, absmax)
     x = blocks / absmax
@@ -166,7 +170,7 @@ def dequantize(codes: Array, scales: Array, shape: tuple, n_in: int, kind: str, 
     else:
         pair = jnp.stack([codes >> 4, codes & 15], axis=1)  # [I/2, 2, *out]
         values = jnp.asarray(NF4)[pair.astype(jnp.int32)].reshape(size, *outs)
-    values = values.reshape(size // BLOCK, BLOCK, *outs) * scales[:, None].astype(jnp.float32)
+    values = values.reshape(scales.shape[0], -1, *outs) * scales[:, None].astype(jnp.float32)
     return values.reshape(shape).astype(dtype)
 
 
@@ -354,3 +358,80 @@ def merge(config: ModelConfig, params: Any) -> Any:
         return out
 
     return jax.jit(fold)(params)
+
+
+# ------------------------------------------------------------------------------ PEFT's format
+
+
+def peft_tensors(config: ModelConfig, params: Any) -> dict[str, Callable[[], np.ndarray]]:
+    """PEFT's adapter tensors of decoder ``params``, each fetched on call (a collective on several
+    processes): ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`` [r, in]
+    = ``A`` flattened and transposed, ``lora_B.weight`` [out, r] = ``B`` likewise (HF's flattening
+    of heads, as ``alignjax.models.hf.tensor_maps``)."""
+    from alignjax.models.hf import gather_to_host
+
+    out: dict[str, Callable[[], np.ndarray]] = {}
+    for i in range(config.num_layers):
+        layer = params["layers"] if config.scan_layers else params[f"layers_{i}"]
+        for parent in ("self_attn", "mlp"):
+            for name, proj in sorted(layer[parent].items()):
+                if "lora_a" not in proj:
+                    continue
+                pre = f"base_model.model.model.layers.{i}.{parent}.{name}"
+
+                def fetch(x: Array, i: int = i, which: str = "a") -> np.ndarray:
+                    x = gather_to_host(x, np.dtype(np.float32))
+                    x = x[i] if config.scan_layers else x
+                    r = config.lora.rank
+                    two = x.reshape(-1, r) if which == "a" else x.reshape(r, -1)
+                    return np.ascontiguousarray(two.T)
+
+                out[f"{pre}.lora_A.weight"] = lambda x=proj["lora_a"], f=fetch: f(x, which="a")
+                out[f"{pre}.lora_B.weight"] = lambda x=proj["lora_b"], f=fetch: f(x, which="b")
+    return out
+
+
+def peft_config(config: ModelConfig, params: Any, base_model: str = "") -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for the adapters in ``params`` (a causal LM's)."""
+    names = sorted({k.split(".")[-3] for k in peft_tensors(config, params)})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.lora.rank,
+        "lora_alpha": config.lora.alpha,
+        "lora_dropout": config.lora.dropout,
+        "target_modules": names,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+
+
+def save_peft(model: Any, params: Any, path: Any, *, base_model: str = "") -> list[str]:
+    """Writes the adapters of ``params`` to ``path`` (local or ``gs://``) in PEFT's format:
+    ``adapter_config.json`` + ``adapter_model.safetensors`` (fp32), which
+    ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), path)`` loads onto
+    the base model (``base_model``: its name or directory, recorded in the config). The base is the
+    model the run started from; a QLoRA run's base is its dequantized weights
+    (:func:`merge` of the params without adapters, what ``save_pretrained`` writes for them).
+    Every process calls this (the gathers are collective); process 0 writes."""
+    import json
+
+    from safetensors.numpy import save
+
+    from alignjax import storage
+
+    config = model.config
+    if config.lora is None or not has_adapters(params):
+        raise ValueError("save_peft: the model has no LoRA adapters (config.model.lora.rank is 0)")
+    tensors = {name: fetch() for name, fetch in peft_tensors(config, params).items()}
+    if jax.process_index() != 0:
+        return []
+    out = storage.path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    cfg = json.dumps(peft_config(config, params, base_model), indent=2) + "\n"
+    storage.write_text(out / "adapter_config.json", cfg)
+    return ["adapter_config.json", "adapter_model.safetensors"]
