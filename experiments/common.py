@@ -113,6 +113,9 @@ def base_config() -> ConfigDict:
     c.data.max_completion_length = 0
     c.data.truncation_mode = "keep_start"
     c.data.pad_to_multiple_of = 0  # > 0: row length rounded up to a multiple (128 suits TPU kernels)
+    # Losses reading rationale_logps (rationale_dpo): the text between the prompt and each record's
+    # 'rationale', filled with {chosen} and {rejected}; "" = alignjax.data.tokenize.RATIONALE_TEMPLATE.
+    c.data.rationale_template = ""
     c.data.batch_size = 16  # global examples (pairs) per optimizer step
     c.data.eval_batch_size = 64
     c.data.num_eval = 256  # held-out examples for periodic evaluation

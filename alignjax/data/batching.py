@@ -7,12 +7,14 @@ A *sequence batch* is a dict of numpy arrays ``[R, T]``:
 * ``loss_mask`` float32: 1 where token t is a completion token whose log-prob
   p(token_t | earlier tokens of its segment/branch) counts; always 0 on a segment's/branch's first token;
 * ``example_ids`` int32: the sequence each token belongs to (-1 none). Sequences are numbered
-  completion-major: for B pairs, 0..B-1 are the chosen and B..2B-1 the rejected completions; for
+  completion-major: for B pairs, 0..B-1 are the chosen and B..2B-1 the rejected completions (and
+  2B..3B-1 the rationales, when the loss reads them); for
   listwise batches with K candidates, sequence ``k*B + i`` is candidate k of example i; unpaired 0..B-1
   (the pipeline adds KTO's mismatched sequences as B..2B-1, :func:`with_kl_completions`).
 
 Per-example arrays ride along: ``chosen_lengths``/``rejected_lengths`` int32 [B] (completion tokens
-counted by the loss, pairs) or ``lengths`` ([B] unpaired/sft, [B, K] listwise); ``label`` bool,
+counted by the loss, pairs; a completion's own prefix, see :mod:`alignjax.data.tokenize`, is not
+counted) or ``lengths`` ([B] unpaired/sft, [B, K] listwise); ``label`` bool,
 ``margin``/``score``/``weight``/``ref_*_logps``/``source_*_logps``/``*_visits`` float32, ``user_id``
 int32, ``scores`` float32 [B, K].
 """
@@ -40,8 +42,8 @@ def sequences(examples: Sequence[TokenizedExample]) -> list[tuple[list[int], lis
     out = []
     for j in range(k):
         for ex in examples:
-            comp = ex.completions[j]
-            mask = [0.0] * len(ex.prompt) + [1.0] * len(comp)
+            comp, prefix = ex.completions[j], ex.prefix_length(j)
+            mask = [0.0] * (len(ex.prompt) + prefix) + [1.0] * (len(comp) - prefix)
             mask[0] = 0.0  # nothing predicts a segment's first token
             out.append((list(ex.prompt) + list(comp), mask))
     return out
@@ -180,6 +182,11 @@ def shared_prompt_batch(
     """
     if any(len(ex.completions) != 2 for ex in examples):
         raise ValueError("shared_prompt layout needs pairs (exactly two completions per example)")
+    if any("prefix_lengths" in ex.extras for ex in examples):
+        raise ValueError(
+            "shared_prompt layout needs one prompt per pair; rows with chosen_prompt/rejected_prompt "
+            "need data.layout 'padded' or 'packed'"
+        )
     b = len(examples)
     lengths = [len(ex.prompt) + len(ex.completions[0]) + len(ex.completions[1]) + 1 for ex in examples]
     length = bucket_length(max(lengths), buckets, None if max_length is None else 2 * max_length)
@@ -209,8 +216,10 @@ def example_arrays(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray
     """Per-example arrays: completion lengths and the scalar extras (all-or-none per batch)."""
     out: dict[str, np.ndarray] = {}
     k = len(examples[0].completions)
-    lengths = np.array([[len(c) for c in ex.completions] for ex in examples], np.int32)  # [B, K]
-    if k == 2 and "scores" not in examples[0].extras:
+    lengths = np.array(
+        [[len(c) - ex.prefix_length(j) for j, c in enumerate(ex.completions)] for ex in examples], np.int32
+    )  # [B, K]
+    if k >= 2 and "scores" not in examples[0].extras:  # pairs (a third: the rationale) and KTO's
         out["chosen_lengths"], out["rejected_lengths"] = lengths[:, 0], lengths[:, 1]
     else:
         out["lengths"] = lengths[:, 0] if k == 1 else lengths

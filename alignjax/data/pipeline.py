@@ -235,6 +235,7 @@ class PreferenceData:
         max_prompt_length: int | None = None,
         max_completion_length: int | None = None,
         truncation_mode: str = "keep_start",
+        rationale_template: str | None = None,
         pad_to_multiple_of: int | None = None,
         buckets: Sequence[int] | None = None,
         pack_length: int | None = None,
@@ -286,6 +287,12 @@ class PreferenceData:
             max_completion_length=max_completion_length,
             truncation_mode=truncation_mode,
         )
+        if rationale_template is not None:
+            if layout == "shared_prompt":
+                raise ValueError(
+                    "rationale sequences need data.layout 'padded' or 'packed', not 'shared_prompt'"
+                )
+            options["rationale_template"] = rationale_template
         source = resolve_source(source)
         if cache_dir is not None and readers.is_shardable(source):
             self.examples = self._from_cache(

@@ -5,7 +5,9 @@ Records are plain dicts. Five kinds are understood (``kind=`` everywhere in alig
 * ``pairwise``: ``prompt``, ``chosen``, ``rejected``. Each is a string, or a list of chat messages
   ``{"role", "content"}``. When ``prompt`` is absent and ``chosen``/``rejected`` are full
   conversations, the longest common message prefix becomes the prompt (as TRL's
-  ``extract_prompt`` does).
+  ``extract_prompt`` does). Rows whose two sides have their own instruction (DOVE's joint
+  preferences, "Comparing Bad Apples to Good Oranges", arXiv 2404.00530) give ``chosen_prompt``
+  and ``rejected_prompt`` instead of ``prompt``.
 * ``step``: pairwise plus ``chosen_visits``, ``rejected_visits`` (MCTS visit counts, numbers).
 * ``unpaired``: ``prompt``, ``completion``, ``label`` (bool: desirable or not; KTO/BCO style).
   A preference row (``chosen``/``rejected``) read as ``unpaired`` becomes two, as TRL's
@@ -39,6 +41,7 @@ from collections.abc import Mapping
 from typing import Any
 
 KINDS = ("pairwise", "step", "unpaired", "sft", "listwise")
+OWN_PROMPTS = ("chosen_prompt", "rejected_prompt")  # DOVE: each side of a pair has its own instruction
 # Probabilities in [0, 1]: each response's probability of beating the current policy (GPO / SPPO),
 # named as the official SPPO and GPO data scripts write them (``compute_prob.py``:
 # ``chosen_probs_win`` = P(y_w > pi_t), ``chosen_probs_lose`` = P(y_l > pi_t)).
@@ -224,7 +227,10 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
     if kind in ("pairwise", "step"):
         chosen = _check_text(_require(raw, "chosen", where), "chosen", where)
         rejected = _check_text(_require(raw, "rejected", where), "rejected", where)
-        if raw.get("prompt") is None:
+        if kind == "pairwise" and any(raw.get(f) is not None for f in OWN_PROMPTS):
+            rec.update(_own_prompts(raw, chosen, rejected, where))
+            prompt = None
+        elif raw.get("prompt") is None:
             if not (_is_messages(chosen) and _is_messages(rejected)):
                 raise DataError(where, REASON_MISSING, "missing field 'prompt'")
             prompt, chosen, rejected = split_common_prefix(chosen, rejected)
@@ -236,13 +242,17 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
             prompt = _check_text(raw["prompt"], "prompt", where)
         if isinstance(chosen, list) and not chosen or isinstance(rejected, list) and not rejected:
             raise DataError(where, REASON_EMPTY, "chosen/rejected have no messages after the shared prompt")
-        if chosen == rejected:
+        if chosen == rejected and rec.get("chosen_prompt") == rec.get("rejected_prompt"):
             raise DataError(where, REASON_IDENTICAL, "chosen is identical to rejected")
-        if _is_messages(prompt) != _is_messages(chosen) or _is_messages(chosen) != _is_messages(rejected):
-            raise DataError(
-                where, REASON_TYPE, "prompt, chosen and rejected must all be strings or all messages"
-            )
-        rec.update(prompt=prompt, chosen=chosen, rejected=rejected)
+        sides = (rec["chosen_prompt"], chosen, rec["rejected_prompt"], rejected) if prompt is None else (
+            prompt, chosen, rejected)
+        if len({_is_messages(v) for v in sides}) > 1:
+            names = "chosen_prompt, chosen, rejected_prompt, rejected" if prompt is None else (
+                "prompt, chosen and rejected")
+            raise DataError(where, REASON_TYPE, f"{names} must all be strings or all messages")
+        rec.update(chosen=chosen, rejected=rejected)
+        if prompt is not None:
+            rec["prompt"] = prompt
         if kind == "step":
             for field in ("chosen_visits", "rejected_visits"):
                 rec[field] = _number(_require(raw, field, where), field, where)
@@ -317,6 +327,15 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
         rec["source_chosen_logps"] = _number(pair[0], "source_logps.chosen", where)
         rec["source_rejected_logps"] = _number(pair[1], "source_logps.rejected", where)
     return rec
+
+
+def _own_prompts(raw: Mapping[str, Any], chosen: Any, rejected: Any, where: str) -> dict[str, Any]:
+    """A DOVE row's per-side instructions; a shared ``prompt`` next to them would be ambiguous."""
+    if raw.get("prompt") is not None:
+        raise DataError(
+            where, REASON_TYPE, "give either 'prompt' or 'chosen_prompt' + 'rejected_prompt', not both"
+        )
+    return {f: _check_text(_require(raw, f, where), f, where) for f in OWN_PROMPTS}
 
 
 def is_pair_row(raw: Any) -> bool:

@@ -6,8 +6,8 @@ memory-mapped, so a process pays only for the pages its batches touch (:mod:`ali
 Layout (``n`` examples, ``s`` sequences): sequence ``j`` is ``tokens[seq_offsets[j]:seq_offsets[j+1]]``;
 example ``i`` owns sequences ``example_seqs[i] .. example_seqs[i+1]-1``, the first its prompt and
 the rest its completions. Each scalar extra ``key`` present on some examples is ``x_<key>_idx``
-(sorted example indices) and ``x_<key>_val``; ``scores`` (a list per example, one per completion)
-adds ``x_scores_off`` (offsets into its values).
+(sorted example indices) and ``x_<key>_val``; a list extra (``scores``, ``prefix_lengths``: one
+value per completion) adds ``x_<key>_off`` (offsets into its values).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import numpy as np
 from alignjax.data.schema import BATCH_FLOAT_FIELDS
 from alignjax.data.tokenize import TokenizedExample
 
-EXTRA_DTYPES = {"label": np.bool_, "user_id": np.int64, "scores": np.float64}
+EXTRA_DTYPES = {"label": np.bool_, "user_id": np.int64, "scores": np.float64, "prefix_lengths": np.int64}
 EXTRA_DTYPES.update({k: np.float64 for k in BATCH_FLOAT_FIELDS})
+LIST_EXTRAS = ("scores", "prefix_lengths")
 
 
 class ColumnWriter:
@@ -85,11 +86,11 @@ class ColumnWriter:
         for key, idx in self.extra_idx.items():
             values = self.extra_val[key]
             out[f"x_{key}_idx"] = np.asarray(idx, np.int64)
-            if key == "scores":
-                out["x_scores_off"] = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(
+            if key in LIST_EXTRAS:
+                out[f"x_{key}_off"] = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(
                     np.int64
                 )
-                out["x_scores_val"] = np.asarray([s for v in values for s in v], np.float64)
+                out[f"x_{key}_val"] = np.asarray([s for v in values for s in v], EXTRA_DTYPES[key])
             else:
                 out[f"x_{key}_val"] = np.asarray(values, EXTRA_DTYPES[key])
         return out
@@ -98,7 +99,7 @@ class ColumnWriter:
 def _python(key: str, value: Any) -> Any:
     if key == "label":
         return bool(value)
-    if key == "user_id":
+    if key in ("user_id", "prefix_lengths"):
         return int(value)
     return float(value)
 
@@ -128,9 +129,9 @@ class Store:
             if pos == len(idx) or idx[pos] != i:
                 continue
             values = self.arrays[f"x_{key}_val"]
-            if key == "scores":
-                off = self.arrays["x_scores_off"]
-                extras[key] = [float(v) for v in values[off[pos] : off[pos + 1]]]
+            if key in LIST_EXTRAS:
+                off = self.arrays[f"x_{key}_off"]
+                extras[key] = [_python(key, v) for v in values[off[pos] : off[pos + 1]]]
             else:
                 extras[key] = _python(key, values[pos])
         return TokenizedExample(seqs[0], seqs[1:], extras, self.where(i))

@@ -32,6 +32,17 @@ prompt+completion sequence is cut to ``max_length`` as TRL 1.16's collator does:
 prompt that fills ``max_length`` is a bad row (``prompt_too_long``; TRL drops it silently);
 ``"keep_end"`` keeps its end, so the prompt loses its start (one cut for all completions, sized by
 the longest: the prompt is shared in alignjax's layouts).
+
+Two kinds of sequence carry tokens of their own that condition the completion but are not scored
+as it: a completion ``j`` whose first ``extras["prefix_lengths"][j]`` tokens are such a prefix.
+
+* DOVE rows (``chosen_prompt`` / ``rejected_prompt``): each side is tokenized and truncated as a
+  row of its own (its instruction the prompt); the example's shared prompt is empty and each
+  completion is the side's instruction (the prefix) followed by its response.
+* Rationales (``rationale_template`` given, as the trainer does for losses that read
+  ``rationale_logps``): a third completion, ``rationale_template`` filled with the two responses'
+  texts (the prefix) and then the record's ``rationale`` plus EOS, after the shared prompt; it is
+  cut to ``max_length`` like the pair's sequences.
 """
 
 from __future__ import annotations
@@ -44,7 +55,9 @@ from typing import Any
 
 from alignjax.data.schema import (
     BATCH_FLOAT_FIELDS,
+    OWN_PROMPTS,
     REASON_IDENTICAL_AFTER_TRUNCATION,
+    REASON_MISSING,
     REASON_PROMPT_TOO_LONG,
     REASON_TYPE,
     DataError,
@@ -182,6 +195,10 @@ class TokenizedExample:
     completions: list[list[int]]
     extras: dict[str, Any]
     where: str = ""
+
+    def prefix_length(self, j: int) -> int:
+        """Leading tokens of completion ``j`` that condition it but are not scored (module doc)."""
+        return int(self.extras["prefix_lengths"][j]) if "prefix_lengths" in self.extras else 0
 
 
 class ChatTokenizer:
@@ -539,6 +556,12 @@ def truncate(
 
 
 _SCALAR_KEYS = ("label", "user_id", "scores", *BATCH_FLOAT_FIELDS)
+# The rationale's conditioning text after the prompt (Rationale-DPO's log pi(r | x, y_w > y_l); the
+# paper gives no template, so this one states which response was preferred).
+RATIONALE_TEMPLATE = (
+    "\n\nPreferred response:\n{chosen}\n\nOther response:\n{rejected}\n\n"
+    "Why the preferred response is better:\n"
+)
 
 
 def _completions(record: Mapping[str, Any]) -> list[Any]:
@@ -565,43 +588,95 @@ class Row:
         stats.boundary_shifts += self.boundary_shifts
 
 
+Encoded = tuple[list[int], list[list[int]], bool]
+
+
+def _plain_text(value: str | list[dict]) -> str:
+    return value if isinstance(value, str) else "\n".join(str(m.get("content", "")) for m in value)
+
+
+def _rationale_completion(
+    record: Mapping[str, Any],
+    tokenizer: ChatTokenizer,
+    template: str,
+    room: int | None,
+    where: str,
+) -> tuple[list[int], int]:
+    """The rationale sequence after the shared prompt: (template ids + rationale ids + EOS, prefix)."""
+    if "rationale" not in record:
+        raise DataError(where, REASON_MISSING, "missing field 'rationale' (the loss reads rationale_logps)")
+    text = template.format(chosen=_plain_text(record["chosen"]), rejected=_plain_text(record["rejected"]))
+    try:
+        prefix = tokenizer.encode(text, add_special_tokens=False)
+        body = tokenizer.encode(record["rationale"], add_special_tokens=False) + [tokenizer.eos_id]
+    except ValueError as e:
+        raise DataError(where, REASON_TYPE, f"rationale: {e}") from None
+    if room is not None:
+        if len(prefix) >= room:
+            raise DataError(
+                where,
+                REASON_PROMPT_TOO_LONG,
+                "the rationale sequence's prompt and responses (data.rationale_template) fill "
+                "data.max_length, leaving no room for the rationale; raise data.max_length",
+            )
+        body = body[: room - len(prefix)]
+    return prefix + body, len(prefix)
+
+
 def _finish(
     record: Mapping[str, Any],
-    encoded: tuple[list[int], list[list[int]], bool] | ValueError,
+    encoded: Encoded | list[Encoded] | ValueError,
     *,
     where: str,
     max_length: int | None,
     max_prompt_length: int | None,
     max_completion_length: int | None,
     truncation_mode: str,
+    tokenizer: ChatTokenizer | None = None,
+    rationale_template: str | None = None,
 ) -> Row:
-    """Truncation, the identical-after-truncation check and the extras of an encoded record."""
+    """Truncation, the identical-after-truncation check and the extras of an encoded record
+    (``encoded`` is a list of one encoding per side for DOVE rows, see the module docstring)."""
     if isinstance(encoded, ValueError):
         return Row(DataError(where, REASON_TYPE, str(encoded)))
-    p_ids, c_ids, shifted = encoded
+    sides = encoded if isinstance(encoded, list) else [encoded]
     stats = DataStats()
-    row = Row(DataError(where, REASON_TYPE, ""), boundary_shifts=int(shifted))
+    row = Row(DataError(where, REASON_TYPE, ""), boundary_shifts=int(any(s[2] for s in sides)))
     try:
-        untruncated = c_ids
-        p_ids, c_ids = truncate(
-            p_ids,
-            c_ids,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            max_completion_length=max_completion_length,
-            truncation_mode=truncation_mode,
-            where=where,
-            stats=stats,
-        )
+        cut = [
+            truncate(
+                p_ids,
+                c_ids,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                max_completion_length=max_completion_length,
+                truncation_mode=truncation_mode,
+                where=where,
+                stats=stats,
+            )
+            for p_ids, c_ids, _ in sides
+        ]
+        extras = {k: record[k] for k in _SCALAR_KEYS if k in record}
+        if len(cut) == 1:
+            (p_ids, c_ids), untruncated = cut[0], sides[0][1]
+        else:  # each side's own instruction becomes the prefix of its completion
+            p_ids, c_ids = [], [p + c[0] for p, c in cut]
+            untruncated = [p + c[0] for p, c, _ in sides]
+            extras["prefix_lengths"] = [len(p) for p, _ in cut]
         if "chosen" in record and c_ids[0] == c_ids[1] and untruncated[0] != untruncated[1]:
             raise DataError(
                 where,
                 REASON_IDENTICAL_AFTER_TRUNCATION,
                 f"chosen and rejected are identical after truncation to data.max_length={max_length}",
             )
-        row.result = TokenizedExample(
-            p_ids, c_ids, {k: record[k] for k in _SCALAR_KEYS if k in record}, where
-        )
+        if rationale_template is not None and "chosen" in record:
+            if tokenizer is None:
+                raise ValueError("rationale sequences need the tokenizer")
+            room = None if max_length is None else max_length - len(p_ids)
+            ids, prefix = _rationale_completion(record, tokenizer, rationale_template, room, where)
+            c_ids = [*c_ids, ids]
+            extras["prefix_lengths"] = [*extras.get("prefix_lengths", [0] * 2), prefix]
+        row.result = TokenizedExample(p_ids, c_ids, extras, where)
     except DataError as e:
         row.result = e
     row.truncated_prompts, row.truncated_completions = stats.truncated_prompts, stats.truncated_completions
@@ -617,9 +692,25 @@ def _check_options(tokenization: str, truncation_mode: str) -> None:
         )
 
 
-def _encode_joint(
-    tokenizer: ChatTokenizer, record: Mapping[str, Any]
-) -> tuple[list[int], list[list[int]], bool]:
+def _encode_sides(tokenizer: ChatTokenizer, record: Mapping[str, Any], tokenization: str) -> list[Encoded]:
+    """A DOVE row's two sides, each encoded as a row of its own with its instruction as the prompt."""
+    out = []
+    for side, prompt_field in zip(("chosen", "rejected"), OWN_PROMPTS):
+        one = {"prompt": record[prompt_field], "completion": record[side]}
+        one.update({k: record[k] for k in ("append_eos",) if k in record})
+        out.append(_encode(tokenizer, one, tokenization))
+    return out
+
+
+def _encode(tokenizer: ChatTokenizer, record: Mapping[str, Any], tokenization: str) -> Encoded:
+    if tokenization == "trl":
+        return tokenize_trl(
+            tokenizer, record["prompt"], _completions(record), append_eos=record.get("append_eos", True)
+        )
+    return _encode_joint(tokenizer, record)
+
+
+def _encode_joint(tokenizer: ChatTokenizer, record: Mapping[str, Any]) -> Encoded:
     prompt, append_eos = record["prompt"], record.get("append_eos", True)
     before = tokenizer.boundary_fallbacks
     p_ids = tokenizer.encode_prompt(prompt)
@@ -639,6 +730,7 @@ def tokenize_rows(
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     truncation_mode: str = "keep_start",
+    rationale_template: str | None = None,
 ) -> list[Row]:
     """:func:`tokenize_record` of many records at once: every text of the chunk goes through one
     batched, multi-threaded ``encode_batch`` per special-token setting; the ids are those of the
@@ -649,6 +741,9 @@ def tokenize_rows(
     spans: list[int] = [0] * len(records)
     for i, rec in enumerate(records):
         try:
+            if OWN_PROMPTS[0] in rec:
+                encoded[i] = _encode_sides(tokenizer, rec, tokenization)
+                continue
             if tokenization == "joint":
                 encoded[i] = _encode_joint(tokenizer, rec)
                 continue
@@ -682,6 +777,8 @@ def tokenize_rows(
             max_prompt_length=max_prompt_length,
             max_completion_length=max_completion_length,
             truncation_mode=truncation_mode,
+            tokenizer=tokenizer,
+            rationale_template=rationale_template,
         )
         for rec, enc, where in zip(records, encoded, wheres)
     ]
@@ -696,6 +793,7 @@ def tokenize_record(
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     truncation_mode: str = "keep_start",
+    rationale_template: str | None = None,
     where: str = "",
     stats: DataStats | None = None,
 ) -> TokenizedExample:
@@ -703,13 +801,12 @@ def tokenize_record(
     A pair whose completions are identical after truncation raises DataError
     (``identical_after_truncation``)."""
     _check_options(tokenization, truncation_mode)
+    enc: Any
     try:
-        if tokenization == "trl":
-            enc = tokenize_trl(
-                tokenizer, record["prompt"], _completions(record), append_eos=record.get("append_eos", True)
-            )
+        if OWN_PROMPTS[0] in record:
+            enc = _encode_sides(tokenizer, record, tokenization)
         else:
-            enc = _encode_joint(tokenizer, record)
+            enc = _encode(tokenizer, record, tokenization)
     except ValueError as e:
         enc = e
     row = _finish(
@@ -720,6 +817,8 @@ def tokenize_record(
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
         truncation_mode=truncation_mode,
+        tokenizer=tokenizer,
+        rationale_template=rationale_template,
     )
     if stats is not None:
         row.add_to(stats)

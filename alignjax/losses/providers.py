@@ -8,8 +8,11 @@ loss whose inputs are all in :data:`PROVIDERS` trains through the step with no c
 Sources:
 
 - ``sequence``: the summed completion log-prob of each sequence under the policy or the reference
-  (``model``), sequences ``0..B-1`` (``part="first"``), ``B..2B-1`` (``"second"``) or, for listwise
+  (``model``), sequences ``0..B-1`` (``part="first"``), ``B..2B-1`` (``"second"``), ``2B..3B-1``
+  (``"third"``: the rationale sequences the data layer adds when a loss reads them) or, for listwise
   batches, the ``K`` candidates of each example as ``[B, K]`` (``"candidates"``);
+- ``prompt``: the summed log-prob of each sequence's prompt tokens (all but its first; for rows
+  whose sides have their own instruction, DOVE's log pi(I)), same parts;
 - ``length``: completion token counts (the loss mask), same parts;
 - ``token``: per-token log-probs ``[B, T]`` (padded layout: row r holds sequence r);
 - ``mask``: the completion mask ``[B, T]``;
@@ -36,7 +39,7 @@ from typing import Any
 
 PAIRS = ("pairwise", "step")
 ALL_KINDS = ("pairwise", "step", "sft", "unpaired", "listwise")
-SOURCES = ("sequence", "length", "token", "mask", "distribution", "column", "state")
+SOURCES = ("sequence", "prompt", "length", "token", "mask", "distribution", "column", "state")
 # Sources computed per token [B, T]: they need the padded layout (row r = sequence r).
 TOKEN_SOURCES = ("token", "mask")
 STEP = "the preference step"
@@ -50,7 +53,7 @@ class Provider:
     kinds: tuple[str, ...]
     doc: str
     model: str = "policy"  # sequence/token/distribution: "policy" or "ref"
-    part: str = "first"  # "first" | "second" | "candidates"
+    part: str = "first"  # "first" | "second" | "third" | "candidates"
     column: str = ""
     transform: str = ""  # "module:function" applied to the column(s)
     hyper: tuple[tuple[str, Any], ...] = ()  # provider hyperparameters (config.loss keys) and defaults
@@ -83,6 +86,15 @@ PROVIDERS: dict[str, Provider] = {
                       "policy log-prob of the completion ([B, K] over listwise candidates)"),
     "ref_logps": Provider("sequence", ("unpaired", "sft", "listwise"),
                           "reference log-prob of the completion ([B, K] listwise)", model="ref"),
+    "rationale_logps": _seq("policy", "third", PAIRS, "Rationale-DPO: log pi(r | x, y_w > y_l), "
+                            "the record's 'rationale' after the prompt and data.rationale_template"),
+    "chosen_instruction_logps": Provider("prompt", PAIRS, "DOVE: log pi(I_w), the chosen side's "
+                                         "instruction (the record's 'chosen_prompt', else 'prompt')"),
+    "rejected_instruction_logps": Provider("prompt", PAIRS, "DOVE: log pi(I_l) ('rejected_prompt', "
+                                           "else 'prompt')", part="second"),
+    "ref_chosen_instruction_logps": Provider("prompt", PAIRS, "DOVE: log pi_ref(I_w)", model="ref"),
+    "ref_rejected_instruction_logps": Provider("prompt", PAIRS, "DOVE: log pi_ref(I_l)",
+                                               model="ref", part="second"),
     "kl_logps": _seq("policy", "second", ("unpaired",), "policy log-prob of KTO's mismatched pairs"),
     "ref_kl_logps": _seq("ref", "second", ("unpaired",), "reference log-prob of KTO's mismatched pairs"),
     # -- lengths, token log-probs and masks
@@ -140,13 +152,6 @@ PROVIDERS: dict[str, Provider] = {
 
 # Names a loss may take that the step does not provide yet, and what would provide each.
 PENDING: dict[str, str] = {
-    "rationale_logps": "log pi(rationale | x, y_w, y_l) on a templated third sequence built from the "
-    "record's 'rationale'; the data layer does not tokenize rationales into batches yet",
-    "chosen_instruction_logps": "joint instruction+response sequences (rows whose two sides have their "
-    "own instruction); no data kind carries per-side instructions yet",
-    "rejected_instruction_logps": "joint instruction+response sequences (see chosen_instruction_logps)",
-    "ref_chosen_instruction_logps": "joint instruction+response sequences (see chosen_instruction_logps)",
-    "ref_rejected_instruction_logps": "joint instruction+response sequences (see chosen_instruction_logps)",
     "degree_logits": "SPO's preference-degree head on the policy (not built)",
     "degree_labels": "SPO's self-supervised degree labels (built by removing key content; not built)",
     "chosen_probs": "ADPO's pairwise soft target (a per-example column); not batched yet",

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+import alignjax.losses as losses
 from alignjax import flops, logprobs, sharding, storage
 from alignjax.models import lora as lora_lib
 from alignjax.train import checkpoint as ckpt
@@ -36,10 +37,12 @@ from alignjax.train.optim import make_optimizer
 from alignjax.train.step import (
     NONFINITE,
     check_data_columns,
+    loss_components,
     make_eval_fn,
     make_step_spec,
     make_train_step,
     nonfinite_causes,
+    reads_rationales,
 )
 
 
@@ -130,6 +133,7 @@ def data_iterator(
     ``batch_key`` is the config key a too-small data set is reported against."""
     from alignjax.data import make_preference_batches
     from alignjax.data.pipeline import TooFewExamples, resolve_cache_dir, tokenize_options
+    from alignjax.data.tokenize import RATIONALE_TEMPLATE
 
     if not source:
         raise ValueError("config.data.source is empty: give a dataset (e.g. synthetic:arithmetic_dpo:train)")
@@ -137,6 +141,8 @@ def data_iterator(
     extra: dict[str, Any] = {"buckets": (config.data.max_length * (2 if layout == "shared_prompt" else 1),)}
     if layout == "packed":
         extra = {"pack_length": config.data.max_length * 2, "pack_rows": batch_size}
+    if _reads_rationales(config):
+        extra["rationale_template"] = config.data.get("rationale_template") or RATIONALE_TEMPLATE
     try:
         data, stats = make_preference_batches(
             source,
@@ -163,17 +169,25 @@ def data_iterator(
     return data, stats
 
 
+def _reads_rationales(config: Any) -> bool:
+    if "loss" not in config or config.get("job", "train") != "train":
+        return False
+    names = [n for n, _ in loss_components(config.loss)]
+    return reads_rationales([r for n in names for r in losses.spec(n).required])
+
+
 def globalize_ids(host: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
-    """Process-local sequence ids -> global ones (sequences ``0..B-1`` chosen, ``B..2B-1`` rejected
-    over all processes): local id ``i < b`` becomes ``p b + i``, ``i >= b`` becomes ``B + p b + i - b``."""
+    """Process-local sequence ids -> global ones. Sequences are numbered part-major (``0..B-1``
+    chosen, ``B..2B-1`` rejected, then rationales or listwise candidates, over all processes): local
+    id ``j b + i`` of part ``j`` becomes ``j B + p b + i`` with ``B = n b``."""
     p, n = jax.process_index(), jax.process_count()
     if n == 1:
         return host
-    b = next(len(v) for k, v in host.items() if np.ndim(v) == 1)
+    lengths = host.get("chosen_lengths", host.get("lengths"))
+    b = len(lengths) if lengths is not None else next(len(v) for v in host.values() if np.ndim(v) == 1)
     ids = host["example_ids"]
-    second = ids >= b
-    offset = np.where(second, n * b - b + p * b, p * b)
-    return dict(host, example_ids=np.where(ids >= 0, ids + offset, -1).astype(np.int32))
+    part, i = ids // b, ids % b
+    return dict(host, example_ids=np.where(ids >= 0, part * n * b + p * b + i, -1).astype(np.int32))
 
 
 def check_batch_divides_mesh(config: Any, mesh: Any, micro_size: int) -> None:
@@ -416,8 +430,6 @@ def run_train(
     sync_every = int(config.reference.sync_every) if config.reference.kind == "ema" else 0
     loss_state0 = None
     if spec.stateful:
-        import alignjax.losses as losses
-
         loss_state0 = losses.get(spec.loss).init_state()
 
     # ---- abstract init -> shardings -> jit(init, out_shardings)

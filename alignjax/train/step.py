@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +44,7 @@ KINDS = ("pairwise", "step", "sft", "unpaired", "listwise")  # alignjax.data kin
 PAIRED = ("pairwise", "step")
 # Kinds laid out as 2B sequences: pairs, and unpaired batches with KTO's mismatched (KL) sequences.
 TWO_SEQUENCE = (*PAIRED, "unpaired")
+PARTS = ("first", "second", "third")  # sequences 0..B-1, B..2B-1, 2B..3B-1 of a batch
 # Every loss input this step can supply (alignjax.losses.providers.PROVIDERS): computed from the
 # forwards, or a per-example column the data layer puts in the batch.
 PROVIDED = frozenset(inputs_table.PROVIDERS)
@@ -88,10 +89,17 @@ class StepSpec:
             object.__setattr__(self, "components", ((self.loss, 1.0, self.hyperparameters),))
 
     @property
+    def reads_rationales(self) -> bool:
+        """Batches carry a third sequence per pair, the rationale (``rationale_logps``)."""
+        return reads_rationales(self.required)
+
+    @property
     def num_sequences(self) -> int:
         if self.kind == "listwise":
             raise ValueError("listwise batches hold K sequences an example: use sequences_in(batch)")
-        return 2 * self.batch_size if self.kind in TWO_SEQUENCE else self.batch_size
+        if self.kind in TWO_SEQUENCE:
+            return (3 if self.reads_rationales else 2) * self.batch_size
+        return self.batch_size
 
     def sequences_in(self, batch: Mapping[str, Array]) -> int:
         """Sequences of ``batch`` (static): ``K * B`` for listwise batches of K candidates."""
@@ -120,6 +128,10 @@ class StepSpec:
         """The implicit reward's scale for TRL's reward metrics (the first component's)."""
         name, _, hyper = self.components[0]
         return losses.spec(name).beta(dict(hyper))
+
+
+def reads_rationales(required: Sequence[str]) -> bool:
+    return any(inputs_table.PROVIDERS[n].part == "third" for n in required if n in inputs_table.PROVIDERS)
 
 
 def _candidates(batch: Mapping[str, Array]) -> int:
@@ -219,6 +231,12 @@ def check_inputs_provided(
         raise ValueError(
             f"{where} takes per-token input {per_token[0]!r}, which this step builds for "
             f"config.data.layout='padded' only (got {layout!r})"
+        )
+    prompts = [n for n in spec.required if inputs_table.PROVIDERS[n].source == "prompt"]
+    if prompts and layout == "shared_prompt":
+        raise ValueError(
+            f"{where} takes {prompts[0]!r}, each sequence's own prompt log-prob, which the shared-prompt "
+            "layout does not separate: set config.data.layout to 'padded' or 'packed'"
         )
     stats = [n for n in spec.required if inputs_table.PROVIDERS[n].source == "distribution"]
     if stats and chunked:
@@ -358,7 +376,8 @@ class _Context:
         b = self.spec.batch_size
         if self.spec.kind == "listwise":
             return values[: self.n].reshape(self.n // b, b, *values.shape[1:]).swapaxes(0, 1)
-        return values[:b] if which == "first" else values[b : 2 * b]
+        start = PARTS.index(which) * b
+        return values[start : start + b]
 
     def lengths(self) -> Array:
         if self._lengths is None:
@@ -385,6 +404,10 @@ def _from_sequence(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
     return ctx.part(ctx.forward(p.model)["seq"], p.part)
 
 
+def _from_prompt(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    return ctx.part(ctx.forward(p.model)["prompt_seq"], p.part)
+
+
 def _from_length(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
     if ctx.spec.kind in ("sft", "unpaired") and jnp.ndim(ctx.batch.get("lengths", jnp.zeros((0, 0)))) == 1:
         return ctx.batch["lengths"]  # the data layer's own count of each example's completion
@@ -392,7 +415,8 @@ def _from_length(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
 
 
 def _rows(values: Array, which: str, b: int) -> Array:
-    return values[:b] if which == "first" else values[b : 2 * b]  # padded layout: row r = sequence r
+    start = PARTS.index(which) * b
+    return values[start : start + b]  # padded layout: row r = sequence r
 
 
 def _from_token(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
@@ -432,6 +456,7 @@ def _from_state(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
 # One function per source of alignjax.losses.providers (tests check every source has one).
 SOURCES: dict[str, Callable[[str, inputs_table.Provider, _Context], Any]] = {
     "sequence": _from_sequence,
+    "prompt": _from_prompt,
     "length": _from_length,
     "token": _from_token,
     "mask": _from_mask,
@@ -478,13 +503,42 @@ def _forward_needs(spec: StepSpec) -> dict[str, set[str]]:
         if p.source == "distribution":
             for model, what in _STAT_NEEDS[p.stat].items():
                 needs[model].add(what)
+        if p.source == "prompt":
+            needs[p.model].add("prompt_seq")
     return needs
+
+
+def prompt_mask(batch: Mapping[str, Array]) -> Array:
+    """1 on the prompt tokens of each sequence that something predicts: in the padded and packed
+    layouts every token of a segment that is not a completion token, but its first."""
+    inside = (batch["segment_ids"] > 0) & (batch["positions"] > 0)
+    return (inside & (batch["loss_mask"] == 0)).astype(jnp.float32)
+
+
+def _with_prompt_sums(
+    model: Any, params: Any, batch: Mapping[str, Array], n: int, spec: StepSpec
+) -> dict[str, Array]:
+    """One forward scoring completion and prompt tokens, reduced over each mask separately."""
+    completion, prompt = batch["loss_mask"].astype(jnp.float32), prompt_mask(batch)
+    _, tok = logprobs.batch_sequence_logps(
+        model, params, dict(batch, loss_mask=completion + prompt), n,
+        vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk,
+    )
+    ids = batch["example_ids"]
+    return {
+        "seq": logprobs.sequence_logps(tok, completion, ids, n),
+        "tok": tok * completion,
+        "prompt_seq": logprobs.sequence_logps(tok, prompt, ids, n),
+    }
 
 
 def _forward(
     model: Any, params: Any, batch: Mapping[str, Array], n: int, spec: StepSpec, keep: set[str]
 ) -> dict[str, Array]:
-    """``seq`` [N], ``tok`` [R, T] (masked), and the ``logits``/``hidden`` named in ``keep``."""
+    """``seq`` [N], ``tok`` [R, T] (masked), and the ``logits``/``hidden``/``prompt_seq`` named in
+    ``keep``."""
+    if keep == {"prompt_seq"}:
+        return _with_prompt_sums(model, params, batch, n, spec)
     if not keep:
         seq, tok = logprobs.batch_sequence_logps(
             model, params, batch, n, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk
@@ -494,9 +548,12 @@ def _forward(
     hidden = model.hidden(params, batch["input_ids"], **kwargs)
     logits = model.logits_from_hidden(params, hidden)
     mask = batch["loss_mask"].astype(jnp.float32)
-    tok = logprobs.next_token_logps(logits, batch["input_ids"]) * mask
+    every = logprobs.next_token_logps(logits, batch["input_ids"])
+    tok = every * mask
     out = {"seq": logprobs.sequence_logps(tok, mask, batch["example_ids"], n), "tok": tok}
     out.update({k: v for k, v in (("logits", logits), ("hidden", hidden)) if k in keep})
+    if "prompt_seq" in keep:
+        out["prompt_seq"] = logprobs.sequence_logps(every, prompt_mask(batch), batch["example_ids"], n)
     return out
 
 

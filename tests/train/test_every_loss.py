@@ -47,7 +47,7 @@ def sources(tmp_path_factory):
         win = [float(rng.uniform(0.0, 1.0)), float(rng.uniform(0.0, 1.0))]  # GPO: need not sum to 1
         rows["step"].append(dict(r, source_logps=src, chosen_visits=visits[0], rejected_visits=visits[1],
                                  chosen_probs_win=win[0], chosen_probs_lose=win[1],
-                                 semantic_distance=float(rng.uniform(0.0, 1.0))))
+                                 semantic_distance=float(rng.uniform(0.0, 1.0)), rationale="1"))
         rows["listwise"].append({"prompt": r["prompt"], "candidates": [r["chosen"], r["rejected"]],
                                  "scores": [1.0, 0.0]})
     paths = {}
@@ -80,7 +80,9 @@ def _metrics(workdir):
 
 def _run(tmp_path, name, loss, kind, source, **loss_keys):
     workdir = tmp_path / name
-    run_train(_config(loss, kind, source, **loss_keys), str(workdir))
+    config = _config(loss, kind, source, **loss_keys)
+    config.data.rationale_template = "="  # rationale_dpo's third sequence: prompt = 1 <eos>
+    run_train(config, str(workdir))
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     return rows
