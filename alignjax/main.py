@@ -45,6 +45,10 @@ JOBS = {
     "repro_adpo_noise": "alignjax.repro.adpo_noise:run",
     "repro_three_d": "alignjax.repro.three_d:run",
     "repro_diffusion2d": "alignjax.repro.diffusion2d:run",
+    "repro_wpo_offpolicy": "alignjax.repro.wpo_offpolicy:run",
+    "repro_sparsepo_tokens": "alignjax.repro.sparsepo_tokens:run",
+    "repro_sem_dpo_drift": "alignjax.repro.sem_dpo_drift:run",
+    "repro_secrets_noise": "alignjax.repro.secrets_noise:run",
 }
 
 
