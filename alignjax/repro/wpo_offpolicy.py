@@ -1,0 +1,203 @@
+"""Reproduction: WPO vs DPO when most preference pairs are off-policy.
+
+Claim ("WPO: Enhancing RLHF with Weighted Preference Optimization", Zhou et al., arXiv 2406.11827):
+off-policy preference data (responses sampled from other models) leaves a gap between the data and the
+policy; weighting each pair by the policy's own (length-normalised, aligned) probability of its two
+responses, w = min(1, exp(a_w + a_l)), a = mean_t(log p_t - log sum_v p_v^2), simulates on-policy
+learning and improves over DPO trained on the same off-policy pairs.
+
+Task (synthetic; the policy is a per-prompt linear family over token features, so pairs compete for
+the same few parameters, as they do in a network): P prompts, responses of T tokens over V tokens.
+The reference's per-position logits are random (``ref_scale`` N(0, 1)); the policy's logits are
+ref[p, t, v] + phi(v) . theta_p, with fixed token features phi [V, d] and d < V trainable numbers per
+prompt (theta = 0 at the start: policy = reference). A response's true reward is r(y) = sum_t R[p, y_t]:
+``reward="misspecified"``: R random, independent of phi (what the features can express differs between
+regions of the token space, so preferences among rare tokens do not transfer to the common ones);
+``reward="linear"``: R = phi w_p (every pair carries the same direction: a control where off-policy
+pairs are fully informative). Pairs per prompt: a share ``off_policy`` of both responses sampled from a
+behaviour model softmax(-ref) (it favours what the reference rarely says), the rest sampled from the
+reference (on-policy at the start); the chosen one has the higher true reward. Losses: the library's
+``dpo`` and ``wpo`` (weights from the current policy each step, library ``log_sum_sq_probs`` /
+``wpo_aligned_logps``), and ``dpo_on_policy_only`` (DPO on the on-policy pairs alone: what a perfect
+filter would give). Full-batch Adam. Metric: the gain in expected true reward E_pi[r] - E_ref[r]
+(exact, the policy factorises over positions) and KL(pi || ref) per response.
+
+    python -m alignjax.main --config=experiments/repro_wpo_offpolicy.py --workdir=workdirs/repro_wpo
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import alignjax.losses as losses
+from alignjax.losses import modifiers
+from alignjax.repro import common
+
+METHODS = ("dpo", "wpo", "dpo_on_policy_only")
+REWARDS = ("misspecified", "linear")
+
+
+def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, features: int, pairs_per_prompt: int,
+              off_policy: float, ref_scale: float, reward: str) -> dict[str, np.ndarray]:
+    """Reference logits [P, T, V], features [V, d], token rewards [P, V], pairs [N, T] with their prompt
+    and an ``off`` flag [N] (sampled from softmax(-ref) rather than the reference)."""
+    if reward not in REWARDS:
+        raise ValueError(f"config.reward={reward!r}; choose one of {list(REWARDS)}")
+    rng = np.random.default_rng(seed)
+    ref = ref_scale * rng.normal(size=(num_prompts, length, vocab))
+    phi = rng.normal(size=(vocab, features))
+    if reward == "linear":
+        rewards = phi @ rng.normal(size=(features, num_prompts)) / np.sqrt(features)
+        rewards = rewards.T
+    else:
+        rewards = rng.normal(size=(num_prompts, vocab))
+    prompt = np.repeat(np.arange(num_prompts), pairs_per_prompt)
+    off = rng.random(prompt.size) < off_policy
+
+    def sample(logits: np.ndarray) -> np.ndarray:  # [N, T, V] -> [N, T]
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        u = rng.random(p.shape[:-1] + (1,))
+        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+
+    behaviour = np.where(off[:, None, None], -ref[prompt], ref[prompt])
+    a, b = sample(behaviour), sample(behaviour)
+    ra = rewards[prompt[:, None], a].sum(-1)
+    rb = rewards[prompt[:, None], b].sum(-1)
+    keep = ra != rb
+    win = np.where((ra > rb)[:, None], a, b)[keep]
+    lose = np.where((ra > rb)[:, None], b, a)[keep]
+    return dict(ref=ref.astype(np.float32), phi=phi.astype(np.float32), rewards=rewards.astype(np.float32),
+                prompt=prompt[keep], chosen=win, rejected=lose, off=off[keep])
+
+
+def policy_logits(theta: jax.Array, ref: jax.Array, phi: jax.Array) -> jax.Array:
+    """[P, T, V]: ref[p, t, v] + phi(v) . theta_p."""
+    return ref + jnp.einsum("vd,pd->pv", phi, theta)[:, None, :]
+
+
+def expected_reward(logits: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+    """E_pi[r] per prompt [P] for r(y) = sum_t R[p, y_t] and a policy that factorises over positions."""
+    p = np.asarray(jax.nn.softmax(logits, -1))
+    return np.einsum("ptv,pv->p", p, rewards)
+
+
+def kl(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """KL(pi || ref) per prompt [P], summed over positions."""
+    lp, lq = np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(jax.nn.log_softmax(ref, -1))
+    return np.sum(np.exp(lp) * (lp - lq), axis=(-1, -2))
+
+
+def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, lr: float) -> np.ndarray:
+    """Full-batch Adam on theta [P, d]; returns the final policy logits [P, T, V]."""
+    ref, phi = jnp.asarray(task["ref"]), jnp.asarray(task["phi"])
+    sel = ~task["off"] if method == "dpo_on_policy_only" else np.ones_like(task["off"])
+    prompt = jnp.asarray(task["prompt"][sel])
+    w, lo = jnp.asarray(task["chosen"][sel]), jnp.asarray(task["rejected"][sel])
+    pos = jnp.arange(w.shape[1])[None]
+    mask = jnp.ones(w.shape, jnp.float32)
+    loss_fn = losses.get("wpo" if method == "wpo" else "dpo")
+
+    def token_logps(logits, y):  # [P, T, V], [N, T] -> [N, T]
+        return jax.nn.log_softmax(logits, -1)[prompt[:, None], pos, y]
+
+    ref_w, ref_l = token_logps(ref, w).sum(-1), token_logps(ref, lo).sum(-1)
+
+    def objective(theta):
+        logits = policy_logits(theta, ref, phi)
+        tw, tl = token_logps(logits, w), token_logps(logits, lo)
+        args = (tw.sum(-1), tl.sum(-1), ref_w, ref_l)
+        if method == "wpo":
+            lss = modifiers.log_sum_sq_probs(jax.lax.stop_gradient(logits))[prompt]  # [N, T]
+            aw = modifiers.wpo_aligned_logps(jax.lax.stop_gradient(tw), lss, mask)
+            al = modifiers.wpo_aligned_logps(jax.lax.stop_gradient(tl), lss, mask)
+            return jnp.mean(loss_fn(*args, aw, al, beta=beta))
+        return jnp.mean(loss_fn(*args, beta=beta))
+
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(theta, opt):
+        g = jax.grad(objective)(theta)
+        upd, opt = tx.update(g, opt)
+        return optax.apply_updates(theta, upd), opt
+
+    theta = jnp.zeros((ref.shape[0], phi.shape[1]), jnp.float32)
+    opt = tx.init(theta)
+    for _ in range(steps):
+        theta, opt = step(theta, opt)
+    return np.asarray(policy_logits(theta, ref, phi))
+
+
+def pair_weights(task: dict[str, np.ndarray]) -> np.ndarray:
+    """WPO's weight of every pair under the reference (the policy at step 0), [N]."""
+    ref = jnp.asarray(task["ref"])
+    prompt, pos = task["prompt"], np.arange(task["chosen"].shape[1])[None]
+    lp = np.asarray(jax.nn.log_softmax(ref, -1))
+    lss = np.asarray(modifiers.log_sum_sq_probs(ref))[prompt]
+    mask = np.ones(task["chosen"].shape, np.float32)
+    a = [np.asarray(modifiers.wpo_aligned_logps(lp[prompt[:, None], pos, y], lss, mask))
+         for y in (task["chosen"], task["rejected"])]
+    return np.minimum(1.0, np.exp(a[0] + a[1]))
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Every (reward, off-policy share, beta, method, seed) cell; the main table at ``config.beta`` and a
+    beta sweep (``config.sweep_betas``) on the first reward kind, to compare at matched KL."""
+    seeds = list(config.seeds)
+    rows: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    weights: dict[str, dict[int, dict[str, float]]] = {}
+    betas = sorted({float(config.beta), *(float(b) for b in config.sweep_betas)})
+    for reward in config.rewards:
+        for off in config.off_policy_levels:
+            for seed in seeds:
+                task = make_task(seed, num_prompts=config.num_prompts, length=config.length,
+                                 vocab=config.vocab, features=config.features,
+                                 pairs_per_prompt=config.pairs_per_prompt, off_policy=off,
+                                 ref_scale=config.ref_scale, reward=reward)
+                on = ~task["off"]
+                if reward == config.rewards[0]:
+                    w0 = pair_weights(task)
+                    weights.setdefault(f"{off:.1f}", {})[seed] = {
+                        "on_policy": float(w0[on].mean()) if on.any() else float("nan"),
+                        "off_policy": float(w0[~on].mean()) if (~on).any() else float("nan")}
+                base = expected_reward(task["ref"], task["rewards"])
+                for beta in betas:
+                    if beta != config.beta and (reward != config.rewards[0] or off == 0):
+                        continue
+                    for m in METHODS:
+                        if m == "dpo_on_policy_only" and (not on.any() or beta != config.beta):
+                            continue
+                        logits = train(task, m, beta=beta, steps=config.steps, lr=config.learning_rate)
+                        rows.setdefault(f"{reward}/{off:.1f}/{beta:g}/{m}", {})[seed] = {
+                            "reward_gain": float(np.mean(expected_reward(logits, task["rewards"]) - base)),
+                            "kl": float(np.mean(kl(logits, task["ref"]))),
+                        }
+
+    def cell(key: str, metric: str) -> str:
+        return common.fmt([rows[key][s][metric] for s in seeds]) if key in rows else "n/a"
+
+    header = ["reward", "off-policy pairs", *(f"{m}: E[r] gain" for m in METHODS),
+              *(f"{m}: KL" for m in METHODS)]
+    table = [[reward, f"{off:.0%}",
+              *(cell(f"{reward}/{off:.1f}/{config.beta:g}/{m}", "reward_gain") for m in METHODS),
+              *(cell(f"{reward}/{off:.1f}/{config.beta:g}/{m}", "kl") for m in METHODS)]
+             for reward in config.rewards for off in config.off_policy_levels]
+    markdown = common.markdown_table(header, table)
+    sweep = [[f"{off:.0%}", f"{beta:g}",
+              *(f"{cell(k, 'reward_gain')} (KL {cell(k, 'kl')})"
+                for k in (f"{config.rewards[0]}/{off:.1f}/{beta:g}/{m}" for m in METHODS[:2]))]
+             for off in config.off_policy_levels if off > 0 for beta in betas]
+    markdown += "\n\n" + common.markdown_table(
+        ["off-policy pairs", "beta", f"dpo: E[r] gain ({config.rewards[0]})", "wpo: E[r] gain"], sweep)
+    wrow = [[f"{float(k):.0%}", common.fmt([v[s]["on_policy"] for s in seeds]),
+             common.fmt([v[s]["off_policy"] for s in seeds])] for k, v in weights.items()]
+    markdown += "\n\n" + common.markdown_table(
+        ["off-policy pairs", "WPO weight at step 0: on-policy pairs", "off-policy pairs"], wrow)
+    common.write_table(workdir, {"rows": rows, "weights": weights, "config": config.to_dict()}, markdown)
+    return {"rows": rows, "weights": weights, "markdown": markdown}
