@@ -20,7 +20,8 @@ Optional per-example extras, carried into batches as ``[B]`` arrays: ``margin``,
 (``[chosen, rejected]`` or ``{"chosen", "rejected"}``, stored as ``source_chosen_logps`` /
 ``source_rejected_logps``), GPO's win probabilities against the current policy ``chosen_probs_win``
 = P(y_w > pi_t) and ``chosen_probs_lose`` = P(y_l > pi_t) (each in [0, 1], and they
-need not sum to one; SPPO's and GPO's names), and Sem-DPO's ``semantic_distance`` (>= 0: 1 - cos of sentence
+need not sum to one; SPPO's and GPO's names), BCO's ``prompt_desirable_prob`` (in [0, 1]: a prompt
+classifier's probability that the prompt is from the desirable set), and Sem-DPO's ``semantic_distance`` (>= 0: 1 - cos of sentence
 embeddings of the prompt and y_w, computed offline). ``rationale`` and ``subset`` (RewardBench's
 subset name) are strings kept on the record but never batched. ``append_eos`` (bool, default true)
 set to false keeps completions as written: partial solutions such as one reasoning step of MCTS-DPO,
@@ -45,7 +46,9 @@ OWN_PROMPTS = ("chosen_prompt", "rejected_prompt")  # DOVE: each side of a pair 
 # Probabilities in [0, 1]: each response's probability of beating the current policy (GPO / SPPO),
 # named as the official SPPO and GPO data scripts write them (``compute_prob.py``:
 # ``chosen_probs_win`` = P(y_w > pi_t), ``chosen_probs_lose`` = P(y_l > pi_t)).
-PROBABILITY_EXTRAS = ("chosen_probs_win", "chosen_probs_lose")
+# BCO's underlying-distribution matching: a prompt classifier's probability that the prompt comes
+# from the desirable set (TRL fits a logistic regression on prompt embeddings), computed offline.
+PROBABILITY_EXTRAS = ("chosen_probs_win", "chosen_probs_lose", "prompt_desirable_prob")
 # Distances, >= 0: Sem-DPO's cosine distance of sentence embeddings, 1 - cos(e(x), e(y_w)), in [0, 2].
 DISTANCE_EXTRAS = ("semantic_distance",)
 FLOAT_EXTRAS = (

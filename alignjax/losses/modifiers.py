@@ -33,7 +33,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from alignjax.losses.pairwise import as_f32, check_vectors, clamp_lengths, dpo
+from alignjax.losses.pairwise import as_f32, check_vectors, completion_nll, dpo
 from alignjax.losses.registry import register
 
 Array = jax.Array
@@ -92,28 +92,20 @@ def extend_loss(base: LossFn, combine: Callable[[Callable[..., Array], dict], Ar
 # ----------------------------------------------------------------------------- NLL (RPO / CPO / SPaR "sft")
 
 
-def chosen_nll(chosen_logps: Array, chosen_lengths: Array) -> Array:
-    """Per-example NLL of the chosen response as a per-token mean: -S_w / n_w (n clamped to >= 1), [B].
-
-    A per-token mean (not a sum) keeps the term's scale independent of response length, as RPO's
-    -log M(y_w | x) / |y_w| does. (TRL's ``sft`` term averages over all chosen tokens of the batch,
-    which weights long responses more; with equal lengths the two agree.)
-    """
-    (s,) = as_f32(chosen_logps)
-    return -s / clamp_lengths(chosen_lengths)
-
-
 def with_nll(base: LossFn, *, weight: float = 1.0, name: str | None = None) -> LossFn:
-    """Adds ``nll_weight * chosen_nll`` (RPO: "Iterative Reasoning Preference Optimization", arXiv 2404.19733;
-    also the 3D-properties mitigation L_DPO + lambda NLL(y_w)). Extra input ``chosen_lengths``; hyper
-    ``nll_weight`` (default ``weight``)."""
+    """Adds ``nll_weight * NLL(y_w)`` (RPO: "Iterative Reasoning Preference Optimization", arXiv 2404.19733;
+    also the 3D-properties mitigation L_DPO + lambda NLL(y_w)). Extra input ``chosen_lengths``; hypers
+    ``nll_weight`` (default ``weight``) and ``nll_reduction`` (:func:`completion_nll`)."""
     return extend_loss(
-        base, lambda call, v: call() + v["nll_weight"] * chosen_nll(v["chosen_logps"], v["chosen_lengths"]),
+        base, lambda call, v: call() + v["nll_weight"] * completion_nll(
+            v["chosen_logps"], v["chosen_lengths"], v["nll_reduction"]),
         name=name or f"{base.__name__}_nll", extra_inputs=("chosen_logps", "chosen_lengths"),
-        extra_hyper={"nll_weight": weight},
-        doc=f"{base.__name__} + nll_weight * NLL(y_w), NLL = -S_w / n_w (per-token mean, n >= 1).\n"
+        extra_hyper={"nll_weight": weight, "nll_reduction": "sequence"},
+        doc=f"{base.__name__} + nll_weight * NLL(y_w): nll_reduction 'sequence' = -S_w / n_w per example\n"
+            "(RPO's per-token mean, n >= 1) or 'tokens' = TRL's mean over every chosen token of the batch.\n"
             "Paper: \"Iterative Reasoning Preference Optimization\" (arXiv 2404.19733).\n"
-            f"Extra inputs: chosen_lengths [B]. Hyperparameters: nll_weight = {weight}.")
+            f"Extra inputs: chosen_lengths [B]. Hyperparameters: nll_weight = {weight}, nll_reduction = "
+            "'sequence'.")
 
 
 # ----------------------------------------------------------------------------- WPO

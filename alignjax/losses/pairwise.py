@@ -45,6 +45,27 @@ def clamp_lengths(lengths: Array) -> Array:
     return jnp.maximum(jnp.asarray(lengths).astype(jnp.float32), 1.0)
 
 
+NLL_REDUCTIONS = ("sequence", "tokens")
+
+
+def completion_nll(logps: Array, lengths: Array, reduction: str = "sequence") -> Array:
+    """Per-example completion NLL, [B]; the caller averages over examples.
+
+        reduction="sequence":  L_i = -S_i / max(n_i, 1)          (each example's own token mean)
+        reduction="tokens":    L_i = -S_i / max(mean_j n_j, 1)   (mean_i L_i = -sum S / sum n)
+
+    "tokens" is TRL's reduction (the mean over every completion token of the batch: its ``sft``
+    loss_type, RPO's NLL term and SFTTrainer), which weights long completions more; "sequence" keeps
+    long and short completions on one scale (RPO's -log M(y_w | x) / |y_w|). Equal lengths: equal.
+    """
+    if reduction not in NLL_REDUCTIONS:
+        raise ValueError(f"NLL reduction must be one of {list(NLL_REDUCTIONS)}; got {reduction!r}")
+    n = jnp.asarray(lengths, jnp.float32)
+    if reduction == "tokens":
+        n = jnp.mean(n)
+    return -jnp.asarray(logps, jnp.float32) / jnp.maximum(n, 1.0)
+
+
 def check_vectors(**arrays: Array | None) -> None:
     """Asserts that the given arrays (None skipped) are rank-1 and of one shape [B]."""
     present = {k: v for k, v in arrays.items() if v is not None}

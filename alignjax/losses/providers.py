@@ -142,6 +142,11 @@ PROVIDERS: dict[str, Provider] = {
                                "'chosen_probs_lose'; need not sum to one with P(y_w > pi_t))"),
     "semantic_distance": _col("semantic_distance", PAIRS, "Sem-DPO: 1 - cos(e(x), e(y_w)) of sentence "
                               "embeddings, computed once offline (the record's 'semantic_distance')"),
+    "density_weights": _col("prompt_desirable_prob", ("unpaired",), "BCO's UDM weights w = clip(p / (1 - p), "
+                            "min_density_ratio, max_density_ratio), p = a prompt classifier's probability "
+                            "that the prompt is desirable (the record's 'prompt_desirable_prob')",
+                            transform="alignjax.losses.unpaired:bco_density_ratio",
+                            hyper=(("min_density_ratio", 0.5), ("max_density_ratio", 10.0))),
     "margin": _col("margin", ALL_KINDS, "the record's 'margin'"),
     "score": _col("score", ALL_KINDS, "the record's 'score'"),
     "weight": _col("weight", ALL_KINDS, "the record's 'weight' (1 where absent)"),
@@ -155,7 +160,6 @@ PENDING: dict[str, str] = {
     "degree_logits": "SPO's preference-degree head on the policy (not built)",
     "degree_labels": "SPO's self-supervised degree labels (built by removing key content; not built)",
     "chosen_probs": "ADPO's pairwise soft target (a per-example column); not batched yet",
-    "density_weights": "BCO's density-ratio weights from a prompt classifier (not built)",
     "candidate_mask": "listwise batches have a fixed K per batch: no mask is needed",
     "chosen_kl_mask": "SparsePO's separate KL masks (the step provides the shared mask)",
     "rejected_kl_mask": "SparsePO's separate KL masks (the step provides the shared mask)",

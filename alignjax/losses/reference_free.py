@@ -2,7 +2,8 @@
 
 Arrays: ``chosen_logps, rejected_logps`` (summed policy log-probs S, [B]), ``chosen_lengths,
 rejected_lengths`` (token counts n, [B], clamped to >= 1). Returns per-example losses [B] in float32.
-NLL terms are per-token means, -S_w / n_w, per example (see ``modifiers.chosen_nll``).
+NLL terms are per-token means, -S_w / n_w, per example, or with ``nll_reduction="tokens"`` TRL's
+mean over every chosen token of the batch (``pairwise.completion_nll``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from alignjax.losses.pairwise import (
     check_probability,
     check_vectors,
     clamp_lengths,
+    completion_nll,
 )
 from alignjax.losses.registry import register
 
@@ -50,25 +52,26 @@ def simpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rej
 
 @register("cpo", family="reference_free")
 def cpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, *, beta: float = 0.1,
-        label_smoothing: float = 0.0, nll_weight: float = 1.0) -> Array:
+        label_smoothing: float = 0.0, nll_weight: float = 1.0, nll_reduction: str = "sequence") -> Array:
     """CPO: reference-free DPO plus behaviour cloning on the chosen response.
 
     Formula: z = beta (S_w - S_l);  loss = -(1 - eps) ls(z) - eps ls(-z) + nll_weight * (-S_w / n_w).
     Paper: "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine
     Translation" (arXiv 2401.08417).
     Shapes: two [B] log-probs, ``chosen_lengths`` [B] -> [B].
-    Hyperparameters: beta = 0.1; label_smoothing = 0.0; nll_weight = 1.0 (NLL as a per-token mean).
+    Hyperparameters: beta = 0.1; label_smoothing = 0.0; nll_weight = 1.0; nll_reduction = "sequence"
+    (the module docstring; TRL's CPOTrainer: "tokens").
     """
     check_probability("label_smoothing", label_smoothing)
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths)
     sw, sl = as_f32(chosen_logps, rejected_logps)
-    nll = -sw / clamp_lengths(chosen_lengths)
+    nll = completion_nll(sw, chosen_lengths, nll_reduction)
     return _smoothed_sigmoid(beta * (sw - sl), label_smoothing) + nll_weight * nll
 
 
 @register("orpo", family="reference_free")
 def orpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rejected_lengths: Array, *,
-         beta: float = 0.1) -> Array:
+         beta: float = 0.1, nll_reduction: str = "sequence") -> Array:
     """ORPO: NLL on the chosen response plus an odds-ratio preference term.
 
     Formula: lbar = S / n (mean token log-prob, so p = exp(lbar));  log odds(p) = lbar - log(1 - exp(lbar));
@@ -76,7 +79,8 @@ def orpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, reje
     log(1 - exp(.)) is a stable log1mexp; lbar is capped at -1e-6 (p = 1 would make the odds infinite).
     Paper: "ORPO: Monolithic Preference Optimization without Reference Model" (arXiv 2403.07691).
     Shapes: two [B] summed log-probs, two [B] lengths -> [B].
-    Hyperparameters: beta = 0.1 (the paper's lambda; TRL's ``beta``).
+    Hyperparameters: beta = 0.1 (the paper's lambda; TRL's ``beta``); nll_reduction = "sequence" for
+    the NLL term (the module docstring; TRL's ORPOTrainer: "tokens"; the odds always use S / n).
     """
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
                   rejected_lengths=rejected_lengths)
@@ -85,7 +89,7 @@ def orpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, reje
     ll = sl / clamp_lengths(rejected_lengths)
     cw, cl = jnp.minimum(lw, -1e-6), jnp.minimum(ll, -1e-6)
     log_odds = (cw - log1mexp(cw)) - (cl - log1mexp(cl))
-    return -lw - beta * jax.nn.log_sigmoid(log_odds)
+    return completion_nll(sw, chosen_lengths, nll_reduction) - beta * jax.nn.log_sigmoid(log_odds)
 
 
 @register("alphapo", family="reference_free")

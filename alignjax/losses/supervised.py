@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import chex
 import jax
-import jax.numpy as jnp
 
+from alignjax.losses.pairwise import completion_nll
 from alignjax.losses.registry import register
 
 
@@ -33,9 +33,4 @@ def sft(chosen_logps: chex.Array, chosen_lengths: chex.Array, *, reduction: str 
     """
     chex.assert_rank([chosen_logps, chosen_lengths], 1)
     chex.assert_equal_shape([chosen_logps, chosen_lengths])
-    n = jnp.asarray(chosen_lengths, jnp.float32)
-    if reduction == "tokens":
-        n = jnp.mean(n)
-    elif reduction != "sequence":
-        raise ValueError(f"sft reduction must be 'sequence' or 'tokens'; got {reduction!r}")
-    return -jnp.asarray(chosen_logps, jnp.float32) / jnp.maximum(n, 1.0)
+    return completion_nll(chosen_logps, chosen_lengths, reduction)

@@ -175,9 +175,9 @@ def bco_update_state(state: BCOState, rewards: chex.Array, *, ema_decay: float |
 
 
 def bco_density_ratio(
-    probs: chex.Array, *, min_ratio: float = 0.5, max_ratio: float = 10.0, eps: float = 1e-8
+    probs: chex.Array, *, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0, eps: float = 1e-8
 ) -> jax.Array:
-    """Density-ratio weight w = clip(p / (1 - p + eps), min_ratio, max_ratio) for BCO's UDM.
+    """Density-ratio weight w = clip(p / (1 - p + eps), min_density_ratio, max_density_ratio) (BCO UDM).
 
     ``probs`` [B] are a prompt classifier's probabilities that a prompt comes from the desirable
     set (TRL: a logistic regression on prompt embeddings); defaults are TRL's
@@ -185,7 +185,7 @@ def bco_density_ratio(
     trained separately, not through this loss).
     """
     p = jax.lax.stop_gradient(_float(probs))
-    return jnp.clip(p / (1.0 - p + eps), min_ratio, max_ratio)
+    return jnp.clip(p / (1.0 - p + eps), min_density_ratio, max_density_ratio)
 
 
 @register("bco", family="unpaired", stateful=True)

@@ -262,7 +262,8 @@ def make_step_spec(config: Any, batch_size: int, reference: str) -> StepSpec:
     comps = loss_components(config.loss)
     specs = [losses.spec(n) for n, _ in comps]
     required = tuple(dict.fromkeys(r for s in specs for r in s.required))
-    provider_hyper = inputs_table.provider_hyperparameters(required)
+    optional = tuple(o for s in specs for o in s.optional)
+    provider_hyper = inputs_table.provider_hyperparameters(required + optional)
     given = {k: v for k, v in config.loss.items() if k not in _LOSS_KEYS and v is not None}
     nll = config.loss.get("nll_weight")
     own_nll = any("nll_weight" in s.hyperparameters for s in specs)

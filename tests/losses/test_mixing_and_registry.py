@@ -79,6 +79,21 @@ def test_mix_equals_trl_loss_type_list_with_loss_weights(types_weights):
         assert set(metrics) == {"loss/objective", *(f"loss/{losses.canonical(t)}" for t in loss_types)}
 
 
+@pytest.mark.parametrize("loss", ["rpo", "spar"])
+def test_nll_losses_with_token_reduction_equal_trls_sigmoid_plus_weighted_sft(loss):
+    """TRL 1.16 writes RPO as loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha]: our rpo/spar
+    with nll_reduction="tokens" and nll_weight=alpha are that objective."""
+    token, completion, logps, ref, lengths = _batch(2)
+    config = _config(loss, beta=BETA, nll_weight=0.7, nll_reduction="tokens")
+    spec = steplib.make_step_spec(config, B, "model")
+    inputs = {"chosen_logps": logps[:B], "rejected_logps": logps[B:], "ref_chosen_logps": ref[:B],
+              "ref_rejected_logps": ref[B:], "chosen_lengths": lengths[:B]}
+    loss_value, _, _ = steplib.combine_losses(spec, {k: jnp.asarray(v) for k, v in inputs.items()})
+    want = _trl_mix(token, completion, ref, ("sigmoid", "sft"), (1.0, 0.7))
+    np.testing.assert_allclose(float(loss_value), want, rtol=2e-6)
+    assert not np.allclose(lengths[:B], lengths[:B].mean())  # the two reductions differ on this batch
+
+
 def test_sft_reductions_and_the_nll_weight_is_the_losses_own():
     token, completion, logps, ref, lengths = _batch(1)
     per_seq = losses.get("sft")(jnp.asarray(logps[:B]), jnp.asarray(lengths[:B]))

@@ -165,3 +165,32 @@ def test_a_bad_column_value_names_file_and_line(tmp_path, field, value, problem)
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(ValueError, match="^" + re.escape(f"{path}:6: {problem}") + "$"):
         next(_data(path))
+
+
+def test_bco_weighs_undesirable_rows_by_the_prompt_classifiers_density_ratio(tmp_path):
+    """BCO's underlying-distribution matching: at step 1 (policy = reference, so r = delta = 0) the
+    desirable rows' loss is log 2 and the undesirable rows' is w log 2, w = TRL's UDM weight
+    ``(p / (1 - p + 1e-8)).clamp(min_density_ratio, max_density_ratio)`` of the row's classifier
+    probability; config.loss.max_density_ratio reaches the provider."""
+    rng = np.random.default_rng(5)
+    recs = [dict(r, prompt_desirable_prob=float(rng.uniform(0.05, 0.95)))
+            for r in synthetic.records("arithmetic_dpo", "train")[:ROWS]]
+    path = tmp_path / "udm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    config = _config("bco", path, steps=1)
+    config.data.kind = "unpaired"
+    config.loss.max_density_ratio = 3.0
+    workdir = tmp_path / "run"
+    run_train(config, str(workdir))
+    (row,) = _metrics_rows(workdir)
+    first, _ = data_iterator(config, str(path), config.data.batch_size, workdir=str(workdir))
+    host = next(first)
+    p = host["prompt_desirable_prob"].astype(np.float64)
+    w = np.clip(p / (1 - p + 1e-8), 0.5, 3.0)
+    want = np.mean(np.where(host["label"], 1.0, w) * np.log(2.0))
+    assert row["loss"] == pytest.approx(want, rel=1e-5)
+    assert w.max() == 3.0 and w.min() == 0.5  # both clamps are hit by this batch
+
+
+def _metrics_rows(workdir):
+    return [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in r]
