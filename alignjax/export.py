@@ -1,6 +1,7 @@
 """A training workdir -> a complete Hugging Face checkpoint directory.
 
   python -m alignjax.export --workdir=DIR [--step=N] --out=OUT [--dtype=bfloat16] [--max_shard_size=5GB]
+  python -m alignjax.export --workdir=DIR --peft=ADAPTER_DIR     # a LoRA run's adapter, PEFT's format
 
 reads the run's ``config.json`` and its latest (or step ``N``) orbax checkpoint, and writes to ``OUT``
 (local or ``gs://``): ``config.json`` with ``bos/eos/pad_token_id``, ``generation_config.json``,
@@ -8,7 +9,11 @@ safetensors (``model.safetensors``, or shards of at most ``max_shard_size`` with
 ``model.safetensors.index.json``) and the tokenizer of ``config.data.tokenizer`` with its chat
 template (``ChatTokenizer.save_pretrained``: ``tokenizer.json``, ``tokenizer_config.json``,
 ``chat_template.jinja``). Policy runs load with ``AutoModelForCausalLM``; reward-model runs
-(``job=reward_model``, value heads) with ``AutoModelForSequenceClassification``.
+(``job=reward_model``, value heads) with ``AutoModelForSequenceClassification``. A LoRA run
+(``config.model.lora.rank > 0``) is written merged (``W + s A B``; QLoRA's base dequantized), and with
+``--peft`` its adapter as PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+(``alignjax.models.lora.save_peft``), which ``peft.PeftModel.from_pretrained`` loads onto the base
+model (``config.model.path``; ``--out`` is then optional).
 
 Memory: the params are restored sharded over all devices (an fsdp mesh), and each tensor is gathered
 to the host, cast, written and dropped in turn (``alignjax.models.hf.write_safetensors``), so a host
@@ -176,9 +181,10 @@ def export_run(
     step: int | None = None,
     dtype: str = "bfloat16",
     max_shard_size: int | str = "5GB",
+    peft: str | None = None,
 ) -> dict[str, Any]:
-    """Writes the run in ``workdir`` to ``out`` as an HF checkpoint (module docstring); returns what
-    was written."""
+    """Writes the run in ``workdir`` to ``out`` as an HF checkpoint (module docstring), and a LoRA
+    run's adapter to ``peft`` in PEFT's format; returns what was written."""
     from alignjax.data import resolve_tokenizer
     from alignjax.models import save_pretrained
     from alignjax.models.hf import parse_size
@@ -186,6 +192,19 @@ def export_run(
 
     parse_size(max_shard_size)  # a bad size fails before the restore
     run = load_run(workdir, step)
+    report: dict[str, Any] = {"workdir": workdir, "step": run.step}
+    if peft:
+        from alignjax.models import lora
+
+        if run.is_reward_model or lora.model_lora(run.model) is None:
+            raise ValueError(
+                f"--peft: the run in {workdir} is not a LoRA policy run (config.model.lora.rank > 0, "
+                "job=train)"
+            )
+        lora.save_peft(run.model, run.params, peft, base_model=run.config["model"]["path"])
+        report["peft"] = str(peft)
+    if not out:
+        return report
     tokenizer = resolve_tokenizer(run.config["data"]["tokenizer"])
     if run.is_reward_model:
         save_classifier(
@@ -202,7 +221,7 @@ def export_run(
             run.model, run.params, out, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer
         )
     kind = "AutoModelForSequenceClassification" if run.is_reward_model else "AutoModelForCausalLM"
-    return {"workdir": workdir, "step": run.step, "out": str(out), "dtype": dtype, "loads_as": kind}
+    return {**report, "out": str(out), "dtype": dtype, "loads_as": kind}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,14 +237,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity(logging.ERROR)  # orbax warns that the manager is read-only, as asked
     parser = _Parser(prog="python -m alignjax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (local or gs://)")
-    parser.add_argument("--out", required=True, help="output directory (local or gs://)")
+    parser.add_argument("--out", default="", help="output directory (local or gs://)")
+    parser.add_argument("--peft", default="", help="a LoRA run's adapter in PEFT's format, to this directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     parser.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB, 2GiB or bytes")
     args = parser.parse_args(argv)
+    if not args.out and not args.peft:
+        parser.error("give --out (the HF checkpoint) and/or --peft (a LoRA run's adapter)")
     try:
         report = export_run(
-            args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size
+            args.workdir,
+            args.out,
+            step=args.step,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            peft=args.peft or None,
         )
     except USER_ERRORS as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
