@@ -143,3 +143,30 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(runs, tmp_path):
         base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
         adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
         np.testing.assert_allclose(adapted(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)
+
+
+def test_lora_reference_cache_equals_the_base_reference_and_bad_settings_are_named(tmp_path):
+    from alignjax.train.loop import run_train
+    from tests.train.test_loop import _inprocess_config
+
+    def config(**changes):
+        c = _inprocess_config(train__num_steps=2, **changes)
+        c.model.lora.rank = 4
+        c.optim.learning_rate, c.optim.warmup_steps = 0.01, 0
+        return c
+
+    run_train(config(), str(tmp_path / "frozen"))
+    run_train(
+        config(reference__kind="cache", reference__cache_dir=str(tmp_path / "c")), str(tmp_path / "cached")
+    )
+    frozen, cached = (_steps(str(tmp_path / n)) for n in ("frozen", "cached"))
+    rows = [(a, b) for a, b in zip(frozen, cached) if "loss" in a]
+    assert len(rows) == 2 and rows[1][0]["rewards/margins"] != 0.0  # step 2: policy != reference
+    for a, b in rows:  # the cache holds the base's log-probs, as the frozen LoRA reference computes
+        assert b["loss"] == a["loss"] and b["rewards/margins"] == a["rewards/margins"]
+    with pytest.raises(ValueError, match=r"config.reference.kind='ema' with config.model.lora.rank > 0"):
+        run_train(config(reference__kind="ema"), str(tmp_path / "ema"))
+    bad = config()
+    bad.model.lora.targets = "qkv"
+    with pytest.raises(ValueError, match=r"config.model.lora.targets='qkv' matches no projection"):
+        run_train(bad, str(tmp_path / "bad"))
