@@ -448,6 +448,39 @@ def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> f
     return 2 * size**3 / best
 
 
+def torch_matmul_peak(
+    dtype: str = "float32", size: int = 2048, repeats: int = 5, device: str = "cpu"
+) -> float:
+    """Measured FLOP/s of one large square ``torch.mm`` (oneDNN on CPU; AMX where the CPU has it)."""
+    import torch
+
+    x = torch.ones((size, size), dtype=getattr(torch, dtype), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    torch.mm(x, x)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(x, x)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+# CPU features that decide matmul speed: AVX-512 (and its bf16/VNNI forms) and AMX tiles.
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The :data:`MATMUL_FLAGS` this CPU reports in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in MATMUL_FLAGS if f in flags]
+
+
 def machine() -> dict[str, Any]:
     """Where the figures were taken: CPU model and cores, accelerator, load, versions, date."""
     info: dict[str, Any] = {
@@ -459,6 +492,7 @@ def machine() -> dict[str, Any]:
     }
     try:
         info["loadavg"] = os.getloadavg()
+        info["cpu_flags"] = cpu_flags()
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next(
                 line.split(":", 1)[1].strip() for line in f if line.startswith("model name")

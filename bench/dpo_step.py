@@ -156,6 +156,7 @@ class Bench:
                 model_tflops=m["flops"] / 1e12,
                 achieved_tflop_per_s=m["flops"] / s["median_s"] / 1e12,
                 mfu=m["flops"] / s["median_s"] / self.peak,
+                peak_fraction=m["flops"] / s["median_s"] / self.peaks.get(m.get("peak"), float("nan")),
                 padded_share=m.get("padded_share"),
                 first_step=m.get("first"),
                 compile_s=getattr(r, "compile_s", None),
@@ -173,15 +174,16 @@ class Bench:
     def print_group(self, group: str, rows: list[dict[str, Any]], baseline: str) -> None:
         print(f"\n== {group} (ratios against {baseline!r}; load average {os.getloadavg()[0]:.1f})")
         print(
-            f"{'variant':<34} {'step s':>8} {'tok/s':>9} {'TFLOP':>7} {'MFU':>6} {'peak GiB':>9} "
-            f"{'pad %':>6} {'ratio':>6}"
+            f"{'variant':<34} {'step s':>8} {'tok/s':>9} {'TFLOP':>7} {'MFU':>6} {'of peak':>7} "
+            f"{'peak GiB':>9} {'pad %':>6} {'ratio':>6}"
         )
         for r in rows:
             peak = r.get("peak_gib", r.get("state_gib", float("nan")) + r.get("step_rss_growth_gib", 0.0))
             pad = "" if r["padded_share"] is None else f"{100 * r['padded_share']:.1f}"
             print(
                 f"{r['variant']:<34} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['model_tflops']:7.3f} "
-                f"{100 * r['mfu']:5.1f}% {peak:9.3f} {pad:>6} {r['speedup_vs_' + baseline]:5.2f}x"
+                f"{100 * r['mfu']:5.1f}% {100 * r['peak_fraction']:6.1f}% {peak:9.3f} {pad:>6} "
+                f"{r['speedup_vs_' + baseline]:5.2f}x"
             )
         print("JSON " + json.dumps(dict(group=group, rows=rows), default=float))
         sys.stdout.flush()
@@ -199,6 +201,7 @@ class Bench:
             flops=bc.step_flops(model.config, host, reference_forward=reference == "model")["total"],
             padded_share=bc.padding_fraction(host),
             first=first,
+            peak=("jax", model.config.dtype),
         )
         return r, meta
 
@@ -220,6 +223,7 @@ class Bench:
                 "total"
             ],
             padded_share=bc.padding_fraction(host),
+            peak=("torch", "bfloat16" if amp else "float32"),
         )
         r.step()
         r.sync()
@@ -236,11 +240,14 @@ class Bench:
         self.main_model = self.model(dtype, compute, remat=a.remat)
         self.vocab = self.main_model.config.vocab_size
         self.peak = a.peak_tflops * 1e12 if a.peak_tflops else bc.matmul_peak(a.peak_dtype, a.peak_size)
+        self.peaks = self.measure_peaks()
         counts = bc.param_counts(self.main_model.config)
         print(
             f"machine: {json.dumps(self.info)}\nmodel: {a.preset} {self.main_model.config}\n"
             f"params: {json.dumps(counts)}\npeak for MFU: {self.peak / 1e12:.3f} TFLOP/s "
-            f"({'given' if a.peak_tflops else f'measured {a.peak_dtype} {a.peak_size}^3 jnp.dot'})"
+            f"({'given' if a.peak_tflops else f'measured {a.peak_dtype} {a.peak_size}^3 jnp.dot'})\n"
+            "measured matmul peaks (TFLOP/s, each row's 'of peak' uses its framework and dtype): "
+            + ", ".join(f"{fw} {dt} {v / 1e12:.3f}" for (fw, dt), v in self.peaks.items())
         )
         host = bc.layout_batch(self.pairs(seed=0), "padded", max_length=a.length)
         self.host = host
@@ -266,6 +273,16 @@ class Bench:
                 default=str,
             )
         )
+
+    def measure_peaks(self) -> dict[tuple[str, str], float]:
+        """Each framework's own measured square-matmul FLOP/s in fp32 and bf16: the limit a step of
+        that framework and compute dtype is measured against (``peak_fraction``)."""
+        a = self.args
+        peaks = {("jax", dt): bc.matmul_peak(dt, a.peak_size) for dt in ("float32", "bfloat16")}
+        if not a.no_torch:
+            for dt in ("float32", "bfloat16"):
+                peaks[("torch", dt)] = bc.torch_matmul_peak(dt, a.peak_size, device=a.torch_device)
+        return peaks
 
     def torch_source(self, model: Any) -> Any:
         if self.args.weights == "memory":

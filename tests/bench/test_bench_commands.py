@@ -4,6 +4,7 @@ is 1.00x of itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,29 @@ def test_compile_layers_benchmark_runs_both_layouts():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 2 |")]
     assert sorted(r[1].strip() for r in rows) == ["scan", "unrolled"]
     assert all(r[5].strip() == "1.00x" for r in rows)
+
+
+def test_dpo_step_benchmark_reports_each_steps_fraction_of_its_frameworks_measured_peak():
+    """``bench/dpo_step.py`` (its bf16 group at tiny size): the machine's matmul features, the four
+    measured peaks (JAX and PyTorch, fp32 and bf16) and every row's share of its own peak."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    args = ["bench/dpo_step.py", "--preset=tiny", "--pairs=8", "--length=8", "--groups=bf16", "--rounds=1",
+            "--steps=1", "--peak-size=128", "--threads=1"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    machine = json.loads(next(x for x in lines if x.startswith("machine: "))[len("machine: "):])
+    assert isinstance(machine["cpu_flags"], list) and "loadavg" in machine
+    peaks = next(x for x in lines if x.startswith("measured matmul peaks"))
+    for name in ("jax float32", "jax bfloat16", "torch float32", "torch bfloat16"):
+        assert name in peaks, peaks
+    header = next(x for x in lines if x.startswith("variant"))
+    assert "MFU" in header and "of peak" in header
+    (group,) = [g for g in (json.loads(x[len("JSON "):]) for x in lines if x.startswith("JSON "))
+                if g.get("group") == "bf16" and "rows" in g]
+    fractions = {r["variant"]: r["peak_fraction"] for r in group["rows"]}
+    assert set(fractions) == {"alignjax fp32", "alignjax bf16", "pytorch fp32", "pytorch amp-bf16"}
+    # measured rates of both: positive and finite (at these tiny sizes overheads dominate both)
+    assert all(0.0 < f < float("inf") for f in fractions.values()), fractions
