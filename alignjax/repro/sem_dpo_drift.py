@@ -23,6 +23,7 @@ rater's E[s].
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -33,12 +34,13 @@ import optax
 import alignjax.losses as losses
 from alignjax.losses import modifiers
 from alignjax.repro import common
+from alignjax.repro.wpo_offpolicy import log_softmax
 
 
 def make_task(seed: int, *, num_prompts: int, num_responses: int, pairs_per_prompt: int, embed_dim: int,
               embed_noise: float, drift_share: float, drift_bonus: float) -> dict[str, np.ndarray]:
-    """Per response [P, K]: quality, drifted, rater score, similarity to the prompt; pairs with the
-    semantic distance of their chosen response [N]."""
+    """Per response [P, K]: quality, drifted, rater score, similarity to the prompt, embedding [P, K, E];
+    topics [P, E]; pairs with the semantic distance of their chosen response [N]."""
     rng = np.random.default_rng(seed)
     topics = rng.normal(size=(num_prompts, embed_dim))
     topics /= np.linalg.norm(topics, axis=-1, keepdims=True)
@@ -48,49 +50,55 @@ def make_task(seed: int, *, num_prompts: int, num_responses: int, pairs_per_prom
     emb = topics[topic_of] + embed_noise * rng.normal(size=drifted.shape + (embed_dim,)) / np.sqrt(embed_dim)
     quality = rng.normal(size=drifted.shape)
     score = quality + drift_bonus * drifted
-    sim = 1.0 - np.asarray(modifiers.cosine_distance(np.broadcast_to(topics[:, None], emb.shape), emb))
+    sim = 1.0 - np.asarray(_cosine_distance(np.broadcast_to(topics[:, None], emb.shape), emb))
     prompt = np.repeat(np.arange(num_prompts), pairs_per_prompt)
     i = rng.integers(0, num_responses, prompt.size)
     j = (i + rng.integers(1, num_responses, prompt.size)) % num_responses
     i_wins = rng.random(prompt.size) < 1.0 / (1.0 + np.exp(-(score[prompt, i] - score[prompt, j])))
     w, lo = np.where(i_wins, i, j), np.where(i_wins, j, i)
-    distance = np.asarray(modifiers.cosine_distance(topics[prompt], emb[prompt, w]))
+    distance = np.asarray(_cosine_distance(topics[prompt], emb[prompt, w]))
     return dict(quality=quality, drifted=drifted, score=score, similarity=sim, prompt=prompt, chosen=w,
-                rejected=lo, semantic_distance=distance.astype(np.float32))
+                rejected=lo, semantic_distance=distance.astype(np.float32), topics=topics, embeddings=emb)
+
+
+_cosine_distance = jax.jit(modifiers.cosine_distance)  # one compile, not one per eager op
 
 
 def train(task: dict[str, np.ndarray], method: str, *, beta: float, alpha: float, steps: int, lr: float,
           ) -> np.ndarray:
     """Full-batch Adam on the logit table [P, K]; returns the final logits."""
-    prompt, w, lo = (jnp.asarray(task[n]) for n in ("prompt", "chosen", "rejected"))
-    dist = jnp.asarray(task["semantic_distance"])
-    ref = jnp.zeros(task["quality"].shape, jnp.float32)
+    arrays = (jnp.asarray(task[n]) for n in ("prompt", "chosen", "rejected", "semantic_distance"))
+    return np.asarray(_fit(*arrays, shape=task["quality"].shape, sem=method == "sem_dpo", beta=float(beta),
+                           alpha=float(alpha), steps=int(steps), lr=float(lr)))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "sem", "beta", "alpha", "steps", "lr"))
+def _fit(prompt: jax.Array, w: jax.Array, lo: jax.Array, dist: jax.Array, *, shape: tuple[int, int],
+         sem: bool, beta: float, alpha: float, steps: int, lr: float) -> jax.Array:
+    ref = jnp.zeros(shape, jnp.float32)
     dpo, sem_dpo = losses.get("dpo"), losses.get("sem_dpo")
 
     def objective(theta):
         lp, lq = jax.nn.log_softmax(theta, -1), jax.nn.log_softmax(ref, -1)
         args = (lp[prompt, w], lp[prompt, lo], lq[prompt, w], lq[prompt, lo])
-        if method == "dpo":
-            return jnp.mean(dpo(*args, beta=beta))
-        return jnp.mean(sem_dpo(*args, dist, beta=beta, sem_alpha=alpha))
+        if sem:
+            return jnp.mean(sem_dpo(*args, dist, beta=beta, sem_alpha=alpha))
+        return jnp.mean(dpo(*args, beta=beta))
 
     tx = optax.adam(lr)
 
-    @jax.jit
-    def step(theta, opt):
-        g = jax.grad(objective)(theta)
-        upd, opt = tx.update(g, opt)
+    def step(_, carry):
+        theta, opt = carry
+        upd, opt = tx.update(jax.grad(objective)(theta), opt)
         return optax.apply_updates(theta, upd), opt
 
-    theta, opt = ref, tx.init(ref)
-    for _ in range(steps):
-        theta, opt = step(theta, opt)
-    return np.asarray(theta)
+    theta, _ = jax.lax.fori_loop(0, steps, step, (ref, tx.init(ref)))
+    return theta
 
 
 def policy_row(logits: np.ndarray, task: dict[str, np.ndarray]) -> dict[str, float]:
     """Expectations under the policy, averaged over prompts."""
-    p = np.asarray(jax.nn.softmax(logits, -1))
+    p = np.exp(log_softmax(logits))
     return {name: float(np.mean(np.sum(p * task[key], -1)))
             for name, key in (("drifted_share", "drifted"), ("similarity", "similarity"),
                               ("quality", "quality"), ("rater_score", "score"))}

@@ -32,6 +32,7 @@ true reward E_pi[r] - E_ref[r], KL(pi || ref) on the filler positions and on the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ import optax
 
 import alignjax.losses as losses
 from alignjax.repro import common
+from alignjax.repro.wpo_offpolicy import log_softmax, untied_per_prompt
 
 METHODS = ("dpo", "sparsepo_learned", "sparsepo_oracle")
 
@@ -52,7 +54,7 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, signal_po
     ref = ref_scale * rng.normal(size=(num_prompts, length, vocab))
     rewards = rng.normal(size=(num_prompts, length, vocab))
     rewards[:, signal_positions:] = 0.0
-    prompt = np.repeat(np.arange(num_prompts), pairs_per_prompt)
+    prompt = np.repeat(np.arange(num_prompts), 2 * pairs_per_prompt)  # ties dropped below
     p = np.exp(ref - ref.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
 
@@ -63,7 +65,7 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, signal_po
     a, b = sample(), sample()
     pos = np.arange(length)[None]
     ra, rb = rewards[prompt[:, None], pos, a].sum(-1), rewards[prompt[:, None], pos, b].sum(-1)
-    keep = ra != rb
+    keep = untied_per_prompt(prompt, ra != rb, pairs_per_prompt)
     better = (ra > rb)[:, None]
     return dict(ref=ref.astype(np.float32), rewards=rewards.astype(np.float32), prompt=prompt[keep],
                 chosen=np.where(better, a, b)[keep], rejected=np.where(better, b, a)[keep],
@@ -72,23 +74,31 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, signal_po
 
 def expected_reward(logits: np.ndarray, rewards: np.ndarray) -> np.ndarray:
     """E_pi[r] per prompt [P]."""
-    return np.einsum("ptv,ptv->p", np.asarray(jax.nn.softmax(logits, -1)), rewards)
+    return np.einsum("ptv,ptv->p", np.exp(log_softmax(logits)), rewards)
 
 
 def position_kl(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """KL(pi_t || ref_t) per prompt and position [P, T]."""
-    lp, lq = np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(jax.nn.log_softmax(ref, -1))
+    lp, lq = log_softmax(logits), log_softmax(ref)
     return np.sum(np.exp(lp) * (lp - lq), -1)
 
 
 def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, lr: float, l1: float,
           ) -> tuple[np.ndarray, np.ndarray]:
     """Full-batch gradient descent; returns (policy logits [P, T, V], mask [T, V] (ones for DPO))."""
-    ref = jnp.asarray(task["ref"])
-    prompt, w, lo = (jnp.asarray(task[k]) for k in ("prompt", "chosen", "rejected"))
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; choose one of {list(METHODS)}")
+    logits, mask = _fit(*(jnp.asarray(task[k]) for k in ("ref", "prompt", "chosen", "rejected", "signal")),
+                        method=method, beta=float(beta), steps=int(steps), lr=float(lr), l1=float(l1))
+    return np.asarray(logits), np.asarray(mask)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "beta", "steps", "lr", "l1"))
+def _fit(ref: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array, signal: jax.Array, *, method: str,
+         beta: float, steps: int, lr: float, l1: float) -> tuple[jax.Array, jax.Array]:
     pos = jnp.arange(w.shape[1])[None]
     valid = jnp.ones(w.shape, jnp.float32)
-    oracle = jnp.asarray(np.broadcast_to(task["signal"][:, None], ref.shape[1:]), jnp.float32)
+    oracle = jnp.broadcast_to(signal[:, None], ref.shape[1:]).astype(jnp.float32)
     dpo, sparsepo = losses.get("dpo"), losses.get("sparsepo")
     lq = jax.nn.log_softmax(ref, -1)
 
@@ -100,27 +110,22 @@ def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, 
         tw, tl, rw, rl = at(lp, w), at(lp, lo), at(lq, w), at(lq, lo)
         if method == "dpo":
             return jnp.mean(dpo(tw.sum(-1), tl.sum(-1), rw.sum(-1), rl.sum(-1), beta=beta))
-        k = jnp.sum(jnp.exp(lq) * (lp - lq), -1)  # [P, T]: SparsePO's k_t (gradient through the policy)
-        kw, kl_ = k[prompt[:, None], pos], k[prompt[:, None], pos]
+        k = jnp.sum(jnp.exp(lq) * (lp - lq), -1)[prompt[:, None], pos]  # [N, T]: k_t, gradient via the policy
         mask = oracle if method == "sparsepo_oracle" else jax.nn.sigmoid(params["mask"])
-        return jnp.mean(sparsepo(tw, tl, rw, rl, kw, kl_, valid, valid, at(mask, w), at(mask, lo), beta=beta,
+        return jnp.mean(sparsepo(tw, tl, rw, rl, k, k, valid, valid, at(mask, w), at(mask, lo), beta=beta,
                                  l1_reward=l1, l1_kl=l1))
 
-    params = {"table": jnp.zeros_like(ref), "mask": jnp.zeros(ref.shape[1:], jnp.float32)}
     tx = optax.sgd(lr)
-    opt = tx.init(params)
 
-    @jax.jit
-    def step(params, opt):
-        g = jax.grad(objective)(params)
-        upd, opt = tx.update(g, opt)
+    def step(_, carry):
+        params, opt = carry
+        upd, opt = tx.update(jax.grad(objective)(params), opt)
         return optax.apply_updates(params, upd), opt
 
-    for _ in range(steps):
-        params, opt = step(params, opt)
+    params = {"table": jnp.zeros_like(ref), "mask": jnp.zeros(ref.shape[1:], jnp.float32)}
+    params, _ = jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))
     fixed = {"dpo": jnp.ones_like(oracle), "sparsepo_oracle": oracle}
-    mask = fixed.get(method, jax.nn.sigmoid(params["mask"]))
-    return np.asarray(ref + params["table"]), np.asarray(mask)
+    return ref + params["table"], fixed.get(method, jax.nn.sigmoid(params["mask"]))
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:

@@ -27,6 +27,7 @@ filter would give). Full-batch Adam. Metric: the gain in expected true reward E_
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -56,7 +57,7 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, features:
         rewards = rewards.T
     else:
         rewards = rng.normal(size=(num_prompts, vocab))
-    prompt = np.repeat(np.arange(num_prompts), pairs_per_prompt)
+    prompt = np.repeat(np.arange(num_prompts), 2 * pairs_per_prompt)  # ties dropped below
     off = rng.random(prompt.size) < off_policy
 
     def sample(logits: np.ndarray) -> np.ndarray:  # [N, T, V] -> [N, T]
@@ -69,11 +70,23 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, features:
     a, b = sample(behaviour), sample(behaviour)
     ra = rewards[prompt[:, None], a].sum(-1)
     rb = rewards[prompt[:, None], b].sum(-1)
-    keep = ra != rb
+    keep = untied_per_prompt(prompt, ra != rb, pairs_per_prompt)
     win = np.where((ra > rb)[:, None], a, b)[keep]
     lose = np.where((ra > rb)[:, None], b, a)[keep]
     return dict(ref=ref.astype(np.float32), phi=phi.astype(np.float32), rewards=rewards.astype(np.float32),
                 prompt=prompt[keep], chosen=win, rejected=lose, off=off[keep])
+
+
+def untied_per_prompt(prompt: np.ndarray, untied: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` untied pairs of every prompt (a fixed pair count keeps the shapes, and
+    so the compiled training program, the same across tasks)."""
+    out = []
+    for p in np.unique(prompt):
+        idx = np.nonzero((prompt == p) & untied)[0][:n]
+        if idx.size < n:
+            raise ValueError(f"prompt {p}: only {idx.size} untied pairs of {n}; raise the sample size")
+        out.append(idx)
+    return np.concatenate(out)
 
 
 def policy_logits(theta: jax.Array, ref: jax.Array, phi: jax.Array) -> jax.Array:
@@ -81,27 +94,38 @@ def policy_logits(theta: jax.Array, ref: jax.Array, phi: jax.Array) -> jax.Array
     return ref + jnp.einsum("vd,pd->pv", phi, theta)[:, None, :]
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """NumPy log-softmax over the last axis (float64)."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 def expected_reward(logits: np.ndarray, rewards: np.ndarray) -> np.ndarray:
     """E_pi[r] per prompt [P] for r(y) = sum_t R[p, y_t] and a policy that factorises over positions."""
-    p = np.asarray(jax.nn.softmax(logits, -1))
-    return np.einsum("ptv,pv->p", p, rewards)
+    return np.einsum("ptv,pv->p", np.exp(log_softmax(logits)), rewards)
 
 
 def kl(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """KL(pi || ref) per prompt [P], summed over positions."""
-    lp, lq = np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(jax.nn.log_softmax(ref, -1))
+    lp, lq = log_softmax(logits), log_softmax(ref)
     return np.sum(np.exp(lp) * (lp - lq), axis=(-1, -2))
 
 
 def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, lr: float) -> np.ndarray:
     """Full-batch Adam on theta [P, d]; returns the final policy logits [P, T, V]."""
-    ref, phi = jnp.asarray(task["ref"]), jnp.asarray(task["phi"])
     sel = ~task["off"] if method == "dpo_on_policy_only" else np.ones_like(task["off"])
-    prompt = jnp.asarray(task["prompt"][sel])
-    w, lo = jnp.asarray(task["chosen"][sel]), jnp.asarray(task["rejected"][sel])
+    arrays = (task["ref"], task["phi"], task["prompt"][sel], task["chosen"][sel], task["rejected"][sel])
+    return np.asarray(_fit(*map(jnp.asarray, arrays), wpo=method == "wpo", beta=float(beta), steps=int(steps),
+                           lr=float(lr)))
+
+
+@functools.partial(jax.jit, static_argnames=("wpo", "beta", "steps", "lr"))
+def _fit(ref: jax.Array, phi: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array, *, wpo: bool,
+         beta: float, steps: int, lr: float) -> jax.Array:
     pos = jnp.arange(w.shape[1])[None]
     mask = jnp.ones(w.shape, jnp.float32)
-    loss_fn = losses.get("wpo" if method == "wpo" else "dpo")
+    loss_fn = losses.get("wpo" if wpo else "dpo")
 
     def token_logps(logits, y):  # [P, T, V], [N, T] -> [N, T]
         return jax.nn.log_softmax(logits, -1)[prompt[:, None], pos, y]
@@ -112,7 +136,7 @@ def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, 
         logits = policy_logits(theta, ref, phi)
         tw, tl = token_logps(logits, w), token_logps(logits, lo)
         args = (tw.sum(-1), tl.sum(-1), ref_w, ref_l)
-        if method == "wpo":
+        if wpo:
             lss = modifiers.log_sum_sq_probs(jax.lax.stop_gradient(logits))[prompt]  # [N, T]
             aw = modifiers.wpo_aligned_logps(jax.lax.stop_gradient(tw), lss, mask)
             al = modifiers.wpo_aligned_logps(jax.lax.stop_gradient(tl), lss, mask)
@@ -121,29 +145,30 @@ def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, 
 
     tx = optax.adam(lr)
 
-    @jax.jit
-    def step(theta, opt):
-        g = jax.grad(objective)(theta)
-        upd, opt = tx.update(g, opt)
+    def step(_, carry):
+        theta, opt = carry
+        upd, opt = tx.update(jax.grad(objective)(theta), opt)
         return optax.apply_updates(theta, upd), opt
 
     theta = jnp.zeros((ref.shape[0], phi.shape[1]), jnp.float32)
-    opt = tx.init(theta)
-    for _ in range(steps):
-        theta, opt = step(theta, opt)
-    return np.asarray(policy_logits(theta, ref, phi))
+    theta, _ = jax.lax.fori_loop(0, steps, step, (theta, tx.init(theta)))
+    return policy_logits(theta, ref, phi)
 
 
 def pair_weights(task: dict[str, np.ndarray]) -> np.ndarray:
     """WPO's weight of every pair under the reference (the policy at step 0), [N]."""
-    ref = jnp.asarray(task["ref"])
-    prompt, pos = task["prompt"], np.arange(task["chosen"].shape[1])[None]
-    lp = np.asarray(jax.nn.log_softmax(ref, -1))
-    lss = np.asarray(modifiers.log_sum_sq_probs(ref))[prompt]
-    mask = np.ones(task["chosen"].shape, np.float32)
-    a = [np.asarray(modifiers.wpo_aligned_logps(lp[prompt[:, None], pos, y], lss, mask))
-         for y in (task["chosen"], task["rejected"])]
-    return np.minimum(1.0, np.exp(a[0] + a[1]))
+    arrays = (task["ref"], task["prompt"], task["chosen"], task["rejected"])
+    return np.asarray(_pair_weights(*map(jnp.asarray, arrays)))
+
+
+@jax.jit
+def _pair_weights(ref: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array) -> jax.Array:
+    pos = jnp.arange(w.shape[1])[None]
+    lp = jax.nn.log_softmax(ref, -1)
+    lss = modifiers.log_sum_sq_probs(ref)[prompt]
+    mask = jnp.ones(w.shape, jnp.float32)
+    a = [modifiers.wpo_aligned_logps(lp[prompt[:, None], pos, y], lss, mask) for y in (w, lo)]
+    return jnp.minimum(1.0, jnp.exp(a[0] + a[1]))
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
