@@ -435,3 +435,36 @@ def save_peft(model: Any, params: Any, path: Any, *, base_model: str = "") -> li
     cfg = json.dumps(peft_config(config, params, base_model), indent=2) + "\n"
     storage.write_text(out / "adapter_config.json", cfg)
     return ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def trainable_tree(params: Any) -> Any:
+    """``params`` pruned to their trainable leaves (nested dicts; what a LoRA checkpoint holds);
+    ``params`` themselves without adapters."""
+    if not has_adapters(params):
+        return params
+    return _prune(trainable_part(params))
+
+
+def _prune(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        kept = {k: _prune(v) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None and v != {}}
+    return tree
+
+
+def frozen_part(params: Any) -> Any:
+    """The frozen leaves of ``params`` (pruned), ``{}`` without adapters."""
+    if not has_adapters(params):
+        return {}
+    return _prune(jax.tree.map(lambda p, m: None if m else p, params, trainable_mask(params)))
+
+
+def fill_frozen(trainable: Any, full: Any) -> Any:
+    """``full`` with every leaf that ``trainable`` (a :func:`trainable_tree`) holds taken from it."""
+    if isinstance(full, Mapping):
+        sub = trainable if isinstance(trainable, Mapping) else {}
+        return {k: fill_frozen(sub[k], v) if k in sub else v for k, v in full.items()}
+    return trainable

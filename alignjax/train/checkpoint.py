@@ -4,6 +4,12 @@ A step directory only becomes visible when complete (orbax writes to a temporary
 renames it on commit), so a run killed at any point restarts from the last complete checkpoint.
 The manifest (model config, parameter shapes) lets a restart refuse a checkpoint of another model.
 
+A LoRA run's checkpoint holds the trainable state only: the adapters (and a reward model's head),
+their optimizer state, step, rng, data position; the frozen base is not written. The manifest keeps
+a fingerprint of the base (``base_fingerprint``), and a restore rebuilds the base as the run first
+did (``config.model.path``, ``config.seed``) and refuses one with another fingerprint
+(:meth:`Checkpointer.with_frozen`).
+
 A step that is there but does not restore (a truncated or deleted file, an empty directory, a
 missing item) is moved to ``checkpoints/damaged/<step>-<reason>``, never deleted, and the previous
 step is used (:meth:`Checkpointer.restore_latest`).
@@ -120,6 +126,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=ITEMS
         )
+        self._base_fingerprint: list[float] | None = None
+        self.restored_manifest: dict | None = None  # of the step restore_latest returned
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -149,6 +157,7 @@ class Checkpointer:
                 moved.append(self._move_aside(step, *damage(self.directory / str(step), err, "manifest")))
                 continue
             check_manifest(saved, manifest, self.directory)
+            self.restored_manifest = saved
             try:
                 return (step, *self._items(step, abstract_state))
             except Exception as err:
@@ -175,6 +184,7 @@ class Checkpointer:
         A save that would not fit, or that runs out of space while writing, raises
         :class:`DiskFull` naming the directory, with no partial step left behind.
         """
+        state, manifest = self._trainable_only(state, manifest)
         needed = local_state_bytes(state) + METADATA_ALLOWANCE
         free = storage.free_bytes(self.directory)
         if not _everywhere(fits(needed, free)):
@@ -194,6 +204,37 @@ class Checkpointer:
                 ),
                 force=True,
             )
+
+    def _trainable_only(self, state: Any, manifest: Mapping[str, Any]) -> tuple[Any, dict]:
+        """A LoRA state without its frozen base, and the manifest with the base's fingerprint
+        (computed once: the base never changes in a run)."""
+        from alignjax.models import lora
+
+        if not lora.has_adapters(state.get("params")):
+            return state, dict(manifest)
+        if self._base_fingerprint is None:
+            self._base_fingerprint = fingerprint(lora.frozen_part(state["params"]))
+        slim = dict(state, params=lora.trainable_tree(state["params"]))
+        return slim, {**manifest, "base_fingerprint": self._base_fingerprint}
+
+    def with_frozen(self, state: Any, fresh: Any) -> Any:
+        """A restored LoRA state (trainable leaves only) completed with the frozen base of
+        ``fresh()`` (the run's initial state, built as at its start); others as they are. Raises
+        :class:`CheckpointMismatch` when that base is not the one the checkpoint was trained on."""
+        from alignjax.models import lora
+
+        saved = (self.restored_manifest or {}).get("base_fingerprint")
+        if saved is None:
+            return state
+        full = fresh()
+        now = fingerprint(lora.frozen_part(full["params"]))
+        if not np.allclose(now, saved, rtol=1e-5, atol=1e-6):
+            raise CheckpointMismatch(
+                f"{self.directory} holds LoRA adapters trained on another base model (its fingerprint "
+                "differs): resume with the config.model.path and config.seed it was trained with, or "
+                "use a fresh --workdir"
+            )
+        return dict(state, params=lora.fill_frozen(state["params"], full["params"]))
 
     def _resume_hint(self) -> str:
         latest = self.latest_step()
@@ -226,6 +267,10 @@ class Checkpointer:
         ]
 
     def _items(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        from alignjax.models import lora
+
+        if "base_fingerprint" in (self.restored_manifest or {}):  # a LoRA step: the trainable leaves
+            abstract_state = dict(abstract_state, params=lora.trainable_tree(abstract_state["params"]))
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(

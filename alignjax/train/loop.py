@@ -478,6 +478,9 @@ def run_train(
     restored = checkpointer.restore_latest(ckpt.abstract_with_shardings(abstract, state_shardings), manifest)
     if restored is not None:
         start, state, data_state = restored
+        # A LoRA checkpoint holds the trainable state only: the frozen base is rebuilt as at the start.
+        fresh = lambda: jax.jit(init, out_shardings=state_shardings)(rng0, init_params, ref_params)  # noqa: E731
+        state = checkpointer.with_frozen(state, fresh)
         data.set_state(data_state)
         writer.truncate_after(start)
     else:
