@@ -267,6 +267,9 @@ class Objective:
     ``make_eval_fn(model, spec) -> eval_fn``, ``evaluate(eval_fn, params, ref_params, batches, beta)``
     and ``model_flops(model, spec, host_batch) -> float`` (the ``perf/*`` accounting).
     Reward models (:mod:`alignjax.reward.train`) supply their own and reuse the rest of the loop.
+    ``prepare_batch(state, micro_batches, step) -> micro_batches`` (optional): online objectives
+    (:mod:`alignjax.online.train`) turn each step's data batches (prompts) into rollouts of the
+    current policy before the step runs.
     """
 
     make_step_spec: Any
@@ -274,6 +277,7 @@ class Objective:
     make_eval_fn: Any
     evaluate: Any
     model_flops: Any
+    prepare_batch: Any = None
 
 
 def model_flops(model: Any, spec: Any, host: Mapping[str, np.ndarray]) -> float:
@@ -569,6 +573,8 @@ def run_train(
                     if cache is not None:
                         host.update(cache.lookup(step * k + j))
                     micro.append(host)
+                if getattr(objective, "prepare_batch", None) is not None:
+                    micro = objective.prepare_batch(state, micro, step)
                 step_tokens = sum(_tokens(h) for h in micro)
                 tokens += step_tokens
                 speed.add(step + 1, step_tokens, sum(objective.model_flops(model, spec, h) for h in micro))
