@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from alignjax import storage
 
@@ -169,9 +170,49 @@ def load_run(workdir: str, step: int | None = None, *, mesh: Any = None, rules: 
     mesh = mesh if mesh is not None else sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     rules = rules if rules is not None else sharding.rules_from_config(config.get("rules") or None)
     model = build_model(dict(manifest), mesh=mesh, rules=rules)
-    params = restore_params(manager, step, model.shardings(mesh, rules))
+    if "base_fingerprint" in manifest:  # a LoRA run: the checkpoint holds the trainable leaves only
+        from alignjax.models import lora
+        from alignjax.train.checkpoint import fingerprint
+
+        base = base_params(config, model)
+        shardings = lora.trainable_tree(model.shardings(mesh, rules))
+        params = lora.fill_frozen(restore_params(manager, step, shardings), base)
+        if not np.allclose(
+            fingerprint(lora.frozen_part(params)), manifest["base_fingerprint"], rtol=1e-5, atol=1e-6
+        ):
+            raise ValueError(
+                f"{workdir}: the base model rebuilt from config.model.path={config['model']['path']!r} "
+                "is not the one the run's adapters were trained on"
+            )
+    else:
+        params = restore_params(manager, step, model.shardings(mesh, rules))
     model.params = params
     return Run(config=config, step=step, model=model, params=params)
+
+
+def base_params(config: dict[str, Any], model: Any) -> Any:
+    """The initial params of a LoRA run, built as its train loop built them: a preset initialised
+    from ``config.seed``, or the HF checkpoint at ``config.model.path`` with fresh adapters (and a
+    reward model's fresh head); only their frozen base is used."""
+    from alignjax.models import PRESETS, from_pretrained
+
+    path = config["model"]["path"]
+    if path in PRESETS:
+        return model.init(jax.random.split(jax.random.PRNGKey(int(config["seed"])))[0])
+    decoder = getattr(model, "decoder", model)
+    c = decoder.config
+    loaded = from_pretrained(
+        path,
+        dtype=c.param_dtype,
+        compute_dtype=c.dtype,
+        scan_layers=c.scan_layers,
+        lora=c.lora,
+        mesh=decoder.mesh,
+        rules=decoder.rules,
+    ).params
+    if decoder is model:
+        return loaded
+    return {"decoder": loaded, "head": model.init_head(jax.random.PRNGKey(0))}
 
 
 def export_run(

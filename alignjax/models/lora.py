@@ -451,7 +451,7 @@ def trainable_tree(params: Any) -> Any:
 def _prune(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         kept = {k: _prune(v) for k, v in tree.items()}
-        return {k: v for k, v in kept.items() if v is not None and v != {}}
+        return {k: v for k, v in kept.items() if v is not None and not (isinstance(v, dict) and not v)}
     return tree
 
 

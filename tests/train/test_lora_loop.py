@@ -100,15 +100,19 @@ def test_killed_lora_run_resumes_to_the_uninterrupted_metrics(runs, name):
         assert losses[0] == float(np.float32(math.log(2)))
 
 
-def test_lora_checkpoint_holds_no_reference_and_adapter_moments_only(runs):
+def test_lora_checkpoint_holds_the_trainable_state_only(runs):
     import orbax.checkpoint as ocp
 
     item = os.path.join(runs["dpo_clean"], "checkpoints", "6", "state")
     meta = ocp.StandardCheckpointer().metadata(item)
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
     assert "ref_params" not in tree
-    flat = json.dumps(jax_paths(tree["opt_state"]))
-    assert "lora_a" in flat and "kernel" not in flat and "embedding" not in flat
+    for part in ("opt_state", "params"):  # the adapters and their moments; no base weight
+        flat = json.dumps(jax_paths(tree[part]))
+        assert "lora_a" in flat and "'kernel'" not in flat and "embedding" not in flat, part
+    with open(os.path.join(runs["dpo_clean"], "checkpoints", "6", "manifest", "metadata")) as f:
+        manifest = json.load(f)
+    assert len(manifest["base_fingerprint"]) > 0
 
 
 def jax_paths(tree):
@@ -149,8 +153,8 @@ def test_lora_reference_cache_equals_the_base_reference_and_bad_settings_are_nam
     from alignjax.train.loop import run_train
     from tests.train.test_loop import _inprocess_config
 
-    def config(**changes):
-        c = _inprocess_config(train__num_steps=2, **changes)
+    def config(steps=2, **changes):
+        c = _inprocess_config(train__num_steps=steps, **changes)
         c.model.lora.rank = 4
         c.optim.learning_rate, c.optim.warmup_steps = 0.01, 0
         return c
@@ -164,6 +168,12 @@ def test_lora_reference_cache_equals_the_base_reference_and_bad_settings_are_nam
     assert len(rows) == 2 and rows[1][0]["rewards/margins"] != 0.0  # step 2: policy != reference
     for a, b in rows:  # the cache holds the base's log-probs, as the frozen LoRA reference computes
         assert b["loss"] == a["loss"] and b["rewards/margins"] == a["rewards/margins"]
+    from alignjax.train.checkpoint import CheckpointMismatch
+
+    with pytest.raises(CheckpointMismatch, match="adapters trained on another base model"):
+        other = config(steps=3)
+        other.seed = 5  # another random base
+        run_train(other, str(tmp_path / "frozen"))
     with pytest.raises(ValueError, match=r"config.reference.kind='ema' with config.model.lora.rank > 0"):
         run_train(config(reference__kind="ema"), str(tmp_path / "ema"))
     bad = config()
