@@ -41,6 +41,9 @@ JOBS = {
     "score": "alignjax.eval.scoring:run_score",
     "reward_model": "alignjax.reward.train:run_reward_model",
     "mcts_dpo": "alignjax.search.iterate:run_mcts_dpo",
+    "grpo": "alignjax.online.train:run_policy_gradient",
+    "rloo": "alignjax.online.train:run_policy_gradient",
+    "online_dpo": "alignjax.online.train:run_online_dpo",
     "repro_ranking": "alignjax.repro.ranking:run",
     "repro_adpo_noise": "alignjax.repro.adpo_noise:run",
     "repro_three_d": "alignjax.repro.three_d:run",
@@ -141,6 +144,8 @@ def check_ranges(config: ConfigDict) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool) and value < low:
             raise ValueError(f"config.{key}={value}: must be >= {low} ({meaning})")
     beta = config.get("loss", {}).get("beta")
+    if config.get("job") in ("grpo", "rloo"):  # there beta is a KL coefficient: 0 = no reference
+        beta = None if beta == 0 else beta
     if isinstance(beta, int | float) and beta <= 0:
         raise ValueError(f"config.loss.beta={beta}: must be > 0 (the scale of the implicit reward)")
 
