@@ -204,20 +204,23 @@ def gpm(
     chosen_embeddings: chex.Array,
     rejected_embeddings: chex.Array,
     scales: chex.Array | None = None,
+    margin: chex.Array | None = None,
     *,
     tau: float = 0.1,
 ) -> jax.Array:
-    """General Preference Model loss: -log sigmoid(s(y_w > y_l) / tau).
+    """General Preference Model loss: -log sigmoid((s(y_w > y_l) - margin) / tau).
 
     "Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment"
     (Zhang et al., arXiv:2410.02197). P(y_w > y_l) = sigmoid(s / tau) with the skew-symmetric
     score of :func:`gpm_score`; it can represent cyclic (intransitive) preferences that a scalar
-    Bradley-Terry reward cannot.
+    Bradley-Terry reward cannot. The margin is subtracted before the temperature, as the official
+    code's ``--margin_loss`` does (general_preference/models/loss.py).
 
     Args:
       chosen_embeddings, rejected_embeddings: [B, 2k] preference embeddings (the GPM head's output;
         the head decides whether they are L2-normalised).
       scales: optional [B, k] prompt-dependent per-block scales.
+      margin: optional [B] per-pair margins (None = 0).
       tau: temperature (default 0.1).
 
     Returns:
@@ -225,6 +228,9 @@ def gpm(
     """
     chex.assert_rank([chosen_embeddings, rejected_embeddings], 2)
     score = gpm_score(chosen_embeddings, rejected_embeddings, scales=scales)
+    if margin is not None:
+        chex.assert_shape(margin, score.shape)
+        score = score - _float(margin)
     return -jax.nn.log_sigmoid(score / tau)
 
 
