@@ -1,0 +1,41 @@
+"""Online (iterative) DPO on the built-in arithmetic task: rounds of sampling from the current policy,
+scoring with the verifier (or a reward model), pairing and DPO (alignjax/online/train.py).
+
+  python -m alignjax.main --config=experiments/online_dpo.py --workdir=workdirs/online_dpo
+  python -m alignjax.main --config=experiments/online_dpo.py:pairs=all,reference=refresh \\
+      --workdir=workdirs/online_dpo_all
+  python -m alignjax.main --config=experiments/online_dpo.py:runlocal --workdir=/tmp/online_dpo   # seconds
+
+Arguments: seed, rounds, prompts (per round), generations, sft_steps, dpo_steps (per round), loss (any
+pairwise loss), beta, lr, pairs (best_worst | all), reference (fixed | refresh), runlocal.
+"""
+
+from __future__ import annotations
+
+from experiments import common
+from experiments.grpo import base, local
+
+
+def get_config(arg: str | None = None):
+    a = common.parse_arg(
+        arg, seed=0, rounds=3, prompts=128, generations=8, sft_steps=300, dpo_steps=40, loss="sigmoid",
+        beta=0.1, lr=1e-3, pairs="best_worst", reference="fixed", runlocal=False,
+    )
+    c = base("online_dpo", a)
+    common.fill_loss_hyperparameters(c, a.loss)
+    if "beta" in c.loss:
+        c.loss.beta = a.beta
+    c.online.rounds = a.rounds
+    c.online.prompts_per_round = a.prompts
+    c.online.num_generations = a.generations
+    c.online.pairs = a.pairs
+    c.online.reference = a.reference
+    c.data.batch_size = 32
+    c.dpo = common.ConfigDict()
+    c.dpo.optim = dict(learning_rate=a.lr, schedule="constant", warmup_steps=0)
+    c.dpo.train = dict(num_steps=a.dpo_steps, checkpoint_every=1000)
+    if a.runlocal:
+        local(c)
+        c.data.batch_size = 8
+        c.dpo.train = dict(num_steps=3, checkpoint_every=2)
+    return c
