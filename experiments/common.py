@@ -168,6 +168,8 @@ def base_config() -> ConfigDict:
 
     # tokenization: "rewardbench" (RewardBench's DPO scorer, chat template) | "trl" (the data pipeline's)
     c.score = ConfigDict(dict(mode="ref", tokenization="rewardbench"))
+    # job=source_logps: InfiFPO's source models (presets, HF directories or workdirs; "," or "+").
+    c.sources = ConfigDict(dict(models=""))
     return c
 
 

@@ -242,6 +242,12 @@ def example_arrays(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray
         elif key == "scores":
             out[key] = np.array(values, np.float32)
         elif key in BATCH_FLOAT_FIELDS:
+            if isinstance(values[0], list) and len({len(v) for v in values}) > 1:
+                at = next(ex.where for ex in examples if len(ex.extras[key]) != len(values[0]))
+                raise ValueError(
+                    f"field {key!r} has {len(values[0])} values at {examples[0].where} but a different "
+                    f"number at {at}; give the same number (one per source model) on every row"
+                )
             out[key] = np.array(values, np.float32)
     return out
 

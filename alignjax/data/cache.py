@@ -42,7 +42,7 @@ from alignjax.data.schema import ALWAYS_SKIP, DataError
 from alignjax.data.store import EXTRA_DTYPES, ColumnWriter, Concat, Store
 from alignjax.data.tokenize import ChatTokenizer, tokenize_rows
 
-VERSION = 1  # bump when the shard format or anything that changes ids or skip decisions changes
+VERSION = 2  # bump when the shard format or anything that changes ids or skip decisions changes
 CHUNK = 512  # records per encode_batch call
 MAX_MESSAGES = schema.DataStats.max_examples
 STALE_TMP_S = 3600  # a temporary shard directory this old is a dead build's

@@ -16,14 +16,17 @@ Records are plain dicts. Five kinds are understood (``kind=`` everywhere in alig
 * ``listwise``: ``prompt``, ``candidates`` (list of >= 2 completions), ``scores`` (one number each).
 
 Optional per-example extras, carried into batches as ``[B]`` arrays: ``margin``, ``score``,
-``weight``, ``user_id`` (int), ``ref_chosen_logps``, ``ref_rejected_logps``, ``source_logps``
-(``[chosen, rejected]`` or ``{"chosen", "rejected"}``, stored as ``source_chosen_logps`` /
+``weight``, ``user_id`` (int), ``ref_chosen_logps``, ``ref_rejected_logps``, InfiFPO's ``source_logps``
+(``[chosen, rejected]`` or ``{"chosen", "rejected"}``, each a number or a list of one number per
+source model, the same N on every row; batched ``[B, N]``; stored as ``source_chosen_logps`` /
 ``source_rejected_logps``), GPO's win probabilities against the current policy ``chosen_probs_win``
 = P(y_w > pi_t) and ``chosen_probs_lose`` = P(y_l > pi_t) (each in [0, 1], and they
 need not sum to one; SPPO's and GPO's names), BCO's ``prompt_desirable_prob`` (in [0, 1]: a prompt
-classifier's probability that the prompt is from the desirable set), and Sem-DPO's ``semantic_distance`` (>= 0: 1 - cos of sentence
-embeddings of the prompt and y_w, computed offline). ``rationale`` and ``subset`` (RewardBench's
-subset name) are strings kept on the record but never batched. ``append_eos`` (bool, default true)
+classifier's probability that the prompt is from the desirable set), and Sem-DPO's
+``semantic_distance`` (>= 0: 1 - cos of sentence embeddings of the prompt and y_w, computed
+offline). ``rationale`` and ``subset`` (RewardBench's subset name) are strings kept on the record
+(a loss reading ``rationale_logps`` makes the rationale a sequence of its batch; see
+:mod:`alignjax.data.tokenize`). ``append_eos`` (bool, default true)
 set to false keeps completions as written: partial solutions such as one reasoning step of MCTS-DPO,
 which the model continues after, get no EOS (a completion whose text ends with the EOS token keeps
 it).
@@ -203,6 +206,15 @@ def _number(value: Any, field: str, where: str, kind: type = float) -> Any:
     return kind(value)
 
 
+def _numbers(value: Any, field: str, where: str) -> list[float]:
+    """A number or a non-empty list of numbers, as a list."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise DataError(where, REASON_EMPTY, f"field {field!r} is an empty list")
+    names = [f"{field}[{j}]" for j in range(len(values))] if isinstance(value, list) else [field]
+    return [_number(v, name, where) for v, name in zip(values, names)]
+
+
 def split_common_prefix(
     chosen: list[dict], rejected: list[dict]
 ) -> tuple[list[dict], list[dict], list[dict]]:
@@ -327,8 +339,12 @@ def validate_record(raw: Any, kind: str, where: str) -> dict[str, Any]:
                 REASON_TYPE,
                 "field 'source_logps' must be [chosen, rejected] or {'chosen': .., 'rejected': ..}",
             )
-        rec["source_chosen_logps"] = _number(pair[0], "source_logps.chosen", where)
-        rec["source_rejected_logps"] = _number(pair[1], "source_logps.rejected", where)
+        chosen = _numbers(pair[0], "source_logps.chosen", where)
+        rejected = _numbers(pair[1], "source_logps.rejected", where)
+        if len(chosen) != len(rejected):
+            raise DataError(where, REASON_BAD_VALUE, f"field 'source_logps' has {len(chosen)} chosen but "
+                            f"{len(rejected)} rejected values (one per source model each)")
+        rec["source_chosen_logps"], rec["source_rejected_logps"] = chosen, rejected
     return rec
 
 

@@ -7,7 +7,7 @@ Layout (``n`` examples, ``s`` sequences): sequence ``j`` is ``tokens[seq_offsets
 example ``i`` owns sequences ``example_seqs[i] .. example_seqs[i+1]-1``, the first its prompt and
 the rest its completions. Each scalar extra ``key`` present on some examples is ``x_<key>_idx``
 (sorted example indices) and ``x_<key>_val``; a list extra (``scores``, ``prefix_lengths``: one
-value per completion) adds ``x_<key>_off`` (offsets into its values).
+value per completion or per source model) adds ``x_<key>_off`` (offsets into its values).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from alignjax.data.tokenize import TokenizedExample
 
 EXTRA_DTYPES = {"label": np.bool_, "user_id": np.int64, "scores": np.float64, "prefix_lengths": np.int64}
 EXTRA_DTYPES.update({k: np.float64 for k in BATCH_FLOAT_FIELDS})
-LIST_EXTRAS = ("scores", "prefix_lengths")
+LIST_EXTRAS = ("scores", "prefix_lengths", "source_chosen_logps", "source_rejected_logps")
 
 
 class ColumnWriter:

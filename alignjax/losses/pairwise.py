@@ -455,7 +455,8 @@ def infifpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, r
     (arXiv 2505.13878).
     Shapes: ``chosen_logps, rejected_logps`` summed [B]; lengths [B]; ``source_chosen_logps,
     source_rejected_logps`` [B, N], already length-normalised per source (sources may use other tokenizers,
-    so each source normalises by its own token count) -> [B].
+    so each source normalises by its own token count; the ``source_logps`` job computes them,
+    ``experiments/source_logps.py``) -> [B].
     Hyperparameters: beta = 0.1; fusion = "max_margin" ("mean" or "max_margin"); clip = True.
     """
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
