@@ -11,8 +11,9 @@ shapes the machine could never run: ``--memory-preset`` (default ``llama3-8b``).
 measured by running ``--steps`` steps of ``--preset`` (default ``bench-7m``) after a warm-up; each
 variant's figure is a ratio to full fine-tuning's, measured in the same process.
 
-    .venv/bin/python bench/lora_memory.py
-    .venv/bin/python bench/lora_memory.py --preset=tiny --memory-preset=tiny --pairs=2 --length=16 --steps=1
+    .venv/bin/python bench/lora_memory.py          # memory of llama3-8b, times of bench-7m (~15 min)
+    .venv/bin/python bench/lora_memory.py --preset=tiny --memory-preset=tiny --pairs=2 --length=16 \
+        --steps=1 --variants=full,nf4
 
 Results are recorded in docs/benchmarks.md.
 """
@@ -43,13 +44,21 @@ from bench.host import print_header  # noqa: E402
 MiB = 2**20
 
 
-def variants(rank: int) -> dict[str, LoraConfig | None]:
-    return {
-        "full fine-tuning": None,
-        f"LoRA r={rank}": LoraConfig(rank=rank, alpha=2.0 * rank),
-        f"QLoRA int8 r={rank}": LoraConfig(rank=rank, alpha=2.0 * rank, quantize="int8"),
-        f"QLoRA nf4 r={rank}": LoraConfig(rank=rank, alpha=2.0 * rank, quantize="nf4"),
+VARIANTS = ("full", "lora", "int8", "nf4")
+
+
+def variants(rank: int, names: tuple[str, ...] = VARIANTS) -> dict[str, LoraConfig | None]:
+    """The measured variants (``--variants``); full fine-tuning, the baseline, always first."""
+    out = {
+        "full": ("full fine-tuning", None),
+        "lora": (f"LoRA r={rank}", LoraConfig(rank=rank, alpha=2.0 * rank)),
+        "int8": (f"QLoRA int8 r={rank}", LoraConfig(rank=rank, alpha=2.0 * rank, quantize="int8")),
+        "nf4": (f"QLoRA nf4 r={rank}", LoraConfig(rank=rank, alpha=2.0 * rank, quantize="nf4")),
     }
+    unknown = set(names) - set(out)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    return dict(out[n] for n in ("full", *(n for n in VARIANTS if n in names and n != "full")))
 
 
 def _config(steps: int) -> ml_collections.ConfigDict:
@@ -123,35 +132,34 @@ def build(preset: str, lora_config: LoraConfig | None, args: argparse.Namespace,
     return model, step, init
 
 
-def compiled_memory(preset: str, lora_config, args, mesh) -> dict:
-    model, step, init = build(preset, lora_config, args, mesh)
+def measure(preset: str, memory_preset: str, lora_config, args, mesh) -> dict:
+    """Compiled memory of ``memory_preset``'s step and the measured step time of ``preset``'s (one
+    compile when they are the same model)."""
+    model, step, init = build(memory_preset, lora_config, args, mesh)
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    batch = _batch(args.pairs, args.length, model.config.vocab_size, abstract=True)
-    stats = step.lower(abstract, batch).compile().memory_analysis()
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-    trainable = lora.count(lora.trainable_part(abstract["params"]))
-    return dict(
-        state_mib=state_bytes / MiB,
+    compiled = step.lower(abstract, _batch(args.pairs, args.length, model.config.vocab_size, True)).compile()
+    stats = compiled.memory_analysis()
+    row = dict(
+        state_mib=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)) / MiB,
         temp_mib=stats.temp_size_in_bytes / MiB,
         peak_mib=(stats.argument_size_in_bytes + stats.temp_size_in_bytes) / MiB,
-        trainable=trainable,
+        trainable=lora.count(lora.trainable_part(abstract["params"])),
         ref_copy="ref_params" in abstract,
     )
-
-
-def step_time(preset: str, lora_config, args, mesh) -> tuple[float, float]:
-    model, step, init = build(preset, lora_config, args, mesh)
+    if preset != memory_preset:
+        model, step, init = build(preset, lora_config, args, mesh)
+        compiled = step
     state = jax.jit(init)(jax.random.PRNGKey(0))
     batch = _batch(args.pairs, args.length, model.config.vocab_size, abstract=False)
-    state, metrics = step(state, batch)  # compile + warm-up
+    state, metrics = compiled(state, batch)  # warm-up (and the compile of a jitted step)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), float(metrics["loss"])
+    return dict(row, step_s=float(np.median(times)), loss=float(metrics["loss"]))
 
 
 def main() -> None:
@@ -169,14 +177,13 @@ def main() -> None:
     parser.add_argument("--param-dtype", default="float32")
     parser.add_argument("--compute-dtype", default="float32")
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
     args = parser.parse_args()
     print_header()
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
     rows = []
-    for name, lora_config in variants(args.rank).items():
-        memory = compiled_memory(args.memory_preset, lora_config, args, mesh)
-        seconds, loss = step_time(args.preset, lora_config, args, mesh)
-        rows.append(dict(variant=name, step_s=seconds, loss=loss, **memory))
+    for name, lora_config in variants(args.rank, tuple(args.variants.split(","))).items():
+        rows.append(dict(variant=name, **measure(args.preset, args.memory_preset, lora_config, args, mesh)))
     base = rows[0]
     print(
         f"\nDPO step, {args.pairs} pairs x {args.length} tokens, params {args.param_dtype}, compute "
