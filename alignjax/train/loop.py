@@ -521,7 +521,7 @@ def run_train(
         if cache is not None:
             return {}  # held-out batches have no cached reference values
         return objective.evaluate(
-            eval_fn, state["params"], state.get("ref_params", state["params"]), eval_batches, beta
+            eval_fn, state["params"], state.get("ref_params", _no_copy(state["params"])), eval_batches, beta
         )
 
     # ---- loop
@@ -640,6 +640,12 @@ def run_train(
     summary["_state"] = state
     summary["_model"] = model
     return summary
+
+
+def _no_copy(params: Any) -> Any:
+    """What evaluation takes as the reference when the state holds none: the policy's params, or
+    None with LoRA (the step's reference is then the policy's base, adapters off)."""
+    return None if lora_lib.has_adapters(params) else params
 
 
 def _build_cache(
