@@ -218,9 +218,10 @@ def strip_adapters(params: Any) -> Any:
 
 
 def reference_params(params: Any, ref_params: Any) -> Any:
-    """The params the reference forward runs: ``ref_params`` (a frozen copy, an EMA), or with LoRA
-    the policy's own base weights (the adapters removed; ``ref_params`` None or the policy's)."""
-    return strip_adapters(params if ref_params is None else ref_params)
+    """The params the reference forward runs: ``ref_params`` (a frozen copy, an EMA, another model's
+    params), or where the state holds none (``None``: LoRA) the policy's own base weights, the
+    adapters removed."""
+    return strip_adapters(params) if ref_params is None else ref_params
 
 
 def trainable_mask(params: Any) -> Any:
