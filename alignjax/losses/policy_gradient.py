@@ -257,3 +257,131 @@ def rloo(
     clipped = jnp.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = jnp.mean(-jnp.minimum(ratio * adv, clipped * adv))
     return loss, _clip_metrics(ratio, adv, epsilon_low, epsilon_high, jnp.mean)
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def masked_mean(x: chex.Array, mask: chex.Array) -> jax.Array:
+    """``sum(x m) / sum(m)``."""
+    return jnp.sum(_f32(x) * mask) / jnp.sum(mask)
+
+
+def masked_whiten(x: chex.Array, mask: chex.Array, *, shift_mean: bool = True) -> jax.Array:
+    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries (Bessel-corrected variance), the mean
+    added back with ``shift_mean=False``: TRL 0.x's ``trl.core.masked_whiten``."""
+    x, m = _f32(x), _f32(mask)
+    mean = masked_mean(x, m)
+    n = jnp.sum(m)
+    var = masked_mean(jnp.square(x - mean), m) * n / (n - 1)
+    out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def ppo_token_rewards(scores: chex.Array, token_logps: chex.Array, ref_token_logps: chex.Array,
+                      mask: chex.Array, *, kl_coef: float) -> tuple[jax.Array, jax.Array]:
+    """Per-token rewards of PPO-RLHF ("Fine-Tuning Language Models from Human Preferences", Ziegler
+    et al., arXiv:1909.08593; TRL 0.x ``PPOTrainer.compute_rewards``): the KL penalty
+    ``-kl_coef (log pi - log pi_ref)`` on every token, plus the sequence's score on its last masked
+    token. Returns ``(rewards, non_score_rewards)``, both [N, T]."""
+    kl = _f32(token_logps) - _f32(ref_token_logps)
+    non_score = -kl_coef * kl
+    m = _f32(mask)
+    T = m.shape[1]
+    last = T - 1 - jnp.argmax(m[:, ::-1] > 0, axis=1)
+    onehot = jax.nn.one_hot(last, T, dtype=jnp.float32)
+    return non_score + onehot * _f32(scores)[:, None], non_score
+
+
+def gae(rewards: chex.Array, values: chex.Array, mask: chex.Array, *, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation ("High-Dimensional Continuous Control Using Generalized
+    Advantage Estimation", Schulman et al., arXiv:1506.02438) over the masked tokens, as TRL 0.x's
+    ``PPOTrainer.loss``: with V and r zeroed off the mask,
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (0 past the end);
+    ``returns = A + V``. Returns ``(advantages, returns)`` [N, T] (advantages not whitened)."""
+    m = _f32(mask)
+    v, r = _f32(values) * m, _f32(rewards) * m
+    next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+    delta = r + gamma * next_v - v
+
+    def back(carry, d):
+        a = d + gamma * lam * carry
+        return a, a
+
+    _, adv = jax.lax.scan(back, jnp.zeros(v.shape[0], jnp.float32), delta.T, reverse=True)
+    adv = adv.T
+    return adv, adv + v
+
+
+def adaptive_kl_coef(value: float, current_kl: float, n_steps: int, *, target: float,
+                     horizon: float) -> float:
+    """One update of the adaptive KL coefficient (Ziegler et al.; TRL 0.x ``AdaptiveKLController``):
+    ``value (1 + clip(KL / target - 1, -0.2, 0.2) n_steps / horizon)``."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return value * (1.0 + error * n_steps / horizon)
+
+
+def ppo(
+    token_logps: chex.Array,
+    old_token_logps: chex.Array,
+    vpreds: chex.Array,
+    values: chex.Array,
+    rewards: chex.Array,
+    mask: chex.Array,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    cliprange: float = 0.2,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+    whiten_rewards: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO's clipped policy and value losses on token rewards ("Proximal Policy Optimization
+    Algorithms", Schulman et al., arXiv:1707.06347; for language models Ziegler et al.,
+    arXiv:1909.08593, as TRL 0.x's ``PPOTrainer.loss``; the "Unpacking DPO and PPO" recipe,
+    Ivison et al., arXiv:2406.09279, uses the same loss). Not registered: no job trains it yet (a
+    PPO job needs the policy with a value head in one train state):
+
+        A, R  = gae(rewards, values)             (behaviour values; A whitened over the mask)
+        L_pg  = mean_m max(-A w, -A clip(w, 1 - c, 1 + c)),  w = pi_theta / pi_old
+        L_vf  = 0.5 mean_m max((v - R)^2, (clip(v, V - c_v, V + c_v) - R)^2)
+        L     = L_pg + vf_coef L_vf
+
+    ``whiten_rewards`` first whitens the rewards over the mask without shifting their mean
+    (``masked_whiten(..., shift_mean=False)``).
+
+    Args:
+      token_logps, old_token_logps: [N, T] current and behaviour log-probs of the sampled tokens.
+      vpreds, values: [N, T] current and behaviour value-head outputs at those tokens.
+      rewards: [N, T] from :func:`ppo_token_rewards` (score + KL penalty).
+      mask: [N, T] completion tokens.
+    Returns:
+      (scalar loss, metrics ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/policy/clipfrac``,
+      ``ppo/val/clipfrac``, ``ppo/policy/approxkl``, ``ppo/returns/mean``) as TRL 0.x names them.
+    """
+    m = _f32(mask)
+    logp, old = _f32(token_logps), jax.lax.stop_gradient(_f32(old_token_logps))
+    v_old = jax.lax.stop_gradient(_f32(values))
+    r = jax.lax.stop_gradient(_f32(rewards))
+    if whiten_rewards:
+        r = masked_whiten(r, m, shift_mean=False) * m
+    adv, returns = gae(r, v_old, m, gamma=gamma, lam=lam)
+    adv = jax.lax.stop_gradient(masked_whiten(adv, m))
+    v_old = v_old * m
+    vp = _f32(vpreds)
+    vp_clipped = jnp.clip(vp, v_old - cliprange_value, v_old + cliprange_value)
+    vf1, vf2 = jnp.square(vp - returns), jnp.square(vp_clipped - returns)
+    vf_loss = 0.5 * masked_mean(jnp.maximum(vf1, vf2), m)
+    ratio = jnp.exp(logp - old)
+    pg1, pg2 = -adv * ratio, -adv * jnp.clip(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(jnp.maximum(pg1, pg2), m)
+    loss = pg_loss + vf_coef * vf_loss
+    metrics = {
+        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_coef * vf_loss,
+        "ppo/policy/clipfrac": masked_mean((pg2 > pg1).astype(jnp.float32), m),
+        "ppo/val/clipfrac": masked_mean((vf2 > vf1).astype(jnp.float32), m),
+        "ppo/policy/approxkl": 0.5 * masked_mean(jnp.square(logp - old), m),
+        "ppo/returns/mean": masked_mean(returns, m),
+    }
+    return loss, metrics
