@@ -41,6 +41,8 @@ def online_section(**overrides) -> common.ConfigDict:
         prompts_per_round=128,  # online_dpo
         pairs="best_worst",  # online_dpo: best_worst | all (every pair with a reward gap, margin = gap)
         reference="fixed",  # online_dpo: fixed (the initial policy) | refresh (each round's start)
+        reward_augmented=False,  # online_dpo: reward-augmented relabelling of each round's pairs
+        augment_prefix="",  # its string-prompt condition, a format string with {score} ("" = the paper's)
     )
     values.update(overrides)
     return common.ConfigDict(values)

@@ -5,9 +5,11 @@ scoring with the verifier (or a reward model), pairing and DPO (alignjax/online/
   python -m alignjax.main --config=experiments/online_dpo.py:pairs=all,reference=refresh \\
       --workdir=workdirs/online_dpo_all
   python -m alignjax.main --config=experiments/online_dpo.py:runlocal --workdir=/tmp/online_dpo   # seconds
+  python -m alignjax.main --config=experiments/online_dpo.py:augmented --workdir=workdirs/online_dpo_ra
 
 Arguments: seed, rounds, prompts (per round), generations, sft_steps, dpo_steps (per round), loss (any
-pairwise loss), beta, lr, pairs (best_worst | all), reference (fixed | refresh), runlocal.
+pairwise loss), beta, lr, pairs (best_worst | all), reference (fixed | refresh), augmented (reward-augmented
+relabelling of each round's pairs, arXiv:2410.08067), runlocal.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from experiments.grpo import base, local
 def get_config(arg: str | None = None):
     a = common.parse_arg(
         arg, seed=0, rounds=3, prompts=128, generations=8, sft_steps=300, dpo_steps=40, loss="sigmoid",
-        beta=0.1, lr=1e-3, pairs="best_worst", reference="fixed", runlocal=False,
+        beta=0.1, lr=1e-3, pairs="best_worst", reference="fixed", augmented=False, runlocal=False,
     )
     c = base("online_dpo", a)
     common.fill_loss_hyperparameters(c, a.loss)
@@ -30,6 +32,8 @@ def get_config(arg: str | None = None):
     c.online.num_generations = a.generations
     c.online.pairs = a.pairs
     c.online.reference = a.reference
+    c.online.reward_augmented = a.augmented
+    c.online.augment_prefix = "{score}+"  # the arithmetic alphabet has no letters: "1+" / "0+" first
     c.data.batch_size = 32
     c.dpo = common.ConfigDict()
     c.dpo.optim = dict(learning_rate=a.lr, schedule="constant", warmup_steps=0)

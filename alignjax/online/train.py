@@ -23,7 +23,9 @@ sampling ``num_generations`` completions for ``prompts_per_round`` prompts from 
 scoring them, building pairs (``pairs='best_worst'``: the best against the worst of each prompt;
 ``'all'``: every pair with a reward gap, its gap as the record's ``margin``), then ``run_train``
 with any registered pairwise loss (``config.loss``) from the current params, the reference fixed
-(the initial policy) or refreshed to the round's starting policy (``config.online.reference``).
+(the initial policy) or refreshed to the round's starting policy (``config.online.reference``);
+``config.online.reward_augmented`` relabels each round's pairs by their rewards first
+(:mod:`alignjax.online.relabel`, prompt prefix ``config.online.augment_prefix``).
 
 Both jobs start from ``config.model`` or, with ``config.online.sft_steps > 0``, from an SFT stage on
 the task's SFT records in ``<workdir>/sft`` (``config.sft`` overrides), which is also the reference;
@@ -396,11 +398,12 @@ def run_policy_gradient(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def build_pairs(prompts: Sequence[str], completions: Sequence[str], rewards: np.ndarray, num_generations: int,
-                pairing: str = "best_worst") -> list[dict[str, Any]]:
+                pairing: str = "best_worst", *, scores: bool = False) -> list[dict[str, Any]]:
     """Preference records from G scored completions per prompt (rows ``i G .. i G + G - 1``):
     ``best_worst``: the highest- against the lowest-reward completion (none when they tie);
     ``all``: every pair with a reward gap, the gap as ``margin``. Blank completions and identical texts
-    are skipped; NaN rewards are ignored."""
+    are skipped; NaN rewards are ignored. ``scores``: each record also carries its two rewards as
+    ``score_chosen`` / ``score_rejected`` (what :func:`alignjax.online.relabel.relabel` reads)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"config.online.pairs={pairing!r}; choose one of {list(PAIRINGS)}")
     G = int(num_generations)
@@ -414,13 +417,16 @@ def build_pairs(prompts: Sequence[str], completions: Sequence[str], rewards: np.
             order = sorted(range(len(rows)), key=lambda k: rows[k][0])
             lo, hi = rows[order[0]], rows[order[-1]]
             if hi[0] > lo[0] and hi[1] != lo[1]:
-                records.append({"prompt": prompts[i * G], "chosen": hi[1], "rejected": lo[1]})
+                records.append({"prompt": prompts[i * G], "chosen": hi[1], "rejected": lo[1],
+                                **({"score_chosen": hi[0], "score_rejected": lo[0]} if scores else {})})
             continue
         for a in range(len(rows)):
             for b in range(len(rows)):
                 if rows[a][0] > rows[b][0] and rows[a][1] != rows[b][1]:
                     records.append({"prompt": prompts[i * G], "chosen": rows[a][1], "rejected": rows[b][1],
-                                    "margin": rows[a][0] - rows[b][0]})
+                                    "margin": rows[a][0] - rows[b][0],
+                                    **({"score_chosen": rows[a][0], "score_rejected": rows[b][0]}
+                                       if scores else {})})
     return records
 
 
@@ -475,7 +481,11 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
             r = score(source, tokenizer, ro, config)
             texts = [completion_text(tokenizer, c) for c in ro.completions()]
             records = build_pairs([p for p in prompts for _ in range(ro.num_generations)], texts, r,
-                                  ro.num_generations, o.pairs)
+                                  ro.num_generations, o.pairs, scores=bool(o.reward_augmented))
+            if o.reward_augmented:
+                from alignjax.online.relabel import relabel
+
+                records = relabel(records, prefix=o.augment_prefix)
             if jax.process_index() == 0:
                 write_jsonl(records, pairs_path)
             stats = {"reward": float(np.nanmean(r)), "reward_std": float(np.nanstd(r, ddof=1)),

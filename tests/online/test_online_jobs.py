@@ -96,6 +96,19 @@ def test_build_pairs():
         online.build_pairs(prompts, comps, r, 4, "top")
 
 
+def test_round_pairs_reward_augmented():
+    """The online job's relabelling of verifier-scored pairs: each pair twice, conditioned on 1 and 0."""
+    from alignjax.online.relabel import relabel
+
+    r = np.array([1.0, 0.0, 0.0, 0.0])
+    pairs = online.build_pairs(["12+34="] * 4, ["64", "65", "66", "67"], r, 4, scores=True)
+    assert pairs == [{"prompt": "12+34=", "chosen": "64", "rejected": "65", "score_chosen": 1.0,
+                      "score_rejected": 0.0}]
+    assert relabel(pairs, prefix="{score}+") == [
+        {"prompt": "1+12+34=", "chosen": "64", "rejected": "65"},
+        {"prompt": "0+12+34=", "chosen": "65", "rejected": "64"}]
+
+
 def test_config_errors_name_the_key(tmp_path):
     c = entry.load_config_file("experiments/grpo.py:runlocal")
     c.loss.name = "sigmoid"
