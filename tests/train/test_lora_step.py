@@ -12,7 +12,11 @@ from alignjax import logprobs, sharding
 from alignjax.models import PRESETS, Model, lora
 from alignjax.models.config import LoraConfig
 from alignjax.train import step as steplib
-from alignjax.train.loop import to_global
+
+try:
+    from alignjax.sharding import global_batch
+except ImportError:  # before global_batch moved from the loop to alignjax.sharding
+    from alignjax.train.loop import to_global as global_batch
 from tests.train.conftest import SMALL, stack
 
 
@@ -64,7 +68,7 @@ def _one_step(model, params, batches, k, mesh):
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.PRNGKey(0),
     }
-    return step(state, to_global(mesh, stack(batches), stacked=True))
+    return step(state, global_batch(mesh, stack(batches), stacked=True))
 
 
 @pytest.mark.parametrize(
