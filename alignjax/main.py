@@ -46,6 +46,7 @@ JOBS = {
     "grpo": "alignjax.online.train:run_policy_gradient",
     "rloo": "alignjax.online.train:run_policy_gradient",
     "online_dpo": "alignjax.online.train:run_online_dpo",
+    "ppo": "alignjax.online.ppo:run_ppo",
     "repro_ranking": "alignjax.repro.ranking:run",
     "repro_adpo_noise": "alignjax.repro.adpo_noise:run",
     "repro_three_d": "alignjax.repro.three_d:run",
