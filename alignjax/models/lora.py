@@ -6,7 +6,8 @@ projection computes ``y = x W (+ b) + s (x A) B`` with ``A`` [*in, r] (PEFT's in
 a reward model's head) are trained. The adapters are params ``lora_a`` / ``lora_b`` next to the
 projection's ``kernel`` and carry logical axes (the kernel's input axes + ``lora_rank``;
 ``lora_rank`` + its output axes), so they shard on the mesh, stack under ``nn.scan`` and are
-rematerialised with their layer like every other param.
+rematerialised with their layer like every other param; they are stored in fp32 and applied in the
+compute dtype.
 
 The reference for free: a ``Proj`` whose params hold no ``lora_a`` runs the base weights alone, so
 DPO's reference is the same params with the adapters removed (:func:`strip_adapters`) -- the same
@@ -112,17 +113,20 @@ def adapter(module: nn.Module, x: Array, in_shape: tuple, out_shape: tuple, axes
     n_in = len(in_shape)
     bound = 1.0 / math.sqrt(math.prod(in_shape))  # kaiming_uniform(a=sqrt(5)), PEFT's default for A
     a_init = lambda rng, shape, dtype: jax.random.uniform(rng, shape, dtype, -bound, bound)  # noqa: E731
+    # Adapters are stored in fp32 whatever the base's dtype (PEFT's autocast_adapter_dtype): they
+    # are the only weights Adam updates, and bf16 would round small steps away.
+    dtype = jnp.promote_types(module.param_dtype, jnp.float32)
     a = module.param(
         "lora_a",
         nn.with_logical_partitioning(a_init, (*axes[:n_in], "lora_rank")),
         (*in_shape, lora.rank),
-        module.param_dtype,
+        dtype,
     )
     b = module.param(
         "lora_b",
         nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *axes[n_in:])),
         (lora.rank, *out_shape),
-        module.param_dtype,
+        dtype,
     )
     h = dense(x, a.astype(x.dtype), n_in)
     return dense(h, b.astype(x.dtype), 1) * jnp.asarray(lora.scale, x.dtype)
