@@ -178,28 +178,66 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(normalize_mesh(mesh), PartitionSpec())
 
 
-def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+def global_batch(
+    mesh: Mesh, host_batch: Mapping[str, np.ndarray], *, stacked: bool = False
+) -> dict[str, jax.Array]:
     """Assembles each process's host-local batch into global arrays sharded over the batch axes.
 
-    Every process passes its own rows (its shard of the global batch, leading dimension); the
-    global leading dimension is the sum over processes. On one process this is a device_put.
+    Every process passes its own rows (its shard of the global batch, leading dimension, or the
+    second one after a leading micro-batch axis when ``stacked``); the global row count is the sum
+    over processes. On one process this is a device_put. Sequence ids must already be global
+    (:func:`global_sequence_ids`).
     """
     mesh = normalize_mesh(mesh)
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    lead = 1 if stacked else 0
     out = {}
     for key, value in host_batch.items():
         value = np.asarray(value)
-        if value.ndim == 0:
+        if value.ndim <= lead:
             raise ValueError(f"global_batch: batch[{key!r}] is a scalar; every entry needs a batch dimension")
-        global_rows = value.shape[0] * jax.process_count()
+        global_rows = value.shape[lead] * jax.process_count()
         if global_rows % shards:
             raise ValueError(
-                f"global_batch: batch[{key!r}] has {value.shape[0]} rows on each of {jax.process_count()} "
+                f"global_batch: batch[{key!r}] has {value.shape[lead]} rows on each of {jax.process_count()} "
                 f"process(es), {global_rows} in all, which the {shards} batch shards (mesh data x fsdp) "
                 "do not divide; make the global batch size a multiple of data * fsdp"
             )
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+        spec = PartitionSpec(*([None] * lead), BATCH_AXES, *([None] * (value.ndim - 1 - lead)))
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
     return out
+
+
+def global_sequence_ids(
+    host_batch: Mapping[str, np.ndarray], examples: int | None = None
+) -> dict[str, np.ndarray]:
+    """Process-local sequence ids -> global ones. Sequences are numbered part-major (``0..B-1``
+    chosen, ``B..2B-1`` rejected, then rationales or listwise candidates, over all processes): local
+    id ``j b + i`` of part ``j`` becomes ``j B + p b + i`` with ``B = n b``, ``b`` this process's
+    ``examples`` (default: the length of its per-example arrays)."""
+    p, n = jax.process_index(), jax.process_count()
+    if n == 1:
+        return dict(host_batch)
+    lengths = host_batch.get("chosen_lengths", host_batch.get("lengths"))
+    if examples is not None:
+        b = examples
+    elif lengths is not None:
+        b = len(lengths)
+    else:
+        b = next(len(v) for v in host_batch.values() if np.ndim(v) == 1)
+    ids = np.asarray(host_batch["example_ids"])
+    part, i = ids // b, ids % b
+    return dict(host_batch, example_ids=np.where(ids >= 0, part * n * b + p * b + i, -1).astype(np.int32))
+
+
+def process_share(items: Sequence[Any]) -> list[Any]:
+    """This process's contiguous share of ``items`` (a global batch every process holds whole), for
+    :func:`global_batch`; ``len(items)`` must divide by the process count."""
+    p, n = jax.process_index(), jax.process_count()
+    if len(items) % n:
+        raise ValueError(f"a batch of {len(items)} examples does not divide over {n} processes")
+    size = len(items) // n
+    return list(items[p * size : (p + 1) * size])
 
 
 def initialize_distributed(

@@ -7,6 +7,7 @@
 * The reference cache decides together which chunks are built: in the same children, a chunk that
   only one process has is recomputed by both (its computation is a collective), one that both have
   is skipped by both.
+* The score job through ``launch/local.py`` on two processes writes the one-process scores.
 * End to end through ``launch/local.py``: a cache-reference DPO run, then one process's chunk file
   deleted and a second run on the same cache: both processes recompute that chunk (bitwise the
   same files) and the second run's metrics equal the first's line by line.
@@ -353,3 +354,33 @@ def test_cache_chunk_lost_on_one_process_is_rebuilt_by_both(tmp_path):
     undamaged, rerun = _metrics(tmp_path / "undamaged"), _metrics(tmp_path / "rerun")
     assert [r["step"] for r in undamaged if "loss" in r] == [1, 2]
     assert rerun == undamaged  # every metric of every step, bit for bit
+
+
+def test_two_process_scoring_equals_one_process(tmp_path):
+    """The score job on two processes (each scores its share of every batch, with global sequence
+    ids) writes the one-process scores: every pair's implicit reward, in order."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import local
+
+    from alignjax.data import synthetic
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in synthetic.records("arithmetic_dpo", "test")[:40]))
+    args = [f"--config=experiments/score.py:runlocal,source={pairs},tokenization=trl",
+            "--config.data.eval_batch_size=16"]
+    scores = {}
+    for n in (1, NUM_PROCESSES):
+        workdir = tmp_path / f"p{n}"
+        workdir.mkdir()
+        rc = local.launch([*args, f"--workdir={workdir}"], n, devices_per_process=4 // n,
+                          log_dir=str(workdir), timeout=240, cwd=str(REPO))
+        logs = "\n".join((workdir / f"process_{i}.log").read_text()[-3000:] for i in range(n))
+        assert rc == 0, logs
+        scores[n] = [json.loads(line) for line in (workdir / "scores.jsonl").read_text().splitlines()]
+    assert len(scores[1]) == 40
+    # the same pairs in the same order; the values to an ulp (4 devices on one host vs 2 x 2 sum the
+    # shards' token log-probs in another order)
+    assert [r["subset"] for r in scores[NUM_PROCESSES]] == [r["subset"] for r in scores[1]]
+    for side in ("chosen", "rejected"):
+        np.testing.assert_allclose([r[side] for r in scores[NUM_PROCESSES]], [r[side] for r in scores[1]],
+                                   rtol=1e-6)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from alignjax import logprobs, sharding, storage
 from alignjax.data import DataStats, readers, resolve_tokenizer
@@ -122,10 +123,11 @@ def score_examples(
         chunk = list(pairs[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # fixed shape; the copies are discarded below
-        host = pair_batch(chunk, length, pad_id)
+        local = sharding.process_share(chunk)  # every process holds all pairs and scores its share
+        host = sharding.global_sequence_ids(pair_batch(local, length, pad_id), examples=len(local))
         outputs = reward_fn(params, ref_params, sharding.global_batch(mesh, host))
         for key, value in zip(columns, outputs, strict=True):
-            chosen, rejected = np.split(np.asarray(value), 2)
+            chosen, rejected = np.split(np.asarray(multihost_utils.process_allgather(value, tiled=True)), 2)
             columns[key].append(np.stack([chosen[:real], rejected[:real]], axis=1))
     out = {}
     for key, parts in columns.items():

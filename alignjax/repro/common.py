@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from alignjax import logprobs
+from alignjax import logprobs, sharding
 
 PAIRS_VAL = "synthetic:arithmetic_dpo:val"
 
@@ -91,7 +91,7 @@ def pair_logps(model: Any, params: Any, config: Any, *, source: str = PAIRS_VAL,
                batch_size: int = 128) -> dict[str, np.ndarray]:
     """Summed log-probs and lengths of the first ``num_pairs`` pairs of ``source`` (unshuffled) under
     ``params``: ``chosen_logps, rejected_logps, chosen_lengths, rejected_lengths`` [num_pairs]."""
-    from alignjax.train.loop import data_iterator, to_global
+    from alignjax.train.loop import data_iterator
 
     data, _ = data_iterator(config, source, batch_size, shuffle=False, num_epochs=1)
     fn = jax.jit(
@@ -101,7 +101,7 @@ def pair_logps(model: Any, params: Any, config: Any, *, source: str = PAIRS_VAL,
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0
     for host in data:
-        batch = to_global(model.mesh, host, stacked=False)
+        batch = sharding.global_batch(model.mesh, host)
         seq = np.asarray(fn(params, batch))
         lengths = np.asarray(logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"],
                                                        2 * batch_size))

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from alignjax import sharding
 from alignjax.data import DataStats, batching, resolve_tokenizer
@@ -59,11 +60,12 @@ def score_pairs(
         chunk = list(examples[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)
-        host = batching.make_batch(chunk, "padded", pad_id=pad_id, buckets=(length,))
-        host = {k: host[k] for k in _KEEP if k in host}
+        local = sharding.process_share(chunk)  # every process holds all pairs and scores its share
+        host = batching.make_batch(local, "padded", pad_id=pad_id, buckets=(length,))
+        host = sharding.global_sequence_ids({k: host[k] for k in _KEEP if k in host}, examples=len(local))
         out = fn(params, sharding.global_batch(mesh, host))
         for k in keys:
-            columns[k].append(np.asarray(out[k])[:real])
+            columns[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:real])
     return {k: np.concatenate(v) for k, v in columns.items()}
 
 

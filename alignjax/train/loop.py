@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 import alignjax.losses as losses
 from alignjax import flops, logprobs, sharding, storage
@@ -176,20 +175,6 @@ def _reads_rationales(config: Any) -> bool:
     return reads_rationales([r for n in names for r in losses.spec(n).required])
 
 
-def globalize_ids(host: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
-    """Process-local sequence ids -> global ones. Sequences are numbered part-major (``0..B-1``
-    chosen, ``B..2B-1`` rejected, then rationales or listwise candidates, over all processes): local
-    id ``j b + i`` of part ``j`` becomes ``j B + p b + i`` with ``B = n b``."""
-    p, n = jax.process_index(), jax.process_count()
-    if n == 1:
-        return host
-    lengths = host.get("chosen_lengths", host.get("lengths"))
-    b = len(lengths) if lengths is not None else next(len(v) for v in host.values() if np.ndim(v) == 1)
-    ids = host["example_ids"]
-    part, i = ids // b, ids % b
-    return dict(host, example_ids=np.where(ids >= 0, part * n * b + p * b + i, -1).astype(np.int32))
-
-
 def check_batch_divides_mesh(config: Any, mesh: Any, micro_size: int) -> None:
     """Each step's pairs and each evaluation batch split evenly over the mesh's batch axes; said
     before compile, with the keys to change."""
@@ -203,17 +188,6 @@ def check_batch_divides_mesh(config: Any, mesh: Any, micro_size: int) -> None:
                 f"{key} = {size} examples must be a multiple of the mesh's data-parallel size "
                 f"{shards} (mesh.data x mesh.fsdp = {dict(mesh.shape)})"
             )
-
-
-def to_global(mesh: Any, host: Mapping[str, np.ndarray], stacked: bool) -> dict[str, jax.Array]:
-    """Host-local (optionally ``[k, ...]``-stacked) arrays -> global arrays split over the batch axes."""
-    out = {}
-    for key, value in host.items():
-        value = np.asarray(value)
-        lead = (None,) if stacked else ()
-        spec = PartitionSpec(*lead, sharding.BATCH_AXES, *([None] * (value.ndim - 1 - len(lead))))
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
-    return out
 
 
 def _tokens(host: Mapping[str, np.ndarray]) -> int:
@@ -417,7 +391,7 @@ def run_train(
             workdir=workdir,
         )
         for host in eval_data:
-            eval_batches_host.append(globalize_ids(host, config.data.kind))
+            eval_batches_host.append(sharding.global_sequence_ids(host))
             if len(eval_batches_host) * config.data.eval_batch_size >= config.data.num_eval:
                 break
 
@@ -512,7 +486,7 @@ def run_train(
     )
     eval_spec = dataclasses.replace(spec, batch_size=config.data.eval_batch_size)
     eval_fn = jax.jit(objective.make_eval_fn(model, eval_spec), compiler_options=logprobs.STRICT_ROUNDING)
-    eval_batches = [to_global(mesh, h, stacked=False) for h in eval_batches_host]
+    eval_batches = [sharding.global_batch(mesh, h) for h in eval_batches_host]
     beta = float(dict(spec.hyperparameters).get("beta", 1.0))
 
     def run_eval(step: int) -> dict[str, float]:
@@ -569,7 +543,7 @@ def run_train(
             for step in range(start, num_steps):
                 micro = []
                 for j in range(k):
-                    host = globalize_ids(next(data), config.data.kind)
+                    host = sharding.global_sequence_ids(next(data))
                     if cache is not None:
                         host.update(cache.lookup(step * k + j))
                     micro.append(host)
@@ -579,7 +553,7 @@ def run_train(
                 tokens += step_tokens
                 speed.add(step + 1, step_tokens, sum(objective.model_flops(model, spec, h) for h in micro))
                 stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
-                state, metrics = train_step(state, to_global(mesh, stacked, stacked=True))
+                state, metrics = train_step(state, sharding.global_batch(mesh, stacked, stacked=True))
                 drain(pending)
                 pending = (step + 1, metrics)
                 step_no = step + 1
@@ -680,6 +654,6 @@ def _build_cache(
             "ref_kl_logps": second,
         }
 
-    batches = (globalize_ids(h, config.data.kind) for h in data)
-    cache.build(batches, num_micro, lambda h: compute(ref_params, to_global(mesh, h, stacked=False)))
+    batches = (sharding.global_sequence_ids(h) for h in data)
+    cache.build(batches, num_micro, lambda h: compute(ref_params, sharding.global_batch(mesh, h)))
     return cache

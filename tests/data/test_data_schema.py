@@ -99,8 +99,10 @@ def test_kinds_and_extras():
         "f:1",
     )
     assert (rec["chosen_visits"], rec["rejected_visits"]) == (7.0, 2.0)
-    assert (rec["source_chosen_logps"], rec["source_rejected_logps"], rec["rationale"]) == ([-1.0], [-2.5], "why")
-    two = validate_record({**GOOD, "source_logps": {"chosen": [-1, -2], "rejected": [-3, -4]}}, "pairwise", "f:1")
+    assert (rec["source_chosen_logps"], rec["source_rejected_logps"]) == ([-1.0], [-2.5])
+    assert rec["rationale"] == "why"
+    two_sources = {"chosen": [-1, -2], "rejected": [-3, -4]}
+    two = validate_record({**GOOD, "source_logps": two_sources}, "pairwise", "f:1")
     assert (two["source_chosen_logps"], two["source_rejected_logps"]) == ([-1.0, -2.0], [-3.0, -4.0])
     with pytest.raises(DataError, match=r"^f:3: field 'source_logps' has 2 chosen but 1 rejected values"):
         validate_record({**GOOD, "source_logps": [[-1, -2], -3]}, "pairwise", "f:3")

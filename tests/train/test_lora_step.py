@@ -11,12 +11,8 @@ import pytest
 from alignjax import logprobs, sharding
 from alignjax.models import PRESETS, Model, lora
 from alignjax.models.config import LoraConfig
+from alignjax.sharding import global_batch
 from alignjax.train import step as steplib
-
-try:
-    from alignjax.sharding import global_batch
-except ImportError:  # before global_batch moved from the loop to alignjax.sharding
-    from alignjax.train.loop import to_global as global_batch
 from tests.train.conftest import SMALL, stack
 
 

@@ -21,8 +21,9 @@ import alignjax.losses as losses
 from alignjax.data import PreferenceData, synthetic, tokenize_record
 from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.main import load_config_file
+from alignjax.sharding import global_sequence_ids
 from alignjax.train import step as steplib
-from alignjax.train.loop import globalize_ids, run_train
+from alignjax.train.loop import run_train
 from tests.train.conftest import small_model
 
 B = 8
@@ -203,6 +204,6 @@ def test_ids_of_several_processes_number_sequences_as_one_process_would(monkeypa
     pieces = []
     for p in range(2):
         monkeypatch.setattr(jax, "process_index", lambda p=p: p)
-        pieces.append(globalize_ids(host(np.arange(p * b, (p + 1) * b)), "pairwise"))
+        pieces.append(global_sequence_ids(host(np.arange(p * b, (p + 1) * b))))
     got = sums({k: np.concatenate([x[k] for x in pieces]) for k in ("input_ids", "example_ids")})
     np.testing.assert_array_equal(got, want)

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from alignjax import sharding
+from alignjax.sharding import global_batch
 from alignjax.train import step as steplib
-from alignjax.train.loop import to_global
 from tests.train.conftest import small_model, stack
 
 
@@ -92,7 +92,7 @@ def _one_update(model, params, batches, k, mesh, sync_every=0, alpha=1.0, steps=
     }
     out = []
     for _ in range(steps):
-        state, metrics = step(state, to_global(mesh, stack(batches), stacked=True))
+        state, metrics = step(state, global_batch(mesh, stack(batches), stacked=True))
         out.append((state, metrics))
     return out
 
@@ -216,7 +216,7 @@ def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layou
         process_index=0, process_count=1, **extra,
     )  # fmt: skip
     host = next(data)
-    batch = to_global(mesh, host, stacked=False)
+    batch = global_batch(mesh, host)
     n = 32
 
     def forward(p, b):
@@ -247,7 +247,7 @@ def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layou
         "params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.PRNGKey(0), "ref_params": ref_params,
     }  # fmt: skip
-    _, metrics = step(state, to_global(mesh, stack([host]), stacked=True))
+    _, metrics = step(state, global_batch(mesh, stack([host]), stacked=True))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert metrics[key] == 0.0, key
