@@ -48,7 +48,7 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, features:
     """Reference logits [P, T, V], features [V, d], token rewards [P, V], pairs [N, T] with their prompt
     and an ``off`` flag [N] (sampled from softmax(-ref) rather than the reference)."""
     if reward not in REWARDS:
-        raise ValueError(f"config.reward={reward!r}; choose one of {list(REWARDS)}")
+        raise ValueError(f"config.rewards: {reward!r} is not one of {list(REWARDS)}")
     rng = np.random.default_rng(seed)
     ref = ref_scale * rng.normal(size=(num_prompts, length, vocab))
     phi = rng.normal(size=(vocab, features))
@@ -174,6 +174,9 @@ def _pair_weights(ref: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Every (reward, off-policy share, beta, method, seed) cell; the main table at ``config.beta`` and a
     beta sweep (``config.sweep_betas``) on the first reward kind, to compare at matched KL."""
+    bad = [r for r in config.rewards if r not in REWARDS]
+    if bad:
+        raise ValueError(f"config.rewards: {bad} not in {list(REWARDS)}")
     seeds = list(config.seeds)
     rows: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     weights: dict[str, dict[int, dict[str, float]]] = {}
