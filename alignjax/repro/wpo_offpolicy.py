@@ -178,7 +178,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if bad:
         raise ValueError(f"config.rewards: {bad} not in {list(REWARDS)}")
     seeds = list(config.seeds)
-    rows: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    rows: dict[str, dict[int, dict[str, float]]] = {}  # "reward/off/beta/method" -> seed -> metrics
     weights: dict[str, dict[int, dict[str, float]]] = {}
     betas = sorted({float(config.beta), *(float(b) for b in config.sweep_betas)})
     for reward in config.rewards:
