@@ -34,7 +34,8 @@ def online_section(**overrides) -> common.ConfigDict:
         num_iterations=1,  # optimiser steps per rollout batch (TRL's num_iterations)
         scale_rewards="group",  # GRPO: group | batch | none (Dr. GRPO)
         normalize_advantages=False,  # RLOO: standardise the advantages over the batch
-        sft_steps=300,  # > 0: an SFT stage first (config.sft), the start and the reference
+        sft_steps=2500,  # > 0: an SFT stage first (config.sft), the start and the reference
+        sft_dir="",  # where the SFT stage runs ("" = <workdir>/sft); another run's finished SFT is reused
         num_test=200,  # held-out prompts for the greedy accuracy before and after
         eval_max_new_tokens=6,
         rounds=3,  # online_dpo: sampling + training rounds
@@ -70,7 +71,7 @@ def base(job: str, a) -> common.ConfigDict:
     c.sft.data = dict(kind="sft", source="synthetic:arithmetic_sft:train", eval_source="", batch_size=128)
     c.sft.loss = dict(name="sft", nll_weight=0.0)
     c.sft.reference = dict(kind="none")
-    c.sft.optim = dict(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    c.sft.optim = dict(learning_rate=3e-3, warmup_steps=50, schedule="cosine")  # the quickstart's SFT
     c.sft.train = dict(num_steps=a.sft_steps, checkpoint_every=1000)
     c.online.sft_steps = a.sft_steps
     return c
@@ -78,7 +79,7 @@ def base(job: str, a) -> common.ConfigDict:
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(
-        arg, seed=0, steps=60, sft_steps=300, prompts=16, generations=8, iterations=1, lr=1e-3, beta=0.0,
+        arg, seed=0, steps=60, sft_steps=2500, prompts=16, generations=8, iterations=1, lr=1e-3, beta=0.0,
         loss_type="dapo", scale_rewards="group", runlocal=False,
     )
     c = base("grpo", a)

@@ -20,7 +20,7 @@ from experiments.grpo import base, local
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(
-        arg, seed=0, rounds=3, prompts=128, generations=8, sft_steps=300, dpo_steps=40, loss="sigmoid",
+        arg, seed=0, rounds=3, prompts=128, generations=8, sft_steps=2500, dpo_steps=40, loss="sigmoid",
         beta=0.1, lr=1e-3, pairs="best_worst", reference="fixed", augmented=False, runlocal=False,
     )
     c = base("online_dpo", a)

@@ -17,7 +17,7 @@ from experiments.grpo import base, local
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(
-        arg, seed=0, steps=60, sft_steps=300, prompts=16, generations=4, iterations=2, lr=1e-3, kl_coef=0.05,
+        arg, seed=0, steps=60, sft_steps=2500, prompts=16, generations=4, iterations=2, lr=1e-3, kl_coef=0.05,
         whiten=False, runlocal=False,
     )
     from alignjax.online.ppo import HYPERPARAMETERS

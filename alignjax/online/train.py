@@ -160,15 +160,16 @@ def stage_config(config: Any, stage: str) -> Any:
 
 
 def sft_stage(config: Any, workdir: str) -> tuple[Any, Any]:
-    """``(model, params)`` to start from: the SFT stage's (``config.online.sft_steps > 0``) or None
-    params (``config.model``, initialised by the loop)."""
+    """``(model, params)`` to start from: the SFT stage's (``config.online.sft_steps > 0``; in
+    ``config.online.sft_dir``, "" = ``<workdir>/sft``, so that several runs can start from one
+    finished SFT) or ``config.model``'s (a preset initialised with ``config.seed``)."""
     from alignjax.train.loop import build_model, run_train
 
     if int(config.online.sft_steps) > 0:
         c = stage_config(config, "sft")
         with c.unlocked():
             c.train.num_steps = int(config.online.sft_steps)
-        out = run_train(c, os.path.join(workdir, "sft"))
+        out = run_train(c, config.online.get("sft_dir") or os.path.join(workdir, "sft"))
         return out["_model"], out["_state"]["params"]
     from alignjax.data.pipeline import resolve_tokenizer
 
