@@ -103,9 +103,10 @@ def test_online_dpo_runlocal_and_rerun(tmp_path):
     assert all(p["chosen"] != p["rejected"] for p in pairs)
     train_rows = _rows(str(tmp_path / "round_0" / "train"))
     assert len(train_rows) == 3 and "rewards/margins" in train_rows[0]
+    before = _rows(str(tmp_path / "round_1" / "train"))
     again = entry.run(c, str(tmp_path))  # everything reused or restored: the same result
     assert again["task_accuracy/rounds"] == first["task_accuracy/rounds"]
-    assert _rows(str(tmp_path / "round_1" / "train")) == _rows(str(tmp_path / "round_1" / "train"))
+    assert _rows(str(tmp_path / "round_1" / "train")) == before and len(before) == 3
 
 
 def test_build_pairs():
