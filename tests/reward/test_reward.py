@@ -23,7 +23,6 @@ from alignjax.reward import synthetic as S  # noqa: E402
 from alignjax.reward.evaluate import rewardbench_report, score_pairs  # noqa: E402
 from alignjax.reward.export import load_checkpoint_params, load_classifier, save_classifier  # noqa: E402
 from alignjax.reward.model import RewardModel  # noqa: E402
-from alignjax.reward.secrets import run_secrets  # noqa: E402
 from alignjax.reward.train import run_reward_model, train_reward_model  # noqa: E402
 from experiments import reward_model as R  # noqa: E402
 
@@ -156,29 +155,33 @@ def test_bt_reaches_known_ceiling(bt_run, linear_data):
     )
 
 
-def test_secrets_flipping_recovers_from_label_noise(linear_data):
-    """30% of 256 training labels flipped; 400 steps (50 epochs). Plain BT vs the Secrets-II pipeline
-    (ensemble of 4 independent reward models, 100 steps each -> strength -> flip the lowest 30% where
-    mu < 0 -> retrain). Measured: plain 0.611, Secrets-II 0.732 (0.731 with 4 heads on one decoder,
-    ``ensemble="heads"``), ceiling 0.799."""
-    d = linear_data["dir"]
-    c = small_config("bt", linear_data["noisy"], 400)
-    plain = accuracy_on(c, train_reward_model(c, str(d / "plain")), linear_data["eval"])
-    cs = small_config("secrets", linear_data["noisy"], 400)
-    cs.reward.secrets.update(ensemble_steps=100, flip_fraction=0.3, smooth_fraction=0.0, score_batch_size=64)
-    summary = run_secrets(cs, str(d / "secrets"))
-    flipped = accuracy_on(cs, summary, linear_data["eval"])
-    print(
-        f"plain {plain:.4f} secrets {flipped:.4f} ceiling {linear_data['ceiling']:.4f} "
-        f"flipped pairs {summary['secrets/flipped']}"
-    )
-    assert summary["secrets/flipped"] > 0
-    strength = [json.loads(line) for line in open(d / "secrets" / "strength.jsonl")]
+def test_secrets_flipping_recovers_from_label_noise(tmp_path):
+    """30% of 256 training labels flipped on top of BT sampling; plain BT (400 steps) vs the Secrets-II
+    pipeline (ensemble of 4 independent reward models, 100 steps each -> strength -> flip the lowest
+    30% where mu < 0 -> retrain), on two seeds (reward weights, data, initialisation) of the
+    reproduction (alignjax/repro/secrets_noise.py; docs/reproductions.md has three). The flips find
+    wrong labels (their share of wrong labels at least 1.5 times the base rate: measured 0.86 and 0.75
+    against 0.37 and 0.39); Secrets-II beats plain BT
+    on each seed and by >= 0.03 held-out accuracy on average. Measured on a 2-core Intel Xeon:
+    seed 0 plain 0.689 / Secrets-II 0.719, seed 1 0.539 / 0.672 on the 8-device test mesh (0.693 /
+    0.734 and 0.555 / 0.660 on the default devices: one seed's gain moves with rounding)."""
+    from alignjax.repro.secrets_noise import run_one
+    from experiments import repro_secrets_noise
+
+    config = repro_secrets_noise.get_config()
+    cells = [run_one(config, str(tmp_path / f"seed{seed}"), seed, noise=0.3) for seed in (0, 1)]
+    print(cells)
+    strength = [json.loads(line) for line in open(tmp_path / "seed0" / "secrets" / "strength.jsonl")]
     assert len(strength) == 256 and all("margin" in r and r["strength_std"] >= 0 for r in strength)
-    members = sorted(os.listdir(d / "secrets" / "ensemble"))
+    members = sorted(os.listdir(tmp_path / "seed0" / "secrets" / "ensemble"))
     assert members == [f"member_{m}" for m in range(4)]  # separately trained, seeds 1..4
     assert np.mean([r["strength_std"] > 0 for r in strength]) > 0.99  # independent members disagree
-    assert flipped >= plain + 0.03
+    for cell in cells:
+        assert cell["flipped"] > 0
+        assert cell["flipped_wrong_share"] >= 1.5 * cell["wrong_label_share"]
+        assert cell["secrets_accuracy"] > cell["plain_accuracy"]
+    gains = [c["secrets_accuracy"] - c["plain_accuracy"] for c in cells]
+    assert np.mean(gains) >= 0.03
 
 
 def test_gpm_cyclic_table_tiny(tmp_path):
