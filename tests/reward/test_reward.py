@@ -53,11 +53,9 @@ def linear_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("linear")
     w = S.linear_weights(0)
     train, _ = S.linear_bt_pairs(2000, weights=w, seed=1)
-    noisy, _ = S.linear_bt_pairs(256, weights=w, seed=1, noise=0.3)
     held, held_diffs = S.linear_bt_pairs(512, weights=w, seed=2)
     return {
         "train": S.write_jsonl(train, str(d / "train.jsonl")),
-        "noisy": S.write_jsonl(noisy, str(d / "noisy.jsonl")),
         "eval": S.write_jsonl(held, str(d / "eval.jsonl")),
         "ceiling": S.ceiling(held_diffs),
         "dir": d,
