@@ -182,8 +182,8 @@ def test_bad_input_is_one_line_and_exit_code_2(dpo_run, tmp_path, capsys):
         cwd=ROOT,
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: the following arguments are required: --out (usage: python -m alignjax.export "
-        "--workdir=DIR --out=OUT)"
+        "error: give --out (the HF checkpoint) and/or --peft (a LoRA run's adapter) (usage: python -m "
+        "alignjax.export --workdir=DIR --out=OUT)"
     ]
     assert not (tmp_path / "out").exists()
 
