@@ -180,3 +180,31 @@ def test_lora_reference_cache_equals_the_base_reference_and_bad_settings_are_nam
     bad.model.lora.targets = "qkv"
     with pytest.raises(ValueError, match=r"config.model.lora.targets='qkv' matches no projection"):
         run_train(bad, str(tmp_path / "bad"))
+
+
+def test_qlora_run_on_an_hf_checkpoint_exports_from_its_rebuilt_base(tmp_path, quantize="nf4"):
+    """A QLoRA run on an HF directory: its checkpoint has no base, and ``load_run`` rebuilds the
+    quantized base from the directory to exactly the params the run ended with."""
+    import jax
+
+    from alignjax import main as entry
+    from alignjax.export import load_run
+    from tests import hf_fixtures
+    from tests.train.test_loop import _inprocess_config
+
+    hf_dir = hf_fixtures.save_checkpoint(str(tmp_path / "ckpt"))
+    c = _inprocess_config(train__num_steps=2)
+    c.model.path, c.data.tokenizer = hf_dir, hf_dir
+    c.data.source = hf_fixtures.write_pairs(str(tmp_path / "pairs.jsonl"), 32)
+    c.data.eval_source, c.data.eval_fraction, c.data.max_length = "", 0.0, 32
+    c.model.lora.update(rank=4, quantize=quantize)
+    c.optim.learning_rate, c.optim.warmup_steps = 0.01, 0
+    summary = entry.run(c, str(tmp_path / "run"))
+    run = load_run(str(tmp_path / "run"))
+    trained = jax.device_get(summary["_state"]["params"])
+    restored = jax.device_get(run.params)
+    assert jax.tree.structure(trained) == jax.tree.structure(restored)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+    kernel = restored["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert kernel.dtype == (np.uint8 if quantize == "nf4" else np.float32)
