@@ -8,8 +8,9 @@ scoring with the verifier (or a reward model), pairing and DPO (alignjax/online/
   python -m alignjax.main --config=experiments/online_dpo.py:augmented --workdir=workdirs/online_dpo_ra
 
 Arguments: seed, rounds, prompts (per round), generations, sft_steps, dpo_steps (per round), loss (any
-pairwise loss), beta, lr, pairs (best_worst | all), reference (fixed | refresh), augmented (reward-augmented
-relabelling of each round's pairs, arXiv:2410.08067), runlocal.
+pairwise loss), beta, nll (the chosen answers' NLL weight, RPO), lr, pairs (best_worst | all), reference
+(fixed | refresh), augmented (reward-augmented relabelling of each round's pairs, arXiv:2410.08067),
+runlocal.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from experiments.grpo import base, local
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(
-        arg, seed=0, rounds=3, prompts=128, generations=8, sft_steps=2500, dpo_steps=40, loss="sigmoid",
-        beta=0.1, lr=1e-3, pairs="best_worst", reference="fixed", augmented=False, runlocal=False,
+        arg, seed=0, rounds=3, prompts=512, generations=8, sft_steps=2500, dpo_steps=20, loss="sigmoid",
+        beta=2.0, nll=1.0, lr=4e-4, pairs="best_worst", reference="fixed", augmented=False, runlocal=False,
     )
     c = base("online_dpo", a)
     common.fill_loss_hyperparameters(c, a.loss)
     if "beta" in c.loss:
         c.loss.beta = a.beta
+    # The quickstart's tuned offline setting (RPO: DPO at beta 2 + the chosen answers' NLL, lr 4e-4): at
+    # beta 0.1 / lr 1e-3 without the NLL term the chosen log-probs collapsed (0.545 -> 0.06 accuracy).
+    c.loss.nll_weight = a.nll
     c.online.rounds = a.rounds
     c.online.prompts_per_round = a.prompts
     c.online.num_generations = a.generations
