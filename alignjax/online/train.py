@@ -124,14 +124,19 @@ def score(source: rewardlib.RewardSource, tokenizer: Any, ro: rollout.Rollout, c
                                        num_generations=ro.num_generations)
 
 
+# The built-in sources' splits (``synthetic:<task>:<split>``) are those of split seed 0, whatever
+# config.seed is: held-out and round prompts come from the same splits, so test prompts stay unseen.
+SPLIT_SEED = 0
+
+
 def held_out_prompts(config: Any) -> list[str]:
     """The built-in task's test prompts (``config.online.num_test`` of them)."""
     from alignjax.data import synthetic
 
     n, task = int(config.online.num_test), task_name(config)
     if task == "arithmetic":
-        return [synthetic.arithmetic_prompt(*p) for p in synthetic.arithmetic_splits(config.seed)["test"][:n]]
-    return [synthetic.multistep_prompt(*p) for p in synthetic.multistep_splits(config.seed)["test"][:n]]
+        return [synthetic.arithmetic_prompt(*p) for p in synthetic.arithmetic_splits(SPLIT_SEED)["test"][:n]]
+    return [synthetic.multistep_prompt(*p) for p in synthetic.multistep_splits(SPLIT_SEED)["test"][:n]]
 
 
 def greedy_accuracy(config: Any, model: Any, params: Any, tokenizer: Any, generator: Generator) -> float:
@@ -437,9 +442,9 @@ def round_prompts(config: Any, round_index: int) -> list[str]:
 
     task, n = task_name(config), int(config.online.prompts_per_round)
     if task == "arithmetic":
-        pool = [synthetic.arithmetic_prompt(*p) for p in synthetic.arithmetic_splits(config.seed)["train"]]
+        pool = [synthetic.arithmetic_prompt(*p) for p in synthetic.arithmetic_splits(SPLIT_SEED)["train"]]
     else:
-        pool = [synthetic.multistep_prompt(*p) for p in synthetic.multistep_splits(config.seed)["train"]]
+        pool = [synthetic.multistep_prompt(*p) for p in synthetic.multistep_splits(SPLIT_SEED)["train"]]
     order = np.random.default_rng([config.seed, 3]).permutation(len(pool))
     return [pool[order[(round_index * n + i) % len(pool)]] for i in range(n)]
 
