@@ -8,7 +8,10 @@ over the pairs the mask allows):
   it: reward models replace it with a small head); the embedding lookup does no FLOPs;
 * the trained forward + backward: ``6 N`` per non-padding row token, plus attention's score and value
   matmuls, ``4 H Dh`` per allowed (query, key) pair per layer forward, times 3;
-* a reference forward (frozen or EMA reference): ``2 N`` per token plus the forward attention.
+* a reference forward (frozen or EMA reference): ``2 N`` per token plus the forward attention;
+* with LoRA (``config.lora``) the frozen weights get no weight gradient: ``4 N + 6 A`` per token for
+  the trained forward + backward, ``A`` the adapters' parameters (``r (in + out)`` per adapted
+  projection).
 
 Not counted: padding, rematerialisation and chunked-log-prob recomputation, softmax / norm /
 elementwise work, the optimizer update. MFU = model FLOPs per second / the device's peak.
@@ -44,7 +47,8 @@ PEAK_BF16_TFLOPS = {
 def param_counts(config: Any) -> dict[str, int]:
     """Parameter counts of a ``ModelConfig``: ``non_embedding`` (projections and norms),
     ``unembedding`` (``D x V``), ``N = non_embedding + unembedding`` (the per-token matmul weights of
-    a language-model forward), ``embedding`` and ``total`` (stored parameters)."""
+    a language-model forward), ``embedding``, ``adapters`` (LoRA's ``A`` and ``B``, 0 without) and
+    ``total`` (stored parameters)."""
     c = config
     D, H, K, Dh, F, L, V = (
         c.hidden_size,
@@ -60,12 +64,26 @@ def param_counts(config: Any) -> dict[str, int]:
     per_layer = attn + 3 * D * F + 2 * D
     non_embedding = L * per_layer + D
     unembedding = D * V
+    lora = getattr(c, "lora", None)
+    adapters = 0
+    if lora is not None:
+        shapes = {
+            ("self_attn", "q_proj"): (D, H * Dh),
+            ("self_attn", "k_proj"): (D, K * Dh),
+            ("self_attn", "v_proj"): (D, K * Dh),
+            ("self_attn", "o_proj"): (H * Dh, D),
+            ("mlp", "gate_proj"): (D, F),
+            ("mlp", "up_proj"): (D, F),
+            ("mlp", "down_proj"): (F, D),
+        }
+        adapters = L * sum(lora.rank * (i + o) for (p, n), (i, o) in shapes.items() if lora.applies(n, p))
     return dict(
         non_embedding=non_embedding,
         unembedding=unembedding,
         N=non_embedding + unembedding,
         embedding=V * D,
-        total=non_embedding + V * D + (0 if c.tie_word_embeddings else unembedding),
+        adapters=adapters,
+        total=non_embedding + V * D + (0 if c.tie_word_embeddings else unembedding) + adapters,
     )
 
 
@@ -102,7 +120,10 @@ def step_flops(
     n = counts["N"] if lm_head else counts["non_embedding"]
     tokens = int(np.sum(np.asarray(batch["segment_ids"]) > 0))
     attn_fwd = 4 * config.num_heads * config.head_dim * config.num_layers * attention_pairs(batch)
-    policy = 6 * n * tokens + 3 * attn_fwd
+    if counts["adapters"]:  # LoRA: no weight gradient of the frozen base
+        policy = (4 * n + 6 * counts["adapters"]) * tokens + 3 * attn_fwd
+    else:
+        policy = 6 * n * tokens + 3 * attn_fwd
     ref = (2 * n * tokens + attn_fwd) if reference_forward else 0
     return dict(policy=float(policy), reference=float(ref), total=float(policy + ref), row_tokens=tokens)
 

@@ -43,6 +43,7 @@ def test_attention_pairs_closed_form_equals_the_model_mask():
         {},  # untied lm_head
         {"tie_word_embeddings": True},
         {"attention_bias": True, "attention_out_bias": True, "qk_norm": True},
+        {"lora": {"rank": 4, "targets": ("q_proj", "o_proj", "mlp/*")}},
     ],
 )
 def test_param_counts_equal_the_initialised_model(overrides):
@@ -54,7 +55,13 @@ def test_param_counts_equal_the_initialised_model(overrides):
     }
     counts = flops.param_counts(config)
     assert counts["total"] == sum(sizes.values())
-    assert counts["non_embedding"] == sum(v for k, v in sizes.items() if k not in ("embedding", "lm_head"))
+    adapters = sum(v for k, v in sizes.items() if k.endswith(("lora_a", "lora_b")))
+    assert counts["adapters"] == adapters and (adapters > 0) == ("lora" in overrides)
+    assert counts["non_embedding"] == sum(
+        v
+        for k, v in sizes.items()
+        if k not in ("embedding", "lm_head") and not k.endswith(("lora_a", "lora_b"))
+    )
     assert counts["N"] == counts["non_embedding"] + config.hidden_size * config.vocab_size
 
 
@@ -71,6 +78,11 @@ def test_step_flops_policy_reference_and_head():
     assert with_ref["reference"] == 2 * counts["N"] * tokens + attn
     head_free = flops.step_flops(config, batch, reference_forward=False, lm_head=False)
     assert head_free["total"] == 6 * counts["non_embedding"] * tokens + 3 * attn
+    adapted = config.replace(lora={"rank": 8})  # no weight gradient of the frozen base
+    a = flops.param_counts(adapted)["adapters"]
+    lora_step = flops.step_flops(adapted, batch, reference_forward=True)
+    assert lora_step["policy"] == (4 * counts["N"] + 6 * a) * tokens + 3 * attn
+    assert lora_step["reference"] == with_ref["reference"]
 
 
 def test_peak_by_device_kind():
