@@ -319,22 +319,36 @@ def _targets(params: Any) -> list[tuple]:
     return out
 
 
-def merged_kernel(proj: Mapping[str, Array], lora: LoraConfig, n_lead: int, dtype: Any) -> Array:
+def proj_shapes(config: ModelConfig, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input dims, output dims) of the kernel of projection ``name`` (``transformer.Proj``)."""
+    c = config
+    D, H, K, Dh, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    return {
+        "q_proj": ((D,), (H, Dh)),
+        "k_proj": ((D,), (K, Dh)),
+        "v_proj": ((D,), (K, Dh)),
+        "o_proj": ((H, Dh), (D,)),
+        "gate_proj": ((D,), (F,)),
+        "up_proj": ((D,), (F,)),
+        "down_proj": ((F,), (D,)),
+    }[name]
+
+
+def merged_kernel(
+    proj: Mapping[str, Array], lora: LoraConfig, n_lead: int, dtype: Any, shapes: tuple[tuple, tuple]
+) -> Array:
     """One projection's float kernel: dequantized where quantized, plus ``s A B`` where adapted."""
+    in_shape, out_shape = shapes
+    shape, n_in = (*in_shape, *out_shape), len(in_shape)
     if "kernel_scale" in proj:
-        codes, scales = proj["kernel"], proj["kernel_scale"]
-        a = proj["lora_a"]
-        shape = (*a.shape[n_lead:-1], *proj["lora_b"].shape[n_lead + 1 :])
-        n_in = a.ndim - n_lead - 1
         fn = lambda c, s: dequantize(c, s, shape, n_in, lora.quantize, jnp.float32)  # noqa: E731
         for _ in range(n_lead):
             fn = jax.vmap(fn)
-        w = fn(codes, scales)
+        w = fn(proj["kernel"], proj["kernel_scale"])
     else:
         w = proj["kernel"].astype(jnp.float32)
     if "lora_a" in proj:
         a, b = proj["lora_a"].astype(jnp.float32), proj["lora_b"].astype(jnp.float32)
-        n_in = a.ndim - n_lead - 1
         lead = a.shape[:n_lead]
         a2 = a.reshape(*lead, -1, a.shape[-1])
         b2 = b.reshape(*lead, b.shape[n_lead], -1)
@@ -358,7 +372,7 @@ def merge(config: ModelConfig, params: Any) -> Any:
                 node = _get(out, path[:-1])
                 node[path[-1]] = {
                     **{k: v for k, v in node[path[-1]].items() if k != "kernel_scale"},
-                    "kernel": merged_kernel(proj, config.lora, n_lead, dtype),
+                    "kernel": merged_kernel(proj, config.lora, n_lead, dtype, proj_shapes(config, path[-1])),
                 }
         return out
 

@@ -142,6 +142,12 @@ def test_qlora_base_is_quantized_and_zero_b_equals_its_reference(hf_dir, mesh, t
     np.testing.assert_array_equal(policy, _token_logps(q, lora.strip_adapters(q.params), ids))
     err = np.abs(policy - _token_logps(base, base.params, ids)).max()
     assert err < (0.05 if kind == "int8" else 0.5), err  # close to the float base, not equal
+    save_pretrained(q, lora.strip_adapters(q.params), tmp_path / "base")  # the dequantized base alone
+    dequantized = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", torch_dtype=torch.float32
+    )
+    reference = np.asarray(jax.jit(q.apply)(lora.strip_adapters(q.params), ids))
+    np.testing.assert_allclose(_hf_logits(dequantized, ids), reference, atol=1e-4)
     params = _random_b(q.params)
     save_pretrained(q, params, tmp_path / "merged")  # dequantized + merged
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32)
