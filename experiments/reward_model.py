@@ -3,7 +3,7 @@
   python -m alignjax.main --config=experiments/reward_model.py:objective=bt,runlocal --workdir=workdirs/rm_bt
   python -m alignjax.main --config=experiments/reward_model.py:objective=secrets,runlocal --workdir=wd/rm_s
   python -m alignjax.main --config=experiments/reward_model.py:objective=gpm,runlocal --workdir=wd/rm_gpm
-  python -m alignjax.main --config=experiments/reward_model.py:objective=bt,runlocal,lora=8 --workdir=wd/rm_lora
+  python -m alignjax.main --config=experiments/reward_model.py:objective=bt,runlocal,lora=8 --workdir=wd/lora
   python -m alignjax.main --config=experiments/reward_model.py:objective=bt --workdir=workdirs/rm \
       --config.model.path=/ckpt/Qwen2.5-0.5B --config.data.source=/data/pairs.jsonl \
       --config.data.tokenizer=/ckpt/Qwen2.5-0.5B --config.reward.eval_source=/data/rewardbench.jsonl \
