@@ -1,5 +1,6 @@
 """Policy-gradient objectives on sampled completions: GRPO (and its DAPO / Dr. GRPO / BNPO
-aggregations) and RLOO, with their group-relative advantages.
+aggregations) and RLOO, with their group-relative advantages, and PPO's pieces (token rewards, GAE,
+whitening, the clipped policy + value loss, the adaptive KL coefficient).
 
 Array conventions (N = prompts x G samples per prompt, completions padded to T tokens):
 
