@@ -64,10 +64,10 @@ BAD_COMMANDS = {
     "unknown loss": ([DPO, "--config.loss.name=nope"], 2, "unknown loss 'nope'"),
     "no --config": ([], 2, "--config is required"),
     "loss without provider": (
-        ["--config=experiments/dpo.py:runlocal,loss=rationale_dpo"],
+        ["--config=experiments/dpo.py:runlocal,loss=spo"],
         2,
-        "config.loss.name='rationale_dpo': the preference step cannot supply its input(s) "
-        "['rationale_logps']",
+        "config.loss.name='spo': the preference step cannot supply its input(s) "
+        "['degree_logits', 'degree_labels']",
     ),
     "zero log_every": ([DPO, "--config.train.log_every=0"], 2, "config.train.log_every=0: must be >= 1"),
     "keep no checkpoint": ([DPO, "--config.train.keep_checkpoints=0"], 2, "0 would delete the trained model"),

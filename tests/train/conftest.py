@@ -43,3 +43,22 @@ def pair_batches():
 
 def stack(batches):
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def run_config(loss, source, *, steps=3, kind="pairwise", max_length=10, **loss_keys):
+    """``experiments/dpo.py:runlocal`` on a data file for ``steps`` steps of the 1-layer model: no
+    evaluation, warm-up, progress bar, TensorBoard or plot; one checkpoint at the end."""
+    from alignjax.main import load_config_file
+
+    c = load_config_file(f"experiments/dpo.py:runlocal,steps={steps},loss={loss},kind={kind}")
+    c.data.source = str(source)
+    c.data.eval_source = ""
+    c.model.overrides.update(
+        dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+    )
+    c.data.max_length = max_length
+    c.optim.warmup_steps = 0
+    c.train.update(dict(checkpoint_every=steps, progress=False, tensorboard=False, plot=False,
+                        async_checkpoints=False))
+    c.loss.update(loss_keys)
+    return c

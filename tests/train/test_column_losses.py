@@ -19,10 +19,9 @@ import pytest
 import alignjax.losses as losses
 from alignjax.data import PreferenceData, synthetic
 from alignjax.losses import providers
-from alignjax.main import load_config_file
 from alignjax.train import step as steplib
 from alignjax.train.loop import data_iterator, run_train
-from tests.train.conftest import small_model
+from tests.train.conftest import run_config, small_model
 from tests.train.test_step import _np_seq_logps
 
 ROWS = 32
@@ -89,17 +88,7 @@ def test_step_loss_is_the_loss_of_the_batch_columns(source, loss):
 
 
 def _config(loss, path, steps=3):
-    c = load_config_file(f"experiments/dpo.py:runlocal,steps={steps},loss={loss},kind=pairwise")
-    c.data.source = str(path)
-    c.data.eval_source = ""
-    c.model.overrides.update(
-        dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
-    )
-    c.data.max_length = 10
-    c.optim.warmup_steps = 0
-    c.train.update(dict(checkpoint_every=steps, progress=False, tensorboard=False, plot=False,
-                        async_checkpoints=False))
-    return c
+    return run_config(loss, path, steps=steps)
 
 
 def test_gpo_and_sem_dpo_train_from_cached_columns(tmp_path, source):

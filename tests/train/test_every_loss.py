@@ -16,8 +16,8 @@ import pytest
 import alignjax.losses as losses
 from alignjax.data import synthetic
 from alignjax.losses import providers
-from alignjax.main import load_config_file
 from alignjax.train.loop import run_train
+from tests.train.conftest import run_config
 
 STEPS = 3
 ROWS = 64
@@ -58,18 +58,8 @@ def sources(tmp_path_factory):
 
 
 def _config(loss, kind, source, **loss_keys):
-    c = load_config_file(f"experiments/dpo.py:runlocal,steps={STEPS},loss={loss},kind={kind}")
-    c.data.source = str(source)
-    c.data.eval_source = ""
+    c = run_config(loss, source, steps=STEPS, kind=kind, **loss_keys)
     c.data.cache_dir = "off"
-    c.model.overrides.update(
-        dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
-    )
-    c.data.max_length = 10
-    c.optim.warmup_steps = 0
-    c.train.update(dict(checkpoint_every=STEPS, progress=False, tensorboard=False, plot=False,
-                        async_checkpoints=False))
-    c.loss.update(loss_keys)
     return c
 
 

@@ -20,11 +20,10 @@ import pytest
 import alignjax.losses as losses
 from alignjax.data import PreferenceData, synthetic, tokenize_record
 from alignjax.data.pipeline import resolve_tokenizer
-from alignjax.main import load_config_file
 from alignjax.sharding import global_sequence_ids
 from alignjax.train import step as steplib
 from alignjax.train.loop import run_train
-from tests.train.conftest import small_model
+from tests.train.conftest import run_config, small_model
 
 B = 8
 TEMPLATE = "+{chosen}={rejected}="  # the arithmetic tokenizer knows only digits, + and =
@@ -134,17 +133,7 @@ def test_rationale_dpo_step_is_dpo_minus_gamma_rationale_loglik(tmp_path):
 
 
 def _config(loss, path, steps=3):
-    c = load_config_file(f"experiments/dpo.py:runlocal,steps={steps},loss={loss},kind=pairwise")
-    c.data.source = str(path)
-    c.data.eval_source = ""
-    c.model.overrides.update(
-        dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
-    )
-    c.data.max_length = 24
-    c.optim.warmup_steps = 0
-    c.train.update(dict(checkpoint_every=steps, progress=False, tensorboard=False, plot=False,
-                        async_checkpoints=False))
-    return c
+    return run_config(loss, path, steps=steps, max_length=24)
 
 
 def _metrics(workdir):
