@@ -82,19 +82,26 @@ def get_config(arg: str | None = None):
         arg, seed=0, steps=60, sft_steps=2500, prompts=16, generations=8, iterations=1, lr=1e-3, beta=0.0,
         loss_type="dapo", scale_rewards="group", runlocal=False,
     )
-    c = base("grpo", a)
+    c = rollout_job("grpo", a)
     common.fill_loss_hyperparameters(c, "grpo")
     c.loss.beta = a.beta
     c.loss.loss_type = a.loss_type
     c.reference.kind = "frozen" if a.beta else "none"
     c.online.scale_rewards = a.scale_rewards
+    if a.runlocal:
+        local(c)
+    return c
+
+
+def rollout_job(job: str, a) -> common.ConfigDict:
+    """:func:`base` for the jobs that train on each step's rollouts (grpo / rloo / ppo): ``prompts``
+    per step, ``generations`` each, ``iterations`` optimiser steps per rollout batch."""
+    c = base(job, a)
     c.online.num_generations = a.generations
     c.online.num_iterations = a.iterations
     c.data.batch_size = a.prompts
     c.optim.learning_rate = a.lr
     c.train.num_steps = a.steps
-    if a.runlocal:
-        local(c)
     return c
 
 

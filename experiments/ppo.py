@@ -12,7 +12,7 @@ per rollout batch), lr, kl_coef, whiten (whiten the token rewards), runlocal.
 from __future__ import annotations
 
 from experiments import common
-from experiments.grpo import base, local
+from experiments.grpo import local, rollout_job
 
 
 def get_config(arg: str | None = None):
@@ -22,18 +22,13 @@ def get_config(arg: str | None = None):
     )
     from alignjax.online.ppo import HYPERPARAMETERS
 
-    c = base("ppo", a)
+    c = rollout_job("ppo", a)
     c.loss.name = "ppo"
     for key, value in HYPERPARAMETERS.items():
         c.loss[key] = value
     c.loss.kl_coef = a.kl_coef
     c.loss.whiten_rewards = a.whiten
     c.reference.kind = "frozen"
-    c.online.num_generations = a.generations
-    c.online.num_iterations = a.iterations
-    c.data.batch_size = a.prompts
-    c.optim.learning_rate = a.lr
-    c.train.num_steps = a.steps
     if a.runlocal:
         local(c)
     return c

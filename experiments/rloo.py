@@ -12,7 +12,7 @@ coefficient, 0 = no reference), normalize (standardise advantages), runlocal.
 from __future__ import annotations
 
 from experiments import common
-from experiments.grpo import base, local
+from experiments.grpo import local, rollout_job
 
 
 def get_config(arg: str | None = None):
@@ -20,16 +20,11 @@ def get_config(arg: str | None = None):
         arg, seed=0, steps=60, sft_steps=2500, prompts=16, generations=8, iterations=1, lr=1e-3, beta=0.05,
         normalize=False, runlocal=False,
     )
-    c = base("rloo", a)
+    c = rollout_job("rloo", a)
     common.fill_loss_hyperparameters(c, "rloo")
     c.loss.beta = a.beta
     c.reference.kind = "frozen" if a.beta else "none"
     c.online.normalize_advantages = a.normalize
-    c.online.num_generations = a.generations
-    c.online.num_iterations = a.iterations
-    c.data.batch_size = a.prompts
-    c.optim.learning_rate = a.lr
-    c.train.num_steps = a.steps
     if a.runlocal:
         local(c)
     return c
