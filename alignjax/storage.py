@@ -12,6 +12,7 @@ orbax's array writes go through tensorstore (``TENSORSTORE_GCS_HTTP_URL`` for an
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -51,6 +52,15 @@ def write_bytes(p: PathLike, data: bytes) -> None:
 def write_text(p: PathLike, text: str) -> None:
     """:func:`write_bytes` of UTF-8 text."""
     write_bytes(p, text.encode("utf-8"))
+
+
+def write_json(p: PathLike, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON, written whole (:func:`write_bytes`)."""
+    write_text(p, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def read_json(p: PathLike) -> Any:
+    return json.loads(path(p).read_text())
 
 
 def _gcs_blob(p: PathLike) -> Any:

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax import flops, sharding
+from alignjax import flops, sharding, storage
 from alignjax.losses import policy_gradient as pg
 from alignjax.models import lora
 from alignjax.online import rewards as rewardlib
@@ -362,12 +362,8 @@ class PolicyGradientObjective:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        storage.write_json(path, obj)
 
 
 def run_policy_gradient(config: Any, workdir: str) -> dict[str, Any]:

@@ -30,7 +30,6 @@ and not regenerated, and ``run_train`` resumes from its own checkpoints in ``rou
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from alignjax import storage
 from alignjax.search.generate import Generator, SelfEvalFormat
 from alignjax.search.mcts import MCTSConfig
 from alignjax.search.pairs import extract_pairs, write_jsonl
@@ -299,17 +299,8 @@ def stage_config(config: Any, stage: str, **data: Any) -> Any:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    if jax.process_index() == 0:
+        storage.write_json(path, obj)
 
 
 def _write_records(records: Sequence[dict[str, Any]], path: str) -> None:
@@ -372,7 +363,7 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
     test_prompts = task.test_prompts[: int(m.num_test)]
     sft_eval_path = os.path.join(sft_dir if not m.init else workdir, "eval.json")
     if os.path.exists(sft_eval_path):
-        sft_eval = _read_json(sft_eval_path)
+        sft_eval = storage.read_json(sft_eval_path)
     else:
         sft_eval = greedy_accuracy(policy_for(sft_params), test_prompts, int(m.eval_max_new_tokens))
         _write_json(sft_eval_path, sft_eval)
@@ -385,7 +376,7 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         os.makedirs(rdir, exist_ok=True)
         done_path = os.path.join(rdir, "done.json")
         if os.path.exists(done_path):
-            info = _read_json(done_path)
+            info = storage.read_json(done_path)
             if info["trained"]:  # restore the round's final params (no search, no training step)
                 params = _train_round(config, rdir, info["data_path"], model, params, sft_params)
             rounds.append(info)
@@ -412,7 +403,7 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
                 )
             _write_records(records, pairs_path)
             _write_json(stats_path, stats)
-        stats = _read_json(stats_path)
+        stats = storage.read_json(stats_path)
         with open(pairs_path) as f:
             num_pairs = sum(1 for line in f if line.strip())
         t_search = time.time() - t_round
@@ -506,7 +497,7 @@ def _instance_budgets(config: Any, k: int, prompts: Sequence[str]) -> list[int]:
                 f"config.mcts_dpo.budget_from={m.budget_from!r}: {path} is missing "
                 "(run the MCTS method first, with the same prompts_per_round)"
             )
-        per_prompt = _read_json(path)["tokens_per_prompt"]
+        per_prompt = storage.read_json(path)["tokens_per_prompt"]
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{path}: {len(per_prompt)} prompts searched, this round has {len(prompts)}")
         return [int(b) for b in per_prompt]
