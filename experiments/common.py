@@ -171,6 +171,8 @@ def base_config() -> ConfigDict:
     c.score = ConfigDict(dict(mode="ref", tokenization="rewardbench"))
     # job=source_logps: InfiFPO's source models (presets, HF directories or workdirs; "," or "+").
     c.sources = ConfigDict(dict(models=""))
+    # job=semantic_distance: a sentence-transformers directory ("" = the bundled all-MiniLM-L6-v2).
+    c.embed = ConfigDict(dict(model="", max_rows=0))  # max_rows > 0: the source's first rows only
     return c
 
 

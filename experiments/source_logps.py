@@ -10,7 +10,7 @@
 models: source models separated by "+" (presets, HF directories with their own tokenizers, or
 training workdirs DIR[@STEP]); source: the pairs (JSONL, Parquet, hf:...); runlocal: one tiny source
 on the arithmetic task's pairs. Writes <workdir>/pairs.jsonl, the pairs with their source_logps
-(alignjax.eval.sources), and summary.json.
+(alignjax.eval.annotate), and summary.json.
 """
 
 from experiments import common

@@ -141,7 +141,8 @@ PROVIDERS: dict[str, Provider] = {
     "rejected_win_probs": _col("chosen_probs_lose", PAIRS, "GPO/SPPO: P(y_l > pi_t) (the record's "
                                "'chosen_probs_lose'; need not sum to one with P(y_w > pi_t))"),
     "semantic_distance": _col("semantic_distance", PAIRS, "Sem-DPO: 1 - cos(e(x), e(y_w)) of sentence "
-                              "embeddings, computed once offline (the record's 'semantic_distance')"),
+                              "embeddings, computed once (the record's 'semantic_distance'; "
+                              "experiments/semantic_distance.py writes it)"),
     "density_weights": _col("prompt_desirable_prob", ("unpaired",), "BCO's UDM weights w = clip(p / (1 - p), "
                             "min_density_ratio, max_density_ratio), p = a prompt classifier's probability "
                             "that the prompt is desirable (the record's 'prompt_desirable_prob')",
