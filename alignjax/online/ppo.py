@@ -106,14 +106,7 @@ def make_spec(config: Any, batch_size: int, reference: str) -> PPOSpec:
         raise ValueError(f"config.reference.kind={config.reference.kind!r}: PPO's KL penalty needs 'frozen'")
     if int(config.model.lora.rank):
         raise ValueError("config.model.lora.rank > 0: the ppo job trains the full policy and its value head")
-    hyper = dict(HYPERPARAMETERS)
-    for key, value in config.loss.items():
-        if key in ("name", "weights", "module", "nll_weight"):
-            continue
-        if key not in HYPERPARAMETERS:
-            raise ValueError(f"config.loss.{key}: PPO has no hyperparameter {key!r}; its hyperparameters: "
-                             f"{sorted(HYPERPARAMETERS)}")
-        hyper[key] = value
+    hyper = {**HYPERPARAMETERS, **online.loss_hyperparameters(config.loss, HYPERPARAMETERS, "PPO")}
     o = config.online
     return PPOSpec("ppo", tuple(sorted(hyper.items())), int(batch_size), int(o.num_generations),
                    float(o.temperature), int(o.num_iterations),

@@ -213,6 +213,20 @@ class PolicyGradientSpec:
         return float(dict(self.hyperparameters).get("beta", 0.0))
 
 
+def loss_hyperparameters(config_loss: Any, allowed: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``config.loss``'s hyperparameters (every key but the loss's name and mixing keys), each one
+    that ``allowed`` names; another key is an error naming it and ``what`` (the loss)."""
+    hyper = {}
+    for key, value in config_loss.items():
+        if key in ("name", "weights", "module", "nll_weight"):
+            continue
+        if key not in allowed:
+            raise ValueError(f"config.loss.{key}: {what} has no hyperparameter {key!r}; its "
+                             f"hyperparameters: {sorted(allowed)}")
+        hyper[key] = value
+    return hyper
+
+
 def make_spec(config: Any, batch_size: int, reference: str) -> PolicyGradientSpec:
     """The spec of ``config.job`` (grpo | rloo) from ``config.loss`` and ``config.online``; a key the
     loss does not take is an error naming it."""
@@ -229,14 +243,7 @@ def make_spec(config: Any, batch_size: int, reference: str) -> PolicyGradientSpe
 
     # RLOO's beta weighs the KL in the reward, not a term of its loss (TRL's RLOOConfig.beta).
     allowed = {**losses.spec(algorithm).hyperparameters, **({"beta": 0.05} if algorithm == "rloo" else {})}
-    hyper = {}
-    for key, value in config.loss.items():
-        if key in ("name", "weights", "module", "nll_weight"):
-            continue
-        if key not in allowed:
-            raise ValueError(f"config.loss.{key}: the {algorithm} loss has no hyperparameter {key!r}; its "
-                             f"hyperparameters: {sorted(allowed)}")
-        hyper[key] = value
+    hyper = loss_hyperparameters(config.loss, allowed, f"the {algorithm} loss")
     o = config.online
     if o.scale_rewards not in pg.SCALE_REWARDS:
         raise ValueError(f"config.online.scale_rewards={o.scale_rewards!r}; choose one of {pg.SCALE_REWARDS}")
