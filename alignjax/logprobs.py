@@ -425,8 +425,10 @@ def batch_sequence_logps(
     vocab_chunk: int | None = None,
     seq_chunk: int | None = None,
     vocab_shards: int | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-sequence summed log-probs and per-token log-probs of a sequence batch under ``model``.
+    """Per-sequence summed log-probs and per-token log-probs of a sequence batch under ``model``
+    (``dropout_rng``: the training forward of a model with LoRA dropout; None = dropout off).
 
     With ``vocab_chunk`` or ``seq_chunk`` set, uses ``model.hidden`` and ``model.unembedding`` and the
     chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`. ``vocab_shards``
@@ -442,6 +444,8 @@ def batch_sequence_logps(
     )
     if batch.get("branch_ids") is not None:
         inputs["branch_ids"] = batch["branch_ids"]
+    if dropout_rng is not None:
+        inputs["dropout_rng"] = dropout_rng
     input_ids = batch["input_ids"]
     if vocab_chunk is None and seq_chunk is None:
         logits = model.apply(params, input_ids, **inputs)

@@ -85,7 +85,8 @@ def base_config() -> ConfigDict:
     # LoRA / QLoRA (alignjax/models/lora.py): rank 0 = full fine-tuning. targets: comma-separated
     # fnmatch patterns of projection names (q_proj, ..., down_proj) or "all-linear"; quantize: the
     # frozen base as none | int8 | nf4 (QLoRA). With LoRA the frozen reference is the base itself.
-    # dropout: only 0 (the train forward takes no rng yet).
+    # dropout: PEFT's lora_dropout on the adapters' input in the preference step's training forward
+    # (keys from the train state's rng; other jobs refuse it).
     c.model.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all-linear", quantize="none"))
 
     c.data = ConfigDict()

@@ -53,6 +53,8 @@ class LoraConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.rank <= 0:
             raise ValueError(f"config.model.lora.rank={self.rank} must be > 0 (0 = no adapters)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config.model.lora.dropout={self.dropout} must be in [0, 1)")
         if self.quantize not in LORA_QUANTIZE:
             raise ValueError(
                 f"config.model.lora.quantize={self.quantize!r}; choose one of {list(LORA_QUANTIZE)}"

@@ -70,14 +70,10 @@ def from_config(lora: Any) -> LoraConfig | None:
             f"config.model.lora.targets={lora.get('targets')!r} matches no projection; names: "
             f"{list(LORA_ALL_LINEAR)} (fnmatch patterns, or 'all-linear')"
         )
-    if float(lora.get("dropout", 0.0) or 0.0):
-        raise ValueError(
-            f"config.model.lora.dropout={lora.get('dropout')}: LoRA dropout is not supported (the "
-            "train forward takes no rng); use 0"
-        )
     return LoraConfig(
         rank=int(lora.rank),
         alpha=float(lora.get("alpha", 16.0)),
+        dropout=float(lora.get("dropout", 0.0) or 0.0),
         targets=targets,
         quantize=str(lora.get("quantize", "none") or "none"),
     )
@@ -128,6 +124,9 @@ def adapter(module: nn.Module, x: Array, in_shape: tuple, out_shape: tuple, axes
         (lora.rank, *out_shape),
         dtype,
     )
+    if lora.dropout and module.has_rng("dropout"):  # PEFT's lora_dropout: on the adapter's input,
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)  # training only
+        x = jnp.where(keep, x / jnp.asarray(1.0 - lora.dropout, x.dtype), jnp.zeros_like(x))
     h = dense(x, a.astype(x.dtype), n_in)
     return dense(h, b.astype(x.dtype), 1) * jnp.asarray(lora.scale, x.dtype)
 

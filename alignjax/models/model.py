@@ -116,10 +116,13 @@ class Model:
         positions: Array | None = None,
         segment_ids: Array | None = None,
         branch_ids: Array | None = None,
+        dropout_rng: Array | None = None,
     ) -> Array:
-        """Final normed hidden state [B, T, D] (positions default to arange, segments to all ones)."""
+        """Final normed hidden state [B, T, D] (positions default to arange, segments to all ones);
+        ``dropout_rng`` turns on LoRA dropout (the training forward), else it is off."""
         args = self._defaults(input_ids, positions, segment_ids, branch_ids)
-        hidden, _ = self.module.apply({"params": params}, *args)
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+        hidden, _ = self.module.apply({"params": params}, *args, rngs=rngs)
         return hidden
 
     def unembedding(self, params: Params) -> Array:
@@ -151,10 +154,13 @@ class Model:
         positions: Array | None = None,
         segment_ids: Array | None = None,
         branch_ids: Array | None = None,
+        dropout_rng: Array | None = None,
     ) -> Array:
-        """Logits [B, T, V] (float32). See ``Decoder`` for the masking rule."""
+        """Logits [B, T, V] (float32). See ``Decoder`` for the masking rule; ``dropout_rng`` as
+        :meth:`hidden`."""
         hidden = self.hidden(
-            params, input_ids, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids
+            params, input_ids, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids,
+            dropout_rng=dropout_rng,
         )
         return self.logits_from_hidden(params, hidden)
 

@@ -45,6 +45,7 @@ PAIRED = ("pairwise", "step")
 # Kinds laid out as 2B sequences: pairs, and unpaired batches with KTO's mismatched (KL) sequences.
 TWO_SEQUENCE = (*PAIRED, "unpaired")
 PARTS = ("first", "second", "third")  # sequences 0..B-1, B..2B-1, 2B..3B-1 of a batch
+DROPOUT_KEY = "lora_dropout_rng"  # the micro-batch entry the train step adds for LoRA dropout
 # Every loss input this step can supply (alignjax.losses.providers.PROVIDERS): computed from the
 # forwards, or a per-example column the data layer puts in the batch.
 PROVIDED = frozenset(inputs_table.PROVIDERS)
@@ -517,13 +518,13 @@ def prompt_mask(batch: Mapping[str, Array]) -> Array:
 
 
 def _with_prompt_sums(
-    model: Any, params: Any, batch: Mapping[str, Array], n: int, spec: StepSpec
+    model: Any, params: Any, batch: Mapping[str, Array], n: int, spec: StepSpec, rng: Array | None
 ) -> dict[str, Array]:
     """One forward scoring completion and prompt tokens, reduced over each mask separately."""
     completion, prompt = batch["loss_mask"].astype(jnp.float32), prompt_mask(batch)
     _, tok = logprobs.batch_sequence_logps(
         model, params, dict(batch, loss_mask=completion + prompt), n,
-        vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk,
+        vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk, dropout_rng=rng,
     )
     ids = batch["example_ids"]
     return {
@@ -534,18 +535,26 @@ def _with_prompt_sums(
 
 
 def _forward(
-    model: Any, params: Any, batch: Mapping[str, Array], n: int, spec: StepSpec, keep: set[str]
+    model: Any,
+    params: Any,
+    batch: Mapping[str, Array],
+    n: int,
+    spec: StepSpec,
+    keep: set[str],
+    rng: Array | None = None,
 ) -> dict[str, Array]:
     """``seq`` [N], ``tok`` [R, T] (masked), and the ``logits``/``hidden``/``prompt_seq`` named in
-    ``keep``."""
+    ``keep``; ``rng``: LoRA dropout's key (the policy's training forward only)."""
     if keep == {"prompt_seq"}:
-        return _with_prompt_sums(model, params, batch, n, spec)
+        return _with_prompt_sums(model, params, batch, n, spec, rng)
     if not keep:
         seq, tok = logprobs.batch_sequence_logps(
-            model, params, batch, n, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk
+            model, params, batch, n, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk, dropout_rng=rng
         )
         return {"seq": seq, "tok": tok}
     kwargs = {k: batch[k] for k in ("positions", "segment_ids", "branch_ids") if batch.get(k) is not None}
+    if rng is not None:
+        kwargs["dropout_rng"] = rng
     hidden = model.hidden(params, batch["input_ids"], **kwargs)
     logits = model.logits_from_hidden(params, hidden)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -629,7 +638,7 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
 
     def loss_fn(params: Any, ref_params: Any, loss_state: Any, batch: Mapping[str, Array]):
         n = spec.sequences_in(batch)
-        policy = _forward(model, params, batch, n, spec, needs["policy"])
+        policy = _forward(model, params, batch, n, spec, needs["policy"], batch.get(DROPOUT_KEY))
         ref = None
         if spec.reference == "model":
             ref_params = lora.reference_params(params, ref_params)  # LoRA: the base, adapters off
@@ -722,6 +731,12 @@ def make_train_step(
     A step whose loss, gradient norm or updated parameters are not finite is not applied: the
     returned state is the input state and ``metrics[NONFINITE]`` says what was not finite.
     """
+    dropout = bool(getattr(lora.model_lora(model), "dropout", 0.0))
+    if dropout and loss_fn is not None:
+        raise ValueError(
+            "config.model.lora.dropout > 0: LoRA dropout is applied by the preference step only; "
+            "this job's objective trains without it (set it to 0)"
+        )
     loss_fn = make_loss_fn(model, spec) if loss_fn is None else loss_fn
     # Only the trainable params are differentiated and updated: with LoRA the adapters (and a head);
     # the frozen base enters as a constant (alignjax.models.lora.partition).
@@ -734,6 +749,9 @@ def make_train_step(
 
         def micro(carry, micro_batch):
             grads_sum, loss_state = carry
+            if dropout:  # LoRA dropout: one key per optimiser step and micro-batch, from the state's rng
+                micro_batch, key = micro_batch
+                micro_batch = dict(micro_batch, **{DROPOUT_KEY: key})
             (_, (metrics, new_loss_state)), grads = grad_fn(
                 params, frozen, ref_params, loss_state, micro_batch
             )
@@ -741,7 +759,9 @@ def make_train_step(
             return (grads_sum, new_loss_state), metrics
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, loss_state), metrics = jax.lax.scan(micro, (zeros, state.get("loss_state")), batch)
+        keys = jax.random.split(jax.random.fold_in(state["rng"], state["step"]), k) if dropout else None
+        xs = (batch, keys) if dropout else batch
+        (grads, loss_state), metrics = jax.lax.scan(micro, (zeros, state.get("loss_state")), xs)
         grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         if spec.nan_at_step >= 0:  # testing aid: a poisoned update under a finite loss
