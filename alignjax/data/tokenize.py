@@ -591,7 +591,8 @@ class Row:
 Encoded = tuple[list[int], list[list[int]], bool]
 
 
-def _plain_text(value: str | list[dict]) -> str:
+def plain_text(value: str | list[dict]) -> str:
+    """A string as it is; chat messages as their contents joined by newlines."""
     return value if isinstance(value, str) else "\n".join(str(m.get("content", "")) for m in value)
 
 
@@ -605,7 +606,7 @@ def _rationale_completion(
     """The rationale sequence after the shared prompt: (template ids + rationale ids + EOS, prefix)."""
     if "rationale" not in record:
         raise DataError(where, REASON_MISSING, "missing field 'rationale' (the loss reads rationale_logps)")
-    text = template.format(chosen=_plain_text(record["chosen"]), rejected=_plain_text(record["rejected"]))
+    text = template.format(chosen=plain_text(record["chosen"]), rejected=plain_text(record["rejected"]))
     try:
         prefix = tokenizer.encode(text, add_special_tokens=False)
         body = tokenizer.encode(record["rationale"], add_special_tokens=False) + [tokenizer.eos_id]

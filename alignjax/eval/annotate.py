@@ -35,6 +35,7 @@ import jax
 from alignjax import sharding, storage
 from alignjax.data import DataStats, readers, resolve_tokenizer
 from alignjax.data.pipeline import resolve_source, tokenize_all, tokenize_options
+from alignjax.data.tokenize import plain_text
 from alignjax.eval.scoring import as_pairs, load_model, score_examples
 
 OUTPUT = "pairs.jsonl"
@@ -186,10 +187,6 @@ def sentence_embeddings(model_dir: str, texts: Sequence[str], batch_size: int = 
     return np.concatenate(out)
 
 
-def _text(value: str | list[dict]) -> str:
-    return value if isinstance(value, str) else "\n".join(str(m.get("content", "")) for m in value)
-
-
 def run_semantic_distance(config: Any, workdir: str) -> dict[str, Any]:
     """The ``semantic_distance`` job (module docstring). Returns the summary (also in summary.json)."""
     import numpy as np
@@ -201,9 +198,9 @@ def run_semantic_distance(config: Any, workdir: str) -> dict[str, Any]:
         raise ValueError(f"config.data.source={config.data.source}: no pairs to embed")
     if int(config.embed.get("max_rows", 0)):
         records = records[: int(config.embed.max_rows)]
-    prompt_texts = [_text(r.get("prompt", r.get("chosen_prompt", ""))) for _, r in records]
+    prompt_texts = [plain_text(r.get("prompt", r.get("chosen_prompt", ""))) for _, r in records]
     prompts = sentence_embeddings(model_dir, prompt_texts)
-    chosen = sentence_embeddings(model_dir, [_text(r["chosen"]) for _, r in records])
+    chosen = sentence_embeddings(model_dir, [plain_text(r["chosen"]) for _, r in records])
     distance = np.clip(1.0 - np.sum(prompts * chosen, axis=-1), 0.0, 2.0)
     rows = [dict({k: v for k, v in r.items() if k not in DERIVED}, semantic_distance=float(d))
             for (_, r), d in zip(records, distance, strict=True)]

@@ -35,7 +35,6 @@ they report the held-out greedy accuracy under the task's verifier before and af
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -387,8 +386,7 @@ def run_policy_gradient(config: Any, workdir: str) -> dict[str, Any]:
     source = make_reward_source(config, model, params, tokenizer)
     initial_path = os.path.join(workdir, "initial_eval.json")
     if os.path.exists(initial_path):
-        with open(initial_path) as f:
-            initial = json.load(f)["accuracy"]
+        initial = storage.read_json(initial_path)["accuracy"]
     else:
         initial = greedy_accuracy(config, model, params, tokenizer, generator)
         _write_json(initial_path, {"accuracy": initial})
@@ -500,8 +498,7 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
             stats = {"reward": float(np.nanmean(r)), "reward_std": float(np.nanstd(r, ddof=1)),
                      "completions/mean_length": float(ro.lengths.mean()), "num_pairs": len(records)}
             _write_json(stats_path, stats)
-        with open(stats_path) as f:
-            stats = json.load(f)
+        stats = storage.read_json(stats_path)
         c = stage_config(config, "dpo") if "dpo" in config else stage_config(config, "sft")
         batch = round_batch_size(int(config.data.batch_size), stats["num_pairs"], jax.device_count())
         if batch > 0:

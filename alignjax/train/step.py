@@ -378,8 +378,7 @@ class _Context:
         b = self.spec.batch_size
         if self.spec.kind == "listwise":
             return values[: self.n].reshape(self.n // b, b, *values.shape[1:]).swapaxes(0, 1)
-        start = PARTS.index(which) * b
-        return values[start : start + b]
+        return _rows(values, which, b)
 
     def lengths(self) -> Array:
         if self._lengths is None:
@@ -417,8 +416,10 @@ def _from_length(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
 
 
 def _rows(values: Array, which: str, b: int) -> Array:
+    """Part ``which`` (:data:`PARTS`) of per-sequence values, or of the rows of a padded batch
+    (row r holds sequence r)."""
     start = PARTS.index(which) * b
-    return values[start : start + b]  # padded layout: row r = sequence r
+    return values[start : start + b]
 
 
 def _from_token(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
