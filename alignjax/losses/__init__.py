@@ -9,6 +9,7 @@ Each family module registers its losses on import; ``docs/losses.md`` lists them
 
 # Family modules register their losses on import (modifiers imports pairwise itself).
 from alignjax.losses import (
+    common,
     diffusion,
     listwise,
     modifiers,
@@ -35,6 +36,8 @@ from alignjax.losses.registry import (
     spec,
 )
 
-__all__ = ["LossSpec", "aliases", "canonical", "get", "inputs", "load_module", "names", "register", "spec",
-           "pairwise", "reference_free", "listwise", "step_level", "modifiers", "unpaired", "token_level",
-           "reward", "diffusion", "policy_gradient", "supervised", "preference_metrics", "providers"]
+__all__ = [
+    "LossSpec", "aliases", "canonical", "get", "inputs", "load_module", "names", "register", "spec",
+    "common", "pairwise", "reference_free", "listwise", "step_level", "modifiers", "unpaired", "token_level",
+    "reward", "diffusion", "policy_gradient", "supervised", "preference_metrics", "providers",
+]

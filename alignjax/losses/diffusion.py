@@ -19,19 +19,15 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.losses.common import at_least_f32
 from alignjax.losses.registry import register
-
-
-def _float(x: chex.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def denoising_error(eps: chex.Array, eps_pred: chex.Array) -> jax.Array:
     """Per-example denoising error mean over non-batch axes of (eps - eps_pred)^2: [B, ...] -> [B]."""
     chex.assert_equal_shape([eps, eps_pred])
     chex.assert_rank(eps, {2, 3, 4, 5})
-    diff = _float(eps_pred) - _float(eps)
+    diff = at_least_f32(eps_pred) - at_least_f32(eps)
     return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
 
 
@@ -71,7 +67,7 @@ def diffusion_dpo(
     arrays = [chosen_errors, rejected_errors, ref_chosen_errors, ref_rejected_errors]
     chex.assert_rank(arrays, 1)
     chex.assert_equal_shape(arrays)
-    e_w, e_l, r_w, r_l = (_float(a) for a in arrays)
+    e_w, e_l, r_w, r_l = (at_least_f32(a) for a in arrays)
     inside = -0.5 * beta * ((e_w - r_w) - (e_l - r_l))
     return -jax.nn.log_sigmoid(inside)
 
@@ -79,7 +75,7 @@ def diffusion_dpo(
 def _alpha_bar(alphas_cumprod: chex.Array, t: chex.Array, like: jax.Array) -> jax.Array:
     """alpha_bar_t broadcast against ``like`` [B, ...]; t = -1 gives 1 (the clean end)."""
     chex.assert_rank(alphas_cumprod, 1)
-    a = _float(alphas_cumprod)
+    a = at_least_f32(alphas_cumprod)
     t = jnp.asarray(t, jnp.int32)
     value = jnp.where(t >= 0, a[jnp.clip(t, 0, a.shape[0] - 1)], jnp.ones((), a.dtype))
     if value.ndim == 1:  # per-example timesteps [B]
@@ -98,7 +94,7 @@ def ddim_step(
     Shapes: x_t, eps_pred [B, ...]; t, t_prev int scalars or [B] (t_prev = -1: the clean sample).
     """
     chex.assert_equal_shape([x_t, eps_pred])
-    x, eps = _float(x_t), _float(eps_pred)
+    x, eps = at_least_f32(x_t), at_least_f32(eps_pred)
     a_t, a_prev = _alpha_bar(alphas_cumprod, t, x), _alpha_bar(alphas_cumprod, t_prev, x)
     x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
     return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
@@ -116,7 +112,7 @@ def ddim_inversion_step(
     Diffusion Model Alignment", arXiv:2503.18454) to map x_0 to x_t deterministically.
     """
     chex.assert_equal_shape([x_prev, eps_pred])
-    x, eps = _float(x_prev), _float(eps_pred)
+    x, eps = at_least_f32(x_prev), at_least_f32(eps_pred)
     a_prev, a_t = _alpha_bar(alphas_cumprod, t_prev, x), _alpha_bar(alphas_cumprod, t, x)
     x0 = (x - jnp.sqrt(1.0 - a_prev) * eps) / jnp.sqrt(a_prev)
     return jnp.sqrt(a_t) * x0 + jnp.sqrt(1.0 - a_t) * eps
@@ -131,6 +127,6 @@ def inversion_target(x0: chex.Array, x_t: chex.Array, alphas_cumprod: chex.Array
     "reparametrized DDIM"; detached (the target is data). Shapes: [B, ...] -> [B, ...].
     """
     chex.assert_equal_shape([x0, x_t])
-    x0f, xtf = _float(x0), _float(x_t)
+    x0f, xtf = at_least_f32(x0), at_least_f32(x_t)
     a_t = _alpha_bar(alphas_cumprod, t, x0f)
     return jax.lax.stop_gradient((xtf - jnp.sqrt(a_t) * x0f) / jnp.sqrt(1.0 - a_t))

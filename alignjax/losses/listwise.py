@@ -12,7 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from alignjax.losses.pairwise import as_f32
+from alignjax.losses.common import as_f32
 from alignjax.losses.registry import register
 
 Array = jax.Array

@@ -52,8 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.losses.pairwise import as_f32, check_vectors, clamp_lengths
-from alignjax.losses.reference_free import log1mexp
+from alignjax.losses.common import as_f32, check_vectors, clamp_lengths, log1mexp
 from alignjax.losses.registry import register
 
 Array = jax.Array

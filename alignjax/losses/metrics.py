@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignjax.losses.pairwise import as_f32, check_vectors
+from alignjax.losses.common import as_f32, check_vectors
 
 Array = jax.Array
 

@@ -3,9 +3,10 @@
 Notation (shared by every docstring here): S = summed log-prob of a completion under the policy,
 R = the same under the reference, u = S - R, n = completion length in tokens (clamped to >= 1),
 ls = log-sigmoid, s = sigmoid. Subscripts w / l = chosen / rejected. With the f-divergence option,
-c = g(u_w), d = g(u_l) (see :func:`f_divergence_score`); z = beta (c - d). As in TRL 1.16, only the
-losses TRL builds on its ``delta_score`` take the option (sigmoid, hinge, ipo, exo_pair, robust,
-discopop, sigmoid_norm); nca_pair, bco_pair, sppo_hard, aot*, apo_* use the raw log-ratios u.
+c = g(u_w), d = g(u_l) (see :func:`alignjax.losses.common.f_divergence_score`); z = beta (c - d). As
+in TRL 1.16, only the losses TRL builds on its ``delta_score`` take the option (sigmoid, hinge, ipo,
+exo_pair, robust, discopop, sigmoid_norm); nca_pair, bco_pair, sppo_hard, aot*, apo_* use the raw
+log-ratios u.
 
 Array inputs (all shape [B], any float dtype; computed in float32):
 ``chosen_logps, rejected_logps`` (policy S), ``ref_chosen_logps, ref_rejected_logps`` (reference R),
@@ -22,105 +23,19 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.losses.common import (
+    EXP_CAP,
+    as_f32,
+    check_probability,
+    check_vectors,
+    clamp_lengths,
+    pair_scores,
+    smoothed_sigmoid,
+)
+from alignjax.losses.common import completion_nll as completion_nll  # modifiers.py imports it from here
 from alignjax.losses.registry import register
 
 Array = jax.Array
-
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# exp() arguments are capped here so that fp32 stays finite (TRL caps at 80 as well).
-_EXP_CAP = 80.0
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def as_f32(*xs: Array) -> tuple[Array, ...]:
-    """Casts inputs to float32: log-sums and sigmoids are computed in fp32 whatever the model dtype."""
-    return tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
-
-
-def clamp_lengths(lengths: Array) -> Array:
-    """Token counts as float32, clamped to >= 1 (an empty completion counts as one token, so the
-    length-normalised log-prob of an empty completion is its summed log-prob, i.e. 0, not NaN)."""
-    return jnp.maximum(jnp.asarray(lengths).astype(jnp.float32), 1.0)
-
-
-NLL_REDUCTIONS = ("sequence", "tokens")
-
-
-def completion_nll(logps: Array, lengths: Array, reduction: str = "sequence") -> Array:
-    """Per-example completion NLL, [B]; the caller averages over examples.
-
-        reduction="sequence":  L_i = -S_i / max(n_i, 1)          (each example's own token mean)
-        reduction="tokens":    L_i = -S_i / max(mean_j n_j, 1)   (mean_i L_i = -sum S / sum n)
-
-    "tokens" is TRL's reduction (the mean over every completion token of the batch: its ``sft``
-    loss_type, RPO's NLL term and SFTTrainer), which weights long completions more; "sequence" keeps
-    long and short completions on one scale (RPO's -log M(y_w | x) / |y_w|). Equal lengths: equal.
-    """
-    if reduction not in NLL_REDUCTIONS:
-        raise ValueError(f"NLL reduction must be one of {list(NLL_REDUCTIONS)}; got {reduction!r}")
-    n = jnp.asarray(lengths, jnp.float32)
-    if reduction == "tokens":
-        n = jnp.mean(n)
-    return -jnp.asarray(logps, jnp.float32) / jnp.maximum(n, 1.0)
-
-
-def check_vectors(**arrays: Array | None) -> None:
-    """Asserts that the given arrays (None skipped) are rank-1 and of one shape [B]."""
-    present = {k: v for k, v in arrays.items() if v is not None}
-    for k, v in present.items():
-        if jnp.ndim(v) != 1:
-            raise ValueError(f"{k} must have shape [B] (one value per example); got shape {jnp.shape(v)}")
-    chex.assert_equal_shape(list(present.values()))
-
-
-def check_probability(name: str, value: float, *, low_open: bool = False, high: float = 1.0,
-                      high_open: bool = False) -> None:
-    """Clear error for a hyperparameter outside its range (instead of NaN losses later)."""
-    lo_ok = value > 0 if low_open else value >= 0
-    hi_ok = value < high if high_open else value <= high
-    if not (lo_ok and hi_ok):
-        lo = "(0" if low_open else "[0"
-        hi = f"{high:g})" if high_open else f"{high:g}]"
-        raise ValueError(f"{name} must be in {lo}, {hi}; got {value!r}")
-
-
-def f_divergence_score(u: Array, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Array:
-    """g(u): the f-divergence transform of the log-ratio u = S - R (TRL ``f_divergence_type``).
-
-    reverse_kl: g(u) = u;  forward_kl: g(u) = 1 - exp(-u);  js_divergence: g(u) = log 2 + ls(u);
-    alpha_divergence: g(u) = (exp((a - 1) u) - 1) / (a - 1), a = ``f_alpha`` (default 0.5; a = 1 is u).
-    g is f'(pi/pi_ref) of "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
-    Divergence Constraints" (arXiv 2309.16240). The additive constants (1, log 2, -1/(a-1)) are kept:
-    they cancel in c - d but not in length-normalised losses (IPO's c/n_w - d/n_l). Exponents are
-    capped at 80 so extreme log-ratios stay finite in fp32.
-    """
-    if f_divergence == "reverse_kl":
-        return u
-    if f_divergence == "forward_kl":
-        return 1.0 - jnp.exp(jnp.minimum(-u, _EXP_CAP))
-    if f_divergence == "js_divergence":
-        return jnp.log(2.0) + jax.nn.log_sigmoid(u)
-    if f_divergence == "alpha_divergence":
-        if abs(f_alpha - 1.0) < 1e-6:
-            return u
-        a1 = f_alpha - 1.0
-        return (jnp.exp(jnp.minimum(a1 * u, _EXP_CAP)) - 1.0) / a1
-    raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}; got {f_divergence!r}")
-
-
-def _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha):
-    check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
-    sw, sl, rw, rl = as_f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    c = f_divergence_score(sw - rw, f_divergence, f_alpha)
-    return c, f_divergence_score(sl - rl, f_divergence, f_alpha)
-
-
-def _smoothed_sigmoid(z: Array, eps: float) -> Array:
-    """-(1 - eps) ls(z) - eps ls(-z)."""
-    return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
 
 
 # ----------------------------------------------------------------------------- TRL loss types
@@ -143,8 +58,9 @@ def dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     (probability the label is flipped); f_divergence = "reverse_kl" (see f_divergence_score), f_alpha = 0.5.
     """
     check_probability("label_smoothing", label_smoothing)
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
-    return _smoothed_sigmoid(beta * (c - d), label_smoothing)
+    c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       f_divergence, f_alpha)
+    return smoothed_sigmoid(beta * (c - d), label_smoothing)
 
 
 @register("slic", family="pairwise", aliases=("hinge",))
@@ -156,7 +72,8 @@ def slic(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, re
     Paper: "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (arXiv 2305.10425).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1 (1/beta is the margin in log-ratio units).
     """
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       f_divergence, f_alpha)
     return jax.nn.relu(1.0 - beta * (c - d))
 
 
@@ -171,7 +88,8 @@ def ipo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     Shapes: four [B] log-probs, two [B] lengths -> [B]. Hyperparameters: beta = 0.1 (IPO's tau).
     """
     check_vectors(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_logps=chosen_logps)
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       f_divergence, f_alpha)
     return (c / clamp_lengths(chosen_lengths) - d / clamp_lengths(rejected_lengths) - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -190,7 +108,8 @@ def exo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     if not 0.0 < label_smoothing < 1.0:
         raise ValueError(
             f"exo_pair needs label_smoothing in (0, 1) (it uses log eps); got {label_smoothing!r}")
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       f_divergence, f_alpha)
     z = beta * (c - d)
     eps = label_smoothing
     return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
@@ -208,7 +127,7 @@ def nca(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     Paper: "Noise Contrastive Alignment of Language Models with Explicit Rewards" (arXiv 2402.05369).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
     """
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     ls = jax.nn.log_sigmoid
     return -ls(beta * uw) - 0.5 * ls(-beta * uw) - 0.5 * ls(-beta * ul)
 
@@ -224,7 +143,8 @@ def robust_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arr
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1; label_smoothing = eps = 0.0, in [0, 0.5).
     """
     check_probability("label_smoothing", label_smoothing, high=0.5, high_open=True)
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       f_divergence, f_alpha)
     z = beta * (c - d)
     eps = label_smoothing
     return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
@@ -239,7 +159,7 @@ def bco_pair(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     Paper: "Binary Classifier Optimization for Large Language Model Alignment" (arXiv 2404.04656).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
     """
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -jax.nn.log_sigmoid(beta * uw) - jax.nn.log_sigmoid(-beta * ul)
 
 
@@ -253,7 +173,7 @@ def sppo_hard(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arra
     Paper: "Self-Play Preference Optimization for Language Model Alignment" (arXiv 2405.00675).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1 (eta = 1 / beta).
     """
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (uw - 0.5 / beta) ** 2 + (ul + 0.5 / beta) ** 2
 
 
@@ -274,7 +194,7 @@ def aot(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
                   ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     sw, sl, rw, rl = as_f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     delta = jnp.sort(sw - sl) - jnp.sort(rw - rl)
-    return _smoothed_sigmoid(beta * delta, label_smoothing)
+    return smoothed_sigmoid(beta * delta, label_smoothing)
 
 
 @register("aot_unpaired", family="pairwise")
@@ -292,7 +212,7 @@ def aot_unpaired(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: A
                   ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     sw, sl, rw, rl = as_f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     delta = jnp.sort(sw - rw) - jnp.sort(sl - rl)
-    return _smoothed_sigmoid(beta * delta, label_smoothing)
+    return smoothed_sigmoid(beta * delta, label_smoothing)
 
 
 @register("apo_zero", family="pairwise")
@@ -304,7 +224,7 @@ def apo_zero(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     Paper: "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266), Eq. 7.
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
     """
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return 1.0 - jax.nn.sigmoid(beta * uw) + jax.nn.sigmoid(beta * ul)
 
 
@@ -318,7 +238,7 @@ def apo_down(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     Paper: "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266), Eq. 8.
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
     """
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return jax.nn.sigmoid(beta * uw) + 1.0 - jax.nn.sigmoid(beta * (uw - ul))
 
 
@@ -334,10 +254,11 @@ def discopop(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     (arXiv 2406.08414).
     Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1; tau = 0.05 (TRL ``discopop_tau``).
     """
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       f_divergence, f_alpha)
     z = beta * (c - d)
     m = jax.nn.sigmoid(z / tau)
-    exp_term = jnp.exp(jnp.minimum(jax.nn.log_sigmoid(z / tau) - z, _EXP_CAP))
+    exp_term = jnp.exp(jnp.minimum(jax.nn.log_sigmoid(z / tau) - z, EXP_CAP))
     return (1.0 - m) * (-jax.nn.log_sigmoid(z)) + exp_term
 
 
@@ -356,7 +277,8 @@ def ln_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, 
     Shapes: four [B] log-probs, two [B] lengths -> [B]. Hyperparameters: beta = 0.1.
     """
     check_vectors(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_logps=chosen_logps)
-    c, d = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, f_divergence, f_alpha)
+    c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       f_divergence, f_alpha)
     x = c / clamp_lengths(chosen_lengths) - d / clamp_lengths(rejected_lengths)
     return -jax.nn.log_sigmoid(beta * x)
 
@@ -375,7 +297,7 @@ def dpo_split_beta(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps:
     Paper: "3D-Properties: Identifying Challenges in DPO and Charting a Path Forward" (arXiv 2406.07327).
     Shapes: four [B] -> [B]. Hyperparameters: beta_chosen = 0.1; beta_rejected = 0.05.
     """
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -jax.nn.log_sigmoid(beta_chosen * uw - beta_rejected * ul)
 
 
@@ -396,7 +318,7 @@ def gamma_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arra
     Shapes: four [B] -> [B].
     Hyperparameters: beta = 0.1; gamma = 0.5 (margin in units of z); ranking_margin = False.
     """
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     margin = jnp.asarray(gamma, jnp.float32)
     if ranking_margin:
         rw, rl = as_f32(ref_chosen_logps, ref_rejected_logps)
@@ -419,7 +341,7 @@ def adpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, re
     Hyperparameters: tau = 10.0 (temperature; 10 = 1 / beta for DPO's beta = 0.1).
     """
     check_vectors(chosen_logps=chosen_logps, chosen_probs=chosen_probs)
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     x = (uw - ul) / tau
     if chosen_probs is None:
         return -jax.nn.log_sigmoid(x)
@@ -498,7 +420,7 @@ def gpo_square(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arr
     """
     check_vectors(chosen_logps=chosen_logps, chosen_win_probs=chosen_win_probs,
                   rejected_win_probs=rejected_win_probs)
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     pw, pl = jax.lax.stop_gradient(as_f32(chosen_win_probs, rejected_win_probs))
     return (uw - (pw - 0.5) / beta) ** 2 + (ul - (pl - 0.5) / beta) ** 2
 

@@ -25,16 +25,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.losses.common import at_least_f32
 from alignjax.losses.registry import register
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 _EPS = 1e-4  # TRL's std guard in the advantage normalisation
-
-
-def _f32(x: chex.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def nanstd(x: jax.Array, axis: int | None = None, keepdims: bool = False) -> jax.Array:
@@ -67,7 +63,7 @@ def group_advantages(rewards: chex.Array, *, num_generations: int, scale_rewards
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
-    r = _f32(rewards)
+    r = at_least_f32(rewards)
     chex.assert_rank(r, 1)
     G = int(num_generations)
     grouped = r.reshape(-1, G)
@@ -98,7 +94,7 @@ def rloo_advantages(rewards: chex.Array, *, num_generations: int, normalize: boo
     Returns:
       [N] float32 advantages.
     """
-    r = _f32(rewards)
+    r = at_least_f32(rewards)
     chex.assert_rank(r, 1)
     G = int(num_generations)
     if G > 1:
@@ -117,14 +113,15 @@ def kl_penalized_rewards(rewards: chex.Array, old_token_logps: chex.Array, ref_t
                          mask: chex.Array, *, beta: float) -> jax.Array:
     """RLOO's KL-in-the-reward: ``r_i - beta sum_t m_it (log pi_old - log pi_ref)`` (the first-order
     estimator, summed per sequence; Ahmadian et al. and TRL 1.16's ``RLOOTrainer``). [N]."""
-    kl = jnp.sum((_f32(old_token_logps) - _f32(ref_token_logps)) * _f32(mask), axis=-1)
-    return _f32(rewards) - beta * kl
+    kl = at_least_f32(old_token_logps) - at_least_f32(ref_token_logps)
+    kl = jnp.sum(kl * at_least_f32(mask), axis=-1)
+    return at_least_f32(rewards) - beta * kl
 
 
 def k3_kl(token_logps: chex.Array, ref_token_logps: chex.Array) -> jax.Array:
     """Schulman's k3 estimator of KL(pi || pi_ref) per token: ``exp(d) - d - 1``, d = log pi_ref - log pi
     (>= 0, unbiased under samples of pi). [N, T]."""
-    d = _f32(ref_token_logps) - _f32(token_logps)
+    d = at_least_f32(ref_token_logps) - at_least_f32(token_logps)
     return jnp.exp(d) - d - 1.0
 
 
@@ -187,10 +184,10 @@ def grpo(
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: 'token' or 'sequence'")
-    logp, old, m = _f32(token_logps), _f32(old_token_logps), _f32(mask)
+    logp, old, m = at_least_f32(token_logps), at_least_f32(old_token_logps), at_least_f32(mask)
     chex.assert_rank([logp, old, m], 2)
     chex.assert_equal_shape([logp, old, m])
-    adv = _f32(advantages)
+    adv = at_least_f32(advantages)
     adv = adv[:, None] if adv.ndim == 1 else adv
     log_ratio = logp - jax.lax.stop_gradient(old)
     if importance_sampling_level == "sequence":
@@ -216,7 +213,7 @@ def grpo(
         L = m.shape[1] if max_completion_length is None else int(max_completion_length)
         loss = jnp.sum(per_token) / (m.shape[0] * L)
     else:
-        items = jnp.sum(m) if num_items_in_batch is None else _f32(num_items_in_batch)
+        items = jnp.sum(m) if num_items_in_batch is None else at_least_f32(num_items_in_batch)
         loss = jnp.sum(per_token) / jnp.maximum(items, 1.0)
     if importance_sampling_level == "sequence":
         seq_mean = lambda x: jnp.mean(jnp.broadcast_to(x, (m.shape[0], 1)))
@@ -250,11 +247,11 @@ def rloo(
     Returns:
       (scalar loss, metrics ``clip_ratio/{low,high,region}_mean`` over sequences).
     """
-    logp, m = _f32(token_logps), _f32(mask)
+    logp, m = at_least_f32(token_logps), at_least_f32(mask)
     chex.assert_rank([logp, m], 2)
     seq = jnp.sum(logp * m, axis=-1)
-    adv = _f32(advantages)
-    ratio = jnp.exp(seq - jax.lax.stop_gradient(_f32(old_logps)))
+    adv = at_least_f32(advantages)
+    ratio = jnp.exp(seq - jax.lax.stop_gradient(at_least_f32(old_logps)))
     clipped = jnp.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = jnp.mean(-jnp.minimum(ratio * adv, clipped * adv))
     return loss, _clip_metrics(ratio, adv, epsilon_low, epsilon_high, jnp.mean)
@@ -265,13 +262,13 @@ def rloo(
 
 def masked_mean(x: chex.Array, mask: chex.Array) -> jax.Array:
     """``sum(x m) / sum(m)``."""
-    return jnp.sum(_f32(x) * mask) / jnp.sum(mask)
+    return jnp.sum(at_least_f32(x) * mask) / jnp.sum(mask)
 
 
 def masked_whiten(x: chex.Array, mask: chex.Array, *, shift_mean: bool = True) -> jax.Array:
     """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries (Bessel-corrected variance), the mean
     added back with ``shift_mean=False``: TRL 0.x's ``trl.core.masked_whiten``."""
-    x, m = _f32(x), _f32(mask)
+    x, m = at_least_f32(x), at_least_f32(mask)
     mean = masked_mean(x, m)
     n = jnp.sum(m)
     var = masked_mean(jnp.square(x - mean), m) * n / (n - 1)
@@ -285,13 +282,13 @@ def ppo_token_rewards(scores: chex.Array, token_logps: chex.Array, ref_token_log
     et al., arXiv:1909.08593; TRL 0.x ``PPOTrainer.compute_rewards``): the KL penalty
     ``-kl_coef (log pi - log pi_ref)`` on every token, plus the sequence's score on its last masked
     token. Returns ``(rewards, non_score_rewards)``, both [N, T]."""
-    kl = _f32(token_logps) - _f32(ref_token_logps)
+    kl = at_least_f32(token_logps) - at_least_f32(ref_token_logps)
     non_score = -kl_coef * kl
-    m = _f32(mask)
+    m = at_least_f32(mask)
     T = m.shape[1]
     last = T - 1 - jnp.argmax(m[:, ::-1] > 0, axis=1)
     onehot = jax.nn.one_hot(last, T, dtype=jnp.float32)
-    return non_score + onehot * _f32(scores)[:, None], non_score
+    return non_score + onehot * at_least_f32(scores)[:, None], non_score
 
 
 def gae(rewards: chex.Array, values: chex.Array, mask: chex.Array, *, gamma: float = 1.0, lam: float = 0.95
@@ -301,8 +298,8 @@ def gae(rewards: chex.Array, values: chex.Array, mask: chex.Array, *, gamma: flo
     ``PPOTrainer.loss``: with V and r zeroed off the mask,
     ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (0 past the end);
     ``returns = A + V``. Returns ``(advantages, returns)`` [N, T] (advantages not whitened)."""
-    m = _f32(mask)
-    v, r = _f32(values) * m, _f32(rewards) * m
+    m = at_least_f32(mask)
+    v, r = at_least_f32(values) * m, at_least_f32(rewards) * m
     next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
     delta = r + gamma * next_v - v
 
@@ -361,16 +358,16 @@ def ppo(
       (scalar loss, metrics ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/policy/clipfrac``,
       ``ppo/val/clipfrac``, ``ppo/policy/approxkl``, ``ppo/returns/mean``) as TRL 0.x names them.
     """
-    m = _f32(mask)
-    logp, old = _f32(token_logps), jax.lax.stop_gradient(_f32(old_token_logps))
-    v_old = jax.lax.stop_gradient(_f32(values))
-    r = jax.lax.stop_gradient(_f32(rewards))
+    m = at_least_f32(mask)
+    logp, old = at_least_f32(token_logps), jax.lax.stop_gradient(at_least_f32(old_token_logps))
+    v_old = jax.lax.stop_gradient(at_least_f32(values))
+    r = jax.lax.stop_gradient(at_least_f32(rewards))
     if whiten_rewards:
         r = masked_whiten(r, m, shift_mean=False) * m
     adv, returns = gae(r, v_old, m, gamma=gamma, lam=lam)
     adv = jax.lax.stop_gradient(masked_whiten(adv, m))
     v_old = v_old * m
-    vp = _f32(vpreds)
+    vp = at_least_f32(vpreds)
     vp_clipped = jnp.clip(vp, v_old - cliprange_value, v_old + cliprange_value)
     vf1, vf2 = jnp.square(vp - returns), jnp.square(vp_clipped - returns)
     vf_loss = 0.5 * masked_mean(jnp.maximum(vf1, vf2), m)

@@ -3,7 +3,7 @@
 Arrays: ``chosen_logps, rejected_logps`` (summed policy log-probs S, [B]), ``chosen_lengths,
 rejected_lengths`` (token counts n, [B], clamped to >= 1). Returns per-example losses [B] in float32.
 NLL terms are per-token means, -S_w / n_w, per example, or with ``nll_reduction="tokens"`` TRL's
-mean over every chosen token of the batch (``pairwise.completion_nll``).
+mean over every chosen token of the batch (``common.completion_nll``).
 """
 
 from __future__ import annotations
@@ -11,23 +11,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignjax.losses.pairwise import (
-    _smoothed_sigmoid,
+from alignjax.losses.common import (
     as_f32,
     check_probability,
     check_vectors,
     clamp_lengths,
     completion_nll,
+    log1mexp,
+    smoothed_sigmoid,
 )
 from alignjax.losses.registry import register
 
 Array = jax.Array
-
-
-def log1mexp(x: Array) -> Array:
-    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler's switch at x = -log 2)."""
-    return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(jnp.minimum(x, -1e-30))),
-                     jnp.log1p(-jnp.exp(jnp.minimum(x, -jnp.log(2.0)))))
 
 
 @register("simpo", family="reference_free")
@@ -47,7 +42,7 @@ def simpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rej
                   rejected_lengths=rejected_lengths)
     sw, sl = as_f32(chosen_logps, rejected_logps)
     z = beta * (sw / clamp_lengths(chosen_lengths) - sl / clamp_lengths(rejected_lengths)) - gamma
-    return _smoothed_sigmoid(z, label_smoothing)
+    return smoothed_sigmoid(z, label_smoothing)
 
 
 @register("cpo", family="reference_free")
@@ -66,7 +61,7 @@ def cpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, *, be
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths)
     sw, sl = as_f32(chosen_logps, rejected_logps)
     nll = completion_nll(sw, chosen_lengths, nll_reduction)
-    return _smoothed_sigmoid(beta * (sw - sl), label_smoothing) + nll_weight * nll
+    return smoothed_sigmoid(beta * (sw - sl), label_smoothing) + nll_weight * nll
 
 
 @register("orpo", family="reference_free")

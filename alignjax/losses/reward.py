@@ -18,18 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignjax.losses.common import at_least_f32, smoothed_sigmoid
 from alignjax.losses.registry import register
-
-
-def _float(x: chex.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _smoothed_bt(z: jax.Array, eps: jax.Array | float) -> jax.Array:
-    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): BT with label smoothing eps."""
-    return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
-
 
 # ----------------------------------------------------------------------------- Bradley-Terry
 
@@ -64,12 +54,12 @@ def bradley_terry(
     """
     chex.assert_rank([chosen_rewards, rejected_rewards], 1)
     chex.assert_equal_shape([chosen_rewards, rejected_rewards])
-    r_w, r_l = _float(chosen_rewards), _float(rejected_rewards)
+    r_w, r_l = at_least_f32(chosen_rewards), at_least_f32(rejected_rewards)
     z = r_w - r_l
     if margin is not None:
         chex.assert_equal_shape([margin, chosen_rewards])
-        z = z - _float(margin)
-    return _smoothed_bt(z, label_smoothing) + center_rewards_coefficient * jnp.square(r_w + r_l)
+        z = z - at_least_f32(margin)
+    return smoothed_sigmoid(z, label_smoothing) + center_rewards_coefficient * jnp.square(r_w + r_l)
 
 
 # ----------------------------------------------------------------------------- Secrets of RLHF II
@@ -89,7 +79,7 @@ def preference_strength(reward_diffs: chex.Array) -> tuple[jax.Array, jax.Array]
       (mean [B], std [B]), detached: strength is data annotation, not a training signal.
     """
     chex.assert_rank(reward_diffs, 2)
-    d = jax.lax.stop_gradient(_float(reward_diffs))
+    d = jax.lax.stop_gradient(at_least_f32(reward_diffs))
     return jnp.mean(d, axis=0), jnp.std(d, axis=0)
 
 
@@ -156,13 +146,13 @@ def secrets_rm(
     """
     chex.assert_rank([chosen_rewards, rejected_rewards, strength_mean], 1)
     chex.assert_equal_shape([chosen_rewards, rejected_rewards, strength_mean])
-    mu = jax.lax.stop_gradient(_float(strength_mean))
+    mu = jax.lax.stop_gradient(at_least_f32(strength_mean))
     flip = mu < min(flip_below, 0.0)
     sign = jnp.where(flip, -1.0, 1.0)
     smooth = jnp.logical_and(~flip, mu < smooth_below)
     eps = jnp.where(smooth, label_smoothing, 0.0)
-    z = sign * (_float(chosen_rewards) - _float(rejected_rewards)) - margin_coef * sign * mu
-    return _smoothed_bt(z, eps)
+    z = sign * (at_least_f32(chosen_rewards) - at_least_f32(rejected_rewards)) - margin_coef * sign * mu
+    return smoothed_sigmoid(z, eps)
 
 
 # ----------------------------------------------------------------------------- GPM
@@ -190,12 +180,12 @@ def gpm_score(v_i: chex.Array, v_j: chex.Array, *, scales: chex.Array | None = N
     dim = v_i.shape[-1]
     if dim % 2:
         raise ValueError(f"gpm_score: embedding dimension must be even (2k), got {dim}")
-    a = _float(v_i).reshape(*v_i.shape[:-1], dim // 2, 2)
-    b = _float(v_j).reshape(*v_j.shape[:-1], dim // 2, 2)
+    a = at_least_f32(v_i).reshape(*v_i.shape[:-1], dim // 2, 2)
+    b = at_least_f32(v_j).reshape(*v_j.shape[:-1], dim // 2, 2)
     cross = a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]  # [..., k]
     if scales is not None:
         chex.assert_shape(scales, (*v_i.shape[:-1], dim // 2))
-        cross = cross * _float(scales)
+        cross = cross * at_least_f32(scales)
     return jnp.sum(cross, axis=-1)
 
 
@@ -230,7 +220,7 @@ def gpm(
     score = gpm_score(chosen_embeddings, rejected_embeddings, scales=scales)
     if margin is not None:
         chex.assert_shape(margin, score.shape)
-        score = score - _float(margin)
+        score = score - at_least_f32(margin)
     return -jax.nn.log_sigmoid(score / tau)
 
 
@@ -251,8 +241,8 @@ def pal_ideal_point(user_logits: chex.Array, prototypes: chex.Array) -> jax.Arra
       [B, D] ideal points.
     """
     chex.assert_rank(user_logits, 2)
-    weights = jax.nn.softmax(_float(user_logits), axis=-1)
-    g = _float(prototypes)
+    weights = jax.nn.softmax(at_least_f32(user_logits), axis=-1)
+    g = at_least_f32(prototypes)
     if g.ndim == 2:
         chex.assert_shape(g, (user_logits.shape[1], None))
         return weights @ g
@@ -266,7 +256,7 @@ def pal_reward(
     """PAL reward = scale * cos(f(x, y), u_i). features, ideal_points [B, D] -> [B]."""
     chex.assert_rank([features, ideal_points], 2)
     chex.assert_equal_shape([features, ideal_points])
-    f, u = _float(features), _float(ideal_points)
+    f, u = at_least_f32(features), at_least_f32(ideal_points)
     # eps inside the sqrt keeps the gradient finite at a zero vector.
     f = f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + eps)
     u = u * jax.lax.rsqrt(jnp.sum(u * u, axis=-1, keepdims=True) + eps)

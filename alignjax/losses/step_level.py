@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignjax.losses.pairwise import _scores, _smoothed_sigmoid, as_f32, check_vectors
+from alignjax.losses.common import as_f32, check_vectors, pair_scores, smoothed_sigmoid
 from alignjax.losses.registry import register
 
 Array = jax.Array
@@ -35,6 +35,6 @@ def mcts_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     Hyperparameters: beta = 0.1.
     """
     check_vectors(chosen_logps=chosen_logps, chosen_visits=chosen_visits, rejected_visits=rejected_visits)
-    uw, ul = _scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, "reverse_kl", 0.5)
+    uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     eps = jax.lax.stop_gradient(visit_label_smoothing(chosen_visits, rejected_visits))
-    return _smoothed_sigmoid(beta * (uw - ul), eps)
+    return smoothed_sigmoid(beta * (uw - ul), eps)

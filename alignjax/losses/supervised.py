@@ -5,7 +5,7 @@ from __future__ import annotations
 import chex
 import jax
 
-from alignjax.losses.pairwise import completion_nll
+from alignjax.losses.common import completion_nll
 from alignjax.losses.registry import register
 
 

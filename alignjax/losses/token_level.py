@@ -19,12 +19,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.losses.common import at_least_f32
 from alignjax.losses.registry import register
-
-
-def _float(x: chex.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _masked_sum(values: jax.Array, weights: jax.Array, mask: jax.Array) -> jax.Array:
@@ -115,14 +111,14 @@ def sparsepo(
     else:
         chosen_kl_mask, rejected_kl_mask = chosen_reward_mask, rejected_reward_mask
 
-    delta_w = _float(chosen_token_logps) - _float(ref_chosen_token_logps)
-    delta_l = _float(rejected_token_logps) - _float(ref_rejected_token_logps)
-    mu_w, mu_l = _float(chosen_reward_mask), _float(rejected_reward_mask)
-    md_w, md_l = _float(chosen_kl_mask), _float(rejected_kl_mask)
+    delta_w = at_least_f32(chosen_token_logps) - at_least_f32(ref_chosen_token_logps)
+    delta_l = at_least_f32(rejected_token_logps) - at_least_f32(ref_rejected_token_logps)
+    mu_w, mu_l = at_least_f32(chosen_reward_mask), at_least_f32(rejected_reward_mask)
+    md_w, md_l = at_least_f32(chosen_kl_mask), at_least_f32(rejected_kl_mask)
 
     u = _masked_sum(delta_w, mu_w, chosen_mask) - _masked_sum(delta_l, mu_l, rejected_mask)
-    d = _masked_sum(_float(chosen_token_kl), md_w, chosen_mask) - _masked_sum(
-        _float(rejected_token_kl), md_l, rejected_mask
+    d = _masked_sum(at_least_f32(chosen_token_kl), md_w, chosen_mask) - _masked_sum(
+        at_least_f32(rejected_token_kl), md_l, rejected_mask
     )
     loss = -jax.nn.log_sigmoid(beta * (u - d))
 

@@ -28,13 +28,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.losses.common import at_least_f32
 from alignjax.losses.registry import register
-
-
-def _float(x: chex.Array) -> jax.Array:
-    """At least float32 (bf16/fp16 inputs are promoted so that the log-sums are fp32)."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_unpaired(logps: chex.Array, ref_logps: chex.Array, labels: chex.Array) -> None:
@@ -57,7 +52,7 @@ def kto_kl_estimate(kl_logps: chex.Array, ref_kl_logps: chex.Array) -> jax.Array
     chex.assert_equal_shape([kl_logps, ref_kl_logps])
     if kl_logps.shape[0] == 0:  # static shape, not a traced value
         return jnp.zeros((), jnp.promote_types(jnp.asarray(kl_logps).dtype, jnp.float32))
-    kl = jnp.mean(_float(kl_logps) - _float(ref_kl_logps))
+    kl = jnp.mean(at_least_f32(kl_logps) - at_least_f32(ref_kl_logps))
     return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
 
 
@@ -104,7 +99,7 @@ def kto(
     """
     _check_unpaired(logps, ref_logps, labels)
     z0 = kto_kl_estimate(kl_logps, ref_kl_logps)
-    u = _float(logps) - _float(ref_logps)
+    u = at_least_f32(logps) - at_least_f32(ref_logps)
     desirable = jnp.asarray(labels).astype(bool)
     # 1 - sigmoid(x) = sigmoid(-x): the form that stays accurate for large |x|.
     chosen = desirable_weight * jax.nn.sigmoid(-beta * (u - z0))
@@ -134,7 +129,7 @@ def apo_zero_unpaired(
     :func:`kto`; returns [B].
     """
     _check_unpaired(logps, ref_logps, labels)
-    u = _float(logps) - _float(ref_logps)
+    u = at_least_f32(logps) - at_least_f32(ref_logps)
     desirable = jnp.asarray(labels).astype(bool)
     return jnp.where(
         desirable, desirable_weight * jax.nn.sigmoid(-beta * u), undesirable_weight * jax.nn.sigmoid(beta * u)
@@ -161,7 +156,7 @@ def bco_update_state(state: BCOState, rewards: chex.Array, *, ema_decay: float |
     first batch mean. ``count`` is the total number of rewards seen in both cases.
     """
     chex.assert_rank(rewards, 1)
-    rewards = jax.lax.stop_gradient(_float(rewards)).astype(jnp.float32)
+    rewards = jax.lax.stop_gradient(at_least_f32(rewards)).astype(jnp.float32)
     n = jnp.asarray(rewards.shape[0], jnp.float32)
     batch_mean = jnp.mean(rewards)
     mean = jnp.asarray(state.mean, jnp.float32)
@@ -184,7 +179,7 @@ def bco_density_ratio(
     ``min_density_ratio=0.5``, ``max_density_ratio=10.0``. Returns [B], detached (the classifier is
     trained separately, not through this loss).
     """
-    p = jax.lax.stop_gradient(_float(probs))
+    p = jax.lax.stop_gradient(at_least_f32(probs))
     return jnp.clip(p / (1.0 - p + eps), min_density_ratio, max_density_ratio)
 
 
@@ -223,14 +218,14 @@ def bco(
       ([B] per-example losses, new state). Stateful calling convention: see the module docstring.
     """
     _check_unpaired(logps, ref_logps, labels)
-    rewards = beta * (_float(logps) - _float(ref_logps))
+    rewards = beta * (at_least_f32(logps) - at_least_f32(ref_logps))
     new_state = bco_update_state(state, rewards, ema_decay=ema_decay) if update_state else state
     delta = jax.lax.stop_gradient(jnp.asarray(new_state.mean)).astype(rewards.dtype)
     desirable = jnp.asarray(labels).astype(bool)
     w = jnp.ones_like(rewards)
     if density_weights is not None:
         chex.assert_equal_shape([density_weights, logps])
-        w = _float(density_weights).astype(rewards.dtype)
+        w = at_least_f32(density_weights).astype(rewards.dtype)
     chosen = -jax.nn.log_sigmoid(rewards - delta)
     rejected = -w * jax.nn.log_sigmoid(-(rewards - delta))
     return jnp.where(desirable, chosen, rejected), new_state

@@ -9,7 +9,7 @@ import pytest
 from scipy.special import log_expit as ls
 
 from alignjax import losses
-from alignjax.losses import docs, listwise, modifiers, pairwise, reference_free, step_level
+from alignjax.losses import common, docs, listwise, modifiers, pairwise, reference_free, step_level
 
 B = 6
 TRL_NAMES = (
@@ -46,7 +46,7 @@ def close(x, y, tol=1e-5):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("f_div", pairwise.F_DIVERGENCES)
+@pytest.mark.parametrize("f_div", common.F_DIVERGENCES)
 def test_equal_logps_give_log2(pair, f_div):
     same = {**pair, "ref_chosen_logps": pair["chosen_logps"], "ref_rejected_logps": pair["rejected_logps"]}
     close(pairwise.dpo(**same, f_divergence=f_div), np.full(B, np.log(2.0)))
