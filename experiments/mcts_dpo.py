@@ -113,7 +113,7 @@ def get_config(arg: str | None = None):
 
 
 def reproduce(workdir: str, seeds: tuple[int, ...] = (0, 1, 2), arg: str = "") -> dict:
-    """The issue-6 reproduction: per seed, SFT -> MCTS step-level DPO rounds, and the instance-level DPO
+    """The MCTS-DPO reproduction: per seed, SFT -> MCTS step-level DPO rounds, and the instance-level DPO
     baseline from the same SFT at the MCTS run's per-prompt token budget; held-out greedy accuracy of
     SFT, instance-level DPO and MCTS-DPO per seed, with mean and standard deviation over seeds.
     Writes ``<workdir>/table.json`` and ``<workdir>/table.md``; finished runs are reused (resumable)."""

@@ -16,7 +16,7 @@ RPO beta 2 / lr 4e-4 gave validation accuracy 1.000 on all three seeds (beta 2 /
 beta 0.1 / lr 4e-4: 0.995, the earlier beta 0.5 / lr 1e-4: 0.961); plain DPO beta 5 / lr 1e-4 gave
 0.815 (beta 10 / lr 2e-4: 0.809, the earlier beta 2 / lr 5e-5: 0.785). README.md has the test figures.
 
-Why 2500 SFT steps (measured, seed 0, first session): plain DPO has no term on the units digit (it is
+Why 2500 SFT steps (measured, seed 0): plain DPO has no term on the units digit (it is
 the same in chosen and rejected, so its gradient cancels) and pushes the rejected tens digit down
 harder than it lifts the chosen one, so any slack in the SFT model's units / tens predictions lets
 probability mass leak to answers in neither pair. After 1500 SFT steps (SFT loss 0.09 a token, units

@@ -37,7 +37,6 @@ from alignjax.data.tokenize import ChatTokenizer
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 ARITHMETIC_ALPHABET = "0123456789+="
 MULTISTEP_ALPHABET = "0123456789+=\n aenrsw"
-STEP_DELIMITER = "\n"
 
 
 def char_tokenizer(alphabet: str) -> ChatTokenizer:

@@ -351,7 +351,9 @@ def models_of(formula: Formula, atoms: Sequence[Atom]) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
-def _check_vectors_or_scalars(lp: Array, batch: tuple[int, ...]) -> Array:
+def _broadcast_to_batch(lp: Array, batch: tuple[int, ...]) -> Array:
+    """An atom's log-probability as float32 of shape ``batch``: a model proposition's [B] as it is, a
+    Coin's scalar repeated (``broadcast_to`` refuses any other shape)."""
     return jnp.broadcast_to(jnp.asarray(lp, jnp.float32), batch)
 
 
@@ -370,8 +372,8 @@ def log_probability(preference: Preference, values: Mapping[str, Array], hyper: 
         raise ValueError(f"{preference}: the formula is unsatisfiable under its condition (P = 0 everywhere)")
     batch = jnp.shape(next(iter(values.values()))) if values else ()
     pairs = [a.log_probs(values, hyper) for a in atoms]
-    log_p = jnp.stack([_check_vectors_or_scalars(p, batch) for p, _ in pairs], -1)  # [B, k]
-    log_q = jnp.stack([_check_vectors_or_scalars(q, batch) for _, q in pairs], -1)
+    log_p = jnp.stack([_broadcast_to_batch(p, batch) for p, _ in pairs], -1)  # [B, k]
+    log_q = jnp.stack([_broadcast_to_batch(q, batch) for _, q in pairs], -1)
     table = jnp.asarray(truth_table(atoms))  # [2^k, k], static
     # log weight of each assignment: sum_i (a_i log p_i + (1 - a_i) log(1 - p_i)), [B, 2^k].
     log_w = jnp.sum(jnp.where(table, log_p[..., None, :], log_q[..., None, :]), axis=-1)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 PROMPT = "+="
-DIGITS = "0123456789"
 
 
 def linear_weights(seed: int = 0, scale: float = 1.0) -> np.ndarray:

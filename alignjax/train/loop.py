@@ -605,7 +605,7 @@ def run_train(
     }
     if jax.process_index() == 0:
         if final_eval:
-            final_writer = MetricWriter(root, tensorboard=False)
+            final_writer = MetricWriter(root, tensorboard=config.train.tensorboard)
             final_writer.write_once(num_steps, final_eval)  # a finished run's rerun adds no row
             final_writer.close()
         storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))

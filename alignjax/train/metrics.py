@@ -25,7 +25,8 @@ CURVES = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logp
 
 class MetricWriter:
     """Appends metrics to ``<workdir>/metrics.jsonl`` (``perf.jsonl``) and TensorBoard (``<workdir>/tb``),
-    wherever the workdir is (``alignjax.storage``: a local directory or ``gs://``).
+    wherever the workdir is (``alignjax.storage``: a local directory or ``gs://``). Every row goes to
+    both: training steps, throughput and evaluations (``eval/*``, the final one included).
 
     Locally a row is appended as it comes. An object store has no append, so there the writer keeps
     each file's text and uploads it whole, at most every ``flush_s`` seconds and on :meth:`flush`
@@ -45,12 +46,11 @@ class MetricWriter:
         self._dirty: set[epath.Path] = set()
         self._flushed_at = time.monotonic()
         self.tb = None
+        # Opened at the first row, so a writer that adds nothing (a finished run's rerun) leaves no
+        # empty event file behind.
+        self._tb_dir = os.fspath(root / "tb") if self.active and tensorboard else None
         if self.active:
             root.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(os.fspath(root / "tb"))
 
     def _set(self, path: epath.Path, text: str) -> None:
         storage.write_text(path, text)
@@ -106,7 +106,11 @@ class MetricWriter:
             self._dirty.add(path)
             if time.monotonic() - self._flushed_at >= self.flush_s:
                 self.flush()
-        if self.tb is not None:
+        if self._tb_dir is not None:
+            if self.tb is None:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(self._tb_dir)
             for key, value in row.items():
                 if key != "step" and isinstance(value, float | int) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
@@ -176,9 +180,7 @@ def read_metrics(path: storage.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_curves(
-    metrics_path: storage.PathLike, png_path: storage.PathLike, title: str = ""
-) -> str | None:
+def plot_curves(metrics_path: storage.PathLike, png_path: storage.PathLike, title: str = "") -> str | None:
     """Plots the CURVES present in ``metrics.jsonl`` against step into ``png_path`` (Agg backend)."""
     if jax.process_index() != 0 or not storage.path(metrics_path).exists():
         return None

@@ -7,8 +7,7 @@ initial policy and the frozen reference (``<workdir>/dpo``). Both go through
 the task's verifier before and after DPO, and so are the validation prompts (the split that
 hyperparameters are chosen on); ``<workdir>/summary.json`` holds the task accuracy (overall and by
 carry; test and validation), the held-out pair accuracies and the wall time, ``<workdir>/curves.png``
-the curves.
-See /work/shared/reference/quickstart-probe.md for the measured probe this follows.
+the curves. How the task, model and hyperparameters were chosen: ``experiments/quickstart.py``.
 """
 
 from __future__ import annotations
