@@ -74,10 +74,11 @@ def get_config(arg: str | None = None):
     c.dpo.reference = dict(kind="frozen")
     dpo_lr = a.dpo_lr or (4e-4 if a.rpo else 1e-4)
     c.dpo.optim = dict(learning_rate=dpo_lr, warmup_steps=20, schedule="cosine")
-    c.dpo.train = dict(num_steps=a.dpo_steps)
+    # Evaluated on the validation pairs every 25 steps: the evaluation curve of curves.png.
+    c.dpo.train = dict(num_steps=a.dpo_steps, eval_every=25)
     if a.runlocal:
         c.sft.train = dict(num_steps=30)
-        c.dpo.train = dict(num_steps=10)
+        c.dpo.train = dict(num_steps=10, eval_every=5)
         c.data.batch_size = 32
         c.quickstart.num_test = 200
         c.quickstart.num_val = 100
