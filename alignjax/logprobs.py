@@ -106,6 +106,13 @@ def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
     Returns:
       ``[B, T]`` fp32 log-probs, aligned with ``targets``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))  # [B=1, T=2, V=3]
+      >>> print(np.asarray(token_logps(logits, jnp.array([[0, 1]])), float).round(4))
+      [[-0.6931 -0.2231]]
     """
     chex.assert_rank(logits, 3)
     chex.assert_rank(targets, 2)
@@ -134,6 +141,17 @@ def next_token_logps(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
 
     Returns:
       ``[B, T]`` fp32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> probs = jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]])  # [1, 3, 3]
+      >>> input_ids = jnp.array([[2, 0, 1]])
+      >>> print(np.asarray(next_token_logps(jnp.log(probs), input_ids), float).round(4))
+      [[ 0.     -0.6931 -0.2231]]
+
+      Position 1 holds log p(token 0) from the prediction at position 0, position 2 log p(token 1)
+      from position 1; the last prediction has no target.
     """
     chex.assert_rank(logits, 3)
     chex.assert_rank(input_ids, 2)
@@ -267,6 +285,16 @@ def chunked_token_logps(
     Returns:
       ``[B, T]`` fp32; the peak memory of the computation (forward and backward) holds one
       ``[seq_chunk, vocab_chunk]`` block of logits at a time.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> hidden = jnp.sin(jnp.arange(80.0)).reshape(2, 5, 8)  # [B, T, D]
+      >>> unembedding = jnp.cos(jnp.arange(88.0)).reshape(8, 11)  # [D, V]
+      >>> targets = jnp.arange(10).reshape(2, 5)
+      >>> dense = token_logps(hidden @ unembedding, targets)
+      >>> chunked = chunked_token_logps(hidden, unembedding, targets, vocab_chunk=4, seq_chunk=3)
+      >>> chunked.shape, bool(jnp.allclose(chunked, dense, atol=1e-5))
+      ((2, 5), True)
     """
     chex.assert_rank([hidden, unembedding, targets], [3, 2, 2])
     chex.assert_equal_shape_prefix([hidden, targets], 2)
@@ -318,6 +346,23 @@ def chunked_next_token_logps(
     ``out[:, t] = log p(input_ids[:, t] | input_ids[:, <t])`` with ``out[:, 0] = 0``; see
     :func:`chunked_token_logps` for the arguments. Equals
     ``next_token_logps(hidden @ unembedding, input_ids)`` (values and gradients).
+
+    Args:
+      hidden, unembedding, vocab_chunk, seq_chunk, vocab_shards: as :func:`chunked_token_logps`.
+      input_ids: ``[B, T]`` token ids.
+
+    Returns:
+      ``[B, T]`` fp32, aligned at the target.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> hidden = jnp.sin(jnp.arange(80.0)).reshape(2, 5, 8)  # [B, T, D]
+      >>> unembedding = jnp.cos(jnp.arange(88.0)).reshape(8, 11)  # [D, V]
+      >>> input_ids = jnp.arange(10).reshape(2, 5)
+      >>> dense = next_token_logps(hidden @ unembedding, input_ids)
+      >>> chunked = chunked_next_token_logps(hidden, unembedding, input_ids, vocab_chunk=4)
+      >>> bool(jnp.allclose(chunked, dense, atol=1e-5)), chunked[:, 0].tolist()
+      (True, [0.0, 0.0])
     """
     chex.assert_rank(input_ids, 2)
     targets = jnp.roll(input_ids, -1, axis=1)
@@ -357,6 +402,21 @@ def sequence_logps(
 
     Returns:
       ``[N]`` fp32.
+
+    Examples:
+      Two padded rows (one sequence each), then the same two sequences packed into one row:
+
+      >>> import jax.numpy as jnp
+      >>> logps = jnp.array([[0.0, -1.0, -2.0], [0.0, -0.5, -0.5]])
+      >>> mask = jnp.array([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+      >>> example_ids = jnp.array([[0, 0, 0], [1, 1, -1]])
+      >>> sequence_logps(logps, mask, example_ids, 2).tolist()
+      [-3.0, -0.5]
+      >>> packed = jnp.array([[0.0, -1.0, -2.0, 0.0, -0.5]])
+      >>> packed_mask = jnp.array([[0.0, 1.0, 1.0, 0.0, 1.0]])
+      >>> packed_ids = jnp.array([[0, 0, 0, 1, 1]])
+      >>> sequence_logps(packed, packed_mask, packed_ids, 2).tolist()
+      [-3.0, -0.5]
     """
     chex.assert_rank([token_logps, loss_mask, example_ids], 2)
     chex.assert_equal_shape([token_logps, loss_mask, example_ids])
@@ -365,20 +425,66 @@ def sequence_logps(
 
 
 def sequence_lengths(loss_mask: jax.Array, example_ids: jax.Array, num_sequences: int) -> jax.Array:
-    """Counted tokens per sequence: ``n_k = sum_{r,t} [example_ids[r,t] = k] mask[r,t]``; ``[N]`` fp32."""
+    """Counted tokens per sequence: ``n_k = sum_{r,t} [example_ids[r,t] = k] mask[r,t]``; ``[N]`` fp32.
+
+    Args:
+      loss_mask: ``[R, T]`` float weights (0/1).
+      example_ids: ``[R, T]`` int sequence index per token, -1 = none.
+      num_sequences: ``N``, a static Python int.
+
+    Returns:
+      ``[N]`` fp32 token counts.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> mask = jnp.array([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+      >>> sequence_lengths(mask, jnp.array([[0, 0, 0], [1, 1, -1]]), 2).tolist()
+      [2.0, 1.0]
+    """
     chex.assert_rank([loss_mask, example_ids], 2)
     chex.assert_equal_shape([loss_mask, example_ids])
     return _segment_sum(loss_mask.astype(jnp.float32), example_ids, int(num_sequences))
 
 
 def masked_sum(values: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
-    """``sum(values * mask)`` over ``axis`` in fp32 (``mask`` 0/1 or weights, same shape)."""
+    """``sum(values * mask)`` over ``axis`` in fp32 (``mask`` 0/1 or weights, same shape).
+
+    Args:
+      values: any shape.
+      mask: the shape of ``values``.
+      axis: the axes to sum over (None = all).
+
+    Returns:
+      fp32 sums.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> values, mask = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1.0, 1.0, 0.0]])
+      >>> float(masked_sum(values, mask)), masked_sum(values, mask, axis=-1).tolist()
+      (3.0, [3.0])
+    """
     chex.assert_equal_shape([values, mask])
     return jnp.sum(values.astype(jnp.float32) * mask.astype(jnp.float32), axis=axis)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
-    """``sum(values * mask) / sum(mask)`` over ``axis`` in fp32; 0 where the mask is all zero."""
+    """``sum(values * mask) / sum(mask)`` over ``axis`` in fp32; 0 where the mask is all zero.
+
+    Args:
+      values: any shape.
+      mask: the shape of ``values``.
+      axis: the axes to average over (None = all).
+
+    Returns:
+      fp32 means.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> values = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+      >>> mask = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> masked_mean(values, mask, axis=-1).tolist()
+      [1.5, 0.0]
+    """
     total = masked_sum(values, mask, axis)
     count = jnp.sum(mask.astype(jnp.float32), axis=axis)
     return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
@@ -388,6 +494,18 @@ def split_pairs(values: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``[2B, ...] -> (chosen [B, ...], rejected [B, ...])``.
 
     Sequences ``0..B-1`` are the chosen and ``B..2B-1`` the rejected completions.
+
+    Args:
+      values: ``[2B]``, ``[2B, T]`` or ``[2B, T, ...]`` per-sequence values (rank 1 to 3).
+
+    Returns:
+      ``(chosen, rejected)``, each with leading dimension ``B``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> chosen, rejected = split_pairs(jnp.array([-1.0, -2.0, -3.0, -4.0]))  # B = 2 pairs
+      >>> chosen.tolist(), rejected.tolist()
+      ([-1.0, -2.0], [-3.0, -4.0])
     """
     chex.assert_rank(values, {1, 2, 3})
     if values.shape[0] % 2:
@@ -404,7 +522,20 @@ def split_pairs(values: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def model_vocab_shards(model: Any, vocab: int) -> int:
-    """Devices ``model.mesh`` splits the vocabulary over (by ``model.rules``); 1 if none or indivisible."""
+    """Devices ``model.mesh`` splits the vocabulary over (by ``model.rules``); 1 if none or indivisible.
+
+    Args:
+      model: a :class:`~alignjax.models.Model` (or anything with ``mesh`` and ``rules``).
+      vocab: the vocabulary size.
+
+    Returns:
+      The number of vocabulary shards, for ``chunked_token_logps(..., vocab_shards=...)``.
+
+    Examples:
+      >>> from alignjax.models import Model, ModelConfig
+      >>> model_vocab_shards(Model(ModelConfig()), 256)  # no mesh: one shard
+      1
+    """
     mesh = getattr(model, "mesh", None)
     if mesh is None:
         return 1
@@ -431,12 +562,45 @@ def batch_sequence_logps(
     (``dropout_rng``: the training forward of a model with LoRA dropout; None = dropout off).
 
     With ``vocab_chunk`` or ``seq_chunk`` set, uses ``model.hidden`` and ``model.unembedding`` and the
-    chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`. ``vocab_shards``
-    (chunked path) defaults to the number of devices the model's mesh splits the vocabulary over.
+    chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`.
+
+    Args:
+      model: a :class:`~alignjax.models.Model` (``apply``, ``hidden``, ``unembedding``).
+      params: its params.
+      batch: a sequence batch: ``input_ids``, ``loss_mask``, ``example_ids`` and optionally
+        ``positions``, ``segment_ids``, ``branch_ids`` (all ``[R, T]``).
+      num_sequences: ``N``, a static Python int.
+      vocab_chunk, seq_chunk: the chunked path's chunk sizes (:func:`chunked_token_logps`).
+      vocab_shards: the chunked path's vocabulary blocks; None = the number of devices the model's
+        mesh splits the vocabulary over.
+      dropout_rng: a key for LoRA dropout (the training forward); None = no dropout.
 
     Returns:
       ``(sequence_logps [N], token_logps [R, T])``; the token log-probs are already multiplied by
       ``loss_mask``.
+
+    Examples:
+      A tiny random model scores two padded sequences; the chunked path gives the same log-probs.
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from alignjax.models import Model, ModelConfig
+      >>> model = Model(ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+      ...                           num_kv_heads=1, head_dim=8, intermediate_size=32))
+      >>> params = model.init(jax.random.PRNGKey(0))
+      >>> batch = {
+      ...     "input_ids": jnp.array([[1, 5, 6, 2], [1, 7, 2, 0]]),
+      ...     "segment_ids": jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
+      ...     "loss_mask": jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]]),
+      ...     "example_ids": jnp.array([[0, 0, 0, 0], [1, 1, 1, -1]]),
+      ... }
+      >>> score = jax.jit(lambda p, b: batch_sequence_logps(model, p, b, 2))
+      >>> seq, tokens = score(params, batch)
+      >>> seq.shape, tokens.shape
+      ((2,), (2, 4))
+      >>> score_chunked = jax.jit(lambda p, b: batch_sequence_logps(model, p, b, 2, vocab_chunk=5))
+      >>> bool(jnp.allclose(seq, score_chunked(params, batch)[0], atol=1e-5))
+      True
     """
     inputs = dict(
         positions=batch.get("positions"),

@@ -263,7 +263,7 @@ def log1mexp(x: Array) -> Array:
     Examples:
       >>> import jax.numpy as jnp
       >>> [round(v, 4) for v in log1mexp(jnp.array([-0.1, -5.0])).tolist()]
-      [-2.3522, -0.0067]
+      [-2.3522, -0.0068]
     """
     return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(jnp.minimum(x, -1e-30))),
                      jnp.log1p(-jnp.exp(jnp.minimum(x, -jnp.log(2.0)))))

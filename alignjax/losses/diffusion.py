@@ -63,6 +63,17 @@ def diffusion_dpo(
 
     Returns:
       [B] per-example losses.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> errors_w, errors_l = jnp.array([0.10, 0.20]), jnp.array([0.30, 0.20])
+      >>> ref_w, ref_l = jnp.array([0.10, 0.20]), jnp.array([0.30, 0.20])
+      >>> print(np.asarray(diffusion_dpo(errors_w, errors_l, ref_w, ref_l), float).round(4))
+      [0.6931 0.6931]
+      >>> loss = diffusion_dpo(errors_w - 1e-4, errors_l + 1e-4, ref_w, ref_l)
+      >>> print(np.asarray(loss, float).round(4))
+      [0.4741 0.4741]
     """
     arrays = [chosen_errors, rejected_errors, ref_chosen_errors, ref_rejected_errors]
     chex.assert_rank(arrays, 1)

@@ -30,8 +30,29 @@ def adpo_listwise(logps: Array, ref_logps: Array, target_probs: Array, candidate
     q is renormalised over the valid candidates, so a masked call equals the call on the sliced arrays.
     Paper: ADPO, "Anchored Direct Preference Optimization" (objectives.md; targets e.g. softmax of
     standardised rewards / temperature).
-    Shapes: ``logps, ref_logps, target_probs`` [B, K]; ``candidate_mask`` [B, K] or None -> [B].
-    Hyperparameters: tau = 10.0 (temperature; 1 / beta for DPO's beta = 0.1).
+
+    Args:
+      logps: [B, K] summed policy log-probs of the K candidates.
+      ref_logps: [B, K] the anchor's log-probs of the same candidates.
+      target_probs: [B, K] soft targets q (e.g. :func:`score_targets`).
+      candidate_mask: [B, K] 1 = a real candidate, 0 = padding; None = all real.
+      tau: temperature (default 10.0; 1 / beta for DPO's beta = 0.1).
+
+    Returns:
+      [B] per-example losses, float32.
+
+    Examples:
+      With two candidates, a hard target and tau = 1 / beta this is DPO (0.5981 for these log-probs).
+
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> logps, ref_logps = jnp.array([[-5.0, -9.0]]), jnp.array([[-6.0, -8.0]])
+      >>> print(np.asarray(adpo_listwise(logps, ref_logps, jnp.array([[1.0, 0.0]])), float).round(4))
+      [0.5981]
+      >>> logps3, ref3 = jnp.array([[-5.0, -9.0, 0.0]]), jnp.array([[-6.0, -8.0, 0.0]])
+      >>> q3, mask3 = jnp.array([[1.0, 0.0, 0.0]]), jnp.array([[1, 1, 0]])
+      >>> print(np.asarray(adpo_listwise(logps3, ref3, q3, mask3), float).round(4))
+      [0.5981]
     """
     chex.assert_rank([logps, ref_logps, target_probs], 2)
     chex.assert_equal_shape([logps, ref_logps, target_probs])
@@ -60,7 +81,20 @@ def score_targets(scores: Array, *, target_temperature: float = 1.0) -> Array:
     score scale. A temperature near 0 approaches the hard target (all mass on the best candidate).
     Paper: ADPO, "Anchored Direct Preference Optimization" (objectives.md: soft targets as a softmax of
     standardised rewards over a temperature).
-    Shapes: ``scores`` [B, K] -> [B, K] float32, no gradient.
+
+    Args:
+      scores: [B, K] candidate scores (rewards, ratings).
+      target_temperature: > 0 (default 1.0).
+
+    Returns:
+      [B, K] float32 targets, each row summing to 1, no gradient.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> print(np.asarray(score_targets(jnp.array([[1.0, 1.0], [2.0, 0.0]])), float).round(4))
+      [[0.5    0.5   ]
+       [0.8808 0.1192]]
     """
     chex.assert_rank(scores, 2)
     if target_temperature <= 0:

@@ -399,11 +399,34 @@ def compile_loss(spec: Preference | Term | Sequence[Term | Preference], *, name:
     """Compiles semantic-loss terms into a loss with the trainer-facing signature and registers it.
 
     The loss is ``sum_t weight_t * -log P(F_t | C_t)`` per example [B] (float32). Its array inputs are
-    the atoms' inputs (ordinary parameters, in the order chosen/rejected/ref/lengths), its
-    hyperparameters are keyword-only with ``defaults`` (``beta`` = 0.1, ``gamma`` = 0.5, ``nll_weight`` = 1.0
-    unless given),
-    so ``losses.spec(name).required`` lists exactly what the trainer must compute.
-    ``register_as``: the registry name ("" = ``name``; None = do not register).
+    the atoms' inputs (ordinary parameters, in the order chosen/rejected/ref/lengths) and its
+    hyperparameters are keyword-only, so ``losses.spec(name).required`` lists exactly what the trainer
+    must compute.
+
+    Args:
+      spec: a :class:`Preference`, a weighted :class:`Term`, or a sequence of them (summed).
+      name: the loss's name (its ``__name__``, and the registry name unless ``register_as`` says).
+      defaults: hyperparameter defaults (``beta`` = 0.1, ``gamma`` = 0.5, ``nll_weight`` = 1.0 unless
+        given); every hyperparameter an atom or a weight names needs one.
+      register_as: the registry name ("" = ``name``; None = do not register).
+      family: the registry family (default "logic").
+      doc: text put before the generated docstring.
+
+    Returns:
+      The loss function (registered unless ``register_as`` is None).
+
+    Examples:
+      "The chosen answer is good and the rejected one is not, given that exactly one is" is DPO:
+
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> mw, ml = M("w", "ratio"), M("l", "ratio")
+      >>> loss = compile_loss(Preference(mw & ~ml, given=exactly_one(mw, ml)), name="my_dpo",
+      ...                     register_as=None)
+      >>> chosen, rejected = jnp.array([-5.0, -7.0]), jnp.array([-9.0, -6.0])
+      >>> ref_chosen, ref_rejected = jnp.array([-6.0, -7.0]), jnp.array([-8.0, -6.0])
+      >>> print(np.asarray(loss(chosen, rejected, ref_chosen, ref_rejected), float).round(4))
+      [0.5981 0.6931]
     """
     terms = _as_terms(spec)
     defaults = {"beta": 0.1, "gamma": 0.5, "nll_weight": 1.0, **dict(defaults or {})}

@@ -53,9 +53,33 @@ def dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     Paper: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
     (arXiv 2305.18290);
     cDPO: "A note on DPO with noisy preferences & relationship to IPO" (Mitchell, 2023).
-    Shapes: four [B] log-prob arrays -> [B].
-    Hyperparameters: beta = 0.1 (inverse temperature); label_smoothing = eps = 0.0, in [0, 1]
-    (probability the label is flipped); f_divergence = "reverse_kl" (see f_divergence_score), f_alpha = 0.5.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+      label_smoothing: eps in [0, 1], the probability that a label is flipped (default 0.0).
+      f_divergence, f_alpha: the transform g of the log-ratios (``common.f_divergence_score``; default
+        "reverse_kl", 0.5).
+
+    Returns:
+      [B] per-example losses, float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> chosen, rejected = jnp.array([-5.0, -7.0]), jnp.array([-9.0, -6.0])
+      >>> ref_chosen, ref_rejected = jnp.array([-6.0, -7.0]), jnp.array([-8.0, -6.0])
+      >>> print(np.asarray(dpo(chosen, rejected, ref_chosen, ref_rejected), float).round(4))
+      [0.5981 0.6931]
+
+      The second pair's policy equals its reference, so its loss is log 2. Hyperparameters are static:
+      close over them under ``jax.jit``.
+
+      >>> import functools, jax
+      >>> loss = jax.jit(functools.partial(dpo, beta=0.5, label_smoothing=0.1))
+      >>> print(np.asarray(loss(chosen, rejected, ref_chosen, ref_rejected), float).round(4))
+      [0.4133 0.6931]
     """
     check_probability("label_smoothing", label_smoothing)
     c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -85,7 +109,26 @@ def ipo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
 
     Formula: loss = (c / n_w - d / n_l - 1 / (2 beta))^2, with n clamped to >= 1.
     Paper: "A General Theoretical Paradigm to Understand Learning from Human Preferences" (arXiv 2310.12036).
-    Shapes: four [B] log-probs, two [B] lengths -> [B]. Hyperparameters: beta = 0.1 (IPO's tau).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference.
+      chosen_lengths, rejected_lengths: [B] completion token counts n_w, n_l.
+      beta: IPO's tau (default 0.1; the target per-token log-ratio margin is 1 / (2 beta)).
+      f_divergence, f_alpha: as in :func:`dpo`.
+
+    Returns:
+      [B] per-example losses, float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> chosen, rejected = jnp.array([-5.0, -7.0]), jnp.array([-9.0, -6.0])
+      >>> ref_chosen, ref_rejected = jnp.array([-6.0, -7.0]), jnp.array([-8.0, -6.0])
+      >>> lengths = jnp.array([2, 4])
+      >>> loss = ipo(chosen, rejected, ref_chosen, ref_rejected, lengths, lengths, beta=0.5)
+      >>> print(np.asarray(loss, float).round(4))
+      [0. 1.]
     """
     check_vectors(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_logps=chosen_logps)
     c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,

@@ -60,6 +60,17 @@ def group_advantages(rewards: chex.Array, *, num_generations: int, scale_rewards
       num_generations: G >= 1.
     Returns:
       [N] float32 advantages.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # two prompts, three samples each
+      >>> adv = group_advantages(rewards, num_generations=3)
+      >>> print(np.asarray(adv, float).round(4))
+      [ 1.1545 -0.5773 -0.5773 -1.1545  0.5773  0.5773]
+      >>> adv = group_advantages(rewards, num_generations=3, scale_rewards="none")
+      >>> print(np.asarray(adv, float).round(4))
+      [ 0.6667 -0.3333 -0.3333 -0.6667  0.3333  0.3333]
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
@@ -179,6 +190,19 @@ def grpo(
       max_completion_length: ``dr_grpo``'s constant (default T).
     Returns:
       (scalar loss, metrics ``kl`` (when beta != 0), ``clip_ratio/{low,high,region}_mean``).
+
+    Examples:
+      On the first step of a rollout batch the policy is the behaviour policy (ratio 1), so the loss is
+      minus the mean advantage over the batch's tokens; the gradient is the policy gradient.
+
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> token_logps = jnp.array([[-1.0, -2.0, 0.0], [-1.5, 0.0, 0.0]])
+      >>> mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+      >>> advantages = jnp.array([1.0, -1.0])
+      >>> loss, metrics = grpo(token_logps, token_logps, None, mask, advantages)
+      >>> print(np.asarray(loss, float).round(4), float(metrics["clip_ratio/region_mean"]))
+      -0.3333 0.0
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")

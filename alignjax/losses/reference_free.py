@@ -32,10 +32,26 @@ def simpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, rej
 
     Formula: z = beta (S_w / n_w - S_l / n_l) - gamma;  loss = -(1 - eps) ls(z) - eps ls(-z).
     Paper: "SimPO: Simple Preference Optimization with a Reference-Free Reward" (arXiv 2405.14734).
-    Shapes: two [B] log-probs, two [B] lengths -> [B].
-    Hyperparameters: beta = 2.0 (the paper's range is 2.0 to 2.5); gamma = 0.5 (TRL ``simpo_gamma``;
-    the margin in units of z; the official code's ``gamma_beta_ratio`` is gamma / beta);
-    label_smoothing = 0.0.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      chosen_lengths, rejected_lengths: [B] completion token counts n_w, n_l.
+      beta: reward scale (default 2.0; the paper's range is 2.0 to 2.5).
+      gamma: target margin in units of z (default 0.5; TRL ``simpo_gamma``; the official code's
+        ``gamma_beta_ratio`` is gamma / beta).
+      label_smoothing: eps in [0, 1] (default 0.0).
+
+    Returns:
+      [B] per-example losses, float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> chosen, rejected = jnp.array([-4.0, -6.0]), jnp.array([-8.0, -6.0])
+      >>> chosen_lengths, rejected_lengths = jnp.array([4, 3]), jnp.array([4, 3])
+      >>> loss = simpo(chosen, rejected, chosen_lengths, rejected_lengths)
+      >>> print(np.asarray(loss, float).round(4))
+      [0.2014 0.9741]
     """
     check_probability("label_smoothing", label_smoothing)
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
@@ -53,9 +69,25 @@ def cpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, *, be
     Formula: z = beta (S_w - S_l);  loss = -(1 - eps) ls(z) - eps ls(-z) + nll_weight * (-S_w / n_w).
     Paper: "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine
     Translation" (arXiv 2401.08417).
-    Shapes: two [B] log-probs, ``chosen_lengths`` [B] -> [B].
-    Hyperparameters: beta = 0.1; label_smoothing = 0.0; nll_weight = 1.0; nll_reduction = "sequence"
-    (the module docstring; TRL's CPOTrainer: "tokens").
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      chosen_lengths: [B] completion token counts n_w.
+      beta: inverse temperature (default 0.1).
+      label_smoothing: eps in [0, 1] (default 0.0).
+      nll_weight: weight of the chosen NLL term (default 1.0).
+      nll_reduction: "sequence" (default, the module docstring) or "tokens" (TRL's CPOTrainer).
+
+    Returns:
+      [B] per-example losses, float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> chosen, rejected = jnp.array([-4.0, -6.0]), jnp.array([-8.0, -6.0])
+      >>> chosen_lengths, rejected_lengths = jnp.array([4, 3]), jnp.array([4, 3])
+      >>> print(np.asarray(cpo(chosen, rejected, chosen_lengths), float).round(4))
+      [1.513  2.6931]
     """
     check_probability("label_smoothing", label_smoothing)
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths)
@@ -73,9 +105,24 @@ def orpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, reje
       loss = -lbar_w - beta ls(log odds(p_w) - log odds(p_l)).
     log(1 - exp(.)) is a stable log1mexp; lbar is capped at -1e-6 (p = 1 would make the odds infinite).
     Paper: "ORPO: Monolithic Preference Optimization without Reference Model" (arXiv 2403.07691).
-    Shapes: two [B] summed log-probs, two [B] lengths -> [B].
-    Hyperparameters: beta = 0.1 (the paper's lambda; TRL's ``beta``); nll_reduction = "sequence" for
-    the NLL term (the module docstring; TRL's ORPOTrainer: "tokens"; the odds always use S / n).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      chosen_lengths, rejected_lengths: [B] completion token counts n_w, n_l.
+      beta: weight of the odds-ratio term (default 0.1; the paper's lambda, TRL's ``beta``).
+      nll_reduction: "sequence" (default, the module docstring) or "tokens" (TRL's ORPOTrainer) for the
+        NLL term; the odds always use S / n.
+
+    Returns:
+      [B] per-example losses, float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> chosen, rejected = jnp.array([-4.0, -6.0]), jnp.array([-8.0, -6.0])
+      >>> chosen_lengths, rejected_lengths = jnp.array([4, 3]), jnp.array([4, 3])
+      >>> print(np.asarray(orpo(chosen, rejected, chosen_lengths, rejected_lengths), float).round(4))
+      [1.0238 2.0693]
     """
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
                   rejected_lengths=rejected_lengths)

@@ -146,12 +146,49 @@ def canonical(name: str) -> str:
 
 
 def get(name: str) -> LossFn:
-    """The loss function registered as ``name`` (or one of its aliases)."""
+    """The loss function registered as ``name`` (or one of its aliases).
+
+    Args:
+      name: a registered name or alias (TRL's ``loss_type`` names are aliases).
+
+    Returns:
+      The pure loss function.
+
+    Raises:
+      KeyError: for an unknown name, listing the registered ones.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from alignjax import losses
+      >>> loss = losses.get("sigmoid")  # TRL's name for DPO
+      >>> loss.__name__
+      'dpo'
+      >>> logps = jnp.array([-3.0])
+      >>> round(float(loss(logps, logps, logps, logps)[0]), 4)  # policy = reference: log 2
+      0.6931
+    """
     return _REGISTRY[canonical(name)].fn
 
 
 def spec(name: str) -> LossSpec:
-    """The :class:`LossSpec` of ``name`` (or of the loss an alias points to)."""
+    """The :class:`LossSpec` of ``name`` (or of the loss an alias points to).
+
+    Args:
+      name: a registered name or alias.
+
+    Returns:
+      Its function, family, required and optional array inputs and hyperparameter defaults.
+
+    Examples:
+      >>> from alignjax import losses
+      >>> s = losses.spec("simpo")
+      >>> s.family, s.required
+      ('reference_free', ('chosen_logps', 'rejected_logps', 'chosen_lengths', 'rejected_lengths'))
+      >>> s.hyperparameters
+      {'beta': 2.0, 'gamma': 0.5, 'label_smoothing': 0.0}
+      >>> losses.spec("simpo").needs_reference, losses.spec("dpo").needs_reference
+      (False, True)
+    """
     return _REGISTRY[canonical(name)]
 
 
@@ -167,8 +204,25 @@ def aliases(name: str) -> tuple[str, ...]:
 
 
 def names(include_aliases: bool = True, *, trainable: bool | None = None) -> list[str]:
-    """All registered names (and aliases), sorted; ``trainable=True`` / ``False``: only the losses the
-    preference step does / does not train (``spec(name).status``, from the provider table)."""
+    """All registered names (and aliases), sorted.
+
+    Args:
+      include_aliases: list the aliases too (default True).
+      trainable: True / False: only the losses the preference step does / does not train
+        (``spec(name).status``, from the provider table); None (default): all.
+
+    Returns:
+      A sorted list of names.
+
+    Examples:
+      >>> from alignjax import losses
+      >>> {"dpo", "sigmoid", "kto", "grpo"} <= set(losses.names())
+      True
+      >>> "sigmoid" in losses.names(include_aliases=False)
+      False
+      >>> "dpo" in losses.names(trainable=True), "grpo" in losses.names(trainable=True)
+      (True, False)
+    """
     keys = set(_REGISTRY) | (set(_ALIASES) if include_aliases else set())
     if trainable is not None:
         keys = {k for k in keys if spec(k).trainable == trainable}

@@ -51,6 +51,16 @@ def bradley_terry(
 
     Returns:
       [B] per-example losses. margin 0, eps 0, c 0 gives -log sigmoid(r_w - r_l).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> chosen, rejected = jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0])
+      >>> print(np.asarray(bradley_terry(chosen, rejected), float).round(4))
+      [0.3133 0.6931]
+      >>> loss = bradley_terry(chosen, rejected, margin=jnp.array([1.0, 0.0]))
+      >>> print(np.asarray(loss, float).round(4))
+      [0.6931 0.6931]
     """
     chex.assert_rank([chosen_rewards, rejected_rewards], 1)
     chex.assert_equal_shape([chosen_rewards, rejected_rewards])
@@ -215,6 +225,15 @@ def gpm(
 
     Returns:
       [B] per-example losses.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> chosen, rejected = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]])
+      >>> print(gpm_score(chosen, rejected).tolist(), gpm_score(rejected, chosen).tolist())
+      [1.0] [-1.0]
+      >>> print(np.asarray(gpm(chosen, rejected, tau=1.0), float).round(4))
+      [0.3133]
     """
     chex.assert_rank([chosen_embeddings, rejected_embeddings], 2)
     score = gpm_score(chosen_embeddings, rejected_embeddings, scales=scales)

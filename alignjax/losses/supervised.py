@@ -30,6 +30,15 @@ def sft(chosen_logps: chex.Array, chosen_lengths: chex.Array, *, reduction: str 
 
     Returns:
       [B] per-example losses, float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> logps, lengths = jnp.array([-2.0, -6.0]), jnp.array([1, 3])
+      >>> print(np.asarray(sft(logps, lengths), float).round(4))
+      [2. 2.]
+      >>> print(np.asarray(sft(logps, lengths, reduction="tokens"), float).round(4))
+      [1. 3.]
     """
     chex.assert_rank([chosen_logps, chosen_lengths], 1)
     chex.assert_equal_shape([chosen_logps, chosen_lengths])
