@@ -94,7 +94,15 @@ def slic(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, re
 
     Formula: loss = max(0, 1 - beta (c - d)).
     Paper: "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (arXiv 2305.10425).
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1 (1/beta is the margin in log-ratio units).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: default 0.1; 1 / beta is the margin in log-ratio units.
+      f_divergence, f_alpha: the transform g of the log-ratios, as in :func:`dpo`.
+
+    Returns:
+      [B] per-example losses, float32.
     """
     c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                        f_divergence, f_alpha)
@@ -144,9 +152,17 @@ def exo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
 
     Formula: z = beta (c - d);  loss = s(z) [ls(z) - log(1 - eps)] + s(-z) [ls(-z) - log eps].
     Paper: "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv 2402.00856), Eq. 16.
-    Shapes: four [B] -> [B].
-    Hyperparameters: beta = 0.1; label_smoothing = eps = 1e-3, must be in (0, 1) (log eps is undefined at 0;
-    TRL's default of 0 would give inf/NaN, so it raises here instead).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+      label_smoothing: eps in (0, 1) (default 1e-3; log eps is undefined at 0: TRL's default of 0
+        would give inf/NaN, so it raises here instead).
+      f_divergence, f_alpha: the transform g of the log-ratios, as in :func:`dpo`.
+
+    Returns:
+      [B] per-example losses, float32.
     """
     if not 0.0 < label_smoothing < 1.0:
         raise ValueError(
@@ -168,7 +184,14 @@ def nca(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     No f-divergence option: TRL 1.16 builds this loss from the raw log-ratios and refuses any other
     ``f_divergence_type`` for it.
     Paper: "Noise Contrastive Alignment of Language Models with Explicit Rewards" (arXiv 2402.05369).
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     ls = jax.nn.log_sigmoid
@@ -183,7 +206,16 @@ def robust_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arr
 
     Formula: z = beta (c - d);  loss = [-(1 - eps) ls(z) + eps ls(-z)] / (1 - 2 eps).
     Paper: "Provably Robust DPO: Aligning Language Models with Noisy Feedback" (arXiv 2403.00409).
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1; label_smoothing = eps = 0.0, in [0, 0.5).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+      label_smoothing: eps, the label-flip rate, in [0, 0.5) (default 0.0).
+      f_divergence, f_alpha: the transform g of the log-ratios, as in :func:`dpo`.
+
+    Returns:
+      [B] per-example losses, float32.
     """
     check_probability("label_smoothing", label_smoothing, high=0.5, high_open=True)
     c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -200,7 +232,14 @@ def bco_pair(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
 
     Formula: loss = -ls(beta u_w) - ls(-beta u_l)   (raw log-ratios u; no f-divergence option, as TRL 1.16).
     Paper: "Binary Classifier Optimization for Large Language Model Alignment" (arXiv 2404.04656).
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -jax.nn.log_sigmoid(beta * uw) - jax.nn.log_sigmoid(-beta * ul)
@@ -214,7 +253,14 @@ def sppo_hard(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arra
     Formula: loss = (u_w - 1 / (2 beta))^2 + (u_l + 1 / (2 beta))^2   (raw log-ratios u; no f-divergence
     option, as TRL 1.16).
     Paper: "Self-Play Preference Optimization for Language Model Alignment" (arXiv 2405.00675).
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1 (eta = 1 / beta).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: default 0.1 (SPPO's eta = 1 / beta).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (uw - 0.5 / beta) ** 2 + (ul + 0.5 / beta) ** 2
@@ -228,9 +274,17 @@ def aot(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref
     Formula: delta = sort_B(S_w - S_l) - sort_B(R_w - R_l);
       loss = -(1 - eps) ls(beta delta) - eps ls(-beta delta).
     Paper: "Distributional Preference Alignment of LLMs via Optimal Transport" (arXiv 2406.05882).
-    Shapes: four [B] -> [B]; entry i is the i-th order statistic's loss (not example i's): the loss
-    couples the batch, so under data parallelism it sorts only the local shard unless the caller gathers.
-    Hyperparameters: beta = 0.1; label_smoothing = eps = 0.0. No f-divergence option (as in TRL).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+      label_smoothing: eps in [0, 1] (default 0.0).
+
+    Returns:
+      [B] float32; entry i is the i-th order statistic's loss (not example i's): the loss
+      couples the batch, so under data parallelism it sorts only the local shard unless the caller
+      gathers.
     """
     check_probability("label_smoothing", label_smoothing)
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
@@ -247,8 +301,15 @@ def aot_unpaired(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: A
 
     Formula: delta = sort_B(u_w) - sort_B(u_l);  loss = -(1 - eps) ls(beta delta) - eps ls(-beta delta).
     Paper: "Distributional Preference Alignment of LLMs via Optimal Transport" (arXiv 2406.05882).
-    Shapes: four [B] -> [B] (order statistics, see ``aot``).
-    Hyperparameters: beta = 0.1; label_smoothing = 0.0.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+      label_smoothing: eps in [0, 1] (default 0.0).
+
+    Returns:
+      [B] float32 order-statistic losses (see :func:`aot`).
     """
     check_probability("label_smoothing", label_smoothing)
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
@@ -265,7 +326,14 @@ def apo_zero(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
 
     Formula: loss = 1 - s(beta u_w) + s(beta u_l)   (raw log-ratios u, as TRL).
     Paper: "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266), Eq. 7.
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return 1.0 - jax.nn.sigmoid(beta * uw) + jax.nn.sigmoid(beta * ul)
@@ -279,7 +347,14 @@ def apo_down(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     Formula: loss = s(beta u_w) + 1 - s(beta (u_w - u_l))   (raw log-ratios u in both terms; no
     f-divergence option, as TRL 1.16).
     Paper: "Anchored Preference Optimization and Contrastive Revisions" (arXiv 2408.06266), Eq. 8.
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return jax.nn.sigmoid(beta * uw) + 1.0 - jax.nn.sigmoid(beta * (uw - ul))
@@ -295,7 +370,16 @@ def discopop(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     m exp(-z) is computed as exp(ls(z / tau) - z) so that it stays finite when z is very negative.
     Paper: "Discovering Preference Optimization Algorithms with and for Large Language Models"
     (arXiv 2406.08414).
-    Shapes: four [B] -> [B]. Hyperparameters: beta = 0.1; tau = 0.05 (TRL ``discopop_tau``).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+      tau: the blend's temperature (default 0.05; TRL ``discopop_tau``).
+      f_divergence, f_alpha: the transform g of the log-ratios, as in :func:`dpo`.
+
+    Returns:
+      [B] per-example losses, float32.
     """
     c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                        f_divergence, f_alpha)
@@ -317,7 +401,16 @@ def ln_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, 
     reward ("SimPO: Simple Preference Optimization with a Reference-Free Reward", arXiv 2405.14734). Not
     R-DPO ("Disentangling Length from Quality in Direct Preference Optimization", arXiv 2403.19159),
     which keeps summed log-ratios and adds a length penalty alpha (|y_w| - |y_l|) to the logit instead.
-    Shapes: four [B] log-probs, two [B] lengths -> [B]. Hyperparameters: beta = 0.1.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      chosen_lengths, rejected_lengths: [B] completion token counts n_w, n_l.
+      beta: inverse temperature (default 0.1).
+      f_divergence, f_alpha: the transform g of the log-ratios, as in :func:`dpo`.
+
+    Returns:
+      [B] per-example losses, float32.
     """
     check_vectors(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_logps=chosen_logps)
     c, d = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -338,7 +431,15 @@ def dpo_split_beta(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps:
     Formula: loss = -ls(beta_w u_w - beta_l u_l). beta_w = beta_l recovers DPO. A smaller beta_l slows
     the rejected-likelihood collapse the paper analyses.
     Paper: "3D-Properties: Identifying Challenges in DPO and Charting a Path Forward" (arXiv 2406.07327).
-    Shapes: four [B] -> [B]. Hyperparameters: beta_chosen = 0.1; beta_rejected = 0.05.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta_chosen: beta_w (default 0.1).
+      beta_rejected: beta_l (default 0.05).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -jax.nn.log_sigmoid(beta_chosen * uw - beta_rejected * ul)
@@ -358,8 +459,16 @@ def gamma_dpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arra
     makes a loss below -ls(-gamma) imply a correct ranking. This is our reading (the paper diagnoses, it does
     not name a loss): gamma = 0 and ranking_margin=False recovers DPO.
     Paper: "Preference Learning Algorithms Do Not Learn Preference Rankings" (arXiv 2405.19534).
-    Shapes: four [B] -> [B].
-    Hyperparameters: beta = 0.1; gamma = 0.5 (margin in units of z); ranking_margin = False.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      beta: inverse temperature (default 0.1).
+      gamma: the margin in units of z (default 0.5).
+      ranking_margin: add the per-example bound beta max(0, R_l - R_w) (default False).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     margin = jnp.asarray(gamma, jnp.float32)
@@ -379,9 +488,16 @@ def adpo(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, re
     The anchor comes in the reference slot (``ref_chosen_logps, ref_rejected_logps``): the trainer fills it
     with a frozen reference, a teacher, the old policy or an EMA, whichever reference it is configured with.
     Paper: ADPO, "Anchored Direct Preference Optimization" (objectives.md; soft targets, anchors).
-    Shapes: four [B] log-probs; ``chosen_probs`` q [B] in [0, 1], the target probability that y_w is preferred
-    (None means 1, hard labels) -> [B].
-    Hyperparameters: tau = 10.0 (temperature; 10 = 1 / beta for DPO's beta = 0.1).
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the anchor's log-probs A_w, A_l.
+      chosen_probs: [B] q in [0, 1], the target probability that y_w is preferred; None = 1 (hard
+        labels).
+      tau: temperature (default 10.0; 10 = 1 / beta for DPO's beta = 0.1).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     check_vectors(chosen_logps=chosen_logps, chosen_probs=chosen_probs)
     uw, ul = pair_scores(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -418,11 +534,19 @@ def infifpo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, r
     With one source and clip=False this is DPO on length-normalised log-probs.
     Paper: "InfiFPO: Implicit Model Fusion via Preference Optimization in Large Language Models"
     (arXiv 2505.13878).
-    Shapes: ``chosen_logps, rejected_logps`` summed [B]; lengths [B]; ``source_chosen_logps,
-    source_rejected_logps`` [B, N], already length-normalised per source (sources may use other tokenizers,
-    so each source normalises by its own token count; the ``source_logps`` job computes them,
-    ``experiments/source_logps.py``) -> [B].
-    Hyperparameters: beta = 0.1; fusion = "max_margin" ("mean" or "max_margin"); clip = True.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs.
+      chosen_lengths, rejected_lengths: [B] completion token counts n_w, n_l.
+      source_chosen_logps, source_rejected_logps: [B, N] each source's log-probs, already
+        length-normalised per source (sources may use other tokenizers, so each source normalises by
+        its own token count; the ``source_logps`` job computes them, ``experiments/source_logps.py``).
+      beta: inverse temperature (default 0.1).
+      fusion: "mean" or "max_margin" (default).
+      clip: clip each source to the pivot (default True).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
                   rejected_lengths=rejected_lengths)
@@ -458,8 +582,15 @@ def gpo_square(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arr
     P_w = 1, P_l = 0 recovers ``sppo_hard``. The probabilities are constants here (no gradient).
     Paper: "Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment"
     (arXiv 2410.02197); the square loss is SPPO's (arXiv 2405.00675, Eq. 4.7) with eta = 1 / beta.
-    Shapes: four [B] log-probs, ``chosen_win_probs, rejected_win_probs`` [B] in [0, 1] -> [B].
-    Hyperparameters: beta = 0.1.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference, R_w, R_l.
+      chosen_win_probs, rejected_win_probs: [B] P_w, P_l in [0, 1].
+      beta: default 0.1 (SPPO's eta = 1 / beta).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     check_vectors(chosen_logps=chosen_logps, chosen_win_probs=chosen_win_probs,
                   rejected_win_probs=rejected_win_probs)
@@ -471,8 +602,14 @@ def gpo_square(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Arr
 def gpm_win_probability(scores: Array, *, tau: float = 0.1, mask: Array | None = None) -> Array:
     """P(y > pi_t) estimated from GPM scores s(y > y_k) against K policy samples: mean_k s(score_k / tau).
 
-    Shapes: ``scores`` [B, K] (``reward.gpm_score`` of the response against each sample), optional
-    ``mask`` [B, K] (1 = a real sample) -> [B] float32. tau = 0.1 is the GPM temperature.
+    Args:
+      scores: [B, K] GPM scores of the response against each of K samples
+        (``reward.gpm_score``).
+      tau: the GPM temperature (default 0.1).
+      mask: optional [B, K], 1 = a real sample.
+
+    Returns:
+      [B] float32 probabilities.
     """
     chex.assert_rank(scores, 2)
     (z,) = as_f32(scores)

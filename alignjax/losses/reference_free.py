@@ -142,8 +142,16 @@ def alphapo(chosen_logps: Array, rejected_logps: Array, chosen_lengths: Array, r
     Formula: lbar = S / n;  r = (beta / alpha) (1 - exp(-alpha lbar))   (alpha = 0: r = beta lbar, SimPO);
       loss = -ls(r_w - r_l - gamma). The exponent is capped at 80 so extreme inputs stay finite.
     Paper: "AlphaPO: Reward Shape Matters for LLM Alignment" (arXiv 2501.03884).
-    Shapes: two [B] log-probs, two [B] lengths -> [B].
-    Hyperparameters: beta = 2.0; gamma = 0.5; alpha = 0.25.
+
+    Args:
+      chosen_logps, rejected_logps: [B] summed policy log-probs S_w, S_l.
+      chosen_lengths, rejected_lengths: [B] completion token counts n_w, n_l.
+      beta: reward scale (default 2.0).
+      gamma: target margin (default 0.5).
+      alpha: the reward's shape (default 0.25; 0 is SimPO's linear reward).
+
+    Returns:
+      [B] per-example losses, float32.
     """
     check_vectors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
                   rejected_lengths=rejected_lengths)
