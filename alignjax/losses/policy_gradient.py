@@ -35,7 +35,16 @@ _EPS = 1e-4  # TRL's std guard in the advantage normalisation
 
 def nanstd(x: jax.Array, axis: int | None = None, keepdims: bool = False) -> jax.Array:
     """Standard deviation ignoring NaNs, with Bessel's correction (NaN for fewer than two values):
-    ``trl.trainer.utils.nanstd``, which GRPO/RLOO normalise with."""
+    ``trl.trainer.utils.nanstd``, which GRPO/RLOO normalise with.
+
+    Args:
+      x: any shape.
+      axis: the axis to reduce (None = all).
+      keepdims: keep the reduced axis.
+
+    Returns:
+      The standard deviation.
+    """
     mean = jnp.nanmean(x, axis=axis, keepdims=True)
     var = jnp.nanmean(jnp.square(x - mean), axis=axis, keepdims=True)
     count = jnp.sum(~jnp.isnan(x), axis=axis, keepdims=True)
@@ -58,6 +67,8 @@ def group_advantages(rewards: chex.Array, *, num_generations: int, scale_rewards
     Args:
       rewards: [N] with N = prompts x ``num_generations``, groups contiguous.
       num_generations: G >= 1.
+      scale_rewards: "group" (default), "batch" or "none".
+
     Returns:
       [N] float32 advantages.
 
@@ -102,8 +113,16 @@ def rloo_advantages(rewards: chex.Array, *, num_generations: int, normalize: boo
     Args:
       rewards: [N] (already KL-penalised if the reward carries the KL, see
         :func:`kl_penalized_rewards`), groups of ``num_generations`` contiguous.
+      num_generations: G >= 1.
+      normalize: standardise over the batch (default False).
+
     Returns:
       [N] float32 advantages.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> rloo_advantages(jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), num_generations=3).tolist()
+      [1.0, -0.5, -0.5, -1.0, 0.5, 0.5]
     """
     r = at_least_f32(rewards)
     chex.assert_rank(r, 1)
@@ -123,7 +142,16 @@ def rloo_advantages(rewards: chex.Array, *, num_generations: int, normalize: boo
 def kl_penalized_rewards(rewards: chex.Array, old_token_logps: chex.Array, ref_token_logps: chex.Array,
                          mask: chex.Array, *, beta: float) -> jax.Array:
     """RLOO's KL-in-the-reward: ``r_i - beta sum_t m_it (log pi_old - log pi_ref)`` (the first-order
-    estimator, summed per sequence; Ahmadian et al. and TRL 1.16's ``RLOOTrainer``). [N]."""
+    estimator, summed per sequence; Ahmadian et al. and TRL 1.16's ``RLOOTrainer``).
+
+    Args:
+      rewards: [N] sequence rewards.
+      old_token_logps, ref_token_logps, mask: [N, T] behaviour and reference token log-probs, mask.
+      beta: the KL coefficient.
+
+    Returns:
+      [N] penalised rewards.
+    """
     kl = at_least_f32(old_token_logps) - at_least_f32(ref_token_logps)
     kl = jnp.sum(kl * at_least_f32(mask), axis=-1)
     return at_least_f32(rewards) - beta * kl
@@ -131,7 +159,14 @@ def kl_penalized_rewards(rewards: chex.Array, old_token_logps: chex.Array, ref_t
 
 def k3_kl(token_logps: chex.Array, ref_token_logps: chex.Array) -> jax.Array:
     """Schulman's k3 estimator of KL(pi || pi_ref) per token: ``exp(d) - d - 1``, d = log pi_ref - log pi
-    (>= 0, unbiased under samples of pi). [N, T]."""
+    (>= 0, unbiased under samples of pi).
+
+    Args:
+      token_logps, ref_token_logps: [N, T] policy and reference token log-probs.
+
+    Returns:
+      [N, T] per-token estimates.
+    """
     d = at_least_f32(ref_token_logps) - at_least_f32(token_logps)
     return jnp.exp(d) - d - 1.0
 
@@ -188,6 +223,7 @@ def grpo(
       advantages: [N] (or [N, T]).
       num_items_in_batch: scalar token count for ``dapo`` (default ``sum(mask)``).
       max_completion_length: ``dr_grpo``'s constant (default T).
+
     Returns:
       (scalar loss, metrics ``kl`` (when beta != 0), ``clip_ratio/{low,high,region}_mean``).
 
@@ -268,6 +304,8 @@ def rloo(
       token_logps, mask: [N, T] policy token log-probs and completion mask.
       old_logps: [N] the behaviour policy's summed completion log-probs.
       advantages: [N].
+      epsilon_low, epsilon_high: the clip range (default 0.2 each).
+
     Returns:
       (scalar loss, metrics ``clip_ratio/{low,high,region}_mean`` over sequences).
     """
@@ -285,13 +323,30 @@ def rloo(
 
 
 def masked_mean(x: chex.Array, mask: chex.Array) -> jax.Array:
-    """``sum(x m) / sum(m)``."""
+    """``sum(x m) / sum(m)`` over all entries (no guard: an all-zero mask gives NaN, as TRL's).
+
+    Args:
+      x: any shape.
+      mask: the shape of ``x``.
+
+    Returns:
+      A scalar.
+    """
     return jnp.sum(at_least_f32(x) * mask) / jnp.sum(mask)
 
 
 def masked_whiten(x: chex.Array, mask: chex.Array, *, shift_mean: bool = True) -> jax.Array:
     """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries (Bessel-corrected variance), the mean
-    added back with ``shift_mean=False``: TRL 0.x's ``trl.core.masked_whiten``."""
+    added back with ``shift_mean=False``: TRL 0.x's ``trl.core.masked_whiten``.
+
+    Args:
+      x: any shape.
+      mask: the shape of ``x``.
+      shift_mean: False keeps the mean (whitens the scale only).
+
+    Returns:
+      The whitened ``x``.
+    """
     x, m = at_least_f32(x), at_least_f32(mask)
     mean = masked_mean(x, m)
     n = jnp.sum(m)
@@ -305,7 +360,16 @@ def ppo_token_rewards(scores: chex.Array, token_logps: chex.Array, ref_token_log
     """Per-token rewards of PPO-RLHF ("Fine-Tuning Language Models from Human Preferences", Ziegler
     et al., arXiv:1909.08593; TRL 0.x ``PPOTrainer.compute_rewards``): the KL penalty
     ``-kl_coef (log pi - log pi_ref)`` on every token, plus the sequence's score on its last masked
-    token. Returns ``(rewards, non_score_rewards)``, both [N, T]."""
+    token.
+
+    Args:
+      scores: [N] sequence scores (a reward model's or a verifier's).
+      token_logps, ref_token_logps, mask: [N, T].
+      kl_coef: the KL penalty's coefficient.
+
+    Returns:
+      ``(rewards, non_score_rewards)``, both [N, T].
+    """
     kl = at_least_f32(token_logps) - at_least_f32(ref_token_logps)
     non_score = -kl_coef * kl
     m = at_least_f32(mask)
@@ -321,7 +385,16 @@ def gae(rewards: chex.Array, values: chex.Array, mask: chex.Array, *, gamma: flo
     Advantage Estimation", Schulman et al., arXiv:1506.02438) over the masked tokens, as TRL 0.x's
     ``PPOTrainer.loss``: with V and r zeroed off the mask,
     ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (0 past the end);
-    ``returns = A + V``. Returns ``(advantages, returns)`` [N, T] (advantages not whitened)."""
+    ``returns = A + V``.
+
+    Args:
+      rewards, values, mask: [N, T] token rewards, value estimates and completion mask.
+      gamma: the discount (default 1.0).
+      lam: GAE's lambda (default 0.95).
+
+    Returns:
+      ``(advantages, returns)``, both [N, T] (advantages not whitened).
+    """
     m = at_least_f32(mask)
     v, r = at_least_f32(values) * m, at_least_f32(rewards) * m
     next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
@@ -339,7 +412,18 @@ def gae(rewards: chex.Array, values: chex.Array, mask: chex.Array, *, gamma: flo
 def adaptive_kl_coef(value: float, current_kl: float, n_steps: int, *, target: float,
                      horizon: float) -> float:
     """One update of the adaptive KL coefficient (Ziegler et al.; TRL 0.x ``AdaptiveKLController``):
-    ``value (1 + clip(KL / target - 1, -0.2, 0.2) n_steps / horizon)``."""
+    ``value (1 + clip(KL / target - 1, -0.2, 0.2) n_steps / horizon)``.
+
+    Args:
+      value: the current coefficient.
+      current_kl: the measured KL.
+      n_steps: steps since the last update.
+      target: the target KL.
+      horizon: the controller's horizon.
+
+    Returns:
+      The new coefficient.
+    """
     error = min(max(current_kl / target - 1.0, -0.2), 0.2)
     return value * (1.0 + error * n_steps / horizon)
 
@@ -378,6 +462,7 @@ def ppo(
       vpreds, values: [N, T] current and behaviour value-head outputs at those tokens.
       rewards: [N, T] from :func:`ppo_token_rewards` (score + KL penalty).
       mask: [N, T] completion tokens.
+
     Returns:
       (scalar loss, metrics ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/policy/clipfrac``,
       ``ppo/val/clipfrac``, ``ppo/policy/approxkl``, ``ppo/returns/mean``) as TRL 0.x names them.

@@ -99,8 +99,16 @@ def strength_thresholds(
     """Dataset-level thresholds for :func:`secrets_rm` from the whole dataset's mean strengths.
 
     The paper ranks the *whole dataset* by preference strength (not one batch), so this runs once,
-    host-side, over all pairs: returns ``(flip_below, smooth_below)``, the ``flip_fraction`` and
-    ``flip_fraction + smooth_fraction`` quantiles of ``strength_mean`` [N].
+    host-side, over all pairs.
+
+    Args:
+      strength_mean: [N] every pair's ensemble mean strength (:func:`preference_strength`).
+      flip_fraction: the share of pairs in the flip band (default 0.1).
+      smooth_fraction: the share in the smoothing band above it (default 0.2).
+
+    Returns:
+      ``(flip_below, smooth_below)``: the ``flip_fraction`` and ``flip_fraction + smooth_fraction``
+      quantiles of ``strength_mean``.
     """
     s = np.asarray(strength_mean, np.float64).reshape(-1)
     if s.size == 0:
@@ -272,7 +280,17 @@ def pal_ideal_point(user_logits: chex.Array, prototypes: chex.Array) -> jax.Arra
 def pal_reward(
     features: chex.Array, ideal_points: chex.Array, *, scale: float = 1.0, eps: float = 1e-8
 ) -> jax.Array:
-    """PAL reward = scale * cos(f(x, y), u_i). features, ideal_points [B, D] -> [B]."""
+    """PAL reward = scale * cos(f(x, y), u_i).
+
+    Args:
+      features: [B, D] response features f(x, y).
+      ideal_points: [B, D] the users' ideal points u_i (:func:`pal_ideal_point`).
+      scale: the reward scale (default 1.0).
+      eps: keeps the gradient finite at a zero vector (default 1e-8).
+
+    Returns:
+      [B] rewards.
+    """
     chex.assert_rank([features, ideal_points], 2)
     chex.assert_equal_shape([features, ideal_points])
     f, u = at_least_f32(features), at_least_f32(ideal_points)

@@ -40,13 +40,16 @@ def _check_unpaired(logps: chex.Array, ref_logps: chex.Array, labels: chex.Array
 def kto_kl_estimate(kl_logps: chex.Array, ref_kl_logps: chex.Array) -> jax.Array:
     """KTO's reference point z0 = max(0, mean_k(kl_logps_k - ref_kl_logps_k)), detached.
 
+    With K = 0 (no mismatched pair could be formed, e.g. batch size 1) z0 = 0, which makes KTO equal to
+    ``apo_zero_unpaired``. The estimate is wrapped in ``stop_gradient``: KTO treats it as a fixed
+    reference point (TRL detaches it too).
+
     Args:
       kl_logps: [K] policy log-probs of mismatched (prompt, completion) pairs.
       ref_kl_logps: [K] reference log-probs of the same pairs.
 
-    Returns a float scalar. With K = 0 (no mismatched pair could be formed, e.g. batch size 1)
-    z0 = 0, which makes KTO equal to ``apo_zero_unpaired``. The estimate is wrapped in
-    ``stop_gradient``: KTO treats it as a fixed reference point (TRL detaches it too).
+    Returns:
+      A float scalar.
     """
     chex.assert_rank([kl_logps, ref_kl_logps], 1)
     chex.assert_equal_shape([kl_logps, ref_kl_logps])
@@ -135,8 +138,14 @@ def apo_zero_unpaired(
         desirable:   lambda_D (1 - sigmoid(beta u))
         undesirable: lambda_U sigmoid(beta u)
 
-    This is :func:`kto` with z0 = 0 (no KL inputs needed). Shapes and hyperparameters as in
-    :func:`kto`; returns [B].
+    This is :func:`kto` with z0 = 0 (no KL inputs needed).
+
+    Args:
+      logps, ref_logps, labels: as in :func:`kto`.
+      beta, desirable_weight, undesirable_weight: as in :func:`kto`.
+
+    Returns:
+      [B] per-example losses.
     """
     _check_unpaired(logps, ref_logps, labels)
     u = at_least_f32(logps) - at_least_f32(ref_logps)
@@ -164,6 +173,14 @@ def bco_update_state(state: BCOState, rewards: chex.Array, *, ema_decay: float |
     seen, mean' = mean + (batch_mean - mean) N / (count + N). With ``ema_decay=a`` the mean is an
     exponential moving average of batch means, mean' = a mean + (1 - a) batch_mean, started at the
     first batch mean. ``count`` is the total number of rewards seen in both cases.
+
+    Args:
+      state: the current :class:`BCOState`.
+      rewards: [N] this batch's rewards.
+      ema_decay: None (cumulative mean) or a in (0, 1).
+
+    Returns:
+      The new :class:`BCOState`.
     """
     chex.assert_rank(rewards, 1)
     rewards = jax.lax.stop_gradient(at_least_f32(rewards)).astype(jnp.float32)
@@ -184,10 +201,14 @@ def bco_density_ratio(
 ) -> jax.Array:
     """Density-ratio weight w = clip(p / (1 - p + eps), min_density_ratio, max_density_ratio) (BCO UDM).
 
-    ``probs`` [B] are a prompt classifier's probabilities that a prompt comes from the desirable
-    set (TRL: a logistic regression on prompt embeddings); defaults are TRL's
-    ``min_density_ratio=0.5``, ``max_density_ratio=10.0``. Returns [B], detached (the classifier is
-    trained separately, not through this loss).
+    Args:
+      probs: [B] a prompt classifier's probabilities that a prompt comes from the desirable set (TRL:
+        a logistic regression on prompt embeddings).
+      min_density_ratio, max_density_ratio: the clip range (TRL's defaults 0.5 and 10.0).
+      eps: keeps p = 1 finite (default 1e-8).
+
+    Returns:
+      [B] weights, detached (the classifier is trained separately, not through this loss).
     """
     p = jax.lax.stop_gradient(at_least_f32(probs))
     return jnp.clip(p / (1.0 - p + eps), min_density_ratio, max_density_ratio)
