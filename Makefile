@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := constraints.txt
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test lint install install-test bench clean
+.PHONY: demo test lint install install-test bench notebooks clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/dpo_step.py
+
+# Writes notebooks/*.ipynb from notebooks/make_notebooks.py and executes each in place (outputs stored).
+notebooks: $(VENV)/.installed-test
+	$(PY) notebooks/make_notebooks.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
