@@ -63,11 +63,11 @@ BAD_COMMANDS = {
     "unknown flag": ([DPO, "--bogus=1"], 2, "Unknown command line flag 'bogus'"),
     "unknown loss": ([DPO, "--config.loss.name=nope"], 2, "unknown loss 'nope'"),
     "no --config": ([], 2, "--config is required"),
-    "loss without provider": (
-        ["--config=experiments/dpo.py:runlocal,loss=spo"],
+    "loss of another job": (
+        ["--config=experiments/dpo.py:runlocal,loss=bradley_terry"],
         2,
-        "config.loss.name='spo': the preference step cannot supply its input(s) "
-        "['degree_logits', 'degree_labels']",
+        "config.loss.name='bradley_terry': a reward loss, trained by the reward_model job "
+        "(experiments/reward_model.py), not by this step",
     ),
     "zero log_every": ([DPO, "--config.train.log_every=0"], 2, "config.train.log_every=0: must be >= 1"),
     "keep no checkpoint": ([DPO, "--config.train.keep_checkpoints=0"], 2, "0 would delete the trained model"),

@@ -8,7 +8,8 @@ A *sequence batch* is a dict of numpy arrays ``[R, T]``:
   p(token_t | earlier tokens of its segment/branch) counts; always 0 on a segment's/branch's first token;
 * ``example_ids`` int32: the sequence each token belongs to (-1 none). Sequences are numbered
   completion-major: for B pairs, 0..B-1 are the chosen and B..2B-1 the rejected completions (and
-  2B..3B-1 the rationales, when the loss reads them); for
+  2B..3B-1 the rationales, or 2B..3B-1 and 3B..4B-1 SPO's degraded chosen and rejected responses,
+  when the loss reads them); for
   listwise batches with K candidates, sequence ``k*B + i`` is candidate k of example i; unpaired 0..B-1
   (the pipeline adds KTO's mismatched sequences as B..2B-1, :func:`with_kl_completions`).
 
@@ -16,7 +17,8 @@ Per-example arrays ride along: ``chosen_lengths``/``rejected_lengths`` int32 [B]
 counted by the loss, pairs; a completion's own prefix, see :mod:`alignjax.data.tokenize`, is not
 counted) or ``lengths`` ([B] unpaired/sft, [B, K] listwise); ``label`` bool,
 ``margin``/``score``/``weight``/``ref_*_logps``/``source_*_logps``/``*_visits`` float32, ``user_id``
-int32, ``scores`` float32 [B, K].
+int32, ``scores`` float32 [B, K], ``degree_labels`` int32 [B, 2] (SPO's classes of the degraded
+responses).
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def example_arrays(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray
             values = [ex.extras[key] for ex in examples]
         if key == "label":
             out[key] = np.array(values, np.bool_)
-        elif key == "user_id":
+        elif key in ("user_id", "degree_labels"):
             out[key] = np.array(values, np.int32)
         elif key == "scores":
             out[key] = np.array(values, np.float32)

@@ -236,6 +236,7 @@ class PreferenceData:
         max_completion_length: int | None = None,
         truncation_mode: str = "keep_start",
         rationale_template: str | None = None,
+        degree_removals: int | None = None,
         pad_to_multiple_of: int | None = None,
         buckets: Sequence[int] | None = None,
         pack_length: int | None = None,
@@ -293,6 +294,12 @@ class PreferenceData:
                     "rationale sequences need data.layout 'padded' or 'packed', not 'shared_prompt'"
                 )
             options["rationale_template"] = rationale_template
+        if degree_removals is not None:
+            if layout == "shared_prompt":
+                raise ValueError(
+                    "degraded responses need data.layout 'padded' or 'packed', not 'shared_prompt'"
+                )
+            options["degree_removals"] = int(degree_removals)
         source = resolve_source(source)
         if cache_dir is not None and readers.is_shardable(source):
             self.examples = self._from_cache(

@@ -6,8 +6,9 @@ memory-mapped, so a process pays only for the pages its batches touch (:mod:`ali
 Layout (``n`` examples, ``s`` sequences): sequence ``j`` is ``tokens[seq_offsets[j]:seq_offsets[j+1]]``;
 example ``i`` owns sequences ``example_seqs[i] .. example_seqs[i+1]-1``, the first its prompt and
 the rest its completions. Each scalar extra ``key`` present on some examples is ``x_<key>_idx``
-(sorted example indices) and ``x_<key>_val``; a list extra (``scores``, ``prefix_lengths``: one
-value per completion or per source model) adds ``x_<key>_off`` (offsets into its values).
+(sorted example indices) and ``x_<key>_val``; a list extra (``scores``, ``prefix_lengths``,
+``degree_labels``: one value per completion, degraded response or source model) adds
+``x_<key>_off`` (offsets into its values).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import numpy as np
 from alignjax.data.schema import BATCH_FLOAT_FIELDS
 from alignjax.data.tokenize import TokenizedExample
 
-EXTRA_DTYPES = {"label": np.bool_, "user_id": np.int64, "scores": np.float64, "prefix_lengths": np.int64}
+EXTRA_DTYPES = {
+    "label": np.bool_, "user_id": np.int64, "scores": np.float64, "prefix_lengths": np.int64,
+    "degree_labels": np.int64,
+}
 EXTRA_DTYPES.update({k: np.float64 for k in BATCH_FLOAT_FIELDS})
-LIST_EXTRAS = ("scores", "prefix_lengths", "source_chosen_logps", "source_rejected_logps")
+LIST_EXTRAS = ("scores", "prefix_lengths", "degree_labels", "source_chosen_logps", "source_rejected_logps")
 
 
 class ColumnWriter:
@@ -99,7 +103,7 @@ class ColumnWriter:
 def _python(key: str, value: Any) -> Any:
     if key == "label":
         return bool(value)
-    if key in ("user_id", "prefix_lengths"):
+    if key in ("user_id", "prefix_lengths", "degree_labels"):
         return int(value)
     return float(value)
 

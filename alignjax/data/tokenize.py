@@ -43,6 +43,11 @@ as it: a completion ``j`` whose first ``extras["prefix_lengths"][j]`` tokens are
   ``rationale_logps``): a third completion, ``rationale_template`` filled with the two responses'
   texts (the prefix) and then the record's ``rationale`` plus EOS, after the shared prompt; it is
   cut to ``max_length`` like the pair's sequences.
+* Preference degrees (``degree_removals`` given, as the trainer does for losses that read
+  ``degree_labels``): a third and fourth completion, the chosen and rejected responses with some of
+  their key content removed (:mod:`alignjax.data.degrees`; chat responses as their plain text), each
+  encoded on its own plus EOS after the shared prompt and cut to ``max_length``; their class labels
+  are the extra ``degree_labels``.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from alignjax.data import degrees
 from alignjax.data.schema import (
     BATCH_FLOAT_FIELDS,
     OWN_PROMPTS,
@@ -624,6 +630,21 @@ def _rationale_completion(
     return prefix + body, len(prefix)
 
 
+def _degraded_completions(
+    record: Mapping[str, Any], tokenizer: ChatTokenizer, removals: int, room: int | None, where: str
+) -> tuple[list[list[int]], list[int]]:
+    """SPO's two degraded responses after the shared prompt (ids + EOS each) and their labels."""
+    chosen, rejected = plain_text(record["chosen"]), plain_text(record["rejected"])
+    texts, labels = degrees.degraded_pair(chosen, rejected, removals)
+    try:
+        ids = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_id] for t in texts]
+    except ValueError as e:
+        raise DataError(where, REASON_TYPE, f"degraded responses: {e}") from None
+    if room is not None:
+        ids = [i[:room] for i in ids]
+    return ids, labels
+
+
 def _finish(
     record: Mapping[str, Any],
     encoded: Encoded | list[Encoded] | ValueError,
@@ -635,6 +656,7 @@ def _finish(
     truncation_mode: str,
     tokenizer: ChatTokenizer | None = None,
     rationale_template: str | None = None,
+    degree_removals: int | None = None,
 ) -> Row:
     """Truncation, the identical-after-truncation check and the extras of an encoded record
     (``encoded`` is a list of one encoding per side for DOVE rows, see the module docstring)."""
@@ -677,6 +699,15 @@ def _finish(
             ids, prefix = _rationale_completion(record, tokenizer, rationale_template, room, where)
             c_ids = [*c_ids, ids]
             extras["prefix_lengths"] = [*extras.get("prefix_lengths", [0] * 2), prefix]
+        if degree_removals is not None and "chosen" in record:
+            if tokenizer is None:
+                raise ValueError("degraded responses need the tokenizer")
+            room = None if max_length is None else max_length - len(p_ids)
+            ids, labels = _degraded_completions(record, tokenizer, degree_removals, room, where)
+            c_ids = [*c_ids, *ids]
+            if "prefix_lengths" in extras:
+                extras["prefix_lengths"] = [*extras["prefix_lengths"], 0, 0]
+            extras["degree_labels"] = labels
         row.result = TokenizedExample(p_ids, c_ids, extras, where)
     except DataError as e:
         row.result = e
@@ -732,6 +763,7 @@ def tokenize_rows(
     max_completion_length: int | None = None,
     truncation_mode: str = "keep_start",
     rationale_template: str | None = None,
+    degree_removals: int | None = None,
 ) -> list[Row]:
     """:func:`tokenize_record` of many records at once: every text of the chunk goes through one
     batched, multi-threaded ``encode_batch`` per special-token setting; the ids are those of the
@@ -780,6 +812,7 @@ def tokenize_rows(
             truncation_mode=truncation_mode,
             tokenizer=tokenizer,
             rationale_template=rationale_template,
+            degree_removals=degree_removals,
         )
         for rec, enc, where in zip(records, encoded, wheres)
     ]
@@ -795,6 +828,7 @@ def tokenize_record(
     max_completion_length: int | None = None,
     truncation_mode: str = "keep_start",
     rationale_template: str | None = None,
+    degree_removals: int | None = None,
     where: str = "",
     stats: DataStats | None = None,
 ) -> TokenizedExample:
@@ -820,6 +854,7 @@ def tokenize_record(
         truncation_mode=truncation_mode,
         tokenizer=tokenizer,
         rationale_template=rationale_template,
+        degree_removals=degree_removals,
     )
     if stats is not None:
         row.add_to(stats)

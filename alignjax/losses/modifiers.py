@@ -262,12 +262,16 @@ def with_rationale(base: LossFn, *, gamma: float = 0.1, name: str | None = None)
 
 
 def degree_cross_entropy(degree_logits: Array, degree_labels: Array) -> Array:
-    """Cross-entropy of the preference-degree classifier, [B, D] logits, [B] int labels -> [B] (fp32)."""
-    chex.assert_rank(degree_logits, 2)
-    chex.assert_rank(degree_labels, 1)
+    """Cross-entropy of the preference-degree classifier, fp32: logits [B, C] with int labels [B], or
+    [B, M, C] with [B, M] (M degraded responses per pair, averaged) -> [B]."""
+    chex.assert_rank(degree_labels, degree_logits.ndim - 1)
+    if degree_logits.ndim not in (2, 3):
+        raise ValueError(f"degree_logits must be [B, C] or [B, M, C], got shape {degree_logits.shape}")
     (z,) = as_f32(degree_logits)
     logp = jax.nn.log_softmax(z, axis=-1)
-    return -jnp.take_along_axis(logp, jnp.asarray(degree_labels, jnp.int32)[:, None], axis=-1)[:, 0]
+    labels = jnp.asarray(degree_labels, jnp.int32)[..., None]
+    ce = -jnp.take_along_axis(logp, labels, axis=-1)[..., 0]
+    return ce if ce.ndim == 1 else jnp.mean(ce, axis=-1)
 
 
 def with_degree_ce(base: LossFn, *, weight: float = 0.1, name: str | None = None) -> LossFn:
@@ -277,12 +281,14 @@ def with_degree_ce(base: LossFn, *, weight: float = 0.1, name: str | None = None
                                                                                  v["degree_labels"]),
         name=name or f"{base.__name__}_spo", extra_inputs=("degree_logits", "degree_labels"),
         extra_hyper={"degree_weight": weight},
-        doc=f"{base.__name__} + degree_weight * CE(degree): an auxiliary classifier predicts how much\n"
-            "key content was removed from a response (self-supervised preference degree).\n"
+        doc=f"{base.__name__} + degree_weight * CE(degree): SPO's self-supervised preference-degree loss,\n"
+            "L = L_align + lambda CE(degree). An auxiliary classifier on the policy predicts, for the\n"
+            "chosen and the rejected response with part of their key content (RAKE phrases) removed,\n"
+            "which side each came from and how much was removed (alignjax.data.degrees).\n"
             "Paper: \"Self-supervised Preference Optimization: Enhance Your Language Model with\n"
             "Preference Degree Awareness\" (arXiv 2409.17791).\n"
-            "Extra inputs: degree_logits [B, D], degree_labels [B] (int).\n"
-            f"Hyperparameters: degree_weight = {weight} (our default; the paper tunes lambda).")
+            "Extra inputs: degree_logits [B, M, C] (or [B, C]), degree_labels [B, M] (or [B]) int.\n"
+            f"Hyperparameters: degree_weight = lambda = {weight} (our default; the paper tunes it).")
 
 
 # ----------------------------------------------------------------------------- DOVE joint preference

@@ -20,6 +20,11 @@ Sources:
   step from the full logits: ``wpo`` (WPO's mean aligned log-prob, no gradient), ``token_kl``
   (the per-token KL of policy from reference, SparsePO's k_t), ``activation_mask`` (SparsePO's
   reward/KL mask from the reference's hidden activations);
+- ``head``: one of the policy's auxiliary heads (``head``; ``ModelConfig.aux_heads``, its params
+  trained with the policy's) on the hidden states of the ``model`` forward: logits
+  ``[B, len(parts), classes]`` of the mean completion state of each sequence of ``parts``, or
+  (``per_token``) a mask ``[B, T]`` in [0, 1], the sigmoid of its one output at each token of
+  ``part``; ``classes`` is its output count, or ``transform`` maps the provider hyperparameters to it;
 - ``column``: a per-example array the data layer puts in the batch (``column``), optionally
   transformed by a pure function of this package (``transform``, with provider hyperparameters
   ``hyper`` read from ``config.loss``);
@@ -39,7 +44,7 @@ from typing import Any
 
 PAIRS = ("pairwise", "step")
 ALL_KINDS = ("pairwise", "step", "sft", "unpaired", "listwise")
-SOURCES = ("sequence", "prompt", "length", "token", "mask", "distribution", "column", "state")
+SOURCES = ("sequence", "prompt", "length", "token", "mask", "distribution", "head", "column", "state")
 # Sources computed per token [B, T]: they need the padded layout (row r = sequence r).
 TOKEN_SOURCES = ("token", "mask")
 STEP = "the preference step"
@@ -53,13 +58,16 @@ class Provider:
     kinds: tuple[str, ...]
     doc: str
     model: str = "policy"  # sequence/token/distribution: "policy" or "ref"
-    part: str = "first"  # "first" | "second" | "third" | "candidates"
+    part: str = "first"  # "first" | "second" | "third" | "fourth" | "candidates"
+    parts: tuple[str, ...] = ()  # head: the sequences it classifies
     column: str = ""
     transform: str = ""  # "module:function" applied to the column(s)
     hyper: tuple[tuple[str, Any], ...] = ()  # provider hyperparameters (config.loss keys) and defaults
     stat: str = ""  # distribution statistic
     per_token: bool = False  # a [B, T] array: padded layout only
     rank: int = 1  # column: 2 = [B, N] (a [B] column is read as N = 1)
+    head: str = ""  # head: the aux head's name
+    classes: int = 0  # head: its outputs (0: transform(**hyper) gives them)
 
     @property
     def cacheable(self) -> bool:
@@ -123,6 +131,25 @@ PROVIDERS: dict[str, Provider] = {
                                    per_token=True),
     "rejected_reward_mask": Provider("distribution", PAIRS, "SparsePO activation mask on y_l [B, T]",
                                      model="ref", stat="activation_mask", part="second", per_token=True),
+    # -- the policy's auxiliary classifiers
+    "degree_logits": Provider("head", PAIRS, "SPO: the preference-degree classifier on the policy's mean "
+                              "completion state of the degraded chosen and rejected responses, [B, 2, C]",
+                              head="spo_degree", parts=("third", "fourth"),
+                              transform="alignjax.data.degrees:num_classes", hyper=(("degree_removals", 2),)),
+    "chosen_learned_reward_mask": Provider("head", PAIRS, "SparsePO's learned reward mask m^u = "
+                                           "sigmoid(w_u . h_ref + b_u) on y_w's tokens [B, T] (the "
+                                           "reference's hidden states, the policy's head)", model="ref",
+                                           head="sparsepo_reward_mask", classes=1, per_token=True),
+    "rejected_learned_reward_mask": Provider("head", PAIRS, "SparsePO's learned reward mask on y_l's tokens",
+                                             model="ref", head="sparsepo_reward_mask", classes=1,
+                                             per_token=True, part="second"),
+    "chosen_learned_kl_mask": Provider("head", PAIRS, "SparsePO's learned KL mask m^d = sigmoid(w_d . "
+                                       "h_ref + b_d) on y_w's tokens [B, T]", model="ref",
+                                       head="sparsepo_kl_mask",
+                                       classes=1, per_token=True),
+    "rejected_learned_kl_mask": Provider("head", PAIRS, "SparsePO's learned KL mask on y_l's tokens",
+                                         model="ref", head="sparsepo_kl_mask", classes=1, per_token=True,
+                                         part="second"),
     # -- per-example columns of the data
     "labels": _col("label", ("unpaired",), "desirable (True) or not: the record's 'label'"),
     "chosen_visits": _col("chosen_visits", ("step",), "MCTS visit count of the chosen step"),
@@ -148,6 +175,9 @@ PROVIDERS: dict[str, Provider] = {
                             "that the prompt is desirable (the record's 'prompt_desirable_prob')",
                             transform="alignjax.losses.unpaired:bco_density_ratio",
                             hyper=(("min_density_ratio", 0.5), ("max_density_ratio", 10.0))),
+    "degree_labels": _col("degree_labels", PAIRS, "SPO: the degraded responses' classes, side * "
+                          "(degree_removals + 1) + key phrases removed, [B, 2] (built by the data layer "
+                          "from each pair's RAKE key phrases, alignjax.data.degrees)", rank=2),
     "margin": _col("margin", ALL_KINDS, "the record's 'margin'"),
     "score": _col("score", ALL_KINDS, "the record's 'score'"),
     "weight": _col("weight", ALL_KINDS, "the record's 'weight' (1 where absent)"),
@@ -158,8 +188,6 @@ PROVIDERS: dict[str, Provider] = {
 
 # Names a loss may take that the step does not provide yet, and what would provide each.
 PENDING: dict[str, str] = {
-    "degree_logits": "SPO's preference-degree head on the policy (not built)",
-    "degree_labels": "SPO's self-supervised degree labels (built by removing key content; not built)",
     "chosen_probs": "ADPO's pairwise soft target (a per-example column); not batched yet",
     "candidate_mask": "listwise batches have a fixed K per batch: no mask is needed",
     "chosen_kl_mask": "SparsePO's separate KL masks (the step provides the shared mask)",

@@ -143,3 +143,44 @@ def sparsepo(
     # A shared mask enters both norms; the official trainer halves both weights to make up for it.
     scale = 1.0 if independent else 0.5
     return loss + scale * (l1_reward * l1_u + l1_kl * l1_d)
+
+
+@register("sparsepo_learned", family="token_level")
+def sparsepo_learned(
+    chosen_token_logps: chex.Array,
+    rejected_token_logps: chex.Array,
+    ref_chosen_token_logps: chex.Array,
+    ref_rejected_token_logps: chex.Array,
+    chosen_token_kl: chex.Array,
+    rejected_token_kl: chex.Array,
+    chosen_mask: chex.Array,
+    rejected_mask: chex.Array,
+    chosen_learned_reward_mask: chex.Array,
+    rejected_learned_reward_mask: chex.Array,
+    chosen_learned_kl_mask: chex.Array,
+    rejected_learned_kl_mask: chex.Array,
+    *,
+    beta: float = 0.1,
+    l1_reward: float = 0.001,
+    l1_kl: float = 0.001,
+    shared_mask: bool = False,
+) -> jax.Array:
+    """SparsePO with learned masks: :func:`sparsepo` whose reward and KL masks are
+    ``m = sigmoid(w . h + b)`` of the reference model's hidden state ``h`` at each token, ``w, b``
+    trained with the policy (the trainer's aux heads ``sparsepo_reward_mask`` and
+    ``sparsepo_kl_mask``; the reference's states carry no gradient). The paper's "independent"
+    masks by default; ``shared_mask=True`` uses the reward mask for both terms (its "common" mask).
+
+    Hyperparameters: beta = 0.1; l1_reward = l1_kl = 0.001 (the paper's HH setting: learned masks
+    need the L1 terms for sparsity); shared_mask = False.
+
+    Returns:
+      [B] per-example losses.
+    """
+    kl_masks = (None, None) if shared_mask else (chosen_learned_kl_mask, rejected_learned_kl_mask)
+    return sparsepo(
+        chosen_token_logps, rejected_token_logps, ref_chosen_token_logps, ref_rejected_token_logps,
+        chosen_token_kl, rejected_token_kl, chosen_mask, rejected_mask,
+        chosen_learned_reward_mask, rejected_learned_reward_mask, *kl_masks,
+        beta=beta, l1_reward=l1_reward, l1_kl=l1_kl,
+    )

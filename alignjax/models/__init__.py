@@ -3,12 +3,13 @@
 Public: ``ModelConfig``, ``Model``, ``from_pretrained``, ``save_pretrained``, ``PRESETS``.
 """
 
-from alignjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
+from alignjax.models.config import AUX_HEADS, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
 from alignjax.models.hf import from_pretrained, load_params, save_pretrained, tensor_maps
 from alignjax.models.model import Model
 from alignjax.models.presets import PRESETS
 
 __all__ = [
+    "AUX_HEADS",
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
     "Model",

@@ -71,6 +71,9 @@ class LoraConfig:
         return any(fnmatch.fnmatchcase(n, pat) for pat in self.targets for n in (name, f"{parent}/{name}"))
 
 
+AUX_HEADS = "aux_heads"  # params[AUX_HEADS]: the ModelConfig.aux_heads classifiers, beside the decoder
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and options of one decoder-only transformer.
@@ -88,6 +91,9 @@ class ModelConfig:
     ``layers`` axis (``params["layers"]``, and a stacked KV cache) instead of a Python loop over
     ``layers_0 .. layers_{L-1}``: the same values, and a compile time that does not grow with depth.
     ``lora`` (a :class:`LoraConfig`, or None) adds low-rank adapters (``alignjax.models.lora``).
+    ``aux_heads``: ``(name, outputs)`` linear heads on hidden states (``params["aux_heads"]``, trained
+    with the policy; ``alignjax.models.heads.AuxHeads``), such as SPO's preference-degree classifier
+    and SparsePO's learned masks; HF export leaves them out.
     """
 
     model_type: str = "llama"
@@ -113,6 +119,7 @@ class ModelConfig:
     attention_kernel: str = "auto"
     scan_layers: bool = False
     lora: LoraConfig | None = None
+    aux_heads: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -143,6 +150,10 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.lora, Mapping):
             object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        heads = tuple((str(name), int(classes)) for name, classes in self.aux_heads)  # JSON: lists
+        if any(classes < 1 for _, classes in heads) or len({n for n, _ in heads}) != len(heads):
+            raise ValueError(f"ModelConfig.aux_heads={heads}: distinct names, at least 1 output each")
+        object.__setattr__(self, "aux_heads", heads)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

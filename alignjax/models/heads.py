@@ -1,4 +1,5 @@
-"""Reward-model heads on the shared decoder: value (BT, ensembles), GPM embedding, PAL ideal point.
+"""Heads on the shared decoder: reward models' value (BT, ensembles), GPM embedding and PAL ideal
+point, and the policy's auxiliary classifiers (:class:`AuxHeads`, ``ModelConfig.aux_heads``).
 
 A reward model is ``{"decoder": decoder params, "head": head params}``; the head reads the decoder's
 final normed hidden state ``[R, T, D]`` (``Model.hidden``) at one token per sequence:
@@ -60,6 +61,20 @@ def prompt_token_index(loss_mask: Array, example_ids: Array, num_sequences: int)
     return jnp.maximum(_flat_index_reduce(loss_mask, example_ids, num_sequences, last=False) - 1, 0)
 
 
+def mean_completion_state(
+    hidden: Array, loss_mask: Array, example_ids: Array, num_sequences: int
+) -> Array:
+    """hidden [R, T, D] -> [N, D]: each sequence's mean hidden state over its completion tokens
+    (fp32; any layout, as ``example_ids`` number the sequences)."""
+    chex.assert_rank(hidden, 3)
+    mask = (loss_mask > 0).reshape(-1)
+    ids = jnp.where(mask, example_ids.reshape(-1), num_sequences)
+    h = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
+    total = jax.ops.segment_sum(h, ids, num_segments=num_sequences + 1)[:num_sequences]
+    count = jax.ops.segment_sum(mask.astype(jnp.float32), ids, num_segments=num_sequences + 1)
+    return total / jnp.maximum(count[:num_sequences], 1.0)[:, None]
+
+
 def gather_tokens(hidden: Array, flat_index: Array) -> Array:
     """hidden [R, T, D], flat indices [N] -> [N, D]."""
     chex.assert_rank(hidden, 3)
@@ -97,6 +112,25 @@ class HeadConfig:
             )
         if self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads} (config.reward.num_heads)")
+
+
+class AuxHeads(nn.Module):
+    """The policy's auxiliary classifiers: ``heads[name] = classes``, each ``logits = f W + b`` on
+    features ``f`` [..., D]: SPO's preference-degree classifier on a sequence's mean completion state,
+    SparsePO's learned masks on each token's state."""
+
+    heads: tuple[tuple[str, int], ...]
+
+    @nn.compact
+    def __call__(self, features: Array) -> dict[str, Array]:
+        """features [..., D] -> {name: logits [..., classes]} (fp32)."""
+        out = {}
+        for name, classes in self.heads:
+            shape = (features.shape[-1], classes)
+            w = self.param(f"{name}_kernel", _init(("embed", "value")), shape, jnp.float32)
+            b = self.param(f"{name}_bias", _init(("value",), nn.initializers.zeros), (classes,), jnp.float32)
+            out[name] = features.astype(jnp.float32) @ w + b
+        return out
 
 
 class ValueHead(nn.Module):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from alignjax.models.config import ModelConfig
+from alignjax.models.config import AUX_HEADS, ModelConfig
 from alignjax.models.model import Model
 from alignjax.models.presets import PRESETS
 
@@ -405,15 +405,19 @@ def from_pretrained(
     attention_kernel: str | None = None,
     scan_layers: bool | None = None,
     lora: Any = None,
+    aux_heads: tuple = (),
 ) -> Model:
     """A ``Model`` with ``.params`` loaded from an HF checkpoint directory, or a preset with random
     params (seed 0). ``dtype`` is the param dtype (and compute dtype unless ``compute_dtype``);
     ``remat``, ``attention_kernel`` and ``scan_layers`` set those ``ModelConfig`` fields (None: the
     preset's value, or ``ModelConfig``'s default for a checkpoint directory). ``lora`` (a
-    ``LoraConfig``) adds adapters (key 0; ``alignjax.models.lora.attach``) to the loaded weights."""
+    ``LoraConfig``) adds adapters (key 0; ``alignjax.models.lora.attach``) to the loaded weights;
+    ``aux_heads`` (``ModelConfig.aux_heads``) fresh classifiers beside them (key 1)."""
     overrides: dict[str, Any] = {"param_dtype": dtype, "dtype": compute_dtype or dtype}
     if lora is not None:
         overrides["lora"] = lora
+    if aux_heads:
+        overrides["aux_heads"] = tuple(aux_heads)
     if remat is not None:
         overrides["remat"] = remat
     if attention_kernel is not None:
@@ -434,13 +438,19 @@ def from_pretrained(
         hf = json.load(f)
     config = ModelConfig.from_hf(hf, source=config_file, **overrides)
     model = Model(config, mesh=mesh, rules=rules)
+    decoder = Model(config.replace(aux_heads=()), mesh=mesh, rules=rules)
     if config.lora is None:
-        model.params = load_params(model, path)
-        return model
-    from alignjax.models import lora as lora_lib
+        model.params = load_params(decoder, path)
+    else:
+        from alignjax.models import lora as lora_lib
 
-    base = load_params(Model(config.replace(lora=None), mesh=mesh, rules=rules), path)
-    model.params = lora_lib.attach(model, base, jax.random.PRNGKey(0))
+        base = load_params(Model(config.replace(lora=None, aux_heads=()), mesh=mesh, rules=rules), path)
+        model.params = lora_lib.attach(decoder, base, jax.random.PRNGKey(0))
+    if config.aux_heads:  # fresh classifiers beside the loaded decoder
+        heads = model.init_aux_heads(jax.random.PRNGKey(1))
+        if mesh is not None:
+            heads = jax.device_put(heads, model.shardings()[AUX_HEADS])
+        model.params = {**model.params, AUX_HEADS: heads}
     return model
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.models.config import LORA_ALL_LINEAR, LoraConfig, ModelConfig
+from alignjax.models.config import AUX_HEADS, LORA_ALL_LINEAR, LoraConfig, ModelConfig
 
 Array = jax.Array
 ADAPTERS = ("lora_a", "lora_b")
@@ -206,6 +206,11 @@ def _is_adapter(path: tuple) -> bool:
     return bool(path) and getattr(path[-1], "key", None) in ADAPTERS
 
 
+def _is_trainable(path: tuple) -> bool:
+    """An adapter, or a leaf of the policy's aux heads (a head trains in full, as a reward head)."""
+    return _is_adapter(path) or getattr(path[0], "key", None) == AUX_HEADS
+
+
 def has_adapters(params: Any) -> bool:
     """Whether ``params`` hold LoRA adapters anywhere."""
     if isinstance(params, Mapping):
@@ -229,10 +234,11 @@ def reference_params(params: Any, ref_params: Any) -> Any:
 
 def trainable_mask(params: Any) -> Any:
     """``params``' tree of bools, False on the frozen base of a LoRA decoder (every leaf but the
-    adapters of a subtree that has an ``embedding`` and adapters); True elsewhere (a head)."""
+    adapters and aux heads of a subtree that has an ``embedding`` and adapters); True elsewhere (a
+    reward model's head)."""
     if isinstance(params, Mapping):
         if "embedding" in params and has_adapters(params):
-            return jax.tree_util.tree_map_with_path(lambda p, _: _is_adapter(p), dict(params))
+            return jax.tree_util.tree_map_with_path(lambda p, _: _is_trainable(p), dict(params))
         return {k: trainable_mask(v) for k, v in params.items()}
     return jax.tree.map(lambda _: True, params)
 

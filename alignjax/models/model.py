@@ -11,12 +11,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alignjax.models.config import ModelConfig
+from alignjax.models.config import AUX_HEADS, ModelConfig
+from alignjax.models.heads import AuxHeads
 from alignjax.models.transformer import Decoder, dense, fit_spec, mixed_precision_logits
 from alignjax.sharding import normalize_mesh, rules_from_config, tree_shardings
 
 Array = jax.Array
 Params = Any
+
+
+def decoder_params(params: Params) -> Params:
+    """The decoder's own params: ``params`` without the aux heads beside them."""
+    return {k: v for k, v in params.items() if k != AUX_HEADS}
 
 
 @functools.lru_cache(maxsize=32)
@@ -89,7 +95,16 @@ class Model:
         return ids, ids, jnp.ones_like(ids), ids
 
     def _boxed_init(self, rng: Array) -> Any:
-        return self.module.init(rng, *self._dummy())["params"]
+        params = self.module.init(rng, *self._dummy())["params"]
+        if self.config.aux_heads:
+            params = {**params, AUX_HEADS: self.init_aux_heads(jax.random.fold_in(rng, 1), boxed=True)}
+        return params
+
+    def init_aux_heads(self, rng: Array, *, boxed: bool = False) -> Params:
+        """Fresh params of the ``aux_heads`` classifiers alone (a loaded checkpoint has none)."""
+        features = jnp.zeros((1, self.config.hidden_size), jnp.float32)
+        params = AuxHeads(self.config.aux_heads).init(rng, features)["params"]
+        return params if boxed else nn.unbox(params)
 
     @property
     def logical_axes(self) -> Params:
@@ -234,8 +249,14 @@ class Model:
         """
         args = self._defaults(input_ids, positions, segment_ids, branch_ids)
         rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-        hidden, _ = self.module.apply({"params": params}, *args, rngs=rngs)
+        hidden, _ = self.module.apply({"params": decoder_params(params)}, *args, rngs=rngs)
         return hidden
+
+    def aux_logits(self, params: Params, name: str, features: Array) -> Array:
+        """features [..., D] (hidden states, or a sequence's pooled state) -> [..., classes]: the
+        logits of aux head ``name`` (fp32)."""
+        heads = AuxHeads(((name, dict(self.config.aux_heads)[name]),))
+        return heads.apply({"params": params[AUX_HEADS]}, features)[name]
 
     def unembedding(self, params: Params) -> Array:
         """[D, V]: the lm_head kernel, or the tied embedding transposed.
@@ -460,6 +481,6 @@ class Model:
         chex.assert_equal_shape([input_ids, positions])
         ones = jnp.ones_like(input_ids)
         hidden, cache = self.module.apply(
-            {"params": params}, input_ids, positions, ones, jnp.zeros_like(input_ids), cache
+            {"params": decoder_params(params)}, input_ids, positions, ones, jnp.zeros_like(input_ids), cache
         )
         return self.logits_from_hidden(params, hidden), cache

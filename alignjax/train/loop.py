@@ -35,13 +35,14 @@ from alignjax.train.metrics import MetricWriter, Throughput, plot_curves
 from alignjax.train.optim import make_optimizer
 from alignjax.train.step import (
     NONFINITE,
+    aux_heads,
+    check_aux_heads,
     check_data_columns,
-    loss_components,
     make_eval_fn,
     make_step_spec,
     make_train_step,
     nonfinite_causes,
-    reads_rationales,
+    sequence_options,
 )
 
 
@@ -57,7 +58,9 @@ ZERO_GRAD_STREAK = 5
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -> tuple[Any, Any]:
+def build_model(
+    model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0, aux_heads: tuple = ()
+) -> tuple[Any, Any]:
     """``(model, pretrained_params or None)`` from ``config.model``.
 
     A preset gets ``config.model.overrides`` (``vocab_size=0`` = grow to the tokenizer's vocabulary)
@@ -66,7 +69,8 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
     float32 + bfloat16 is the usual mixed precision), ``remat`` the decoder layers' rematerialisation
     policy ("" = none; see ``alignjax.models.config.REMAT_POLICIES``), ``attention_kernel`` the
     training forward's attention ("" = auto: cuDNN on GPUs, splash on TPUs; ``ModelConfig``),
-    ``scan_layers`` the layer layout (None = the preset's; unrolled for a directory).
+    ``scan_layers`` the layer layout (None = the preset's; unrolled for a directory); ``aux_heads``
+    the classifiers the losses read beside the decoder (``ModelConfig.aux_heads``, fresh).
     """
     from alignjax import models
 
@@ -80,6 +84,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
     if model_config.get("scan_layers") is not None:
         numerics["scan_layers"] = bool(model_config.get("scan_layers"))
     numerics["lora"] = lora_lib.from_config(model_config.get("lora"))  # rank 0: None, no adapters
+    numerics["aux_heads"] = tuple(aux_heads)
     if path in models.PRESETS:
         overrides = {
             k: v for k, v in dict(model_config.get("overrides", {})).items() if v not in (0, "", None)
@@ -98,6 +103,7 @@ def build_model(model_config: Any, mesh: Any, rules: Any, vocab_size: int = 0) -
         attention_kernel=numerics["attention_kernel"],
         scan_layers=numerics.get("scan_layers"),
         lora=numerics["lora"],
+        aux_heads=numerics["aux_heads"],
         mesh=mesh,
         rules=rules,
     )
@@ -132,7 +138,6 @@ def data_iterator(
     ``batch_key`` is the config key a too-small data set is reported against."""
     from alignjax.data import make_preference_batches
     from alignjax.data.pipeline import TooFewExamples, resolve_cache_dir, tokenize_options
-    from alignjax.data.tokenize import RATIONALE_TEMPLATE
 
     if not source:
         raise ValueError("config.data.source is empty: give a dataset (e.g. synthetic:arithmetic_dpo:train)")
@@ -140,8 +145,8 @@ def data_iterator(
     extra: dict[str, Any] = {"buckets": (config.data.max_length * (2 if layout == "shared_prompt" else 1),)}
     if layout == "packed":
         extra = {"pack_length": config.data.max_length * 2, "pack_rows": batch_size}
-    if _reads_rationales(config):
-        extra["rationale_template"] = config.data.get("rationale_template") or RATIONALE_TEMPLATE
+    if "loss" in config and config.get("job", "train") == "train":
+        extra.update(sequence_options(config))
     try:
         data, stats = make_preference_batches(
             source,
@@ -166,13 +171,6 @@ def data_iterator(
         message = f"{batch_key}={err.batch_size}: {where} has only {err.count} usable examples"
         raise ValueError(message) from None
     return data, stats
-
-
-def _reads_rationales(config: Any) -> bool:
-    if "loss" not in config or config.get("job", "train") != "train":
-        return False
-    names = [n for n, _ in loss_components(config.loss)]
-    return reads_rationales([r for n in names for r in losses.spec(n).required])
 
 
 def check_batch_divides_mesh(config: Any, mesh: Any, micro_size: int) -> None:
@@ -396,11 +394,13 @@ def run_train(
                 break
 
     # ---- model and step
-    if model is None:
-        model, pretrained = build_model(config.model, mesh, rules, data.tokenizer.vocab_size)
-        init_params = pretrained if init_params is None else init_params
     ref_mode = reflib.step_reference_mode(config.reference.kind)
     spec = objective.make_step_spec(config, micro_size, ref_mode)
+    heads = aux_heads(spec.required, dict(spec.provider_hyperparameters)) if objective is PREFERENCE else ()
+    if model is None:
+        model, pretrained = build_model(config.model, mesh, rules, data.tokenizer.vocab_size, heads)
+        init_params = pretrained if init_params is None else init_params
+    check_aux_heads(model, heads)
     tx, schedule = make_optimizer(config.optim, num_steps)
     keep_ref = spec.reference == "model" and (
         ref_params is not None or reflib.keeps_copy(config.reference.kind, model)

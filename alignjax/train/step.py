@@ -32,9 +32,11 @@ import optax
 
 import alignjax.losses as losses
 from alignjax import logprobs
+from alignjax.data.tokenize import RATIONALE_TEMPLATE
 from alignjax.losses import providers as inputs_table
 from alignjax.losses.metrics import preference_metrics
 from alignjax.models import lora
+from alignjax.models.heads import mean_completion_state
 
 Array = jax.Array
 State = dict[str, Any]
@@ -44,7 +46,7 @@ KINDS = ("pairwise", "step", "sft", "unpaired", "listwise")  # alignjax.data kin
 PAIRED = ("pairwise", "step")
 # Kinds laid out as 2B sequences: pairs, and unpaired batches with KTO's mismatched (KL) sequences.
 TWO_SEQUENCE = (*PAIRED, "unpaired")
-PARTS = ("first", "second", "third")  # sequences 0..B-1, B..2B-1, 2B..3B-1 of a batch
+PARTS = ("first", "second", "third", "fourth")  # sequences 0..B-1, B..2B-1, 2B..3B-1, 3B..4B-1
 DROPOUT_KEY = "lora_dropout_rng"  # the micro-batch entry the train step adds for LoRA dropout
 # Every loss input this step can supply (alignjax.losses.providers.PROVIDERS): computed from the
 # forwards, or a per-example column the data layer puts in the batch.
@@ -90,16 +92,11 @@ class StepSpec:
             object.__setattr__(self, "components", ((self.loss, 1.0, self.hyperparameters),))
 
     @property
-    def reads_rationales(self) -> bool:
-        """Batches carry a third sequence per pair, the rationale (``rationale_logps``)."""
-        return reads_rationales(self.required)
-
-    @property
     def num_sequences(self) -> int:
         if self.kind == "listwise":
             raise ValueError("listwise batches hold K sequences an example: use sequences_in(batch)")
         if self.kind in TWO_SEQUENCE:
-            return (3 if self.reads_rationales else 2) * self.batch_size
+            return max(2, parts_read(self.required)) * self.batch_size
         return self.batch_size
 
     def sequences_in(self, batch: Mapping[str, Array]) -> int:
@@ -131,8 +128,65 @@ class StepSpec:
         return losses.spec(name).beta(dict(hyper))
 
 
+def _parts_of(p: inputs_table.Provider) -> tuple[str, ...]:
+    return p.parts or (p.part,)
+
+
+def parts_read(required: Sequence[str]) -> int:
+    """How many of :data:`PARTS` the inputs ``required`` read (a pair's sequences per example)."""
+    table = inputs_table.PROVIDERS
+    used = [part for n in required if n in table for part in _parts_of(table[n])]
+    return max((PARTS.index(u) + 1 for u in used if u in PARTS), default=1)
+
+
 def reads_rationales(required: Sequence[str]) -> bool:
-    return any(inputs_table.PROVIDERS[n].part == "third" for n in required if n in inputs_table.PROVIDERS)
+    """Batches carry a third sequence per pair, the rationale (``rationale_logps``)."""
+    return "rationale_logps" in required
+
+
+def reads_degrees(required: Sequence[str]) -> bool:
+    """Batches carry SPO's degraded chosen and rejected responses and their ``degree_labels``."""
+    return "degree_labels" in required or "degree_logits" in required
+
+
+def sequence_options(config: Any) -> dict[str, Any]:
+    """The data pipeline's options for the sequences the losses of ``config.loss`` read beyond the
+    pair: Rationale-DPO's rationale (``rationale_template``), SPO's degraded responses
+    (``degree_removals``)."""
+    required = [r for n, _ in loss_components(config.loss) for r in losses.spec(n).required]
+    out: dict[str, Any] = {}
+    if reads_rationales(required):
+        out["rationale_template"] = config.data.get("rationale_template") or RATIONALE_TEMPLATE
+    if reads_degrees(required):
+        given = config.loss.get("degree_removals")
+        default = inputs_table.provider_hyperparameters(("degree_logits",))["degree_removals"]
+        out["degree_removals"] = int(default if given is None else given)
+    return out
+
+
+def aux_heads(
+    required: Sequence[str], provider_hyperparameters: Mapping[str, Any]
+) -> tuple[tuple[str, int], ...]:
+    """The policy's aux classifiers (``ModelConfig.aux_heads``) the inputs ``required`` read."""
+    heads = {}
+    for name in required:
+        p = inputs_table.PROVIDERS.get(name)
+        if p is not None and p.source == "head":
+            hyper = {k: provider_hyperparameters[k] for k, _ in p.hyper}
+            heads[p.head] = p.classes or int(_transform(p.transform)(**hyper))
+    return tuple(heads.items())
+
+
+def check_aux_heads(model: Any, heads: Sequence[tuple[str, int]]) -> None:
+    """Refuses a given model (``run_train(model=...)``) that lacks an aux classifier the loss reads."""
+    have = dict(getattr(model.config, "aux_heads", ()))
+    for name, classes in heads:
+        if have.get(name) != classes:
+            raise ValueError(
+                f"the loss reads the policy's {name!r} classifier ({classes} classes), which the given "
+                f"model does not have (its aux_heads: {sorted(have.items())}); build it with "
+                f"ModelConfig.aux_heads=({(name, classes)},) or let the train loop build the model"
+            )
 
 
 def _candidates(batch: Mapping[str, Array]) -> int:
@@ -189,6 +243,12 @@ def check_loss_config(config: Any) -> None:
         check_inputs_provided(
             losses.spec(name), kind=kind, layout=layout, chunked=bool(vocab_chunk or seq_chunk)
         )
+    required = [r for n, _ in comps for r in losses.spec(n).required]
+    if reads_rationales(required) and reads_degrees(required):
+        raise ValueError(
+            f"config.loss.name={_label(config.loss)!r}: rationales and SPO's degraded responses both "
+            "take a pair's third sequence; train them in separate runs"
+        )
     stateful = [n for n, _ in comps if losses.spec(n).stateful]
     if stateful and len(comps) > 1:
         raise ValueError(f"config.loss.name: {stateful[0]!r} keeps its own state and cannot be mixed")
@@ -239,11 +299,12 @@ def check_inputs_provided(
             f"{where} takes {prompts[0]!r}, each sequence's own prompt log-prob, which the shared-prompt "
             "layout does not separate: set config.data.layout to 'padded' or 'packed'"
         )
-    stats = [n for n in spec.required if inputs_table.PROVIDERS[n].source == "distribution"]
+    stats = [n for n in spec.required if inputs_table.PROVIDERS[n].source in ("distribution", "head")]
     if stats and chunked:
         raise ValueError(
-            f"{where} takes {stats[0]!r}, a statistic of the full next-token distribution, which the "
-            "vocabulary-chunked path does not form: set config.train.vocab_chunk=0 and seq_chunk=0"
+            f"{where} takes {stats[0]!r}, computed from the full hidden states or next-token "
+            "distributions, which the vocabulary-chunked path does not form: set "
+            "config.train.vocab_chunk=0 and seq_chunk=0"
         )
 
 
@@ -370,6 +431,7 @@ class _Context:
     outputs: dict[str, Mapping[str, Array] | None]
     state: Any
     n: int
+    heads: Callable[[str, Array], Array] | None = None  # the policy's aux classifiers on features
     _lengths: Array | None = None
     _stats: dict[str, Array] = dataclasses.field(default_factory=dict)
 
@@ -437,6 +499,22 @@ def _from_distribution(name: str, p: inputs_table.Provider, ctx: _Context) -> Ar
     return ctx.part(values, p.part)
 
 
+def _from_head(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
+    """The policy's head ``p.head`` on the ``p.model`` forward's hidden states: per token, a mask in
+    [0, 1] (sigmoid of its one logit at the state that predicts the token, as the token's log-prob;
+    0 off the completion); else the logits of mean completion states."""
+    if ctx.heads is None:
+        raise ValueError(f"input {name!r} needs the policy's aux heads, which this call was not given")
+    hidden, b = ctx.forward(p.model)["hidden"], ctx.spec.batch_size
+    if p.per_token:
+        mask = _rows(ctx.batch["loss_mask"].astype(jnp.float32), p.part, b)
+        logits = ctx.heads(p.head, _rows(hidden, p.part, b))[..., 0]
+        return _shift_right(jax.nn.sigmoid(logits)) * mask
+    pooled = mean_completion_state(hidden, ctx.batch["loss_mask"], ctx.batch["example_ids"], ctx.n)
+    logits = ctx.heads(p.head, pooled)
+    return jnp.stack([_rows(logits, part, b) for part in p.parts], axis=1)
+
+
 def _from_column(name: str, p: inputs_table.Provider, ctx: _Context) -> Array:
     if p.column not in ctx.batch:
         raise ValueError(
@@ -464,6 +542,7 @@ SOURCES: dict[str, Callable[[str, inputs_table.Provider, _Context], Any]] = {
     "token": _from_token,
     "mask": _from_mask,
     "distribution": _from_distribution,
+    "head": _from_head,
     "column": _from_column,
     "state": _from_state,
 }
@@ -483,13 +562,16 @@ def loss_inputs(
     policy: Mapping[str, Array],
     ref: Mapping[str, Array] | None,
     state: Any = None,
+    heads: Callable[[str, Array], Array] | None = None,
 ) -> dict[str, Array]:
     """The arrays the step's losses take (required ones, and optional ones that have a provider).
 
     ``policy`` / ``ref``: forward outputs, ``seq`` [N] summed and ``tok`` [R, T] masked token
-    log-probs, plus ``logits`` / ``hidden`` where a distribution statistic needs them.
+    log-probs, plus ``logits`` / ``hidden`` where a distribution statistic or a head needs them;
+    ``heads(name, features)``: the policy's aux classifier ``name`` (``Model.aux_logits`` with the
+    policy's params, so a head on the reference's states trains as the policy's).
     """
-    ctx = _Context(spec, batch, {"policy": policy, "ref": ref}, state, spec.sequences_in(batch))
+    ctx = _Context(spec, batch, {"policy": policy, "ref": ref}, state, spec.sequences_in(batch), heads)
     names = list(spec.required)
     names += [o for s in spec.specs for o in s.optional if o not in names and _optional_available(o, ctx)]
     out = {}
@@ -508,6 +590,8 @@ def _forward_needs(spec: StepSpec) -> dict[str, set[str]]:
                 needs[model].add(what)
         if p.source == "prompt":
             needs[p.model].add("prompt_seq")
+        if p.source == "head":
+            needs[p.model].add("hidden")
     return needs
 
 
@@ -571,14 +655,17 @@ def _forward(
 def _input_metrics(
     inputs: Mapping[str, Array], batch: Mapping[str, Array], spec: StepSpec
 ) -> dict[str, Array]:
-    """``inputs/<name>``: batch means of the distribution statistics and data columns the losses read."""
+    """``inputs/<name>``: batch means of the distribution statistics, learned masks and data columns
+    the losses read."""
     out = {}
     for name, value in inputs.items():
         p = inputs_table.PROVIDERS[name]
         dtype = jnp.asarray(value).dtype
         numeric = jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
-        if p.source not in ("distribution", "column") or not numeric:
+        if p.source not in ("distribution", "column", "head") or not numeric:
             continue
+        if p.source == "head" and not p.per_token:
+            continue  # a classifier's logits: their mean says nothing
         value = jax.lax.stop_gradient(jnp.asarray(value, jnp.float32))
         if p.per_token:
             m = _rows(batch["loss_mask"].astype(jnp.float32), p.part, spec.batch_size)
@@ -647,7 +734,8 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
         policy = dict(policy, seq=_replicated(policy["seq"], model))
         if ref is not None:
             ref = dict(ref, seq=_replicated(ref["seq"], model))
-        inputs = loss_inputs(spec, batch, policy, ref, loss_state)
+        heads = lambda name, features: model.aux_logits(params, name, features)  # noqa: E731
+        inputs = loss_inputs(spec, batch, policy, ref, loss_state, heads)
         inputs = {k: _replicated(v, model) if _is_vector(v) else v for k, v in inputs.items()}
         loss, metrics, new_state = combine_losses(spec, inputs)
         metrics.update(_input_metrics(inputs, batch, spec))

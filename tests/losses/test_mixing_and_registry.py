@@ -141,9 +141,16 @@ def test_wpo_weights_from_the_step_equal_the_official_code():
 
 
 def test_refusals_name_the_loss_the_input_and_what_would_provide_it():
-    with pytest.raises(ValueError, match=r"config.loss.name='spo'.*'degree_logits' needs "
-                                         r"SPO's preference-degree head"):
-        steplib.make_step_spec(_config("spo"), B, "model")
+    def separate_kl_masks(chosen_logps, rejected_logps, chosen_kl_mask):
+        return chosen_logps - rejected_logps
+
+    losses.register("_separate_kl_masks", family="pairwise", replace=True)(separate_kl_masks)
+    try:
+        with pytest.raises(ValueError, match=r"config.loss.name='_separate_kl_masks'.*'chosen_kl_mask' "
+                                             r"needs SparsePO's separate KL masks"):
+            steplib.make_step_spec(_config("_separate_kl_masks"), B, "model")
+    finally:
+        registry._REGISTRY.pop("_separate_kl_masks", None)
     with pytest.raises(ValueError, match=r"'kto' needs input 'logps'.*kind='pairwise'.*\['unpaired'\]"):
         steplib.make_step_spec(_config("kto"), B, "model")
     with pytest.raises(ValueError, match=r"per-token input 'chosen_token_logps'.*layout='padded'"):
@@ -155,8 +162,11 @@ def test_refusals_name_the_loss_the_input_and_what_would_provide_it():
         steplib.make_step_spec(_config("sigmoid+sft", weights=(1.0,)), B, "model")
     with pytest.raises(ValueError, match=r"config.loss.tau: loss 'sigmoid\+sft' has no hyperparameter"):
         steplib.make_step_spec(_config("sigmoid+sft", tau=1.0), B, "model")
-    assert "spo" in losses.names(trainable=False, include_aliases=False)
-    assert set(losses.names(trainable=True)) >= {"wpo", "sparsepo", "rationale_dpo", "dove"}
+    with pytest.raises(ValueError, match=r"rationales and SPO's degraded responses both take a pair's third"):
+        steplib.check_loss_config(_config("spo+rationale_dpo"))
+    assert "bradley_terry" in losses.names(trainable=False, include_aliases=False)  # its own job's
+    assert set(losses.names(trainable=True)) >= {"wpo", "sparsepo", "sparsepo_learned", "rationale_dpo",
+                                                 "dove", "spo"}
 
 
 _USER = '''

@@ -22,9 +22,13 @@ from tests.train.conftest import run_config
 STEPS = 3
 ROWS = 64
 # Every kind's losses in one run each; together they must be every loss the step trains.
+# SPO's degraded responses and Rationale-DPO's rationale are both a pair's third sequence: SPO runs
+# on its own (tests/train/test_spo.py checks its loss against an independent computation).
+SEPARATE = {"spo": "step"}
 KIND_LOSSES = {
     "step": [n for n in losses.names(include_aliases=False, trainable=True)
-             if set(losses.spec(n).status.kinds) & {"pairwise", "step"} and not losses.spec(n).stateful],
+             if set(losses.spec(n).status.kinds) & {"pairwise", "step"} and not losses.spec(n).stateful
+             and n not in SEPARATE],
     "sft": ["sft"],
     "unpaired": ["apo_zero_unpaired", "kto"],
     "listwise": ["adpo_listwise"],
@@ -79,7 +83,7 @@ def _run(tmp_path, name, loss, kind, source, **loss_keys):
 
 
 def test_the_kinds_cover_every_trainable_loss():
-    covered = {n for names in KIND_LOSSES.values() for n in names} | set(STATEFUL)
+    covered = {n for names in KIND_LOSSES.values() for n in names} | set(STATEFUL) | set(SEPARATE)
     assert covered == set(losses.names(include_aliases=False, trainable=True))
 
 
@@ -106,6 +110,12 @@ def test_every_pair_loss_trains_in_one_mix_and_sigmoid_equals_dpo(tmp_path, sour
     assert rows[0]["inputs/chosen_wpo_logps"] < 0.0  # log p_t < log sum_v p_v^2 on average off-policy
     # Step 1 sees the initial parameters in both runs: the mix's DPO term is the DPO run's loss.
     assert rows[0]["loss/dpo"] == pytest.approx(dpo_rows[0]["loss"], rel=1e-6)
+
+
+def test_spo_trains_on_the_pair_kinds(tmp_path, sources):
+    rows = _run(tmp_path, "spo", "spo", "step", sources["step"], beta=0.1)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert 0.0 <= rows[0]["inputs/degree_labels"] < 6.0  # classes 0..2 (chosen), 3..5 (rejected)
 
 
 def test_adpo_listwise_with_two_candidates_and_hard_targets_trains_as_dpo(tmp_path, sources, dpo_rows):
