@@ -31,6 +31,12 @@ def adpo_listwise(logps: Array, ref_logps: Array, target_probs: Array, candidate
     Paper: ADPO, "Anchored Direct Preference Optimization" (objectives.md; targets e.g. softmax of
     standardised rewards / temperature).
 
+    The anchor is the trainer's reference (``config.reference``): ``kind='frozen'`` anchors to the
+    initial model, ``kind='ema'`` to an EMA of the policy (``alpha`` < 1), and ``kind='ema'`` with
+    ``sync_every=1, alpha=1`` to the previous policy, the policy before each update (then every
+    step's loss is KL(q || uniform) and the gradient a trust-region step from the current policy;
+    tests/train/test_adpo_anchors.py).
+
     Args:
       logps: [B, K] summed policy log-probs of the K candidates.
       ref_logps: [B, K] the anchor's log-probs of the same candidates.
