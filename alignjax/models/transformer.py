@@ -336,6 +336,62 @@ def _mixed_precision_logits_bwd(res: tuple[Array, Array], g: Array) -> tuple[Arr
 mixed_precision_logits.defvjp(_mixed_precision_logits_fwd, _mixed_precision_logits_bwd)
 
 
+def _spec_axes(entry: Any) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def embed_lookup(table: Array, ids: Array, mesh: Mesh | None, rules: Rules) -> Array:
+    """Rows ``table[ids]`` ([V, D] table, [B, T] ids -> [B, T, D]), sharded as activations.
+
+    Why not a plain ``take``: the table is stored with ``embed`` over ``fsdp`` (and ``vocab`` over
+    ``tensor``) while the batch is split over ``(data, fsdp)``, and XLA's SPMD partitioner cannot
+    move the gather's embed-split output onto the batch axes on every mesh: on ``(2, 2, 2)`` it
+    falls back to an "involuntary full rematerialization" (the gather's whole ``[B, T, D]`` output,
+    and its cotangent in the backward, replicated on every device). Here each device looks up its rows
+    explicitly (``shard_map``): the ids are all-gathered over the table's ``embed`` axis, each
+    device reads its block of the table (its vocabulary rows, zeros for ids outside them, summed
+    over the ``vocab`` axis: Megatron's vocab-parallel embedding), and an all-to-all over the
+    ``embed`` axis trades the embed split for the batch split. Nothing of the table moves; its
+    gradient is reduced over the axes the table is replicated on. Sharding rules outside that
+    pattern (an activation or sequence split, a vocab axis that also splits the batch, several
+    embed axes) keep XLA's own partitioning of a ``take``.
+    """
+    if mesh is None:
+        return jnp.take(table, ids, axis=0)
+    out_axes = ("batch", "length", "act_embed")
+    vocab_e, embed_e = fit_spec(table.shape, ("vocab", "embed"), mesh, rules)
+    batch_e, length_e, act_e = fit_spec((*ids.shape, table.shape[1]), out_axes, mesh, rules)
+    vocab_a, embed_a, batch_a = _spec_axes(vocab_e), _spec_axes(embed_e), _spec_axes(batch_e)
+    local_pattern = not (length_e or act_e or set(vocab_a) & set(batch_a) or len(embed_a) > 1)
+    if not local_pattern or not (vocab_a or embed_a):
+        return constrain(jnp.take(table, ids, axis=0), out_axes, mesh, rules)
+    swap = tuple(a for a in embed_a if a in batch_a)  # the embed split traded for the batch split
+    keep = tuple(a for a in embed_a if a not in batch_a)  # embed stays split (batch too small)
+    vocab_rows = table.shape[0] // math.prod(mesh.shape[a] for a in vocab_a)
+
+    def local(block: Array, rows: Array) -> Array:
+        if swap:
+            rows = jax.lax.all_gather(rows, swap, axis=0, tiled=True)
+        if vocab_a:
+            offset = jax.lax.axis_index(vocab_a) * vocab_rows
+            inside = (rows >= offset) & (rows < offset + vocab_rows)
+            x = jnp.take(block, jnp.where(inside, rows - offset, 0), axis=0)
+            x = jax.lax.psum(jnp.where(inside[..., None], x, jnp.zeros((), x.dtype)), vocab_a)
+        else:
+            x = jnp.take(block, rows, axis=0)
+        if swap:
+            x = jax.lax.all_to_all(x, swap, split_axis=0, concat_axis=2, tiled=True)
+        return x
+
+    x = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(vocab_e, embed_e), PartitionSpec(batch_e, None)),
+        out_specs=PartitionSpec(batch_e, None, keep[0] if keep else None),
+    )(table, ids)
+    return constrain(x, out_axes, mesh, rules)
+
+
 def _init(axes: tuple[str | None, ...], init: Any = None) -> Any:
     return nn.with_logical_partitioning(init or nn.initializers.normal(0.02), axes)
 
@@ -537,8 +593,7 @@ class Decoder(nn.Module):
             branch_ids = jnp.zeros_like(input_ids)
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embedding = self.param("embedding", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
-        x = jnp.take(embedding, input_ids, axis=0).astype(dt)
-        x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
+        x = embed_lookup(embedding, input_ids, self.mesh, self.rules).astype(dt)
         mask = None
         splash = cache is None and splash_applicable(input_ids.shape, cfg, branched, self.mesh, self.rules)
         if cache is None and not splash:
