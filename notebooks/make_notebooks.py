@@ -33,7 +33,7 @@ while not os.path.isdir(os.path.join(root, "alignjax")) and os.path.dirname(root
 sys.path.insert(0, root)
 import jax
 assert len(jax.devices()) == {devices}, jax.devices()
-print("kernel python:", sys.prefix)'''
+print("kernel python:", os.path.relpath(sys.prefix, root))  # relative: no machine's paths in outputs'''
 
 
 NB01 = [
