@@ -24,14 +24,14 @@ Each row sits next to the budget the parallelism needs (:func:`budget`, payload 
   projection's input gradient: q, k, v, gate, up; a fused qkv / gate-up matmul would need two),
   the vocab-parallel embedding's psum in each forward and the LM head's input gradient;
 * small: per-token log-softmax statistics and scalars (loss, norms, finiteness flags);
-* reduce-scatter (on CPU), all-to-all and collective-permute: none.
+* all-to-all: the embedding's rows only; reduce-scatter (on CPU) and collective-permute: none.
 
 XLA's "Involuntary full rematerialization" warnings (a resharding the partitioner could only do by
 replicating the array) are captured from its stderr during each compile and counted.
 
     .venv/bin/python bench/collectives.py                               # bench-7m, 8 pairs x 128 tokens
     .venv/bin/python bench/collectives.py --preset=tiny --layers=1 --pairs=4 --length=16 \
-        --meshes=data=2,fsdp=2,tensor=2 --xla-defaults                                  # smoke
+        --meshes="fsdp=8;data=2,fsdp=2,tensor=2" --xla-defaults                         # smoke
 
 One JSON line (``JSON ...``) closes the output.
 """
