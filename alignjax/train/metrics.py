@@ -207,3 +207,35 @@ def plot_curves(metrics_path: storage.PathLike, png_path: storage.PathLike, titl
     plt.close(fig)
     storage.write_bytes(png_path, png.getvalue())
     return os.fspath(png_path)
+
+
+class Progress:
+    """The progress bar (``config.train.progress``, process 0): the last loss read (metrics arrive one
+    step late) and tokens/s since the previous step; messages go through it or to stdout."""
+
+    def __init__(self, config: Any, num_steps: int, start: int, label: str):
+        self.bar = None
+        if config.train.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=num_steps, initial=start, desc=label, dynamic_ncols=True)
+        self.t_last = time.time()
+
+    def update(self, tokens: int, last_metrics: Mapping[str, float]) -> None:
+        if self.bar is None:
+            return
+        dt = max(time.time() - self.t_last, 1e-9)
+        shown = {"loss": f"{last_metrics['loss']:.4f}"} if "loss" in last_metrics else {}
+        self.bar.set_postfix(**shown, tok_s=f"{tokens / dt:.0f}")
+        self.bar.update(1)
+        self.t_last = time.time()
+
+    def say(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

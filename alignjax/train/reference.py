@@ -15,12 +15,17 @@
   the data settings, so a changed model or dataset never reads a stale cache;
 * ``ema``    - TR-DPO: every ``sync_every`` steps ``ref <- alpha * policy + (1 - alpha) * ref``
   ("Learn Your Reference Model for Real Good Alignment", arXiv:2404.09656; alpha = 1 is the hard
-  update), done inside the jitted step (:func:`alignjax.train.step.ema_update`).
+  update), done inside the jitted step (:func:`ema_update`).
+
+This module owns the reference: what the state holds (:func:`keeps_copy`, :func:`stored_reference`),
+the EMA update the step applies, and the cache (:func:`build_cache`); the step only runs the
+reference forward on what it is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -33,11 +38,15 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from alignjax import storage
-from alignjax.train.step import CACHEABLE, ema_update
+from alignjax import logprobs, sharding, storage
+from alignjax.losses import providers
+from alignjax.models import lora
+from alignjax.train.checkpoint import fingerprint
 
 __all__ = [
+    "CACHEABLE",
     "KINDS",
+    "build_cache",
     "keeps_copy",
     "step_reference_mode",
     "cache_key",
@@ -50,6 +59,8 @@ __all__ = [
 
 KINDS = ("frozen", "none", "cache", "ema")
 CHUNK = 64  # micro-batches per cache file
+# Reference values a precomputed cache can supply (per-sequence sums only).
+CACHEABLE = tuple(n for n, p in providers.PROVIDERS.items() if p.cacheable)
 
 
 def step_reference_mode(kind: str) -> str:
@@ -68,8 +79,6 @@ def keeps_copy(kind: str, model: Any) -> bool:
     copy of the weights and the step's reference forward reads the same buffers as the policy's.
     An EMA reference averages the whole policy into a copy, which LoRA's split does not support.
     """
-    from alignjax.models import lora
-
     if kind == "ema" and lora.model_lora(model) is not None:
         raise ValueError(
             "config.reference.kind='ema' with config.model.lora.rank > 0 is not supported (LoRA's "
@@ -176,6 +185,18 @@ class ReferenceCache:
         return {n: self._loaded[chunk][n][offset] for n in self.names}
 
 
+def ema_update(ref_params: Any, params: Any, alpha: float | jax.Array) -> Any:
+    """TR-DPO soft update ``ref <- alpha * policy + (1 - alpha) * ref`` (alpha = 1: hard sync).
+
+    "Learn Your Reference Model for Real Good Alignment" (Gorbatovski et al., arXiv:2404.09656).
+    """
+    return jax.tree.map(
+        lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
+        ref_params,
+        params,
+    )
+
+
 def stored_reference(params: Any, dtype: Any = None) -> Any:
     """The reference params the train state holds: ``params`` in new buffers (so donating the
     policy's buffers to the step leaves the reference intact), leaves wider than ``dtype`` cast to it.
@@ -193,3 +214,44 @@ def stored_reference(params: Any, dtype: Any = None) -> Any:
         return x.astype(dtype)
 
     return jax.tree.map(store, params)
+
+
+def build_cache(
+    config: Any,
+    workdir: str,
+    model: Any,
+    spec: Any,
+    ref_params: Any,
+    num_micro: int,
+    batches: Callable[[], Iterator[Mapping[str, np.ndarray]]],
+) -> ReferenceCache:
+    """Precomputes the reference log-probs of every training micro-batch (resumable): ``batches()``
+    yields the run's host micro-batches in training order, sequence ids global."""
+    mesh = model.mesh
+    settings = {k: config.data[k] for k in ("source", "tokenizer", "kind", "layout", "max_length")}
+    settings.update(
+        micro_batch=spec.batch_size, seed=config.seed, processes=jax.process_count(), num_micro=num_micro
+    )
+    key = cache_key(model.config, fingerprint(ref_params), settings)
+    directory = config.reference.cache_dir or storage.path(workdir) / "ref_cache"
+    cache = ReferenceCache(directory, key, spec.required)
+    if cache.complete(num_micro):
+        return cache
+    n, b = spec.num_sequences, spec.batch_size
+    out_sharding = sharding.batch_sharding(mesh, 1)
+
+    @functools.partial(jax.jit, compiler_options=logprobs.STRICT_ROUNDING)
+    def compute(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        seq, _ = logprobs.batch_sequence_logps(model, params, batch, n)
+        seq = jax.lax.with_sharding_constraint(seq, out_sharding)
+        first = jax.lax.with_sharding_constraint(seq[:b], out_sharding)
+        second = jax.lax.with_sharding_constraint(seq[b : 2 * b] if n > b else seq[:0], out_sharding)
+        return {
+            "ref_chosen_logps": first,
+            "ref_rejected_logps": second,
+            "ref_logps": first,
+            "ref_kl_logps": second,
+        }
+
+    cache.build(batches(), num_micro, lambda h: compute(ref_params, sharding.global_batch(mesh, h)))
+    return cache

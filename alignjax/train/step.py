@@ -37,6 +37,7 @@ from alignjax.losses import providers as inputs_table
 from alignjax.losses.metrics import preference_metrics
 from alignjax.models import lora
 from alignjax.models.heads import mean_completion_state
+from alignjax.train.reference import ema_update
 
 Array = jax.Array
 State = dict[str, Any]
@@ -51,8 +52,6 @@ DROPOUT_KEY = "lora_dropout_rng"  # the micro-batch entry the train step adds fo
 # Every loss input this step can supply (alignjax.losses.providers.PROVIDERS): computed from the
 # forwards, or a per-example column the data layer puts in the batch.
 PROVIDED = frozenset(inputs_table.PROVIDERS)
-# Reference values a precomputed cache can supply (per-sequence sums only).
-CACHEABLE = tuple(n for n, p in inputs_table.PROVIDERS.items() if p.cacheable)
 # config.loss keys that are not hyperparameters of one loss.
 _LOSS_KEYS = ("name", "weights", "module", "nll_weight")
 # What each distribution statistic needs from which forward ("logits" or "hidden").
@@ -762,18 +761,6 @@ def make_loss_fn(model: Any, spec: StepSpec) -> Callable[..., tuple[Array, tuple
         return loss, (metrics, new_state)
 
     return loss_fn
-
-
-def ema_update(ref_params: Any, params: Any, alpha: float | Array) -> Any:
-    """TR-DPO soft update ``ref <- alpha * policy + (1 - alpha) * ref`` (alpha = 1: hard sync).
-
-    "Learn Your Reference Model for Real Good Alignment" (Gorbatovski et al., arXiv:2404.09656).
-    """
-    return jax.tree.map(
-        lambda r, p: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
-        ref_params,
-        params,
-    )
 
 
 # Metric key of the step's finiteness check: a bit per quantity found non-finite (0 = applied).

@@ -291,7 +291,8 @@ def test_an_update_that_makes_parameters_infinite_under_a_finite_loss_is_never_a
 
 
 def test_a_run_whose_gradients_stay_exactly_zero_says_so(tmp_path, capsys):
-    from alignjax.train.loop import ZERO_GRAD_STREAK, run_train
+    from alignjax.train.guards import ZERO_GRAD_STREAK
+    from alignjax.train.loop import run_train
 
     # lr 1e5 saturates the tiny model by step 3: every later gradient is exactly 0, every loss finite.
     config = _inprocess_config(optim__learning_rate=1e5, train__num_steps=10, train__log_every=1)
