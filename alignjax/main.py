@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -27,10 +26,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-# Config files import ``experiments.common``: the repository root (the working directory of
-# ``python -m alignjax.main``) must be importable however the module was started.
-if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+from alignjax.configs import check_config_file, load_config_file
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<file>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics, checkpoints, summary")
@@ -71,24 +67,6 @@ def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
         else:
             keys.append(path)
     return keys
-
-
-def load_config_file(spec: str) -> ConfigDict:
-    """``path.py[:arg]`` -> ``get_config(arg)``, imported the way config_flags does."""
-    path, _, arg = spec.partition(":")
-    check_config_file([f"--config={spec}"])
-    module_spec = importlib.util.spec_from_file_location("_alignjax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def check_config_file(argv: Sequence[str]) -> None:
-    """Fails on a --config file that does not exist, naming it (config_flags' own message is a
-    multi-line traceback)."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
-        raise FileNotFoundError(f"--config={spec}: no such config file {spec.partition(':')[0]!r}")
 
 
 def check_overrides(argv: Sequence[str]) -> None:

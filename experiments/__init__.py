@@ -1,1 +1,2 @@
-"""Experiment configs: ``get_config(arg)`` files, one per experiment family (see common.py)."""
+"""Experiment configs: ``get_config(arg)`` files, one per experiment family, built on
+:mod:`alignjax.configs`."""

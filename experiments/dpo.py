@@ -20,28 +20,28 @@ frozen reference is the base weights with the adapters off; QLoRA: --config.mode
 runlocal.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg, model="tiny", loss="sigmoid", module="", kind="pairwise", source="", reference="frozen", steps=0,
         lora=0, runlocal=False,
     )
-    c = common.base_config()
+    c = configs.base_config()
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_dpo")
+        configs.arithmetic_data(c, "arithmetic_dpo")
     c.data.kind = a.kind
     c.reference.kind = a.reference
     c.optim.learning_rate = 5e-4
     c.optim.warmup_steps = 10
     c.train.num_steps = 200
-    common.fill_loss_hyperparameters(c, a.loss, a.module)
+    configs.fill_loss_hyperparameters(c, a.loss, a.module)
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
     if a.steps:
         c.train.num_steps = a.steps
     c.model.lora.rank = a.lora

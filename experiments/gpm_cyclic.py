@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignjax import configs
 
-from experiments import (
-    common,  # noqa: E402
-    reward_model,  # noqa: E402
-)
+reward_model = configs.sibling(__file__, "reward_model")
 
 SMALL = dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 NUM_TRAIN, NUM_EVAL = 600, 300
@@ -46,7 +41,7 @@ def data_files(seed: int, directory: str | None = None) -> tuple[str, str]:
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, objective="gpm", seed=0, steps=150, data_dir="")
+    a = configs.parse_arg(arg, objective="gpm", seed=0, steps=150, data_dir="")
     if a.objective not in ("bt", "gpm"):
         raise ValueError(f"experiments/gpm_cyclic.py: objective={a.objective!r}; choose bt or gpm")
     c = reward_model.get_config(f"objective={a.objective}")

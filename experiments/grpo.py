@@ -14,10 +14,10 @@ dapo), scale_rewards (group | batch | none), runlocal.
 
 from __future__ import annotations
 
-from experiments import common
+from alignjax import configs
 
 
-def online_section(**overrides) -> common.ConfigDict:
+def online_section(**overrides) -> configs.ConfigDict:
     """``config.online``: the keys the online jobs read (alignjax/online/train.py), with defaults."""
     values = dict(
         num_generations=8,  # completions per prompt (TRL's num_generations)
@@ -46,17 +46,17 @@ def online_section(**overrides) -> common.ConfigDict:
         augment_prefix="",  # its string-prompt condition, a format string with {score} ("" = the paper's)
     )
     values.update(overrides)
-    return common.ConfigDict(values)
+    return configs.ConfigDict(values)
 
 
-def base(job: str, a) -> common.ConfigDict:
+def base(job: str, a) -> configs.ConfigDict:
     """The config shared by grpo / rloo / online_dpo on the arithmetic task (``a``: parsed arguments)."""
-    c = common.base_config()
+    c = configs.base_config()
     c.job = job
     c.seed = a.seed
     c.model.path = "tiny"
-    c.model.overrides = common.quickstart_model(vocab_size=16)
-    common.arithmetic_data(c, "arithmetic_sft", eval_split="")
+    c.model.overrides = configs.quickstart_model(vocab_size=16)
+    configs.arithmetic_data(c, "arithmetic_sft", eval_split="")
     c.data.kind = "sft"
     c.data.max_length = 12
     c.train.log_every = 1
@@ -67,7 +67,7 @@ def base(job: str, a) -> common.ConfigDict:
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.online = online_section()
-    c.sft = common.ConfigDict()
+    c.sft = configs.ConfigDict()
     c.sft.data = dict(kind="sft", source="synthetic:arithmetic_sft:train", eval_source="", batch_size=128)
     c.sft.loss = dict(name="sft", nll_weight=0.0)
     c.sft.reference = dict(kind="none")
@@ -78,12 +78,12 @@ def base(job: str, a) -> common.ConfigDict:
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg, seed=0, steps=60, sft_steps=2500, prompts=16, generations=8, iterations=1, lr=1e-3, beta=0.0,
         loss_type="dapo", scale_rewards="group", runlocal=False,
     )
     c = rollout_job("grpo", a)
-    common.fill_loss_hyperparameters(c, "grpo")
+    configs.fill_loss_hyperparameters(c, "grpo")
     c.loss.beta = a.beta
     c.loss.loss_type = a.loss_type
     c.reference.kind = "frozen" if a.beta else "none"
@@ -93,7 +93,7 @@ def get_config(arg: str | None = None):
     return c
 
 
-def rollout_job(job: str, a) -> common.ConfigDict:
+def rollout_job(job: str, a) -> configs.ConfigDict:
     """:func:`base` for the jobs that train on each step's rollouts (grpo / rloo / ppo): ``prompts``
     per step, ``generations`` each, ``iterations`` optimiser steps per rollout batch."""
     c = base(job, a)
@@ -105,7 +105,7 @@ def rollout_job(job: str, a) -> common.ConfigDict:
     return c
 
 
-def local(c: common.ConfigDict) -> None:
+def local(c: configs.ConfigDict) -> None:
     """The runlocal sizes: a few SFT and online steps of 8 prompts x 4 samples."""
     c.online.sft_steps = 20
     c.sft.train = dict(num_steps=20, checkpoint_every=1000)

@@ -7,23 +7,23 @@ Data: unpaired rows (prompt, completion, label), or preference pairs, which are 
 arithmetic pairs without ``source``.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, model="tiny", loss="kto", source="", steps=0, runlocal=False)
-    c = common.base_config()
+    a = configs.parse_arg(arg, model="tiny", loss="kto", source="", steps=0, runlocal=False)
+    c = configs.base_config()
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_dpo")
+        configs.arithmetic_data(c, "arithmetic_dpo")
     c.data.kind = "unpaired"
     c.optim.learning_rate = 5e-4
     c.train.num_steps = 200
-    common.fill_loss_hyperparameters(c, a.loss)
+    configs.fill_loss_hyperparameters(c, a.loss)
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
     if a.steps:
         c.train.num_steps = a.steps
     return c

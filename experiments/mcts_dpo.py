@@ -15,11 +15,11 @@ iterations, children, beta, nll_weight, dpo_lr, budget_from, runlocal.
 
 from __future__ import annotations
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg,
         seed=0,
         method="mcts",
@@ -37,11 +37,11 @@ def get_config(arg: str | None = None):
         budget_from="",
         runlocal=False,
     )
-    c = common.base_config()
+    c = configs.base_config()
     c.job = "mcts_dpo"
     c.seed = a.seed
     c.model.path = "tiny"
-    c.model.overrides = common.quickstart_model(vocab_size=24)
+    c.model.overrides = configs.quickstart_model(vocab_size=24)
     c.data.source = "synthetic:multistep"  # or a GSM8K-style JSONL path
     c.data.eval_source = ""
     c.data.tokenizer = "multistep"
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None):
     c.train.progress = False
     c.train.plot = False
 
-    c.mcts_dpo = common.ConfigDict(
+    c.mcts_dpo = configs.ConfigDict(
         dict(
             method=a.method,  # mcts | instance
             rounds=a.rounds,
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None):
             max_samples=12,  # instance: whole solutions drawn per prompt (used until the budget is spent)
         )
     )
-    c.search = common.ConfigDict(
+    c.search = configs.ConfigDict(
         dict(
             num_iterations=a.iterations,
             num_children=a.children,
@@ -90,13 +90,13 @@ def get_config(arg: str | None = None):
         )
     )
 
-    c.sft = common.ConfigDict()
+    c.sft = configs.ConfigDict()
     c.sft.loss = dict(name="sft", nll_weight=0.0)
     c.sft.reference = dict(kind="none")
     c.sft.optim = dict(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
     c.sft.train = dict(num_steps=a.sft_steps)
 
-    c.dpo = common.ConfigDict()
+    c.dpo = configs.ConfigDict()
     c.dpo.loss = dict(name="mcts_dpo", beta=a.beta, nll_weight=a.nll_weight)
     c.dpo.reference = dict(kind="frozen")
     c.dpo.optim = dict(learning_rate=a.dpo_lr, warmup_steps=5, schedule="cosine")

@@ -11,18 +11,19 @@ per rollout batch), lr, kl_coef, whiten (whiten the token rewards), runlocal.
 
 from __future__ import annotations
 
-from experiments import common
-from experiments.grpo import local, rollout_job
+from alignjax import configs
+
+grpo = configs.sibling(__file__, "grpo")
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg, seed=0, steps=60, sft_steps=2500, prompts=16, generations=4, iterations=2, lr=1e-3, kl_coef=0.05,
         whiten=False, runlocal=False,
     )
     from alignjax.online.ppo import HYPERPARAMETERS
 
-    c = rollout_job("ppo", a)
+    c = grpo.rollout_job("ppo", a)
     c.loss.name = "ppo"
     for key, value in HYPERPARAMETERS.items():
         c.loss[key] = value
@@ -30,5 +31,5 @@ def get_config(arg: str | None = None):
     c.loss.whiten_rewards = a.whiten
     c.reference.kind = "frozen"
     if a.runlocal:
-        local(c)
+        grpo.local(c)
     return c

@@ -13,20 +13,20 @@ prompt_desirable_prob (alignjax.eval.annotate), and summary.json with the classi
 each label. The bco loss reads the column as min/max_density_ratio-clipped weights p / (1 - p).
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, model="", source="", runlocal=False)
-    c = common.base_config()
+    a = configs.parse_arg(arg, model="", source="", runlocal=False)
+    c = configs.base_config()
     c.job = "prompt_classifier"
     c.embed.model = a.model
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_dpo", split="train", eval_split="")
+        configs.arithmetic_data(c, "arithmetic_dpo", split="train", eval_split="")
         c.data.kind = "unpaired"
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
         c.embed.sample_size = 64
     return c

@@ -27,11 +27,11 @@ Arguments: seed, loss (any pairwise loss), beta (0 = 2 for RPO, 5 for plain DPO)
 dpo_steps, dpo_lr (0 = 4e-4 for RPO, 1e-4 for plain DPO), runlocal.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg,
         seed=0,
         loss="sigmoid",
@@ -42,11 +42,11 @@ def get_config(arg: str | None = None):
         dpo_lr=0.0,
         runlocal=False,
     )
-    c = common.base_config()
+    c = configs.base_config()
     c.job = "quickstart"
     c.seed = a.seed
     c.model.path = "tiny"
-    c.model.overrides = common.quickstart_model(vocab_size=16)
+    c.model.overrides = configs.quickstart_model(vocab_size=16)
     c.data.tokenizer = "arithmetic"
     c.data.max_length = 10
     c.data.batch_size = 128
@@ -55,17 +55,17 @@ def get_config(arg: str | None = None):
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.tensorboard = False
-    c.quickstart = common.ConfigDict(dict(split_seed=0, num_test=2000, num_val=500, max_new_tokens=4))
+    c.quickstart = configs.ConfigDict(dict(split_seed=0, num_test=2000, num_val=500, max_new_tokens=4))
 
     # Stage overrides (sections of the shared keys above).
-    c.sft = common.ConfigDict()
+    c.sft = configs.ConfigDict()
     c.sft.data = dict(kind="sft", source="synthetic:arithmetic_sft:train", eval_source="")
     c.sft.loss = dict(name="sft", nll_weight=0.0)
     c.sft.reference = dict(kind="none")
     c.sft.optim = dict(learning_rate=3e-3, warmup_steps=50, schedule="cosine", weight_decay=0.0)
     c.sft.train = dict(num_steps=a.sft_steps)
 
-    c.dpo = common.ConfigDict()
+    c.dpo = configs.ConfigDict()
     c.dpo.data = dict(
         kind="pairwise", source="synthetic:arithmetic_dpo:train", eval_source="synthetic:arithmetic_dpo:val"
     )

@@ -7,12 +7,12 @@ The quickstart model on 2-digit addition: SFT, then from the same SFT model (als
 DPO, DPO with a separate (smaller) beta on the rejected term, and DPO + NLL(y_w). Arguments: beta, quick.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, beta=0.5, quick=False)
-    c = common.ConfigDict()
+    a = configs.parse_arg(arg, beta=0.5, quick=False)
+    c = configs.ConfigDict()
     c.job = "repro_three_d"
     c.seeds = (0, 1, 2)
     c.sft_steps = 300
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
     c.batch_size = 64
     c.learning_rate = 1e-3
     c.num_pairs = 512
-    c.losses = common.ConfigDict({
+    c.losses = configs.ConfigDict({
         "dpo": dict(name="sigmoid", beta=a.beta, nll_weight=0.0),
         "dpo_split_beta": dict(name="dpo_split_beta", beta_chosen=a.beta, beta_rejected=a.beta / 4,
                                nll_weight=0.0),

@@ -6,12 +6,12 @@
 Arguments: beta, quick.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, beta=0.5, quick=False)
-    c = common.ConfigDict()
+    a = configs.parse_arg(arg, beta=0.5, quick=False)
+    c = configs.ConfigDict()
     c.job = "repro_adpo_noise"
     c.seeds = (0, 1, 2)
     c.noise_levels = (0.0, 0.1, 0.2, 0.3, 0.4)

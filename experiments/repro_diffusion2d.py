@@ -6,12 +6,12 @@
 Arguments: beta, quick.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, beta=50.0, quick=False)
-    c = common.ConfigDict()
+    a = configs.parse_arg(arg, beta=50.0, quick=False)
+    c = configs.ConfigDict()
     c.job = "repro_diffusion2d"
     c.seeds = (0, 1, 2)
     c.num_steps = 50  # diffusion steps T

@@ -7,12 +7,12 @@ The quickstart model (2 layers, width 64) on 2-digit addition: SFT, then DPO aga
 held-out pairs scored under both. Arguments: beta, quick.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, beta=0.5, quick=False)
-    c = common.ConfigDict()
+    a = configs.parse_arg(arg, beta=0.5, quick=False)
+    c = configs.ConfigDict()
     c.job = "repro_ranking"
     c.seeds = (0, 1, 2)
     c.beta = a.beta

@@ -7,12 +7,12 @@
 Arguments: flip_fraction, quick (one seed, one level, a few steps, the ensemble as heads: about 30 s).
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, flip_fraction=0.3, quick=False)
-    c = common.ConfigDict()
+    a = configs.parse_arg(arg, flip_fraction=0.3, quick=False)
+    c = configs.ConfigDict()
     c.job = "repro_secrets_noise"
     c.seeds = (0, 1, 2)
     c.noise_levels = (0.0, 0.15, 0.3)  # share of training labels flipped on top of BT sampling

@@ -6,12 +6,12 @@
 Arguments: beta, quick (one seed, two levels, few steps: seconds).
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, beta=0.5, quick=False)
-    c = common.ConfigDict()
+    a = configs.parse_arg(arg, beta=0.5, quick=False)
+    c = configs.ConfigDict()
     c.job = "repro_wpo_offpolicy"
     c.seeds = (0, 1, 2)
     c.rewards = ("misspecified", "linear")

@@ -18,32 +18,32 @@ steps), each pair's strength (mean, std), then flipping / smoothing / adaptive m
 for ``train.num_steps`` steps.
 """
 
-from experiments import common
+from alignjax import configs
 
 OBJECTIVE_LOSS = {"bt": "bradley_terry", "secrets": "secrets_rm", "gpm": "gpm", "pal": "pal"}
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg, objective="bt", model="tiny", source="", eval="", steps=0, lora=0, runlocal=False
     )
     if a.objective not in OBJECTIVE_LOSS:
         raise ValueError(
             f"experiments/reward_model.py: objective={a.objective!r}; choose one of {sorted(OBJECTIVE_LOSS)}"
         )
-    c = common.base_config()
+    c = configs.base_config()
     c.job = "reward_model"
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_dpo")
+        configs.arithmetic_data(c, "arithmetic_dpo")
     c.data.kind = "pairwise"
     c.reference.kind = "none"
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 10
     c.train.num_steps = 200
-    c.reward = common.ConfigDict(
+    c.reward = configs.ConfigDict(
         dict(
             objective=a.objective,
             num_heads=1,  # > 1: an ensemble of value heads (bt)
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
             export_dir="",  # value heads: write an HF AutoModelForSequenceClassification here
         )
     )
-    c.reward.secrets = common.ConfigDict(
+    c.reward.secrets = configs.ConfigDict(
         dict(
             ensemble="models",  # models: M independent reward models; heads: M heads on one decoder
             ensemble_size=4,
@@ -71,9 +71,9 @@ def get_config(arg: str | None = None):
     if a.objective == "pal":
         c.loss.name = "pal"  # the reward scale is the head's learned parameter
     else:
-        common.fill_loss_hyperparameters(c, OBJECTIVE_LOSS[a.objective])
+        configs.fill_loss_hyperparameters(c, OBJECTIVE_LOSS[a.objective])
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
         c.reward.secrets.ensemble_steps = 5
         c.reward.secrets.score_batch_size = 32
     if a.steps:

@@ -11,20 +11,21 @@ coefficient, 0 = no reference), normalize (standardise advantages), runlocal.
 
 from __future__ import annotations
 
-from experiments import common
-from experiments.grpo import local, rollout_job
+from alignjax import configs
+
+grpo = configs.sibling(__file__, "grpo")
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg, seed=0, steps=60, sft_steps=2500, prompts=16, generations=8, iterations=1, lr=1e-3, beta=0.05,
         normalize=False, runlocal=False,
     )
-    c = rollout_job("rloo", a)
-    common.fill_loss_hyperparameters(c, "rloo")
+    c = grpo.rollout_job("rloo", a)
+    configs.fill_loss_hyperparameters(c, "rloo")
     c.loss.beta = a.beta
     c.reference.kind = "frozen" if a.beta else "none"
     c.online.normalize_advantages = a.normalize
     if a.runlocal:
-        local(c)
+        grpo.local(c)
     return c

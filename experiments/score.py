@@ -21,7 +21,7 @@ directory when it has tokenizer.json. Writes summary.json and scores.jsonl in th
 import json
 import os
 
-from experiments import common
+from alignjax import configs
 
 MODES = ("ref", "avg", "sum", "norm")
 TOKENIZATIONS = ("rewardbench", "trl")
@@ -39,7 +39,7 @@ def default_tokenizer(model: str) -> str:
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(
+    a = configs.parse_arg(
         arg, model="tiny", reference="", mode="", source="", tokenizer="", tokenization="", runlocal=False
     )
     a.mode = a.mode or ("ref" if a.reference else "avg")
@@ -50,17 +50,17 @@ def get_config(arg: str | None = None):
         raise ValueError(
             f"experiments/score.py: tokenization={a.tokenization!r}; choose one of {list(TOKENIZATIONS)}"
         )
-    c = common.base_config()
+    c = configs.base_config()
     c.job = "score"
     c.model.path = a.model
     c.reference.path = a.reference
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_dpo", split="test", eval_split="")
+        configs.arithmetic_data(c, "arithmetic_dpo", split="test", eval_split="")
     c.data.tokenizer = a.tokenizer or default_tokenizer(a.model) or c.data.tokenizer
     c.score.mode = a.mode
     c.score.tokenization = a.tokenization
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
     return c

@@ -12,19 +12,19 @@ the arithmetic task's first 32 pairs. Writes <workdir>/pairs.jsonl, the pairs wi
 semantic_distance (alignjax.eval.annotate), and summary.json.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, model="", source="", runlocal=False)
-    c = common.base_config()
+    a = configs.parse_arg(arg, model="", source="", runlocal=False)
+    c = configs.base_config()
     c.job = "semantic_distance"
     c.embed.model = a.model
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_dpo", split="train", eval_split="")
+        configs.arithmetic_data(c, "arithmetic_dpo", split="train", eval_split="")
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
         c.embed.max_rows = 32
     return c

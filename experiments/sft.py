@@ -5,25 +5,25 @@
       --workdir=workdirs/sft --config.data.tokenizer=/ckpt/llama
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, model="tiny", source="", steps=0, runlocal=False)
-    c = common.base_config()
+    a = configs.parse_arg(arg, model="tiny", source="", steps=0, runlocal=False)
+    c = configs.base_config()
     c.model.path = a.model
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_sft")
+        configs.arithmetic_data(c, "arithmetic_sft")
     c.data.kind = "sft"
     c.reference.kind = "none"
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 10
     c.train.num_steps = 500
-    common.fill_loss_hyperparameters(c, "sft")
+    configs.fill_loss_hyperparameters(c, "sft")
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
     if a.steps:
         c.train.num_steps = a.steps
     return c

@@ -13,20 +13,20 @@ on the arithmetic task's pairs. Writes <workdir>/pairs.jsonl, the pairs with the
 (alignjax.eval.annotate), and summary.json.
 """
 
-from experiments import common
+from alignjax import configs
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, models="tiny", source="", tokenizer="", runlocal=False)
-    c = common.base_config()
+    a = configs.parse_arg(arg, models="tiny", source="", tokenizer="", runlocal=False)
+    c = configs.base_config()
     c.job = "source_logps"
     c.sources.models = a.models
     if a.source:
         c.data.source = a.source
     else:
-        common.arithmetic_data(c, "arithmetic_dpo", split="train", eval_split="")
+        configs.arithmetic_data(c, "arithmetic_dpo", split="train", eval_split="")
     if a.tokenizer:
         c.data.tokenizer = a.tokenizer
     if a.runlocal:
-        common.runlocal(c)
+        configs.runlocal(c)
     return c

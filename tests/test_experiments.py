@@ -1,11 +1,18 @@
-"""Experiment configs: typed string arguments, loss hyperparameters from the registry, runlocal."""
+"""Experiment configs: typed string arguments, loss hyperparameters from the registry, runlocal; an
+experiment file runs from anywhere on disk."""
 
 import importlib
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 import alignjax.losses as losses
-from experiments import common
+from alignjax import configs as common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, arg=None):
@@ -59,3 +66,48 @@ def test_every_config_and_its_runlocal_variant():
     q = _config("quickstart", "rpo=false")
     assert (q.dpo.loss.nll_weight, q.dpo.loss.beta, q.dpo.optim.learning_rate) == (0.0, 5.0, 1e-4)
     assert _config("quickstart", "beta=0.5,dpo_lr=1e-4").dpo.loss.beta == 0.5  # the arguments still win
+
+
+def test_an_experiment_file_outside_the_repository_runs_from_another_directory(tmp_path):
+    """Copies of experiments/dpo.py and of rloo.py with the grpo.py it builds on, in a directory of
+    their own, load from a third directory in a fresh interpreter that cannot import ``experiments``;
+    and the entry point, started there, reads the copy through config_flags and reaches the config's
+    own checks (a bad value, caught after the file loaded: exit 2 naming the key)."""
+    mine, elsewhere = tmp_path / "my_configs", tmp_path / "elsewhere"
+    mine.mkdir(), elsewhere.mkdir()
+    for name, copy in (("dpo", "my_dpo"), ("rloo", "my_rloo"), ("grpo", "grpo")):  # rloo finds grpo by name
+        shutil.copy(os.path.join(REPO, "experiments", f"{name}.py"), mine / f"{copy}.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('experiments') is None, sys.path\n"
+        "from alignjax.configs import load_config_file\n"
+        f"c = load_config_file({str(mine / 'my_dpo.py')!r} + ':runlocal,loss=ipo')\n"
+        f"r = load_config_file({str(mine / 'my_rloo.py')!r} + ':runlocal')\n"
+        "print(c.loss.name, c.train.num_steps, r.job, r.online.num_generations)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ipo", "10", "rloo", "4"]
+    assert (
+        common.load_config_file(f"{mine / 'my_dpo.py'}:runlocal,loss=ipo").to_dict()
+        == _config("dpo", "runlocal,loss=ipo").to_dict()
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignjax.main",
+            f"--config={mine / 'my_dpo.py'}:runlocal",
+            f"--workdir={tmp_path / 'wd'}",
+            "--config.train.log_every=0",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: config.train.log_every=0: must be >= 1 (steps between logged metrics)"
+    ]

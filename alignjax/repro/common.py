@@ -7,39 +7,42 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from alignjax import logprobs, sharding
+from alignjax import configs, logprobs, sharding
+from alignjax.configs import ConfigDict
+from alignjax.train.loop import data_iterator, run_train
+from alignjax.train.pipeline import stage_config
 
 PAIRS_VAL = "synthetic:arithmetic_dpo:val"
 
 
 def repo_root() -> str:
-    """The repository root (holds ``experiments/``), put on ``sys.path`` for config imports."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return root
+    """The repository root (holds ``experiments/``)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def experiment_config(name: str, arg: str = "") -> ConfigDict:
+    """``experiments/<name>.py``'s ``get_config(arg)``, the file loaded by path from the repository
+    (the library imports no ``experiments`` package; the reproductions run from a checkout)."""
+    path = os.path.join(repo_root(), "experiments", f"{name}.py")
+    return configs.load_config_file(f"{path}:{arg}" if arg else path)
 
 
 def small_config(*, seed: int = 0, sft_steps: int = 60, pref_steps: int = 20,
                  loss: Mapping[str, Any] | None = None, batch_size: int = 32, num_eval: int = 128,
                  learning_rate: float = 1e-3,
-                 warmup_steps: int = 2) -> Any:
+                 warmup_steps: int = 2) -> ConfigDict:
     """The quickstart config (experiments/quickstart.py: 2 layers, width 64) shrunk for a 2-core machine.
 
     ``loss``: the preference stage's ``config.loss`` section (name, hyperparameters, nll_weight).
     Quiet and checkpoint-light: no progress bar, no plots, one synchronous checkpoint per stage.
     """
-    repo_root()
-    from experiments import quickstart
-
-    c = quickstart.get_config()
+    c = experiment_config("quickstart")
     c.seed = seed
     c.data.batch_size = batch_size
     c.data.num_eval = num_eval
@@ -59,9 +62,6 @@ def small_config(*, seed: int = 0, sft_steps: int = 60, pref_steps: int = 20,
 
 def run_sft(config: Any, workdir: str) -> tuple[Any, Any]:
     """Trains the SFT stage; returns ``(model, sft_params)``."""
-    from alignjax.train.loop import run_train
-    from alignjax.train.pipeline import stage_config
-
     out = run_train(stage_config(config, "sft"), os.path.join(workdir, "sft"))
     return out["_model"], out["_state"]["params"]
 
@@ -70,9 +70,6 @@ def run_preference(config: Any, workdir: str, model: Any, sft_params: Any,
                    loss: Mapping[str, Any] | None = None, name: str = "dpo") -> dict[str, Any]:
     """Trains the preference stage from ``sft_params`` (also the frozen reference) with ``loss``
     (a ``config.loss`` section; default: the config's). Returns the run summary (with ``_state``)."""
-    from alignjax.train.loop import run_train
-    from alignjax.train.pipeline import stage_config
-
     c = stage_config(config, "dpo")
     if loss is not None:
         with c.unlocked():
@@ -91,8 +88,6 @@ def pair_logps(model: Any, params: Any, config: Any, *, source: str = PAIRS_VAL,
                batch_size: int = 128) -> dict[str, np.ndarray]:
     """Summed log-probs and lengths of the first ``num_pairs`` pairs of ``source`` (unshuffled) under
     ``params``: ``chosen_logps, rejected_logps, chosen_lengths, rejected_lengths`` [num_pairs]."""
-    from alignjax.train.loop import data_iterator
-
     data, _ = data_iterator(config, source, batch_size, shuffle=False, num_epochs=1)
     fn = jax.jit(
         lambda p, b: logprobs.batch_sequence_logps(model, p, b, 2 * batch_size)[0],

@@ -31,16 +31,17 @@ from typing import Any
 import numpy as np
 
 from alignjax.repro import common
+from alignjax.reward import synthetic as S
+from alignjax.reward.evaluate import score_file
+from alignjax.reward.secrets import run_secrets
+from alignjax.reward.train import train_reward_model
 
 SMALL = dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 
 
 def reward_config(objective: str, source: str, config: Any, seed: int) -> Any:
     """experiments/reward_model.py's runlocal config on the tiny decoder, constant lr, no evaluation."""
-    common.repo_root()
-    from experiments import reward_model
-
-    c = reward_model.get_config(f"objective={objective},runlocal")
+    c = common.experiment_config("reward_model", f"objective={objective},runlocal")
     c.seed = seed
     c.model.overrides.update(SMALL)
     c.data.source, c.data.eval_source = source, ""
@@ -58,11 +59,6 @@ def reward_config(objective: str, source: str, config: Any, seed: int) -> Any:
 
 def run_one(config: Any, workdir: str, seed: int, noise: float) -> dict[str, float]:
     """One (seed, noise) cell: held-out accuracy of plain BT and of the Secrets-II pipeline."""
-    from alignjax.reward import synthetic as S
-    from alignjax.reward.evaluate import score_file
-    from alignjax.reward.secrets import run_secrets
-    from alignjax.reward.train import train_reward_model
-
     os.makedirs(workdir, exist_ok=True)
     w = S.linear_weights(seed)
     train_rows, train_diffs = S.linear_bt_pairs(config.num_train, weights=w, seed=100 * seed + 1, noise=noise)
