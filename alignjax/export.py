@@ -36,7 +36,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from alignjax import storage
+from alignjax import sharding, storage
+from alignjax.data import resolve_tokenizer
+from alignjax.models import PRESETS, Model, ModelConfig, from_pretrained, lora, save_pretrained
+from alignjax.models.heads import HeadConfig
+from alignjax.models.hf import parse_size
+from alignjax.reward.export import save_classifier
+from alignjax.reward.model import RewardModel
+from alignjax.train import workdir as workdirlib
+from alignjax.train.checkpoint import fingerprint
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("state", "data", "manifest")  # alignjax.train.checkpoint.Checkpointer's items
@@ -87,7 +95,6 @@ def read_config(workdir: str) -> dict[str, Any]:
     root = storage.path(workdir)
     if not root.exists():
         raise FileNotFoundError(f"--workdir={workdir}: no such directory")
-    from alignjax.train import workdir as workdirlib
 
     flat = workdirlib.effective_config(root)
     if flat is None:
@@ -112,14 +119,10 @@ def resolve_step(workdir: str, manager: Any, step: int | None) -> int:
 
 def build_model(manifest: dict[str, Any], *, mesh: Any, rules: Any) -> Any:
     """The ``Model`` (or ``RewardModel``) a checkpoint manifest describes, without params."""
-    from alignjax.models import Model, ModelConfig
-
     saved = manifest["model_config"]
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     decoder_config = lambda d: ModelConfig(**{k: v for k, v in d.items() if k in fields})  # noqa: E731
     if "decoder" in saved:  # RewardModelConfig(decoder, head)
-        from alignjax.models.heads import HeadConfig
-        from alignjax.reward.model import RewardModel
 
         decoder = Model(decoder_config(saved["decoder"]), mesh=mesh, rules=rules)
         return RewardModel(decoder, HeadConfig(**saved["head"]))
@@ -151,14 +154,20 @@ def restore_params(manager: Any, step: int, shardings: Any = None) -> Any:
     return restored["params"]
 
 
+def load_checkpoint_params(workdir: str, step: int | None = None) -> Any:
+    """The params ``{"decoder", "head"}`` of the run in ``workdir`` (latest checkpoint, or ``step``) as
+    host numpy arrays."""
+    manager = checkpoint_manager(workdir)
+    params = restore_params(manager, resolve_step(workdir, manager, step))
+    return jax.tree.map(np.asarray, params)
+
+
 def load_run(workdir: str, step: int | None = None, *, mesh: Any = None, rules: Any = None) -> Run:
     """The model and params of the run in ``workdir`` at ``step`` (default: the latest checkpoint).
 
     ``mesh`` places the params (default: all devices on the fsdp axis, the least memory per device);
     ``rules``: logical-axis rules (default: the run's ``config.rules``).
     """
-    from alignjax import sharding
-
     workdir, at = split_step(workdir)
     step = at if step is None else step
     config = read_config(workdir)
@@ -171,8 +180,6 @@ def load_run(workdir: str, step: int | None = None, *, mesh: Any = None, rules: 
     rules = rules if rules is not None else sharding.rules_from_config(config.get("rules") or None)
     model = build_model(dict(manifest), mesh=mesh, rules=rules)
     if "base_fingerprint" in manifest:  # a LoRA run: the checkpoint holds the trainable leaves only
-        from alignjax.models import lora
-        from alignjax.train.checkpoint import fingerprint
 
         base = base_params(config, model)
         shardings = lora.trainable_tree(model.shardings(mesh, rules))
@@ -194,8 +201,6 @@ def base_params(config: dict[str, Any], model: Any) -> Any:
     """The initial params of a LoRA run, built as its train loop built them: a preset initialised
     from ``config.seed``, or the HF checkpoint at ``config.model.path`` with fresh adapters (and a
     reward model's fresh head); only their frozen base is used."""
-    from alignjax.models import PRESETS, from_pretrained
-
     path = config["model"]["path"]
     if path in PRESETS:
         return model.init(jax.random.split(jax.random.PRNGKey(int(config["seed"])))[0])
@@ -226,17 +231,10 @@ def export_run(
 ) -> dict[str, Any]:
     """Writes the run in ``workdir`` to ``out`` as an HF checkpoint (module docstring), and a LoRA
     run's adapter to ``peft`` in PEFT's format; returns what was written."""
-    from alignjax.data import resolve_tokenizer
-    from alignjax.models import save_pretrained
-    from alignjax.models.hf import parse_size
-    from alignjax.reward.export import save_classifier
-
     parse_size(max_shard_size)  # a bad size fails before the restore
     run = load_run(workdir, step)
     report: dict[str, Any] = {"workdir": workdir, "step": run.step}
     if peft:
-        from alignjax.models import lora
-
         if run.is_reward_model or lora.model_lora(run.model) is None:
             raise ValueError(
                 f"--peft: the run in {workdir} is not a LoRA policy run (config.model.lora.rank > 0, "

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from alignjax.models.transformer import mixed_precision_logits
+from alignjax.sharding import DEFAULT_RULES, logical_to_spec
 
 __all__ = [
     "token_logps",
@@ -539,7 +540,6 @@ def model_vocab_shards(model: Any, vocab: int) -> int:
     mesh = getattr(model, "mesh", None)
     if mesh is None:
         return 1
-    from alignjax.sharding import DEFAULT_RULES, logical_to_spec
 
     axes = logical_to_spec(("vocab",), getattr(model, "rules", None) or DEFAULT_RULES)[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from alignjax import storage
-from alignjax.data import batching, cache, readers, schema
+from alignjax.data import batching, cache, readers, schema, synthetic
 from alignjax.data.schema import DataError, DataStats
 from alignjax.data.store import ColumnWriter, ExamplesView, Store
 from alignjax.data.tokenize import ChatTokenizer, TokenizedExample, tokenize_rows
@@ -40,8 +40,6 @@ def resolve_tokenizer(tokenizer: Any) -> ChatTokenizer:
     if isinstance(tokenizer, ChatTokenizer):
         return tokenizer
     if isinstance(tokenizer, str):
-        from alignjax.data import synthetic
-
         if tokenizer in synthetic.TOKENIZERS:
             return synthetic.TOKENIZERS[tokenizer]()
         return ChatTokenizer.from_pretrained(tokenizer)
@@ -53,8 +51,6 @@ def resolve_tokenizer(tokenizer: Any) -> ChatTokenizer:
 def resolve_source(source: Any) -> Any:
     """``"synthetic:<task>[:<split>]"`` names a built-in task (``synthetic.records``); else passes through."""
     if isinstance(source, str) and source.startswith("synthetic:"):
-        from alignjax.data import synthetic
-
         parts = source.split(":")
         return synthetic.records(parts[1], parts[2] if len(parts) > 2 else "train")
     return source

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from alignjax.data.readers import read_jsonl
 from alignjax.data.schema import REASON_EMPTY, REASON_MISSING, REASON_TYPE, DataError
 from alignjax.data.tokenize import ChatTokenizer
 
@@ -267,8 +268,6 @@ def gsm8k_verify(completion: str, reference_final: str) -> bool:
 
 def read_gsm8k(path: str) -> list[dict[str, Any]]:
     """Reads GSM8K-style JSONL to SFT records ``{"prompt", "completion", "final"}``; errors name file:line."""
-    from alignjax.data.readers import read_jsonl
-
     out = []
     for where, row in read_jsonl(path):
         if isinstance(row, DataError):

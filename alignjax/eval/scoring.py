@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from alignjax import logprobs, sharding, storage
+from alignjax import export, logprobs, models, sharding, storage
 from alignjax.data import DataStats, readers, resolve_tokenizer
 from alignjax.data.pipeline import resolve_source, tokenize_all, tokenize_options
 from alignjax.data.tokenize import TokenizedExample
@@ -168,8 +168,6 @@ def summarize(
 def load_model(path: str, *, mesh: Any, rules: Any, dtype: str, compute_dtype: str | None) -> Any:
     """A policy or reference: a training workdir ``DIR[@STEP]`` (its checkpoint, in the dtypes it
     was trained with), else a preset or an HF directory (``dtype``/``compute_dtype``)."""
-    from alignjax import export, models
-
     if export.is_workdir(path):
         run = export.load_run(path, mesh=mesh, rules=rules)
         if run.is_reward_model:

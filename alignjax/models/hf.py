@@ -28,9 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from alignjax import storage
+from alignjax.models import lora as lora_lib
 from alignjax.models.config import AUX_HEADS, ModelConfig
 from alignjax.models.model import Model
 from alignjax.models.presets import PRESETS
+from alignjax.sharding import gather_to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,8 +445,6 @@ def from_pretrained(
     if config.lora is None:
         model.params = load_params(decoder, path)
     else:
-        from alignjax.models import lora as lora_lib
-
         base = load_params(Model(config.replace(lora=None, aux_heads=()), mesh=mesh, rules=rules), path)
         model.params = lora_lib.attach(decoder, base, jax.random.PRNGKey(0))
     if config.aux_heads:  # fresh classifiers beside the loaded decoder
@@ -485,42 +486,6 @@ def parse_size(size: int | str) -> int:
     raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '5GB', '500MB', '2GiB'")
 
 
-def gather_to_host(x: jax.Array, dtype: np.dtype) -> np.ndarray:
-    """One param to host in ``dtype``; cast on device first (half the traffic for bf16). With several
-    processes every process joins the all-gather and receives this one tensor."""
-    x = x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype)
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    whole = _resharder(_one_copy_per_host(x))(x)
-    host = np.empty(x.shape, x.dtype)
-    for shard in whole.addressable_shards:
-        host[shard.index] = np.asarray(shard.data)
-    return host
-
-
-@functools.cache
-def _resharder(sharding: jax.sharding.NamedSharding) -> Callable[[jax.Array], jax.Array]:
-    """One jitted identity per target sharding, so a layer's tensors compile it once, not per layer."""
-    return jax.jit(lambda a: a, out_shardings=sharding)
-
-
-def _one_copy_per_host(x: jax.Array) -> jax.sharding.NamedSharding:
-    """Replicated across processes and split across each process's devices along the dimension
-    ``x`` is already split along (so the reshard is an all-gather between hosts, no full replica)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    hosts = sorted({d.process_index for d in jax.devices()})
-    grid = np.array([[d for d in jax.devices() if d.process_index == p] for p in hosts])
-    local = grid.shape[1]
-    split = x.sharding.shard_shape(x.shape)
-    axes = [a for a, (n, k) in enumerate(zip(x.shape, split)) if k < n and n % local == 0]
-    axes += [a for a, n in enumerate(x.shape) if n % local == 0]
-    spec = [None] * x.ndim
-    if axes:
-        spec[axes[0]] = "local"
-    return NamedSharding(Mesh(grid, ("hosts", "local")), PartitionSpec(*spec))
-
-
 @jax.jit
 def _layer_of(stacked: jax.Array, layer: jax.Array) -> jax.Array:
     """``stacked[layer]`` on device (traced index: one program per shape, not per layer)."""
@@ -546,9 +511,7 @@ def decoder_tensors(
     LoRA params are merged first (``W + s A B``, quantized kernels dequantized; on device, one copy
     of the decoder, ``alignjax.models.lora.merge``): the plain HF model of the adapted policy."""
     if config.lora is not None:
-        from alignjax.models import lora
-
-        params, config = lora.merge(config, params), config.replace(lora=None)
+        params, config = lora_lib.merge(config, params), config.replace(lora=None)
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = [
         ExportTensor(m.hf_name, m.hf_shape, lambda m=m: m.to_hf(gather_to_host(_leaf(params, m), np_dtype)))
@@ -618,8 +581,6 @@ def write_safetensors(
     gathered, written and dropped in turn: a host holds one tensor at a time, never a shard or the
     model. Every process gathers; process 0 writes (``path`` may be ``gs://``).
     """
-    from alignjax import storage
-
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"export dtype {dtype!r}; use one of {sorted(_SAFETENSORS_DTYPES)}")
     itemsize = np.dtype(jnp.dtype(dtype)).itemsize
@@ -659,8 +620,6 @@ def write_safetensors(
 def _atomic_open(target: Any):
     """A binary file that appears complete or not at all: locally a temporary file renamed on close;
     on an object store the upload itself (committed on close)."""
-    from alignjax import storage
-
     if not storage.is_local(target):
         with target.open("wb") as f:
             yield f
@@ -685,8 +644,6 @@ def save_tokenizer(tokenizer: Any, path: Any) -> None:
     """``tokenizer.save_pretrained`` (an alignjax ``ChatTokenizer``: tokenizer.json, tokenizer_config.json,
     chat templates, as transformers 5.x writes them) into ``path``, which may be ``gs://``."""
     import tempfile
-
-    from alignjax import storage
 
     out = storage.path(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -720,8 +677,6 @@ def save_pretrained(
     and ``config_updates`` are the sequence-classifier export's (``alignjax.reward.export``).
     Every process calls this (the gathers are collective); process 0 writes.
     """
-    from alignjax import storage
-
     config = model.config
     dtype = dtype or config.param_dtype
     tensors = decoder_tensors(config, params, dtype, lm_head=lm_head) + list(extra_tensors)

@@ -36,7 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignjax import storage
 from alignjax.models.config import AUX_HEADS, LORA_ALL_LINEAR, LoraConfig, ModelConfig
+from alignjax.models.transformer import dense
+from alignjax.sharding import gather_to_host
 
 Array = jax.Array
 ADAPTERS = ("lora_a", "lora_b")
@@ -103,8 +106,6 @@ def model_lora(model: Any) -> LoraConfig | None:
 def adapter(module: nn.Module, x: Array, in_shape: tuple, out_shape: tuple, axes: tuple) -> Array:
     """``s (x A) B`` for a ``Proj`` (``x`` already in the compute dtype); creates ``lora_a`` and
     ``lora_b`` at init."""
-    from alignjax.models.transformer import dense
-
     lora = module.lora
     n_in = len(in_shape)
     bound = 1.0 / math.sqrt(math.prod(in_shape))  # kaiming_uniform(a=sqrt(5)), PEFT's default for A
@@ -392,8 +393,6 @@ def peft_tensors(config: ModelConfig, params: Any) -> dict[str, Callable[[], np.
     processes): ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`` [r, in]
     = ``A`` flattened and transposed, ``lora_B.weight`` [out, r] = ``B`` likewise (HF's flattening
     of heads, as ``alignjax.models.hf.tensor_maps``)."""
-    from alignjax.models.hf import gather_to_host
-
     out: dict[str, Callable[[], np.ndarray]] = {}
     for i in range(config.num_layers):
         layer = params["layers"] if config.scan_layers else params[f"layers_{i}"]
@@ -444,8 +443,6 @@ def save_peft(model: Any, params: Any, path: Any, *, base_model: str = "") -> li
     import json
 
     from safetensors.numpy import save
-
-    from alignjax import storage
 
     config = model.config
     if config.lora is None or not has_adapters(params):

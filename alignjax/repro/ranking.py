@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
+import alignjax.losses as losses
+from alignjax.eval import ranking
 from alignjax.repro import common
 
 
 def pair_row(arrays: Mapping[str, np.ndarray], beta: float) -> dict[str, float]:
     """One seed's row from held-out per-pair log-probs (policy and reference, [N] each)."""
-    import alignjax.losses as losses
-    from alignjax.eval import ranking
-
     a = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
     ranked = a["chosen_logps"] >= a["rejected_logps"]
     loss = np.asarray(losses.get("dpo")(a["chosen_logps"], a["rejected_logps"], a["ref_chosen_logps"],

@@ -8,7 +8,8 @@
   ``pad_token_id``). It is written by ``alignjax.models.save_pretrained``, the one export path
   (one tensor on a host at a time, safetensors shards past ``max_shard_size``).
 * Every head (GPM and PAL included) is part of the params ``{"decoder", "head"}`` in the run's orbax
-  checkpoint; :func:`load_checkpoint_params` reads them back without rebuilding the optimizer.
+  checkpoint; :func:`alignjax.export.load_checkpoint_params` reads them back without rebuilding the
+  optimizer.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 
 from alignjax.models import Model, ModelConfig, load_params, save_pretrained
 from alignjax.models.heads import HeadConfig
-from alignjax.models.hf import DEFAULT_MAX_SHARD_SIZE, ExportTensor, gather_to_host, weight_files
+from alignjax.models.hf import DEFAULT_MAX_SHARD_SIZE, ExportTensor, weight_files
 from alignjax.reward.model import RewardModel
+from alignjax.sharding import gather_to_host
 
 
 def classifier_config(hf_architectures: list[str], num_labels: int, pad_token_id: int) -> dict[str, Any]:
@@ -103,13 +105,3 @@ def load_classifier(path: str, *, dtype: str = "float32", mesh: Any = None, rule
     rm.params = {"decoder": decoder.params, "head": {"score": jax.numpy.asarray(score.T.astype(np.float32))}}
     rm.pad_token_id = hf.get("pad_token_id")
     return rm
-
-
-def load_checkpoint_params(workdir: str, step: int | None = None) -> Any:
-    """The params ``{"decoder", "head"}`` of the run in ``workdir`` (latest checkpoint, or ``step``) as
-    host numpy arrays."""
-    from alignjax import export
-
-    manager = export.checkpoint_manager(workdir)
-    params = export.restore_params(manager, export.resolve_step(workdir, manager, step))
-    return jax.tree.map(np.asarray, params)

@@ -24,6 +24,7 @@ from alignjax.models.heads import (
     prompt_token_index,
 )
 from alignjax.sharding import rules_from_config, tree_shardings
+from alignjax.train.loop import build_model
 
 Array = jax.Array
 Params = Any
@@ -129,8 +130,6 @@ def build_reward_model(
     A pretrained decoder gets a freshly initialised head (``rng``, default key 0); a preset returns
     None and the train loop initialises everything from ``config.seed``.
     """
-    from alignjax.train.loop import build_model
-
     decoder, pretrained = build_model(model_config, mesh, rules, vocab_size)
     rm = RewardModel(decoder, head)
     if pretrained is None:

@@ -33,6 +33,8 @@ from alignjax import sharding
 from alignjax.data import DataStats, resolve_tokenizer
 from alignjax.eval.scoring import load_pairs
 from alignjax.losses.reward import preference_strength, strength_thresholds
+from alignjax.reward.evaluate import score_pairs
+from alignjax.reward.train import train_reward_model
 
 ENSEMBLES = ("models", "heads")
 
@@ -60,8 +62,6 @@ def strengths(
 ) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
     """(kept training records, mu [N], sigma [N]) on ``config.data.source`` from the ensemble:
     ``members`` is a list of (reward model, params), each contributing every value head it has."""
-    from alignjax.reward.evaluate import score_pairs
-
     tokenizer = resolve_tokenizer(config.data.tokenizer)
     max_length = config.data.get("max_length") or None
     on_bad_row, stats = config.data.on_bad_row, DataStats()
@@ -102,8 +102,6 @@ def write_strength_file(records: list[dict[str, Any]], mu: np.ndarray, sd: np.nd
 def run_secrets(config: Any, workdir: str) -> dict[str, Any]:
     """Runs the three stages (see the module docstring); returns the final stage's summary with
     ``secrets/*`` figures (thresholds, flipped and smoothed counts, strength statistics)."""
-    from alignjax.reward.train import train_reward_model
-
     os.makedirs(workdir, exist_ok=True)
     kind = config.reward.secrets.get("ensemble", "models")
     if kind not in ENSEMBLES:

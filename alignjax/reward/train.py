@@ -34,10 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import alignjax.losses as losses
-from alignjax import flops
+from alignjax import flops, sharding
+from alignjax.data import resolve_tokenizer
 from alignjax.losses import reward as reward_losses
 from alignjax.models.heads import HeadConfig
-from alignjax.reward.model import RewardModel
+from alignjax.reward.model import RewardModel, build_reward_model
+from alignjax.train import loop
+from alignjax.train import step as steplib
 
 Array = jax.Array
 
@@ -249,8 +252,6 @@ def make_reward_train_step(
     """``alignjax.train.step.make_train_step`` with the reward loss function.
 
     """
-    from alignjax.train import step as steplib
-
     loss_fn = make_reward_loss_fn(model, spec)
     return steplib.make_train_step(model, spec, tx, schedule, loss_fn=loss_fn, **kwargs)
 
@@ -320,11 +321,6 @@ def check_config(config: Any) -> None:
 def train_reward_model(config: Any, workdir: str) -> dict[str, Any]:
     """One training run of ``config.reward.objective`` in ``workdir`` (resumable); returns the loop's
     summary (with ``_state`` and ``_model``)."""
-    from alignjax import sharding
-    from alignjax.data import resolve_tokenizer
-    from alignjax.reward.model import build_reward_model
-    from alignjax.train import loop
-
     check_config(config)
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.rules_from_config(config.rules or None)
@@ -343,10 +339,12 @@ def run_reward_model(config: Any, workdir: str) -> dict[str, Any]:
     import json
     import os
 
+    from alignjax.reward.evaluate import score_file
+    from alignjax.reward.export import save_classifier
+    from alignjax.reward.secrets import run_secrets
+
     check_config(config)
     if config.reward.objective == "secrets":
-        from alignjax.reward.secrets import run_secrets
-
         summary = run_secrets(config, workdir)
         final_dir = os.path.join(workdir, "final")
     else:
@@ -354,17 +352,12 @@ def run_reward_model(config: Any, workdir: str) -> dict[str, Any]:
         final_dir = workdir
     model, params = summary["_model"], summary["_state"]["params"]
     if config.reward.eval_source:
-        from alignjax.reward.evaluate import score_file
-
         report = score_file(config, model, params, config.reward.eval_source)
         summary["rewardbench"] = report
         if jax.process_index() == 0:
             with open(os.path.join(final_dir, "rewardbench.json"), "w") as f:
                 json.dump(report, f, indent=2, sort_keys=True)
     if config.reward.export_dir:
-        from alignjax.data import resolve_tokenizer
-        from alignjax.reward.export import save_classifier
-
         save_classifier(
             model,
             params,

@@ -38,12 +38,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from alignjax import storage
+from alignjax import sharding, storage
+from alignjax.data import synthetic
+from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.search.generate import Generator, SelfEvalFormat
 from alignjax.search.mcts import MCTSConfig
 from alignjax.search.pairs import extract_pairs, write_jsonl
 from alignjax.search.run import Policy, SearchConfig, search_policy
-from alignjax.train.loop import run_train
+from alignjax.train.checkpoint import fingerprint
+from alignjax.train.loop import build_model, run_train
+from alignjax.train.pipeline import stage_config as base_stage
 
 METHODS = ("mcts", "instance")
 
@@ -85,8 +89,6 @@ def multistep_problem_splits(
 ) -> dict[str, list[tuple[int, int, int]]]:
     """Disjoint ``train``/``test`` triples with operands in ``0..max_operand`` (99: the built-in
     :func:`alignjax.data.synthetic.multistep_splits` with 2,000 training problems)."""
-    from alignjax.data import synthetic
-
     if max_operand >= 99:
         s = synthetic.multistep_splits(seed, n_val=0, n_test=n_test)
         return {"train": s["train"], "test": s["test"]}
@@ -100,8 +102,6 @@ def multistep_problem_splits(
 
 def multistep_task(max_operand: int, n_test: int, drop_rate: float, seed: int) -> Task:
     """The built-in multi-step arithmetic task with a carry-dropping SFT habit (:func:`habit_solution`)."""
-    from alignjax.data import synthetic
-
     splits = multistep_problem_splits(max_operand, n_test, seed)
     rng = np.random.default_rng([seed, 1])
     sft = [
@@ -122,8 +122,6 @@ def gsm8k_task(path: str, test_path: str, n_test: int) -> Task:
 
     ``test_path`` = a second JSONL of held-out problems; "" = the last ``n_test`` rows of ``path``.
     """
-    from alignjax.data import synthetic
-
     rows = synthetic.read_gsm8k(path)
     test = synthetic.read_gsm8k(test_path) if test_path else rows[-n_test:]
     train = rows if test_path else rows[:-n_test]
@@ -286,8 +284,6 @@ def instance_pairs(
 
 def stage_config(config: Any, stage: str, **data: Any) -> Any:
     """The train config of ``stage`` (``config.<stage>`` overrides), with ``data`` keys replaced."""
-    from alignjax.train.pipeline import stage_config as base_stage
-
     c = base_stage(config, stage)
     with c.unlocked():
         for key in ("mcts_dpo", "search"):
@@ -318,8 +314,6 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
     if m.method not in METHODS:
         raise ValueError(f"config.mcts_dpo.method={m.method!r}; choose one of {list(METHODS)}")
     os.makedirs(workdir, exist_ok=True)
-    from alignjax.data.pipeline import resolve_tokenizer
-    from alignjax.train.checkpoint import fingerprint
 
     task = make_task(config)
     tokenizer = resolve_tokenizer(config.data.tokenizer)
@@ -331,8 +325,6 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         init_cfg = stage_config(config, "sft")
         with init_cfg.unlocked():
             init_cfg.model.path = m.init
-        from alignjax import sharding
-        from alignjax.train.loop import build_model
 
         mesh, rules = sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.rules or None)
         model, sft_params = build_model(init_cfg.model, mesh, rules, tokenizer.vocab_size)

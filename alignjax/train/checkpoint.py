@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from alignjax import storage
+from alignjax.models import lora
 
 ITEMS = ("state", "data", "manifest")
 
@@ -208,8 +209,6 @@ class Checkpointer:
     def _trainable_only(self, state: Any, manifest: Mapping[str, Any]) -> tuple[Any, dict]:
         """A LoRA state without its frozen base, and the manifest with the base's fingerprint
         (computed once: the base never changes in a run)."""
-        from alignjax.models import lora
-
         if not lora.has_adapters(state.get("params")):
             return state, dict(manifest)
         if self._base_fingerprint is None:
@@ -221,8 +220,6 @@ class Checkpointer:
         """A restored LoRA state (trainable leaves only) completed with the frozen base of
         ``fresh()`` (the run's initial state, built as at its start); others as they are. Raises
         :class:`CheckpointMismatch` when that base is not the one the checkpoint was trained on."""
-        from alignjax.models import lora
-
         saved = (self.restored_manifest or {}).get("base_fingerprint")
         if saved is None:
             return state
@@ -267,8 +264,6 @@ class Checkpointer:
         ]
 
     def _items(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        from alignjax.models import lora
-
         if "base_fingerprint" in (self.restored_manifest or {}):  # a LoRA step: the trainable leaves
             abstract_state = dict(abstract_state, params=lora.trainable_tree(abstract_state["params"]))
         restored = self.manager.restore(

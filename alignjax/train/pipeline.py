@@ -23,6 +23,8 @@ from matplotlib.figure import Figure
 
 import alignjax.losses as losses
 from alignjax import storage
+from alignjax.data import synthetic
+from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.train.generate import task_accuracy
 from alignjax.train.loop import run_train
 from alignjax.train.metrics import plot_curves, read_metrics
@@ -48,8 +50,6 @@ def stage_config(config: Any, stage: str) -> Any:
 def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     root = storage.path(workdir)
-    from alignjax.data import synthetic
-    from alignjax.data.pipeline import resolve_tokenizer
 
     tokenizer = resolve_tokenizer(config.data.tokenizer)
     splits = synthetic.arithmetic_splits(config.quickstart.split_seed)

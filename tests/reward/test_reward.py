@@ -17,11 +17,12 @@ from alignjax import sharding  # noqa: E402
 from alignjax.data import DataError, batching, resolve_tokenizer  # noqa: E402
 from alignjax.data.tokenize import tokenize_record  # noqa: E402
 from alignjax.eval import rewardbench  # noqa: E402
+from alignjax.export import load_checkpoint_params  # noqa: E402
 from alignjax.models import PRESETS, Model  # noqa: E402
 from alignjax.models.heads import HeadConfig  # noqa: E402
 from alignjax.reward import synthetic as S  # noqa: E402
 from alignjax.reward.evaluate import rewardbench_report, score_pairs  # noqa: E402
-from alignjax.reward.export import load_checkpoint_params, load_classifier, save_classifier  # noqa: E402
+from alignjax.reward.export import load_classifier, save_classifier  # noqa: E402
 from alignjax.reward.model import RewardModel  # noqa: E402
 from alignjax.reward.train import run_reward_model, train_reward_model  # noqa: E402
 from experiments import reward_model as R  # noqa: E402
