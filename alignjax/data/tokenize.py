@@ -70,8 +70,6 @@ from alignjax.data.schema import (
     DataStats,
 )
 
-# The named special tokens of transformers' ``SPECIAL_TOKENS_ATTRIBUTES``.
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 save_pretrained writes the template here
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates other than "default", one .jinja each
 LEGACY_CHAT_TEMPLATE_JSON = "chat_template.json"  # processors' legacy file: {"chat_template": "..."}

@@ -45,8 +45,6 @@ from typing import Any
 PAIRS = ("pairwise", "step")
 ALL_KINDS = ("pairwise", "step", "sft", "unpaired", "listwise")
 SOURCES = ("sequence", "prompt", "length", "token", "mask", "distribution", "head", "column", "state")
-# Sources computed per token [B, T]: they need the padded layout (row r = sequence r).
-TOKEN_SOURCES = ("token", "mask")
 STEP = "the preference step"
 
 

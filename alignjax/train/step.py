@@ -49,9 +49,6 @@ PAIRED = ("pairwise", "step")
 TWO_SEQUENCE = (*PAIRED, "unpaired")
 PARTS = ("first", "second", "third", "fourth")  # sequences 0..B-1, B..2B-1, 2B..3B-1, 3B..4B-1
 DROPOUT_KEY = "lora_dropout_rng"  # the micro-batch entry the train step adds for LoRA dropout
-# Every loss input this step can supply (alignjax.losses.providers.PROVIDERS): computed from the
-# forwards, or a per-example column the data layer puts in the batch.
-PROVIDED = frozenset(inputs_table.PROVIDERS)
 # config.loss keys that are not hyperparameters of one loss.
 _LOSS_KEYS = ("name", "weights", "module", "nll_weight")
 # What each distribution statistic needs from which forward ("logits" or "hidden").
