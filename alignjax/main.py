@@ -54,6 +54,7 @@ JOBS = {
     "repro_sparsepo_tokens": "alignjax.repro.sparsepo_tokens:run",
     "repro_sem_dpo_drift": "alignjax.repro.sem_dpo_drift:run",
     "repro_secrets_noise": "alignjax.repro.secrets_noise:run",
+    "repro_online_vs_offline": "alignjax.repro.online_vs_offline:run",
 }
 
 
@@ -196,7 +197,7 @@ USER_ERRORS = (
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
-    FloatingPointError,  # a non-finite step (alignjax.train.loop.NonFiniteStep)
+    FloatingPointError,  # a non-finite step (alignjax.train.guards.NonFiniteStep)
 )
 USAGE_EXIT = 2
 

@@ -41,12 +41,8 @@ OWNED_ELSEWHERE = (
     "alignjax/train/step.py",
     "alignjax/train/reference.py",
     "alignjax/online/*.py",
-    "alignjax/repro/online_vs_offline.py",
     "alignjax/models/transformer.py",
 )
-# Owned elsewhere and loading experiments/<name>.py by module name: to load them by path
-# (alignjax.repro.common.experiment_config).
-IMPORTS_EXPERIMENTS_OWNED_ELSEWHERE = ("alignjax/repro/online_vs_offline.py",)
 
 
 class Import(NamedTuple):
@@ -174,7 +170,7 @@ def test_the_library_never_imports_experiments():
     found = [
         f"{i.file}:{i.line} imports {i.module}"
         for i in library_imports()
-        if i.module.split(".")[0] == "experiments" and i.file not in IMPORTS_EXPERIMENTS_OWNED_ELSEWHERE
+        if i.module.split(".")[0] == "experiments"
     ]
     assert not found, "load an experiment file by path (alignjax.configs.load_config_file):\n" + "\n".join(
         found

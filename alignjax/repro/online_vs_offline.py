@@ -1,0 +1,354 @@
+"""Reproduction: offline DPO vs online (iterative) DPO vs PPO vs GRPO from one SFT model, with the verifier
+and with a learned reward model as the reward.
+
+Claims ("Unpacking DPO and PPO: Disentangling Best Practices for Learning from Preference Feedback",
+Ivison et al., arXiv:2406.09279): (1) PPO-style online learning against a reward model trained on the
+preference data beats offline DPO on the same data; (2) a better reward model (higher accuracy on held-out
+pairs) gives a better policy, though the downstream gains are much smaller than the reward-model gains.
+
+Task: the built-in arithmetic task (:mod:`alignjax.data.synthetic`: 2-digit addition, units-first
+answers, an SFT set whose carry problems drop the carry 80% of the time), the quickstart-sized decoder.
+Per seed (model init, data order, sampling):
+
+1. **SFT** once (``experiments/grpo.py``'s SFT stage, ``sft_steps`` steps) in ``seed<s>/sft``; every arm
+   starts from it and uses it as its reference (``config.online.sft_dir``).
+2. **Reward model** once (``experiments/reward_model.py``'s ``bt`` job: the SFT model's decoder, as the
+   paper and TRL initialise it, with a fresh value head) on the offline preference pairs
+   ``synthetic:arithmetic_dpo:train``, the same pairs offline DPO trains on, exported to
+   ``seed<s>/rm/hf``. Its quality: the accuracy on 496 held-out pairs (``arithmetic_dpo:val``, the
+   loop's ``eval/accuracy``), and its pairwise accuracy on
+   the SFT policy's own samples (``num_generations`` samples of the held-out prompts; every pair of
+   samples of one prompt that the verifier separates: the RM must score the correct one higher).
+3. **Arms**, each ``updates`` optimiser steps (policy updates) from the SFT model:
+   ``offline_dpo``: the online-DPO job's loss and optimiser (RPO: DPO beta 2 + the chosen answers' NLL,
+   lr 4e-4) on the offline pairs, ``prompts_per_update`` pairs a step; ``online_dpo``
+   (``experiments/online_dpo.py``): ``rounds`` rounds, each sampling ``num_generations`` completions of
+   ``updates / rounds * prompts_per_update`` fresh prompts from the current policy, best-vs-worst pairs,
+   ``updates / rounds`` steps of the same loss, reference fixed at the SFT model; ``grpo``
+   (``experiments/grpo.py``): ``updates`` steps of ``prompts_per_update`` prompts x ``num_generations``
+   samples, one optimiser step per rollout batch; ``ppo`` (``experiments/ppo.py``): the same rollout
+   budget, ``ppo_iterations`` PPO epochs per rollout batch (1: one update per batch, as the others).
+   The three online arms run with ``reward=verifier`` and ``reward=reward_model``.
+
+Matched: policy updates (``updates`` for every arm at ``ppo_iterations=1``) and prompts (each arm draws
+``updates * prompts_per_update`` training prompts; offline DPO's are its pairs'); the online arms also
+match their generated samples (``num_generations`` per prompt). Not matched: the pairs online DPO trains on
+(only prompts whose samples differ in reward give a pair, so it loops over fewer pairs) and each method's
+learning rate: the DPO arms keep the online-DPO experiment's (the quickstart's tuned RPO setting, 4e-4);
+GRPO and PPO take ``grpo_learning_rate`` / ``ppo_learning_rate`` (their experiments' 1e-3 collapsed the
+policy within a few steps at this size). Metric: greedy accuracy of the held-out test prompts (the
+task's verifier), the same ``num_test`` prompts for every arm; the SFT row is every arm's starting point.
+
+    python -m alignjax.main --config=experiments/repro_online.py --workdir=workdirs/repro_online
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+from alignjax.data.pipeline import resolve_tokenizer
+from alignjax.models import save_pretrained
+from alignjax.online import ppo, rollout
+from alignjax.online import rewards as rewardlib
+from alignjax.online import train as online
+from alignjax.repro import common
+from alignjax.reward.train import run_reward_model
+from alignjax.search.generate import Generator
+from alignjax.train.loop import run_train
+
+ARMS = ("offline_dpo", "online_dpo", "grpo", "ppo")
+REWARDS = ("verifier", "reward_model")
+PAIRS_TRAIN = "synthetic:arithmetic_dpo:train"
+PAIRS_HELD_OUT = "synthetic:arithmetic_dpo:val"
+
+
+def cells(config: Any) -> list[tuple[str, str]]:
+    """The (arm, reward) cells: offline DPO has no reward source (it trains on the pairs' labels)."""
+    out = []
+    for arm in config.arms:
+        if arm not in ARMS:
+            raise ValueError(f"config.arms: {arm!r} is not one of {list(ARMS)}")
+        if arm == "offline_dpo":
+            out.append((arm, "labels"))
+            continue
+        for reward in config.rewards:
+            if reward not in REWARDS:
+                raise ValueError(f"config.rewards: {reward!r} is not one of {list(REWARDS)}")
+            out.append((arm, reward))
+    return out
+
+
+def _quiet(c: Any) -> None:
+    c.train.progress = c.train.plot = c.train.tensorboard = False
+    c.train.async_checkpoints = False
+    c.train.log_every = 1
+
+
+def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, rm_dir: str) -> Any:
+    """The arm's experiment config (``experiments/<arm>.py``) at the matched budget, starting from the
+    seed's SFT run in ``sft_dir``."""
+    U, B, G = int(config.updates), int(config.prompts_per_update), int(config.num_generations)
+    shared = f"seed={seed},sft_steps={config.sft_steps},generations={G}"
+    if arm == "online_dpo":
+        R = int(config.rounds)
+        if U % R:
+            raise ValueError(f"config.updates={U} is not a multiple of config.rounds={R}")
+        c = common.experiment_config(
+            "online_dpo", f"{shared},rounds={R},prompts={U // R * B},dpo_steps={U // R}"
+        )
+        c.data.batch_size = B
+    elif arm == "grpo":
+        c = common.experiment_config("grpo", f"{shared},steps={U},prompts={B},lr={config.grpo_learning_rate}")
+    else:
+        c = common.experiment_config(
+            "ppo",
+            f"{shared},steps={U},prompts={B},iterations={config.ppo_iterations},"
+            f"lr={config.ppo_learning_rate}",
+        )
+    _quiet(c)
+    c.train.checkpoint_every = max(U, 1)
+    c.sft.data = dict(c.sft.data, batch_size=int(config.sft_batch_size))
+    c.online.sft_dir = sft_dir
+    c.online.num_test = int(config.num_test)
+    if reward == "reward_model":
+        c.online.reward, c.online.reward_path = "reward_model", rm_dir
+    return c
+
+
+def offline_dpo_config(config: Any, seed: int) -> Any:
+    """The online-DPO job's preference stage (loss, optimiser) on the offline pairs, ``updates`` steps."""
+    base = common.experiment_config("online_dpo", f"seed={seed},sft_steps={config.sft_steps}")
+    c = online.stage_config(base, "dpo")
+    _quiet(c)
+    with c.unlocked():
+        c.data.kind, c.data.source, c.data.eval_source = "pairwise", PAIRS_TRAIN, ""
+        c.data.batch_size = int(config.prompts_per_update)
+        c.reference.kind = "frozen"
+        c.train.num_steps = c.train.checkpoint_every = int(config.updates)
+    return c
+
+
+def reward_model_config(config: Any, seed: int, sft_hf: str, export_dir: str) -> Any:
+    """experiments/reward_model.py's Bradley-Terry job on the offline pairs, the decoder initialised from
+    the SFT model (``sft_hf``, an HF directory; the value head fresh), held-out accuracy on
+    ``arithmetic_dpo:val``."""
+    c = common.experiment_config("reward_model", "objective=bt")
+    _quiet(c)
+    c.seed = seed
+    c.model.path = sft_hf
+    c.data.source, c.data.eval_source = PAIRS_TRAIN, PAIRS_HELD_OUT
+    c.data.max_length = 12
+    c.data.batch_size = int(config.rm_batch_size)
+    c.data.num_eval = c.data.eval_batch_size = int(config.rm_num_eval)
+    c.train.num_steps = c.train.checkpoint_every = int(config.rm_steps)
+    c.optim.learning_rate = float(config.rm_learning_rate)
+    c.reward.export_dir = export_dir
+    return c
+
+
+def on_policy_rm_accuracy(config: Any, base: Any, model: Any, params: Any, rm_dir: str) -> float:
+    """Pairwise accuracy of the reward model on the SFT policy's samples of the held-out prompts: over
+    every pair of one prompt's samples where the verifier accepts exactly one, the share where the RM
+    scores the accepted one higher."""
+    tok = resolve_tokenizer(base.data.tokenizer)
+    gen = Generator(model, pad_id=int(tok.pad_id or 0), min_batch_bucket=8)
+    prompts = online.held_out_prompts(base)
+    ro = rollout.sample(
+        gen,
+        params,
+        [list(tok.encode(p)) for p in prompts],
+        jax.random.PRNGKey(int(base.seed) + 7),
+        online.sampling_config(base, tok.eos_id),
+    )
+    correct = online.score(rewardlib.VerifierReward(rewardlib.builtin_verifier("arithmetic")), tok, ro, base)
+    rm = online.score(rewardlib.RewardModelReward.from_dir(rm_dir), tok, ro, base)
+    G = ro.num_generations
+    right = total = 0
+    for i in range(len(prompts)):
+        v, s = correct[i * G : (i + 1) * G], rm[i * G : (i + 1) * G]
+        good, bad = s[v == 1], s[v == 0]
+        right += int((good[:, None] > bad[None, :]).sum())
+        total += good.size * bad.size
+    return right / total if total else float("nan")
+
+
+def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
+    """One seed: SFT, the reward model, every cell. Returns ``{"cells": {"arm/reward": metrics}, "rm":
+    {...}, "sft": {...}}``."""
+    os.makedirs(workdir, exist_ok=True)
+    sft_dir, rm_root = os.path.join(workdir, "sft"), os.path.join(workdir, "rm")
+    rm_dir = os.path.join(rm_root, "hf")
+    t0 = time.time()
+    base = online_config(config, "grpo", "verifier", seed, sft_dir, rm_dir)
+    model, sft_params = online.sft_stage(base, workdir)
+    tok = resolve_tokenizer(base.data.tokenizer)
+    gen = Generator(model, pad_id=int(tok.pad_id or 0), min_batch_bucket=8)
+    sft_acc = online.greedy_accuracy(base, model, sft_params, tok, gen)
+    out: dict[str, Any] = {"sft": {"task_accuracy": sft_acc, "wall_s": time.time() - t0}, "cells": {}}
+
+    needs_rm = "reward_model" in config.rewards and any(a != "offline_dpo" for a in config.arms)
+    if needs_rm:
+        t0 = time.time()
+        sft_hf = os.path.join(workdir, "sft_hf")
+        if not os.path.exists(os.path.join(sft_hf, "config.json")):
+            save_pretrained(model, sft_params, sft_hf)
+        rm = run_reward_model(reward_model_config(config, seed, sft_hf, rm_dir), rm_root)
+        out["rm"] = {
+            "held_out_pair_accuracy": float(rm["eval/accuracy"]),
+            "on_policy_pair_accuracy": on_policy_rm_accuracy(config, base, model, sft_params, rm_dir),
+            "wall_s": time.time() - t0,
+        }
+
+    for arm, reward in cells(config):
+        t0 = time.time()
+        cdir = os.path.join(workdir, f"{arm}_{reward}")
+        if arm == "offline_dpo":
+            res = run_train(
+                offline_dpo_config(config, seed),
+                cdir,
+                init_params=sft_params,
+                ref_params=sft_params,
+                model=model,
+            )
+            cell = {
+                "task_accuracy/initial": sft_acc,
+                "task_accuracy/final": online.greedy_accuracy(base, model, res["_state"]["params"], tok, gen),
+            }
+        else:
+            c = online_config(config, arm, reward, seed, sft_dir, rm_dir)
+            job = {
+                "online_dpo": online.run_online_dpo,
+                "grpo": online.run_policy_gradient,
+                "ppo": ppo.run_ppo,
+            }[arm]
+            res = job(c, cdir)
+            cell = {k: float(res[k]) for k in ("task_accuracy/initial", "task_accuracy/final")}
+            if arm != "online_dpo":
+                rows = common.read_metrics(cdir)
+                cell["reward/first"], cell["reward/last"] = (
+                    float(rows[0]["reward"]),
+                    float(rows[-1]["reward"]),
+                )
+            else:
+                cell["reward/first"], cell["reward/last"] = res["reward/rounds"][0], res["reward/rounds"][-1]
+                cell["num_pairs"] = float(sum(res["num_pairs/rounds"]))
+        cell["wall_s"] = time.time() - t0
+        print(f"seed {seed} {arm}/{reward}: {cell}", flush=True)
+        out["cells"][f"{arm}/{reward}"] = cell
+    return out
+
+
+@contextlib.contextmanager
+def compilation_cache(config: Any, workdir: str) -> Iterator[None]:
+    """JAX's persistent compilation cache in ``config.compilation_cache`` ("" = ``<workdir>/jax_cache``,
+    "off" = none) for the duration: every arm and seed builds its own jitted programs (generator, steps,
+    evaluation), most of them the same programs, so all but the first of each are read from disk instead
+    of compiled (compiling is most of a cell's time at this size). The previous settings are restored
+    after."""
+    where = config.get("compilation_cache", "")
+    if where == "off":
+        yield
+        return
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (where or os.path.join(workdir, "jax_cache"), 0.0, 0)):
+        jax.config.update(k, v)
+    cc.reset_cache()  # the cache is set up once per process: again, with these settings
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Every seed (``config.seeds``), then the table: task accuracy per cell (mean ± sd over seeds),
+    its gain over the SFT model, per-seed values, and the reward model's quality."""
+    t0 = time.time()
+    seeds = list(config.seeds)
+    keys = [f"{a}/{r}" for a, r in cells(config)]
+    with compilation_cache(config, workdir):
+        per_seed = {s: run_seed(config, os.path.join(workdir, f"seed{s}"), s) for s in seeds}
+
+    def vals(key: str, metric: str) -> list[float]:
+        return [per_seed[s]["cells"][key][metric] for s in seeds]
+
+    sft = [per_seed[s]["sft"]["task_accuracy"] for s in seeds]
+    header = [
+        "arm",
+        "reward",
+        "held-out task accuracy",
+        "gain over SFT",
+        "training reward (first -> last)",
+        "per seed",
+        "wall s / seed",
+    ]
+    table = [
+        [
+            "SFT (start of every arm)",
+            "-",
+            common.fmt(sft),
+            "-",
+            "-",
+            ", ".join(f"{v:.3f}" for v in sft),
+            f"{np.mean([per_seed[s]['sft']['wall_s'] for s in seeds]):.0f}",
+        ]
+    ]
+    for key in keys:
+        arm, reward = key.split("/")
+        final = vals(key, "task_accuracy/final")
+        gain = [f - i for f, i in zip(final, vals(key, "task_accuracy/initial"))]
+        trained = (
+            f"{common.fmt(vals(key, 'reward/first'), 2)} -> {common.fmt(vals(key, 'reward/last'), 2)}"
+            if arm != "offline_dpo"
+            else "-"
+        )
+        table.append(
+            [
+                arm,
+                reward.replace("_", " "),
+                common.fmt(final),
+                common.fmt(gain),
+                trained,
+                ", ".join(f"{v:.3f}" for v in final),
+                f"{np.mean(vals(key, 'wall_s')):.0f}",
+            ]
+        )
+    markdown = common.markdown_table(header, table)
+    if all("rm" in per_seed[s] for s in seeds):
+        rm = {
+            k: [per_seed[s]["rm"][k] for s in seeds]
+            for k in ("held_out_pair_accuracy", "on_policy_pair_accuracy")
+        }
+        markdown += "\n\n" + common.markdown_table(
+            ["reward-model quality", "mean ± sd", "per seed"],
+            [
+                [
+                    "held-out pair accuracy (arithmetic_dpo:val)",
+                    common.fmt(rm["held_out_pair_accuracy"]),
+                    ", ".join(f"{v:.3f}" for v in rm["held_out_pair_accuracy"]),
+                ],
+                [
+                    "pair accuracy on the SFT policy's samples (verifier-separated pairs)",
+                    common.fmt(rm["on_policy_pair_accuracy"]),
+                    ", ".join(f"{v:.3f}" for v in rm["on_policy_pair_accuracy"]),
+                ],
+            ],
+        )
+    wall = time.time() - t0
+    common.write_table(workdir, {"seeds": per_seed, "config": config.to_dict(), "wall_s": wall}, markdown)
+    print(markdown, flush=True)
+    return {"seeds": per_seed, "markdown": markdown, "wall_s": wall}
