@@ -27,12 +27,13 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from alignjax.configs import check_config_file, load_config_file
+from alignjax.train.result import TrainResult
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<file>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics, checkpoints, summary")
 
-# job -> "module:function(config, workdir) -> summary", imported on demand so that a job pays only
-# for what it uses.
+# job -> "module:function(config, workdir) -> summary" (``train``: a TrainResult, whose summary is what
+# is printed), imported on demand so that a job pays only for what it uses.
 JOBS = {
     "train": "alignjax.train.loop:run_train",
     "quickstart": "alignjax.train.pipeline:run_quickstart",
@@ -164,9 +165,10 @@ def write_config(config: ConfigDict, workdir: str) -> None:
     workdirlib.record_config(config, workdir, write=jax.process_index() == 0)
 
 
-def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs ``config.job`` in ``workdir`` and returns its summary, holding the workdir's lock
-    (process 0) from before ``config.json`` is checked until the job ends, however it ends."""
+def run(config: ConfigDict, workdir: str) -> dict[str, Any] | TrainResult:
+    """Runs ``config.job`` in ``workdir`` and returns what the job returns (its summary; the ``train``
+    job's :class:`TrainResult`), holding the workdir's lock (process 0) from before ``config.json`` is
+    checked until the job ends, however it ends."""
     validate(config)
     check_workdir(workdir)
     if config.get("distributed") is not None and config.distributed.enabled:
@@ -234,13 +236,13 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir is required", exitcode=USAGE_EXIT)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
-        summary = run(_CONFIG.value, _WORKDIR.value)
+        result = run(_CONFIG.value, _WORKDIR.value)
     except Exception as err:
         if _DEBUG.value or not is_user_error(err):
             raise
         fail(error_line(err), 1)
-    public = {k: v for k, v in summary.items() if not k.startswith("_")}
-    print(json.dumps(public, indent=1, default=str))
+    summary = result.summary if isinstance(result, TrainResult) else result
+    print(json.dumps(summary, indent=1, default=str))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

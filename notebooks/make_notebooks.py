@@ -76,10 +76,10 @@ model, sft_params = common.run_sft(config, workdir)
 runs, params = {}, {}
 for name, loss in {"dpo": dict(name="sigmoid", beta=2.0, nll_weight=0.0),
                    "focal_dpo": dict(name="focal_dpo", beta=2.0, gamma=2.0, nll_weight=0.0)}.items():
-    summary = common.run_preference(config, workdir, model, sft_params, loss=loss, name=name)
+    result = common.run_preference(config, workdir, model, sft_params, loss=loss, name=name)
     runs[name] = common.read_metrics(os.path.join(workdir, name))
-    params[name] = summary["_state"]["params"]
-    print(name, {k: round(v, 4) for k, v in summary.items() if k in ("train/loss", "eval/ranking_accuracy")})'''),
+    params[name] = result.params
+    print(name, {k: round(result.summary[k], 4) for k in ("train/loss", "eval/ranking_accuracy")})'''),
     ("code", '''import matplotlib.pyplot as plt
 
 fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=60)
@@ -127,7 +127,7 @@ slow_config = common.small_config(sft_steps=40, pref_steps=20, batch_size=32, nu
 slow = common.run_preference(slow_config, workdir, model, sft_params,
                              loss=dict(name="sigmoid", beta=beta, nll_weight=0.0), name="dpo_lr1e-4")
 trained = {"lr 1e-3": (params["dpo"], runs["dpo"]),
-           "lr 1e-4": (slow["_state"]["params"], common.read_metrics(os.path.join(workdir, "dpo_lr1e-4")))}
+           "lr 1e-4": (slow.params, common.read_metrics(os.path.join(workdir, "dpo_lr1e-4")))}
 stats = {}
 for label, (p, rows) in trained.items():
     z = margins(p)
@@ -163,9 +163,9 @@ beta = 0.5
 workdir = tempfile.mkdtemp(prefix="nb02_")
 config = common.small_config(sft_steps=60, pref_steps=30, batch_size=64, num_eval=64, learning_rate=2e-3)
 model, ref_params = common.run_sft(config, workdir)
-summary = common.run_preference(config, workdir, model, ref_params,
-                                loss=dict(name="sigmoid", beta=beta, nll_weight=0.0))
-policy = common.pair_logps(model, summary["_state"]["params"], config, num_pairs=256)
+result = common.run_preference(config, workdir, model, ref_params,
+                               loss=dict(name="sigmoid", beta=beta, nll_weight=0.0))
+policy = common.pair_logps(model, result.params, config, num_pairs=256)
 ref = common.pair_logps(model, ref_params, config, num_pairs=256)
 arrays = dict(chosen_logps=policy["chosen_logps"], rejected_logps=policy["rejected_logps"],
               ref_chosen_logps=ref["chosen_logps"], ref_rejected_logps=ref["rejected_logps"])'''),

@@ -30,7 +30,7 @@ ALLOWED_IN_FUNCTION = {
         "python -m alignjax.main runs that module as __main__: importing it at module level would "
         "define its flags a second time"
     ),
-    ("alignjax/reward/train.py", "run_reward_model"): (
+    ("alignjax/reward/train.py", "train_and_score"): (
         "the job's Secrets-II, scoring and export steps import this module's spec and training: "
         "the job is to move to a jobs module above them"
     ),

@@ -198,14 +198,12 @@ def run_ppo(config: Any, workdir: str) -> dict[str, Any]:
     source = online.make_reward_source(config, decoder, params, tokenizer)
     initial = online.greedy_accuracy(config, decoder, params, tokenizer, generator)
     objective = PPOObjective(config, tokenizer, source, generator)
-    summary = run_train(config, workdir, init_params={"decoder": params, "head": head}, model=model,
-                        objective=objective)
-    if "stopped_at" in summary:
-        return summary
-    trained = summary["_state"]["params"]["decoder"]
-    final = online.greedy_accuracy(config, decoder, trained, tokenizer, generator)
-    summary.update({"task_accuracy/initial": initial, "task_accuracy/final": final})
-    online._write_json(os.path.join(workdir, "summary.json"),
-                       {k: v for k, v in summary.items() if not k.startswith("_")})
+    result = run_train(config, workdir, init_params={"decoder": params, "head": head}, model=model,
+                       objective=objective)
+    if result.stopped:
+        return result.summary
+    final = online.greedy_accuracy(config, decoder, result.params["decoder"], tokenizer, generator)
+    summary = {**result.summary, "task_accuracy/initial": initial, "task_accuracy/final": final}
+    online._write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 

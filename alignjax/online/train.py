@@ -174,7 +174,7 @@ def sft_stage(config: Any, workdir: str) -> tuple[Any, Any]:
         with c.unlocked():
             c.train.num_steps = int(config.online.sft_steps)
         out = run_train(c, config.online.get("sft_dir") or os.path.join(workdir, "sft"))
-        return out["_model"], out["_state"]["params"]
+        return out.model, out.params
     from alignjax.data.pipeline import resolve_tokenizer
 
     mesh, rules = sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.rules or None)
@@ -391,13 +391,12 @@ def run_policy_gradient(config: Any, workdir: str) -> dict[str, Any]:
         initial = greedy_accuracy(config, model, params, tokenizer, generator)
         _write_json(initial_path, {"accuracy": initial})
     objective = PolicyGradientObjective(config, tokenizer, source, generator)
-    summary = run_train(config, workdir, init_params=params, model=model, objective=objective)
-    if "stopped_at" in summary:
-        return summary
-    final = greedy_accuracy(config, model, summary["_state"]["params"], tokenizer, generator)
-    summary.update({"task_accuracy/initial": initial, "task_accuracy/final": final})
-    _write_json(os.path.join(workdir, "summary.json"),
-                {k: v for k, v in summary.items() if not k.startswith("_")})
+    result = run_train(config, workdir, init_params=params, model=model, objective=objective)
+    if result.stopped:
+        return result.summary
+    final = greedy_accuracy(config, model, result.params, tokenizer, generator)
+    summary = {**result.summary, "task_accuracy/initial": initial, "task_accuracy/final": final}
+    _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 
@@ -507,7 +506,7 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
                 c.data.batch_size = batch
                 c.reference.kind = "frozen"
             out = run_train(c, os.path.join(rdir, "train"), init_params=params, ref_params=ref, model=model)
-            params = out["_state"]["params"]
+            params = out.params
         acc = greedy_accuracy(config, model, params, tokenizer, generator)
         info = {"round": k, **stats, "trained": batch > 0, "task_accuracy": acc}
         _write_json(os.path.join(rdir, "done.json"), info)
@@ -518,5 +517,4 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
                "reward/rounds": [r["reward"] for r in rounds],
                "num_pairs/rounds": [r["num_pairs"] for r in rounds], "wall_s": time.time() - t0}
     _write_json(os.path.join(workdir, "summary.json"), summary)
-    summary["_params"], summary["_model"] = params, model
     return summary

@@ -17,6 +17,7 @@ from alignjax import configs, logprobs, sharding
 from alignjax.configs import ConfigDict
 from alignjax.train.loop import data_iterator, run_train
 from alignjax.train.pipeline import stage_config
+from alignjax.train.result import TrainResult
 
 PAIRS_VAL = "synthetic:arithmetic_dpo:val"
 
@@ -63,13 +64,13 @@ def small_config(*, seed: int = 0, sft_steps: int = 60, pref_steps: int = 20,
 def run_sft(config: Any, workdir: str) -> tuple[Any, Any]:
     """Trains the SFT stage; returns ``(model, sft_params)``."""
     out = run_train(stage_config(config, "sft"), os.path.join(workdir, "sft"))
-    return out["_model"], out["_state"]["params"]
+    return out.model, out.params
 
 
 def run_preference(config: Any, workdir: str, model: Any, sft_params: Any,
-                   loss: Mapping[str, Any] | None = None, name: str = "dpo") -> dict[str, Any]:
+                   loss: Mapping[str, Any] | None = None, name: str = "dpo") -> TrainResult:
     """Trains the preference stage from ``sft_params`` (also the frozen reference) with ``loss``
-    (a ``config.loss`` section; default: the config's). Returns the run summary (with ``_state``)."""
+    (a ``config.loss`` section; default: the config's). Returns the run's result."""
     c = stage_config(config, "dpo")
     if loss is not None:
         with c.unlocked():

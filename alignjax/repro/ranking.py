@@ -58,7 +58,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         wd = os.path.join(workdir, f"seed{seed}")
         model, ref_params = common.run_sft(c, wd)
         out = common.run_preference(c, wd, model, ref_params)
-        pol = common.pair_logps(model, out["_state"]["params"], c, num_pairs=config.num_pairs)
+        pol = common.pair_logps(model, out.params, c, num_pairs=config.num_pairs)
         ref = common.pair_logps(model, ref_params, c, num_pairs=config.num_pairs)
         arrays = dict(chosen_logps=pol["chosen_logps"], rejected_logps=pol["rejected_logps"],
                       ref_chosen_logps=ref["chosen_logps"], ref_rejected_logps=ref["rejected_logps"])

@@ -35,6 +35,7 @@ from alignjax.reward import synthetic as S
 from alignjax.reward.evaluate import score_file
 from alignjax.reward.secrets import run_secrets
 from alignjax.reward.train import train_reward_model
+from alignjax.train.result import TrainResult
 
 SMALL = dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 
@@ -66,17 +67,17 @@ def run_one(config: Any, workdir: str, seed: int, noise: float) -> dict[str, flo
     source = S.write_jsonl(train_rows, os.path.join(workdir, "train.jsonl"))
     held_path = S.write_jsonl(held, os.path.join(workdir, "eval.jsonl"))
 
-    def accuracy(c: Any, summary: dict[str, Any]) -> float:
-        return float(score_file(c, summary["_model"], summary["_state"]["params"], held_path)["accuracy"])
+    def accuracy(c: Any, result: TrainResult) -> float:
+        return float(score_file(c, result.model, result.params, held_path)["accuracy"])
 
     cp = reward_config("bt", source, config, seed)
     plain = accuracy(cp, train_reward_model(cp, os.path.join(workdir, "plain")))
     cs = reward_config("secrets", source, config, seed)
-    summary = run_secrets(cs, os.path.join(workdir, "secrets"))
-    secrets = accuracy(cs, summary)
+    result = run_secrets(cs, os.path.join(workdir, "secrets"))
+    secrets = accuracy(cs, result)
     with open(os.path.join(workdir, "secrets", "strength.jsonl")) as f:
         mu = np.array([json.loads(line)["margin"] for line in f])
-    flipped = mu < min(summary["secrets/flip_below"], 0.0)
+    flipped = mu < min(result.summary["secrets/flip_below"], 0.0)
     wrong = train_diffs < 0  # the label disagrees with the true reward (BT sampling or an injected flip)
     return {
         "plain_accuracy": plain,

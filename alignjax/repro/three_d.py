@@ -43,7 +43,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         np.savez(os.path.join(wd, "ref.npz"), **ref)
         for name, loss in config.losses.items():
             out = common.run_preference(c, wd, model, ref_params, loss=loss.to_dict(), name=name)
-            pol = common.pair_logps(model, out["_state"]["params"], c, num_pairs=config.num_pairs)
+            pol = common.pair_logps(model, out.params, c, num_pairs=config.num_pairs)
             np.savez(os.path.join(wd, f"{name}.npz"), **pol)
             rows[name][seed] = likelihood_row(pol, ref)
     seeds = list(config.seeds)

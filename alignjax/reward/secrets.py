@@ -22,6 +22,7 @@ Rerunning with the same workdir resumes whichever stage was interrupted.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Any
@@ -35,6 +36,7 @@ from alignjax.eval.scoring import load_pairs
 from alignjax.losses.reward import preference_strength, strength_thresholds
 from alignjax.reward.evaluate import score_pairs
 from alignjax.reward.train import train_reward_model
+from alignjax.train.result import TrainResult
 
 ENSEMBLES = ("models", "heads")
 
@@ -99,9 +101,9 @@ def write_strength_file(records: list[dict[str, Any]], mu: np.ndarray, sd: np.nd
     os.replace(tmp, path)
 
 
-def run_secrets(config: Any, workdir: str) -> dict[str, Any]:
-    """Runs the three stages (see the module docstring); returns the final stage's summary with
-    ``secrets/*`` figures (thresholds, flipped and smoothed counts, strength statistics)."""
+def run_secrets(config: Any, workdir: str) -> TrainResult:
+    """Runs the three stages (see the module docstring); returns the final stage's result, its summary
+    with ``secrets/*`` figures added (thresholds, flipped and smoothed counts, strength statistics)."""
     os.makedirs(workdir, exist_ok=True)
     kind = config.reward.secrets.get("ensemble", "models")
     if kind not in ENSEMBLES:
@@ -113,7 +115,7 @@ def run_secrets(config: Any, workdir: str) -> dict[str, Any]:
             train_reward_model(ensemble_config(config, m), os.path.join(workdir, "ensemble", f"member_{m}"))
             for m in range(int(config.reward.secrets.ensemble_size))
         ]
-    records, mu, sd = strengths(config, [(run["_model"], run["_state"]["params"]) for run in runs])
+    records, mu, sd = strengths(config, [(run.model, run.params) for run in runs])
     s = config.reward.secrets
     flip_below, smooth_below = strength_thresholds(
         mu, flip_fraction=float(s.flip_fraction), smooth_fraction=float(s.smooth_fraction)
@@ -137,6 +139,5 @@ def run_secrets(config: Any, workdir: str) -> dict[str, Any]:
         final.data.source = path
         final.loss.flip_below = flip_below
         final.loss.smooth_below = smooth_below
-    summary = train_reward_model(final, os.path.join(workdir, "final"))
-    summary.update(info)
-    return summary
+    result = train_reward_model(final, os.path.join(workdir, "final"))
+    return dataclasses.replace(result, summary={**result.summary, **info})

@@ -41,6 +41,7 @@ from alignjax.models.heads import HeadConfig
 from alignjax.reward.model import RewardModel, build_reward_model
 from alignjax.train import loop
 from alignjax.train import step as steplib
+from alignjax.train.result import TrainResult
 
 Array = jax.Array
 
@@ -318,9 +319,9 @@ def check_config(config: Any) -> None:
         raise ValueError(f"config.reference.kind={config.reference.kind!r}: reward models use no reference")
 
 
-def train_reward_model(config: Any, workdir: str) -> dict[str, Any]:
+def train_reward_model(config: Any, workdir: str) -> TrainResult:
     """One training run of ``config.reward.objective`` in ``workdir`` (resumable); returns the loop's
-    summary (with ``_state`` and ``_model``)."""
+    result."""
     check_config(config)
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.rules_from_config(config.rules or None)
@@ -334,8 +335,15 @@ def train_reward_model(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def run_reward_model(config: Any, workdir: str) -> dict[str, Any]:
-    """The ``reward_model`` job: train (the Secrets-II pipeline for ``objective=secrets``), then score
-    ``config.reward.eval_source`` (RewardBench format) and export the HF classifier if asked."""
+    """The ``reward_model`` job: :func:`train_and_score`'s summary."""
+    return train_and_score(config, workdir).summary
+
+
+def train_and_score(config: Any, workdir: str) -> TrainResult:
+    """Trains (the Secrets-II pipeline for ``objective=secrets``), then scores
+    ``config.reward.eval_source`` (RewardBench format) and exports the HF classifier if asked; returns
+    the final model's result, its summary with ``rewardbench`` / ``export_dir`` added (a stopped run's
+    as the loop returned it)."""
     import json
     import os
 
@@ -345,12 +353,14 @@ def run_reward_model(config: Any, workdir: str) -> dict[str, Any]:
 
     check_config(config)
     if config.reward.objective == "secrets":
-        summary = run_secrets(config, workdir)
+        result = run_secrets(config, workdir)
         final_dir = os.path.join(workdir, "final")
     else:
-        summary = train_reward_model(config, workdir)
+        result = train_reward_model(config, workdir)
         final_dir = workdir
-    model, params = summary["_model"], summary["_state"]["params"]
+    if result.stopped:
+        return result
+    model, params, summary = result.model, result.params, dict(result.summary)
     if config.reward.eval_source:
         report = score_file(config, model, params, config.reward.eval_source)
         summary["rewardbench"] = report
@@ -365,4 +375,4 @@ def run_reward_model(config: Any, workdir: str) -> dict[str, Any]:
             pad_token_id=resolve_tokenizer(config.data.tokenizer).pad_id,
         )
         summary["export_dir"] = config.reward.export_dir
-    return summary
+    return dataclasses.replace(result, summary=summary)

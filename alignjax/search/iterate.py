@@ -1,7 +1,8 @@
 """The iterative MCTS-DPO loop: SFT, then rounds of search -> step-level pairs -> DPO -> held-out eval.
 
 "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning" (Xie et al., arXiv:2405.00451).
-``run_mcts_dpo(config, workdir)`` (``config.job = "mcts_dpo"``, see ``experiments/mcts_dpo.py``):
+``run_mcts_dpo(config, workdir)`` (``config.job = "mcts_dpo"``, see ``experiments/mcts_dpo.py``; its
+summary, of :func:`mcts_dpo_rounds`, which also returns the trained params, model and generator):
 
 1. **SFT** (``<sft_dir>``, default ``<workdir>/sft``): :func:`alignjax.train.loop.run_train` on the task's
    SFT records (the built-in multi-step arithmetic with a carry-dropping habit, or a GSM8K-style JSONL),
@@ -307,8 +308,26 @@ def _write_records(records: Sequence[dict[str, Any]], path: str) -> None:
 # ------------------------------------------------------------------------------------------ the loop
 
 
+@dataclasses.dataclass(frozen=True)
+class MctsDpoResult:
+    """What :func:`mcts_dpo_rounds` returns: ``summary`` (``summary.json``, what the ``mcts_dpo`` job
+    prints), the final policy params, the SFT params (every round's reference), the model and the
+    generator the rounds decoded with."""
+
+    summary: dict[str, Any]
+    params: Any
+    sft_params: Any
+    model: Any
+    generator: Generator
+
+
 def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the whole iterative loop in ``workdir``; returns and writes ``summary.json``."""
+    """The ``mcts_dpo`` job: :func:`mcts_dpo_rounds`'s summary."""
+    return mcts_dpo_rounds(config, workdir).summary
+
+
+def mcts_dpo_rounds(config: Any, workdir: str) -> MctsDpoResult:
+    """Runs (or resumes) the whole iterative loop in ``workdir``; writes ``summary.json``."""
     t0 = time.time()
     m = config.mcts_dpo
     if m.method not in METHODS:
@@ -337,7 +356,7 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         if not os.path.exists(sft_data):
             _write_records(task.sft_records, sft_data)
         sft = run_train(stage_config(config, "sft", kind="sft", source=sft_data, eval_source=""), sft_dir)
-        model, sft_params = sft["_model"], sft["_state"]["params"]
+        model, sft_params = sft.model, sft.params
     t_sft = time.time() - t_sft
     generator = Generator(model, pad_id=int(tokenizer.pad_id or 0), min_prompt_bucket=16, min_batch_bucket=8)
 
@@ -434,11 +453,7 @@ def run_mcts_dpo(config: Any, workdir: str) -> dict[str, Any]:
         "wall_s/total": time.time() - t0,
     }
     _write_json(os.path.join(workdir, "summary.json"), summary)
-    summary["_params"] = params
-    summary["_sft_params"] = sft_params
-    summary["_model"] = model
-    summary["_generator"] = generator
-    return summary
+    return MctsDpoResult(summary, params, sft_params, model, generator)
 
 
 def step_records(pairs: Sequence[Any], tokenizer: Any) -> list[dict[str, Any]]:
@@ -524,4 +539,4 @@ def _train_round(config: Any, rdir: str, data_path: str, model: Any, params: Any
     out = run_train(
         cfg, os.path.join(rdir, "train"), init_params=params, ref_params=sft_params, model=model
     )
-    return out["_state"]["params"]
+    return out.params

@@ -33,6 +33,7 @@ from alignjax.train.guards import NonFiniteStep, Stop, ZeroGradients, nonfinite_
 from alignjax.train.metrics import MetricWriter, Progress, Throughput, plot_curves
 from alignjax.train.objective import Objective, RolloutObjective
 from alignjax.train.optim import make_optimizer
+from alignjax.train.result import TrainResult
 from alignjax.train.state import restore_or_init, state_layout
 from alignjax.train.step import (
     NONFINITE,
@@ -298,8 +299,10 @@ def run_train(
     ref_params: Any = None,
     model: Any = None,
     objective: Objective = PREFERENCE,
-) -> dict[str, Any]:
-    """Trains per ``config`` in ``workdir`` (resuming from its last checkpoint) and returns the summary.
+) -> TrainResult:
+    """Trains per ``config`` in ``workdir`` (resuming from its last checkpoint); returns the summary it
+    writes to ``summary.json``, the final state and the model (:class:`TrainResult`; a run stopped by
+    SIGTERM/SIGINT returns ``{"stopped_at", "reason"}`` as its summary and no state).
 
     ``init_params`` / ``ref_params`` (already on the mesh, optional) start the policy / reference from
     given params, e.g. the SFT stage of the quickstart; ``model`` reuses a built model; ``objective``
@@ -401,7 +404,7 @@ def run_train(
                 if stop.requested:
                     checkpointer.wait()
                     progress.say(f"{stop.signal_name}: saved checkpoint at step {step_no}; exiting")
-                    return {"stopped_at": step_no, "reason": stop.signal_name}
+                    return TrainResult({"stopped_at": step_no, "reason": stop.signal_name}, None, model)
             metrics.drain()
         finally:
             progress.close()
@@ -428,9 +431,7 @@ def run_train(
         storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         if config.train.plot:
             plot_curves(root / "metrics.jsonl", root / "curves.png", spec.loss)
-    summary["_state"] = state
-    summary["_model"] = model
-    return summary
+    return TrainResult(summary, state, model)
 
 
 def _no_copy(params: Any) -> Any:

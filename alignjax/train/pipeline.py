@@ -69,7 +69,7 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         )
 
     sft = run_train(stage_config(config, "sft"), root / "sft")
-    model, sft_params = sft["_model"], sft["_state"]["params"]
+    model, sft_params = sft.model, sft.params
     before, val_before = accuracy(model, sft_params), accuracy(model, sft_params, validation)
     t_sft = time.time() - t0
     dpo = run_train(
@@ -79,8 +79,8 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         ref_params=sft_params,
         model=model,
     )
-    after = accuracy(model, dpo["_state"]["params"])
-    val_after = accuracy(model, dpo["_state"]["params"], validation)
+    after = accuracy(model, dpo.params)
+    val_after = accuracy(model, dpo.params, validation)
     label = objective_name(config.dpo.loss, details=False)
     summary = {
         "task_accuracy/sft": before["accuracy"],
@@ -90,19 +90,19 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         "task_accuracy/gain_points": 100.0 * (after["accuracy"] - before["accuracy"]),
         **{f"task_{k}/sft": v for k, v in before.items() if k != "accuracy"},
         **{f"task_{k}/dpo": v for k, v in after.items() if k != "accuracy"},
-        "pair_accuracy/sft": dpo.get("eval/ref_ranking_accuracy"),
-        "pair_accuracy/dpo": dpo.get("eval/ranking_accuracy"),
-        "reward_accuracy/dpo": dpo.get("eval/reward_accuracy"),
+        "pair_accuracy/sft": dpo.summary.get("eval/ref_ranking_accuracy"),
+        "pair_accuracy/dpo": dpo.summary.get("eval/ranking_accuracy"),
+        "reward_accuracy/dpo": dpo.summary.get("eval/reward_accuracy"),
         "num_test_prompts": len(held_out),
         "num_val_prompts": len(validation),
         "loss": config.dpo.loss.name,
         "objective": objective_name(config.dpo.loss),
-        "steps/sft": int(sft["steps"]),
-        "steps/dpo": int(dpo["steps"]),
+        "steps/sft": int(sft.summary["steps"]),
+        "steps/dpo": int(dpo.summary["steps"]),
         "wall_s/sft": round(t_sft, 1),
         "wall_s/total": round(time.time() - t0, 1),
-        "data/sft": {k: v for k, v in sft.items() if k.startswith("data/")},
-        "data/dpo": {k: v for k, v in dpo.items() if k.startswith("data/")},
+        "data/sft": {k: v for k, v in sft.summary.items() if k.startswith("data/")},
+        "data/dpo": {k: v for k, v in dpo.summary.items() if k.startswith("data/")},
     }
     if jax.process_index() == 0:
         storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
@@ -112,7 +112,6 @@ def run_quickstart(config: Any, workdir: str) -> dict[str, Any]:
         save_figure(figure, root / "curves.png")
         plot_curves(root / "sft" / "metrics.jsonl", root / "sft_curves.png", "SFT")
         print(headline(summary), flush=True)
-    summary["_state"] = dpo["_state"]
     return summary
 
 

@@ -24,7 +24,7 @@ from alignjax.reward import synthetic as S  # noqa: E402
 from alignjax.reward.evaluate import rewardbench_report, score_pairs  # noqa: E402
 from alignjax.reward.export import load_classifier, save_classifier  # noqa: E402
 from alignjax.reward.model import RewardModel  # noqa: E402
-from alignjax.reward.train import run_reward_model, train_reward_model  # noqa: E402
+from alignjax.reward.train import train_and_score, train_reward_model  # noqa: E402
 from experiments import reward_model as R  # noqa: E402
 
 SMALL = dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
@@ -43,10 +43,10 @@ def small_config(objective, source, steps, *, lr=3e-3, batch_size=32):
     return c
 
 
-def accuracy_on(config, summary, path):
+def accuracy_on(config, result, path):
     from alignjax.reward.evaluate import score_file
 
-    return score_file(config, summary["_model"], summary["_state"]["params"], path)["accuracy"]
+    return score_file(config, result.model, result.params, path)["accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,7 @@ def linear_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bt_run(linear_data):
     c = small_config("bt", linear_data["train"], 200)
-    summary = train_reward_model(c, str(linear_data["dir"] / "bt"))
-    return c, summary
+    return c, train_reward_model(c, str(linear_data["dir"] / "bt"))
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -143,8 +142,8 @@ def test_scoring_equals_numpy():
 def test_bt_reaches_known_ceiling(bt_run, linear_data):
     """Labels sampled from BT with a known linear reward: held-out accuracy within 2 points of the
     accuracy of the true reward on the same labels."""
-    c, summary = bt_run
-    acc = accuracy_on(c, summary, linear_data["eval"])
+    c, result = bt_run
+    acc = accuracy_on(c, result, linear_data["eval"])
     print(f"BT held-out accuracy {acc:.4f}, ceiling {linear_data['ceiling']:.4f}")
     assert abs(acc - linear_data["ceiling"]) <= 0.02
     rows = [json.loads(line) for line in open(os.path.join(linear_data["dir"], "bt", "metrics.jsonl"))]
@@ -190,13 +189,13 @@ def test_gpm_cyclic_table_tiny(tmp_path):
     acc = {}
     for objective in ("bt", "gpm"):
         c = gpm_cyclic.get_config(f"objective={objective},seed=0,steps=150,data_dir={tmp_path}/data")
-        summary = run_reward_model(c, str(tmp_path / objective))
-        acc[objective] = summary["rewardbench"]["accuracy"]
+        result = train_and_score(c, str(tmp_path / objective))
+        acc[objective] = result.summary["rewardbench"]["accuracy"]
     print(f"cyclic: bt {acc['bt']:.4f} gpm {acc['gpm']:.4f}")
     assert acc["gpm"] >= 0.95
     assert acc["bt"] <= 0.70
     reloaded = load_checkpoint_params(str(tmp_path / "gpm"))
-    final = jax.tree.map(np.asarray, summary["_state"]["params"])
+    final = jax.tree.map(np.asarray, result.params)
     jax.tree.map(np.testing.assert_array_equal, reloaded, final)
     text = gpm_cyclic.table_markdown({"bt": [acc["bt"]], "gpm": [acc["gpm"]]}, "cmd")
     assert "## GPM cyclic preferences" in text and f"{acc['gpm'] * 100:.1f}" in text
@@ -208,8 +207,7 @@ def test_pal_head_trains_and_reloads(tmp_path):
     ]
     c = small_config("pal", S.write_jsonl(rows, str(tmp_path / "pal.jsonl")), 4)
     c.reward.pal_users = 2
-    summary = train_reward_model(c, str(tmp_path / "pal"))
-    params = jax.tree.map(np.asarray, summary["_state"]["params"])
+    params = jax.tree.map(np.asarray, train_reward_model(c, str(tmp_path / "pal")).params)
     assert set(params["head"]) == {"proj", "prototypes", "user_logits", "log_scale"}
     assert params["head"]["user_logits"].shape == (2, 2)
     assert np.any(params["head"]["user_logits"][0] != params["head"]["user_logits"][1])  # per-user weights
@@ -225,8 +223,8 @@ def test_export_transformers_parity(bt_run, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    c, summary = bt_run
-    model, params = summary["_model"], jax.tree.map(np.asarray, summary["_state"]["params"])
+    c, result = bt_run
+    model, params = result.model, jax.tree.map(np.asarray, result.params)
     path = str(tmp_path / "hf")
     save_classifier(model, params, path, pad_token_id=TOK.pad_id)
     cfg = json.load(open(os.path.join(path, "config.json")))

@@ -86,13 +86,13 @@ def run(tmp_path_factory):
     spec = registry.spec("mcts_dpo")
     with mock.patch.dict(registry._REGISTRY, {"mcts_dpo": dataclasses.replace(spec, fn=spy_loss)}):
         RECORDED.clear()
-        first = iterate.run_mcts_dpo(config, workdir)
+        first = iterate.mcts_dpo_rounds(config, workdir)
         recorded = list(RECORDED)
         RECORDED.clear()
         pairs_path = os.path.join(workdir, "round_0", "pairs.jsonl")
         mtime = os.path.getmtime(pairs_path)
         with mock.patch.object(iterate, "search_policy", side_effect=AssertionError("searched again")):
-            second = iterate.run_mcts_dpo(config, workdir)
+            second = iterate.mcts_dpo_rounds(config, workdir)
         rerun_recorded = list(RECORDED)
     return dict(
         config=config,
@@ -119,12 +119,12 @@ def test_pairs_file_is_the_search_output(run):
 
     tok = resolve_tokenizer(config.data.tokenizer)
     policy = iterate.Policy(
-        first["_model"],
-        first["_sft_params"],
+        first.model,
+        first.sft_params,
         tok,
         task.verify,
         task.is_final_step,
-        generator=first["_generator"],
+        generator=first.generator,
     )
     scfg = iterate.search_config(config)
     trees, _, counters = search_policy(policy, prompts, scfg, jax.random.fold_in(jax.random.PRNGKey(0), 0))
@@ -177,7 +177,7 @@ def test_training_consumed_the_pairs_with_visit_smoothing(run):
             p_ids = step_tok.encode_prompt(r["prompt"])
             ids = step_tok.encode_completion(r["prompt"], r[side], p_ids, append_eos=False)
             assert (ids[-1] == step_tok.eos_id) == r[side].endswith(eos_text)
-    model, sft = first["_model"], first["_sft_params"]
+    model, sft = first.model, first.sft_params
     table = np.stack(
         [
             completion_logps(model, sft, step_tok, rows, "chosen"),
@@ -205,14 +205,14 @@ def test_training_consumed_the_pairs_with_visit_smoothing(run):
 
 def test_restart_skips_the_finished_round(run):
     first, second = run["first"], run["second"]
-    assert fingerprint(first["_params"]) == fingerprint(second["_params"])
-    assert fingerprint(first["_params"]) != fingerprint(first["_sft_params"])  # the round did train
+    assert fingerprint(first.params) == fingerprint(second.params)
+    assert fingerprint(first.params) != fingerprint(first.sft_params)  # the round did train
     assert os.path.getmtime(run["pairs_path"]) == run["mtime"]
     assert run["rerun_recorded"] == []  # no train step ran
     done = json.load(open(os.path.join(run["workdir"], "round_0", "done.json")))
-    assert done["fingerprint"] == fingerprint(first["_params"])
-    s = {k: v for k, v in second.items() if not k.startswith("_") and not k.startswith("wall_s")}
-    f = {k: v for k, v in first.items() if not k.startswith("_") and not k.startswith("wall_s")}
+    assert done["fingerprint"] == fingerprint(first.params)
+    s = {k: v for k, v in second.summary.items() if not k.startswith("wall_s")}
+    f = {k: v for k, v in first.summary.items() if not k.startswith("wall_s")}
     assert s == f
 
 
@@ -229,7 +229,7 @@ def test_instance_budget_and_pairs(run):
         return len(completion) % 2 == 0
 
     policy = iterate.Policy(
-        first["_model"], first["_sft_params"], tok, verify, task.is_final_step, generator=first["_generator"]
+        first.model, first.sft_params, tok, verify, task.is_final_step, generator=first.generator
     )
     budgets = [12, 1, 40, 20]
     records, stats = iterate.instance_pairs(

@@ -211,7 +211,7 @@ def test_reference_cache_equals_frozen_reference(tmp_path):
         str(tmp_path / "cached2"),
     )
     assert {f: os.path.getmtime(os.path.join(cache_dir, key, f)) for f in files} == mtimes  # built once
-    assert frozen["train/loss"] == pytest.approx(cached["train/loss"], rel=1e-5)
+    assert frozen.summary["train/loss"] == pytest.approx(cached.summary["train/loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("reference", ["frozen", "cache"])
@@ -234,10 +234,10 @@ def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, refe
         reference__cache_dir=str(tmp_path / "cache"),
     )
     config.model.overrides.update(hidden_size=64, num_layers=2, intermediate_size=128)
-    summary = run_train(config, str(tmp_path / "run"))
-    built = summary["_model"].config
+    result = run_train(config, str(tmp_path / "run"))
+    built = result.model.config
     assert (built.dtype, built.remat, built.attention_kernel) == ("bfloat16", "full", "xla")
-    state = summary["_state"]
+    state = result.state
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
     if reference == "frozen":
         assert {x.dtype for x in jax.tree.leaves(state["ref_params"])} == {jnp.dtype(jnp.bfloat16)}
@@ -258,11 +258,11 @@ def test_perf_metrics_go_to_their_own_file(tmp_path):
     from alignjax.train.loop import run_train
 
     config = _inprocess_config(train__num_steps=5, train__log_every=1)
-    summary = run_train(config, str(tmp_path))
+    result = run_train(config, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "perf.jsonl")]
     assert [r["step"] for r in rows] == [2, 3, 4, 5]
     assert not any(k.startswith("perf/") for r in _steps(str(tmp_path)) for k in r)
-    model_config = summary["_model"].config
+    model_config = result.model.config
     n = flops.param_counts(model_config)["N"]
     attn_per_pair = 4 * model_config.num_heads * model_config.head_dim * model_config.num_layers
     for r in rows:
@@ -273,7 +273,7 @@ def test_perf_metrics_go_to_their_own_file(tmp_path):
         bound = 8 * n + 4 * attn_per_pair * (config.data.max_length + 1) / 2
         assert 8 * n < per_token <= bound * (1 + 1e-9)
     median = statistics.median(r["perf/tokens_per_s"] for r in rows)
-    assert summary["perf/tokens_per_s"] == pytest.approx(median)
+    assert result.summary["perf/tokens_per_s"] == pytest.approx(median)
 
 
 def test_an_update_that_makes_parameters_infinite_under_a_finite_loss_is_never_applied(tmp_path):
@@ -296,7 +296,7 @@ def test_a_run_whose_gradients_stay_exactly_zero_says_so(tmp_path, capsys):
 
     # lr 1e5 saturates the tiny model by step 3: every later gradient is exactly 0, every loss finite.
     config = _inprocess_config(optim__learning_rate=1e5, train__num_steps=10, train__log_every=1)
-    summary = run_train(config, str(tmp_path))
+    summary = run_train(config, str(tmp_path)).summary
     zero = [r["step"] for r in _steps(str(tmp_path)) if r.get("grad_norm") == 0.0]
     assert zero == list(range(3, 11))
     assert summary["train/zero_grad_steps"] == len(zero)

@@ -199,9 +199,9 @@ def test_qlora_run_on_an_hf_checkpoint_exports_from_its_rebuilt_base(tmp_path, q
     c.data.eval_source, c.data.eval_fraction, c.data.max_length = "", 0.0, 32
     c.model.lora.update(rank=4, quantize=quantize)
     c.optim.learning_rate, c.optim.warmup_steps = 0.01, 0
-    summary = entry.run(c, str(tmp_path / "run"))
+    result = entry.run(c, str(tmp_path / "run"))
     run = load_run(str(tmp_path / "run"))
-    trained = jax.device_get(summary["_state"]["params"])
+    trained = jax.device_get(result.params)
     restored = jax.device_get(run.params)
     assert jax.tree.structure(trained) == jax.tree.structure(restored)
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(restored)):
