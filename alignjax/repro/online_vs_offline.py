@@ -220,7 +220,7 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
             )
             cell = {
                 "task_accuracy/initial": sft_acc,
-                "task_accuracy/final": online.greedy_accuracy(base, model, res["_state"]["params"], tok, gen),
+                "task_accuracy/final": online.greedy_accuracy(base, model, res.params, tok, gen),
             }
         else:
             c = online_config(config, arm, reward, seed, sft_dir, rm_dir)
