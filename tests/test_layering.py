@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ast
-import fnmatch
 import pathlib
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -35,14 +34,6 @@ ALLOWED_IN_FUNCTION = {
         "the job is to move to a jobs module above them"
     ),
 }
-# Being rewritten by others now: their function-level alignjax imports are to hoist.
-OWNED_ELSEWHERE = (
-    "alignjax/train/loop.py",
-    "alignjax/train/step.py",
-    "alignjax/train/reference.py",
-    "alignjax/online/*.py",
-    "alignjax/models/transformer.py",
-)
 
 
 class Import(NamedTuple):
@@ -118,12 +109,8 @@ def layer(module: str) -> str:
     return parts[1] if parts[0] == "alignjax" and len(parts) > 1 else ""
 
 
-def owned_elsewhere(file: str) -> bool:
-    return any(fnmatch.fnmatch(file, pattern) for pattern in OWNED_ELSEWHERE)
-
-
 def allowed_in_function(i: Import) -> bool:
-    return owned_elsewhere(i.file) or any(
+    return any(
         file == i.file and (function == "*" or i.function.split(".")[0] == function)
         for file, function in ALLOWED_IN_FUNCTION
     )

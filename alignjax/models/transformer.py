@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignjax.models import lora as lora_lib
 from alignjax.models.config import LoraConfig, ModelConfig
+from alignjax.sharding import logical_to_spec
 
 Array = jax.Array
 Rules = tuple[tuple[str, Any], ...]
@@ -50,7 +51,6 @@ def fit_spec(
     Shapes are static, so this is a trace-time decision: e.g. a decode batch of 1 on a mesh whose
     batch axes have 4 devices stays replicated instead of failing.
     """
-    from alignjax.sharding import logical_to_spec
 
     spec = logical_to_spec(logical_axes, rules)
     out = []

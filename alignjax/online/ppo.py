@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from alignjax import flops
+from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.losses import policy_gradient as pg
 from alignjax.models.config import ModelConfig
 from alignjax.models.heads import HeadConfig
@@ -40,6 +41,8 @@ from alignjax.online import rollout
 from alignjax.online import train as online
 from alignjax.reward.model import RewardModel
 from alignjax.search.generate import Generator
+from alignjax.train import step as steplib
+from alignjax.train.loop import run_train
 
 # PPO hyperparameters config.loss may set (the loss's keywords, and the reward's KL coefficient).
 HYPERPARAMETERS = {**{k: p.default for k, p in inspect.signature(pg.ppo).parameters.items()
@@ -116,7 +119,6 @@ def make_spec(config: Any, batch_size: int, reference: str) -> PPOSpec:
 def make_train_step(model: PolicyValueModel, spec: PPOSpec, tx: Any, schedule: Any, **kwargs: Any):
     """Behaviour values, reference log-probs and token rewards once per rollout batch, then
     ``num_iterations`` PPO updates (``alignjax.train.step.make_train_step`` with the PPO loss)."""
-    from alignjax.train import step as steplib
 
     hyper = dict(spec.hyperparameters)
     kl_coef = float(hyper.pop("kl_coef"))
@@ -184,8 +186,6 @@ class PPOObjective(online.PolicyGradientObjective):
 def run_ppo(config: Any, workdir: str) -> dict[str, Any]:
     """The ``ppo`` job: the SFT stage or ``config.model``, a value head added (seed + 2), PPO through
     ``run_train``; the summary adds the held-out greedy accuracy before and after."""
-    from alignjax.data.pipeline import resolve_tokenizer
-    from alignjax.train.loop import run_train
 
     make_spec(config, int(config.data.batch_size), "model")
     os.makedirs(workdir, exist_ok=True)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax import logprobs
+from alignjax.data import synthetic
+from alignjax.reward.export import load_classifier
 from alignjax.search.generate import bucket
 
 NORMALIZATIONS = ("none", "batch", "group", "center")
@@ -95,7 +97,6 @@ def _safe(verify: Callable[[str, str], bool]) -> Callable[[str, str], bool]:
 def builtin_verifier(task: str) -> Callable[[str, str], bool]:
     """The verifier of a built-in task: ``arithmetic`` (``ab+cd=`` -> the units-first sum) or
     ``multistep`` (the final ``answer y`` line)."""
-    from alignjax.data import synthetic
 
     table = {"arithmetic": synthetic.arithmetic_verify, "multistep": synthetic.multistep_verify}
     if task not in table:
@@ -106,7 +107,6 @@ def builtin_verifier(task: str) -> Callable[[str, str], bool]:
 def gsm8k_verifier(finals: dict[str, str]) -> Callable[[str, str], bool]:
     """GSM8K-style: the completion's final number (after ``####``) equals the prompt's reference
     ``finals[prompt]`` (:func:`alignjax.data.synthetic.gsm8k_verify`)."""
-    from alignjax.data import synthetic
 
     return lambda prompt, completion: synthetic.gsm8k_verify(completion, finals[prompt])
 
@@ -229,7 +229,6 @@ class RewardModelReward:
     @classmethod
     def from_dir(cls, path: str, *, mesh: Any = None) -> RewardModelReward:
         """An exported reward model (``config.reward.export_dir`` of ``experiments/reward_model.py``)."""
-        from alignjax.reward.export import load_classifier
 
         rm = load_classifier(path, mesh=mesh)
         return cls(rm, rm.params)

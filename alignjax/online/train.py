@@ -44,12 +44,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import alignjax.losses as losses
 from alignjax import flops, sharding, storage
+from alignjax.data import synthetic
+from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.losses import policy_gradient as pg
-from alignjax.models import lora
+from alignjax.models import from_pretrained, lora
 from alignjax.online import rewards as rewardlib
 from alignjax.online import rollout
+from alignjax.online.relabel import relabel
+from alignjax.search import iterate
 from alignjax.search.generate import Generator
+from alignjax.search.pairs import write_jsonl
+from alignjax.search.run import Policy
+from alignjax.train import pipeline
+from alignjax.train import step as steplib
+from alignjax.train.loop import build_model, run_train
 
 ALGORITHMS = ("grpo", "rloo")
 PAIRINGS = ("best_worst", "all")
@@ -96,7 +106,6 @@ def make_reward_source(config: Any, model: Any = None, params: Any = None,
         return rewardlib.RewardModelReward.from_dir(o.reward_path)
     if o.reward == "flr":
         if o.reward_path:
-            from alignjax.models import from_pretrained
 
             model = from_pretrained(o.reward_path)
             params = model.params
@@ -130,7 +139,6 @@ SPLIT_SEED = 0
 
 def held_out_prompts(config: Any) -> list[str]:
     """The built-in task's test prompts (``config.online.num_test`` of them)."""
-    from alignjax.data import synthetic
 
     n, task = int(config.online.num_test), task_name(config)
     if task == "arithmetic":
@@ -140,19 +148,17 @@ def held_out_prompts(config: Any) -> list[str]:
 
 def greedy_accuracy(config: Any, model: Any, params: Any, tokenizer: Any, generator: Generator) -> float:
     """Share of the held-out prompts whose greedy completion the task's verifier accepts."""
-    from alignjax.search.iterate import greedy_accuracy as accuracy
-    from alignjax.search.run import Policy
 
     policy = Policy(model, params, tokenizer, rewardlib.builtin_verifier(task_name(config)),
                     generator=generator)
-    return accuracy(policy, held_out_prompts(config), int(config.online.eval_max_new_tokens))["accuracy"]
+    max_new_tokens = int(config.online.eval_max_new_tokens)
+    return iterate.greedy_accuracy(policy, held_out_prompts(config), max_new_tokens)["accuracy"]
 
 
 def stage_config(config: Any, stage: str) -> Any:
     """``config`` with ``config.<stage>`` applied, as a plain ``train`` job."""
-    from alignjax.train.pipeline import stage_config as base
 
-    c = base(config, stage)
+    c = pipeline.stage_config(config, stage)
     with c.unlocked():
         if "online" in c:
             del c["online"]
@@ -167,7 +173,6 @@ def sft_stage(config: Any, workdir: str) -> tuple[Any, Any]:
     """``(model, params)`` to start from: the SFT stage's (``config.online.sft_steps > 0``; in
     ``config.online.sft_dir``, "" = ``<workdir>/sft``, so that several runs can start from one
     finished SFT) or ``config.model``'s (a preset initialised with ``config.seed``)."""
-    from alignjax.train.loop import build_model, run_train
 
     if int(config.online.sft_steps) > 0:
         c = stage_config(config, "sft")
@@ -175,7 +180,6 @@ def sft_stage(config: Any, workdir: str) -> tuple[Any, Any]:
             c.train.num_steps = int(config.online.sft_steps)
         out = run_train(c, config.online.get("sft_dir") or os.path.join(workdir, "sft"))
         return out.model, out.params
-    from alignjax.data.pipeline import resolve_tokenizer
 
     mesh, rules = sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.rules or None)
     vocab = resolve_tokenizer(config.data.tokenizer).vocab_size
@@ -238,7 +242,6 @@ def make_spec(config: Any, batch_size: int, reference: str) -> PolicyGradientSpe
     if config.data.kind != "sft" or config.data.layout != "padded":
         raise ValueError(f"config.data.kind={config.data.kind!r}, layout={config.data.layout!r}: the "
                          f"{algorithm} job reads prompts from padded 'sft' rows")
-    import alignjax.losses as losses
 
     # RLOO's beta weighs the KL in the reward, not a term of its loss (TRL's RLOOConfig.beta).
     allowed = {**losses.spec(algorithm).hyperparameters, **({"beta": 0.05} if algorithm == "rloo" else {})}
@@ -309,7 +312,6 @@ def make_loss_fn(model: Any, spec: PolicyGradientSpec):
 def make_train_step(model: Any, spec: PolicyGradientSpec, tx: Any, schedule: Any, **kwargs: Any):
     """``num_iterations`` applications of ``alignjax.train.step.make_train_step`` (with this loss) to
     one rollout batch; metrics are the mean over the iterations (a non-finite one: its code)."""
-    from alignjax.train import step as steplib
 
     inner = steplib.make_train_step(model, spec, tx, schedule, loss_fn=make_loss_fn(model, spec), **kwargs)
 
@@ -375,8 +377,6 @@ def _write_json(path: str, obj: Any) -> None:
 def run_policy_gradient(config: Any, workdir: str) -> dict[str, Any]:
     """The ``grpo`` / ``rloo`` job (see the module docstring); returns the loop's summary plus the
     held-out accuracy before (``task_accuracy/initial``) and after (``task_accuracy/final``)."""
-    from alignjax.data.pipeline import resolve_tokenizer
-    from alignjax.train.loop import run_train
 
     make_spec(config, int(config.data.batch_size), "none")  # config errors before any compute
     os.makedirs(workdir, exist_ok=True)
@@ -438,7 +438,6 @@ def build_pairs(prompts: Sequence[str], completions: Sequence[str], rewards: np.
 
 def round_prompts(config: Any, round_index: int) -> list[str]:
     """Round ``k``'s training prompts: slice ``k`` of a seeded permutation of the task's train split."""
-    from alignjax.data import synthetic
 
     task, n = task_name(config), int(config.online.prompts_per_round)
     if task == "arithmetic":
@@ -453,10 +452,6 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
     """The ``online_dpo`` job (see the module docstring). Resumable: a round's ``pairs.jsonl`` and
     ``rollout.json`` are written once and reused, and its ``run_train`` resumes from (or, finished,
     restores) its own checkpoints in ``round_k/train``."""
-    from alignjax.data.pipeline import resolve_tokenizer
-    from alignjax.search.iterate import round_batch_size
-    from alignjax.search.pairs import write_jsonl
-    from alignjax.train.loop import run_train
 
     o = config.online
     if o.reference not in REFERENCES:
@@ -489,7 +484,6 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
             records = build_pairs([p for p in prompts for _ in range(ro.num_generations)], texts, r,
                                   ro.num_generations, o.pairs, scores=bool(o.reward_augmented))
             if o.reward_augmented:
-                from alignjax.online.relabel import relabel
 
                 records = relabel(records, prefix=o.augment_prefix)
             if jax.process_index() == 0:
@@ -499,7 +493,7 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
             _write_json(stats_path, stats)
         stats = storage.read_json(stats_path)
         c = stage_config(config, "dpo") if "dpo" in config else stage_config(config, "sft")
-        batch = round_batch_size(int(config.data.batch_size), stats["num_pairs"], jax.device_count())
+        batch = iterate.round_batch_size(int(config.data.batch_size), stats["num_pairs"], jax.device_count())
         if batch > 0:
             with c.unlocked():
                 c.data.kind, c.data.source, c.data.eval_source = "pairwise", pairs_path, ""

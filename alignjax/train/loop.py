@@ -23,8 +23,9 @@ import jax
 import numpy as np
 
 import alignjax.losses as losses
-from alignjax import flops, logprobs, sharding, storage
-from alignjax.data.pipeline import eval_plan
+from alignjax import flops, logprobs, models, sharding, storage
+from alignjax.data import make_preference_batches
+from alignjax.data.pipeline import TooFewExamples, eval_plan, resolve_cache_dir, tokenize_options
 from alignjax.models import lora as lora_lib
 from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
@@ -64,7 +65,6 @@ def build_model(
     ``scan_layers`` the layer layout (None = the preset's; unrolled for a directory); ``aux_heads``
     the classifiers the losses read beside the decoder (``ModelConfig.aux_heads``, fresh).
     """
-    from alignjax import models
 
     path = model_config.path
     numerics = dict(
@@ -128,8 +128,6 @@ def data_iterator(
     """The data pipeline for ``source`` with fixed-length batches (one compiled shape); ``split``
     (``all``/``train``/``eval``) with ``config.data.eval_fraction`` holds rows out for evaluation.
     ``batch_key`` is the config key a too-small data set is reported against."""
-    from alignjax.data import make_preference_batches
-    from alignjax.data.pipeline import TooFewExamples, resolve_cache_dir, tokenize_options
 
     if not source:
         raise ValueError("config.data.source is empty: give a dataset (e.g. synthetic:arithmetic_dpo:train)")

@@ -37,6 +37,7 @@ from alignjax.losses import providers as inputs_table
 from alignjax.losses.metrics import preference_metrics
 from alignjax.models import lora
 from alignjax.models.heads import mean_completion_state
+from alignjax.sharding import replicated
 from alignjax.train.reference import ema_update
 
 Array = jax.Array
@@ -711,7 +712,6 @@ def _replicated(values: Array, model: Any) -> Array:
     mesh = getattr(model, "mesh", None)
     if mesh is None:
         return values
-    from alignjax.sharding import replicated
 
     return jax.lax.with_sharding_constraint(values, replicated(mesh))
 
