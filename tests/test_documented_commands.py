@@ -184,11 +184,29 @@ def same_run(a: str, b: str) -> bool:
     return key(a) == key(b)
 
 
+# Config specs whose documented command a dedicated test already runs through ``alignjax.main.run`` (the
+# job dispatch, validation and workdir lock the command line reaches), with checks of its outputs: run
+# there once, not twice (each takes minutes on 2 cores).
+RUN_BY_THEIR_OWN_TEST = {"experiments/repro_online.py:quick": "tests/repro/test_online_vs_offline.py"}
+
 TINY_EXPERIMENT_COMMANDS = [
     (where, command)
     for where, command in experiment_commands()
-    if is_tiny(command) and not any(same_run(command, r) for _, r in readme_commands())
+    if is_tiny(command)
+    and not any(same_run(command, r) for _, r in readme_commands())
+    and config_spec(shlex.split(command)) not in RUN_BY_THEIR_OWN_TEST
 ]
+
+
+def test_commands_left_to_their_own_tests_are_documented_and_run_there():
+    documented = {config_spec(shlex.split(c)) for _, c in experiment_commands()}
+    for spec, test_file in RUN_BY_THEIR_OWN_TEST.items():
+        assert spec in documented, spec
+        with open(os.path.join(ROOT, test_file)) as f:
+            source = f.read()
+        path, _, arg = spec.partition(":")
+        assert os.path.basename(path) in source and f'":{arg}"' in source, (spec, test_file)
+        assert "entry.run(" in source, test_file
 
 
 @pytest.mark.parametrize(
