@@ -12,13 +12,14 @@ Per seed (model init, data order, sampling):
 
 1. **SFT** once (``experiments/grpo.py``'s SFT stage, ``sft_steps`` steps) in ``seed<s>/sft``; every arm
    starts from it and uses it as its reference (``config.online.sft_dir``).
-2. **Reward model** once (``experiments/reward_model.py``'s ``bt`` job: the SFT model's decoder, as the
-   paper and TRL initialise it, with a fresh value head) on the offline preference pairs
-   ``synthetic:arithmetic_dpo:train``, the same pairs offline DPO trains on, exported to
-   ``seed<s>/rm/hf``. Its quality: the accuracy on 496 held-out pairs (``arithmetic_dpo:val``, the
-   loop's ``eval/accuracy``), and its pairwise accuracy on
-   the SFT policy's own samples (``num_generations`` samples of the held-out prompts; every pair of
-   samples of one prompt that the verifier separates: the RM must score the correct one higher).
+2. **Reward models**, one per ``rm_steps`` entry (``experiments/reward_model.py``'s ``bt`` job: the SFT
+   model's decoder, as the paper and TRL initialise it, with a fresh value head) on the offline
+   preference pairs ``synthetic:arithmetic_dpo:train``, the same pairs offline DPO trains on, trained for
+   that many steps (the reward-model quality axis) and exported to ``seed<s>/rm_<steps>/hf``. Quality:
+   the accuracy on 496 held-out pairs (``arithmetic_dpo:val``, the loop's ``eval/accuracy``), and the
+   pairwise accuracy on the SFT policy's own samples (``num_generations`` samples of the held-out
+   prompts; every pair of samples of one prompt that the verifier separates: the RM must score the
+   correct one higher).
 3. **Arms**, each ``updates`` optimiser steps (policy updates) from the SFT model:
    ``offline_dpo``: the online-DPO job's loss and optimiser (RPO: DPO beta 2 + the chosen answers' NLL,
    lr 4e-4) on the offline pairs, ``prompts_per_update`` pairs a step; ``online_dpo``
@@ -28,7 +29,7 @@ Per seed (model init, data order, sampling):
    (``experiments/grpo.py``): ``updates`` steps of ``prompts_per_update`` prompts x ``num_generations``
    samples, one optimiser step per rollout batch; ``ppo`` (``experiments/ppo.py``): the same rollout
    budget, ``ppo_iterations`` PPO epochs per rollout batch (1: one update per batch, as the others).
-   The three online arms run with ``reward=verifier`` and ``reward=reward_model``.
+   The three online arms run with the verifier and with each reward model as the reward.
 
 Matched: policy updates (``updates`` for every arm at ``ppo_iterations=1``) and prompts (each arm draws
 ``updates * prompts_per_update`` training prompts; offline DPO's are its pairs'); the online arms also
@@ -67,13 +68,19 @@ from alignjax.search.generate import Generator
 from alignjax.train.loop import run_train
 
 ARMS = ("offline_dpo", "online_dpo", "grpo", "ppo")
-REWARDS = ("verifier", "reward_model")
+REWARDS = ("verifier", "reward_model")  # reward_model: one cell per config.rm_steps
 PAIRS_TRAIN = "synthetic:arithmetic_dpo:train"
 PAIRS_HELD_OUT = "synthetic:arithmetic_dpo:val"
 
 
+def reward_model_names(config: Any) -> list[str]:
+    """``reward_model_<steps>`` for each ``config.rm_steps`` (also the reward column of its cells)."""
+    return [f"reward_model_{int(steps)}" for steps in config.rm_steps]
+
+
 def cells(config: Any) -> list[tuple[str, str]]:
-    """The (arm, reward) cells: offline DPO has no reward source (it trains on the pairs' labels)."""
+    """The (arm, reward) cells: offline DPO has no reward source (it trains on the pairs' labels); the
+    online arms one per reward source (the verifier, each reward model)."""
     out = []
     for arm in config.arms:
         if arm not in ARMS:
@@ -84,7 +91,7 @@ def cells(config: Any) -> list[tuple[str, str]]:
         for reward in config.rewards:
             if reward not in REWARDS:
                 raise ValueError(f"config.rewards: {reward!r} is not one of {list(REWARDS)}")
-            out.append((arm, reward))
+            out += [(arm, r) for r in (reward_model_names(config) if reward == "reward_model" else [reward])]
     return out
 
 
@@ -94,9 +101,9 @@ def _quiet(c: Any) -> None:
     c.train.log_every = 1
 
 
-def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, rm_dir: str) -> Any:
+def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, rm_dir: str = "") -> Any:
     """The arm's experiment config (``experiments/<arm>.py``) at the matched budget, starting from the
-    seed's SFT run in ``sft_dir``."""
+    seed's SFT run in ``sft_dir``; a ``reward_model_*`` reward reads the exported model in ``rm_dir``."""
     U, B, G = int(config.updates), int(config.prompts_per_update), int(config.num_generations)
     shared = f"seed={seed},sft_steps={config.sft_steps},generations={G}"
     if arm == "online_dpo":
@@ -120,7 +127,7 @@ def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, r
     c.sft.data = dict(c.sft.data, batch_size=int(config.sft_batch_size))
     c.online.sft_dir = sft_dir
     c.online.num_test = int(config.num_test)
-    if reward == "reward_model":
+    if reward.startswith("reward_model"):
         c.online.reward, c.online.reward_path = "reward_model", rm_dir
     return c
 
@@ -138,10 +145,10 @@ def offline_dpo_config(config: Any, seed: int) -> Any:
     return c
 
 
-def reward_model_config(config: Any, seed: int, sft_hf: str, export_dir: str) -> Any:
-    """experiments/reward_model.py's Bradley-Terry job on the offline pairs, the decoder initialised from
-    the SFT model (``sft_hf``, an HF directory; the value head fresh), held-out accuracy on
-    ``arithmetic_dpo:val``."""
+def reward_model_config(config: Any, seed: int, steps: int, sft_hf: str, export_dir: str) -> Any:
+    """experiments/reward_model.py's Bradley-Terry job on the offline pairs for ``steps`` steps, the
+    decoder initialised from the SFT model (``sft_hf``, an HF directory; the value head fresh), held-out
+    accuracy on ``arithmetic_dpo:val``."""
     c = common.experiment_config("reward_model", "objective=bt")
     _quiet(c)
     c.seed = seed
@@ -150,7 +157,7 @@ def reward_model_config(config: Any, seed: int, sft_hf: str, export_dir: str) ->
     c.data.max_length = 12
     c.data.batch_size = int(config.rm_batch_size)
     c.data.num_eval = c.data.eval_batch_size = int(config.rm_num_eval)
-    c.train.num_steps = c.train.checkpoint_every = int(config.rm_steps)
+    c.train.num_steps = c.train.checkpoint_every = int(steps)
     c.optim.learning_rate = float(config.rm_learning_rate)
     c.reward.export_dir = export_dir
     return c
@@ -191,27 +198,33 @@ def first_and_last_quarter(values: list[float], parts: int) -> tuple[float, floa
 
 
 def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
-    """One seed: SFT, the reward model, every cell. Returns ``{"cells": {"arm/reward": metrics}, "rm":
-    {...}, "sft": {...}}``."""
+    """One seed: SFT, the reward models, every cell. Returns ``{"cells": {"arm/reward": metrics}, "rm":
+    {"reward_model_<steps>": quality}, "sft": {...}}``."""
     os.makedirs(workdir, exist_ok=True)
-    sft_dir, rm_root = os.path.join(workdir, "sft"), os.path.join(workdir, "rm")
-    rm_dir = os.path.join(rm_root, "hf")
+    sft_dir = os.path.join(workdir, "sft")
+    rm_roots = {
+        name: os.path.join(workdir, name.replace("reward_model", "rm")) for name in reward_model_names(config)
+    }
     t0 = time.time()
-    base = online_config(config, "grpo", "verifier", seed, sft_dir, rm_dir)
+    base = online_config(config, "grpo", "verifier", seed, sft_dir)
     model, sft_params = online.sft_stage(base, workdir)
     tok = resolve_tokenizer(base.data.tokenizer)
     gen = Generator(model, pad_id=int(tok.pad_id or 0), min_batch_bucket=8)
     sft_acc = online.greedy_accuracy(base, model, sft_params, tok, gen)
     out: dict[str, Any] = {"sft": {"task_accuracy": sft_acc, "wall_s": time.time() - t0}, "cells": {}}
 
-    needs_rm = "reward_model" in config.rewards and any(a != "offline_dpo" for a in config.arms)
-    if needs_rm:
+    needed = {reward for _, reward in cells(config) if reward.startswith("reward_model")}
+    sft_hf = os.path.join(workdir, "sft_hf")
+    if needed and not os.path.exists(os.path.join(sft_hf, "config.json")):
+        save_pretrained(model, sft_params, sft_hf)
+    out["rm"] = {}
+    for name, steps in zip(reward_model_names(config), config.rm_steps):
+        if name not in needed:
+            continue
         t0 = time.time()
-        sft_hf = os.path.join(workdir, "sft_hf")
-        if not os.path.exists(os.path.join(sft_hf, "config.json")):
-            save_pretrained(model, sft_params, sft_hf)
-        rm = run_reward_model(reward_model_config(config, seed, sft_hf, rm_dir), rm_root)
-        out["rm"] = {
+        rm_dir = os.path.join(rm_roots[name], "hf")
+        rm = run_reward_model(reward_model_config(config, seed, steps, sft_hf, rm_dir), rm_roots[name])
+        out["rm"][name] = {
             "held_out_pair_accuracy": float(rm["eval/accuracy"]),
             "on_policy_pair_accuracy": on_policy_rm_accuracy(config, base, model, sft_params, rm_dir),
             "wall_s": time.time() - t0,
@@ -233,6 +246,7 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
                 "task_accuracy/final": online.greedy_accuracy(base, model, res.params, tok, gen),
             }
         else:
+            rm_dir = os.path.join(rm_roots[reward], "hf") if reward in rm_roots else ""
             c = online_config(config, arm, reward, seed, sft_dir, rm_dir)
             job = {
                 "online_dpo": online.run_online_dpo,
@@ -251,6 +265,13 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
         print(f"seed {seed} {arm}/{reward}: {cell}", flush=True)
         out["cells"][f"{arm}/{reward}"] = cell
     return out
+
+
+def reward_label(reward: str) -> str:
+    """The table's name of a reward source: ``reward_model_400`` -> ``reward model (400 steps)``."""
+    if reward.startswith("reward_model_"):
+        return f"reward model ({reward.rsplit('_', 1)[1]} steps)"
+    return reward.replace("_", " ")
 
 
 @contextlib.contextmanager
@@ -326,7 +347,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         table.append(
             [
                 arm,
-                reward.replace("_", " "),
+                reward_label(reward),
                 common.fmt(final),
                 common.fmt(gain),
                 trained,
@@ -335,26 +356,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             ]
         )
     markdown = common.markdown_table(header, table)
-    if all("rm" in per_seed[s] for s in seeds):
-        rm = {
-            k: [per_seed[s]["rm"][k] for s in seeds]
-            for k in ("held_out_pair_accuracy", "on_policy_pair_accuracy")
-        }
-        markdown += "\n\n" + common.markdown_table(
-            ["reward-model quality", "mean ± sd", "per seed"],
-            [
-                [
-                    "held-out pair accuracy (arithmetic_dpo:val)",
-                    common.fmt(rm["held_out_pair_accuracy"]),
-                    ", ".join(f"{v:.3f}" for v in rm["held_out_pair_accuracy"]),
-                ],
-                [
-                    "pair accuracy on the SFT policy's samples (verifier-separated pairs)",
-                    common.fmt(rm["on_policy_pair_accuracy"]),
-                    ", ".join(f"{v:.3f}" for v in rm["on_policy_pair_accuracy"]),
-                ],
-            ],
-        )
+    names = [n for n in reward_model_names(config) if all(n in per_seed[s]["rm"] for s in seeds)]
+    if names:
+        rows = []
+        for name in names:
+            for metric, what in (
+                ("held_out_pair_accuracy", "held-out pair accuracy (arithmetic_dpo:val)"),
+                ("on_policy_pair_accuracy", "pair accuracy on the SFT policy's samples (verifier-separated)"),
+            ):
+                v = [per_seed[s]["rm"][name][metric] for s in seeds]
+                rows.append([reward_label(name), what, common.fmt(v), ", ".join(f"{x:.3f}" for x in v)])
+        markdown += "\n\n" + common.markdown_table(["reward model", "quality", "mean ± sd", "per seed"], rows)
     wall = time.time() - t0
     common.write_table(workdir, {"seeds": per_seed, "config": config.to_dict(), "wall_s": wall}, markdown)
     print(markdown, flush=True)

@@ -44,7 +44,7 @@ def test_online_vs_offline_quick_end_to_end(tmp_path):
     seed = saved["seeds"]["0"]
     want = {
         "offline_dpo/labels",
-        *(f"{a}/{r}" for a in ("online_dpo", "grpo", "ppo") for r in ("verifier", "reward_model")),
+        *(f"{a}/{r}" for a in ("online_dpo", "grpo", "ppo") for r in ("verifier", "reward_model_4")),
     }
     assert set(seed["cells"]) == want == {f"{a}/{r}" for a, r in online_vs_offline.cells(c)}
     sft = seed["sft"]["task_accuracy"]
@@ -58,19 +58,19 @@ def test_online_vs_offline_quick_end_to_end(tmp_path):
     assert not any(
         (tmp_path / "seed0" / d / "sft").exists()
         for d in os.listdir(tmp_path / "seed0")
-        if d not in ("sft", "rm")
+        if d not in ("sft", "rm_4")
     )
     # matched policy updates: every arm took config.updates optimiser steps
     d = tmp_path / "seed0"
     for arm in (
         "offline_dpo_labels",
         "grpo_verifier",
-        "grpo_reward_model",
+        "grpo_reward_model_4",
         "ppo_verifier",
-        "ppo_reward_model",
+        "ppo_reward_model_4",
     ):
         assert len(common.read_metrics(str(d / arm))) == c.updates, arm
-    for arm in ("online_dpo_verifier", "online_dpo_reward_model"):
+    for arm in ("online_dpo_verifier", "online_dpo_reward_model_4"):
         steps = sum(
             len(common.read_metrics(str(d / arm / f"round_{k}" / "train")))
             for k in range(c.rounds)
@@ -80,10 +80,10 @@ def test_online_vs_offline_quick_end_to_end(tmp_path):
             json.loads((d / arm / f"round_{k}" / "done.json").read_text())["trained"] for k in range(c.rounds)
         ]
         assert steps == sum(trained) * c.updates // c.rounds, arm
-    assert json.loads((d / "online_dpo_reward_model" / "round_0" / "done.json").read_text())["trained"]
+    assert json.loads((d / "online_dpo_reward_model_4" / "round_0" / "done.json").read_text())["trained"]
     # the reward model's quality as reported equals the exported classifier's under transformers
-    rm = seed["rm"]
-    assert rm["held_out_pair_accuracy"] == pytest.approx(_hf_accuracy(str(d / "rm" / "hf"), c.rm_num_eval))
+    rm = seed["rm"]["reward_model_4"]
+    assert rm["held_out_pair_accuracy"] == pytest.approx(_hf_accuracy(str(d / "rm_4" / "hf"), c.rm_num_eval))
     table = (tmp_path / "table.md").read_text()
-    assert "| grpo | reward model |" in table and "held-out pair accuracy" in table
+    assert "| grpo | reward model (4 steps) |" in table and "held-out pair accuracy" in table
     assert out["markdown"].strip() == table.strip()
