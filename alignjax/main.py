@@ -2,15 +2,16 @@
 
   python -m alignjax.main --config=experiments/<file>.py[:args] --workdir=DIR [--config.key=value ...]
 
-``config.job`` picks what runs (:data:`JOBS`): ``train`` (preference or SFT training),
-``quickstart`` (the embedded default: SFT then DPO against the SFT model), ``score`` (implicit-reward
-scoring), ``source_logps`` / ``semantic_distance`` / ``prompt_classifier`` (per-row columns for InfiFPO /
-Sem-DPO / BCO's distribution matching),
-``reward_model``, ``mcts_dpo`` (search-then-train rounds) and the paper reproductions
-``repro_*``. Everything a user can get wrong in the command line (an
-unknown config key, loss name, model preset or job) fails here, before any compute, with the valid
-choices. The workdir receives ``config.json``; rerunning with the same workdir resumes, one run at
-a time and only with a config that does not change what the run computes (docs/reliability.md).
+``config.job`` picks what runs (:data:`alignjax.jobs.JOBS`, each a module of :mod:`alignjax.jobs`):
+``train`` (preference or SFT training), ``quickstart`` (the embedded default: SFT then DPO against
+the SFT model), ``score`` (implicit-reward scoring), ``source_logps`` / ``semantic_distance`` /
+``prompt_classifier`` (per-row columns for InfiFPO / Sem-DPO / BCO's distribution matching),
+``reward_model``, ``mcts_dpo`` (search-then-train rounds), the online jobs ``grpo`` / ``rloo`` /
+``online_dpo`` / ``ppo`` and the paper reproductions ``repro_*``. Everything a user can get wrong in
+the command line (an unknown config key, loss name, model preset or job) fails here, before any
+compute, with the valid choices. The workdir receives ``config.json``; rerunning with the same
+workdir resumes, one run at a time and only with a config that does not change what the run
+computes (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -27,36 +28,11 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from alignjax.configs import check_config_file, load_config_file
+from alignjax.jobs import JOBS  # the table only: a job's module is imported when it runs
 from alignjax.train.result import TrainResult
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<file>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for config.json, metrics, checkpoints, summary")
-
-# job -> "module:function(config, workdir) -> summary" (``train``: a TrainResult, whose summary is what
-# is printed), imported on demand so that a job pays only for what it uses.
-JOBS = {
-    "train": "alignjax.train.loop:run_train",
-    "quickstart": "alignjax.train.pipeline:run_quickstart",
-    "score": "alignjax.eval.scoring:run_score",
-    "source_logps": "alignjax.eval.annotate:run_source_logps",
-    "semantic_distance": "alignjax.eval.annotate:run_semantic_distance",
-    "prompt_classifier": "alignjax.eval.annotate:run_prompt_classifier",
-    "reward_model": "alignjax.reward.train:run_reward_model",
-    "mcts_dpo": "alignjax.search.iterate:run_mcts_dpo",
-    "grpo": "alignjax.online.train:run_policy_gradient",
-    "rloo": "alignjax.online.train:run_policy_gradient",
-    "online_dpo": "alignjax.online.train:run_online_dpo",
-    "ppo": "alignjax.online.ppo:run_ppo",
-    "repro_ranking": "alignjax.repro.ranking:run",
-    "repro_adpo_noise": "alignjax.repro.adpo_noise:run",
-    "repro_three_d": "alignjax.repro.three_d:run",
-    "repro_diffusion2d": "alignjax.repro.diffusion2d:run",
-    "repro_wpo_offpolicy": "alignjax.repro.wpo_offpolicy:run",
-    "repro_sparsepo_tokens": "alignjax.repro.sparsepo_tokens:run",
-    "repro_sem_dpo_drift": "alignjax.repro.sem_dpo_drift:run",
-    "repro_secrets_noise": "alignjax.repro.secrets_noise:run",
-    "repro_online_vs_offline": "alignjax.repro.online_vs_offline:run",
-}
 
 
 def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:

@@ -72,13 +72,13 @@ def get_config(arg: str | None = None):
 
 def run_table(seeds: int, steps: int, root: str) -> dict[str, list[float]]:
     """Held-out pair accuracy (ties wrong) of BT and GPM per seed."""
-    from alignjax.reward.train import run_reward_model
+    from alignjax.jobs import reward_model as reward_job
 
     results: dict[str, list[float]] = {"bt": [], "gpm": []}
     for seed in range(seeds):
         for objective in ("bt", "gpm"):
             c = get_config(f"objective={objective},seed={seed},steps={steps},data_dir={root}/data")
-            summary = run_reward_model(c, os.path.join(root, f"{objective}_{seed}"))
+            summary = reward_job.run(c, os.path.join(root, f"{objective}_{seed}"))
             results[objective].append(summary["rewardbench"]["accuracy"])
             print(f"seed {seed} {objective}: held-out accuracy {results[objective][-1]:.4f}", flush=True)
     return results

@@ -1,5 +1,5 @@
 """GRPO on the built-in arithmetic task with the verifier as reward, from an SFT model that drops carries
-(alignjax/online/train.py; "DeepSeekMath", arXiv:2402.03300, with TRL 1.16's loss aggregations).
+(alignjax/jobs/online.py; "DeepSeekMath", arXiv:2402.03300, with TRL 1.16's loss aggregations).
 
   python -m alignjax.main --config=experiments/grpo.py --workdir=workdirs/grpo
   python -m alignjax.main --config=experiments/grpo.py:loss_type=dr_grpo,beta=0.04 --workdir=workdirs/dr_grpo
@@ -18,7 +18,7 @@ from alignjax import configs
 
 
 def online_section(**overrides) -> configs.ConfigDict:
-    """``config.online``: the keys the online jobs read (alignjax/online/train.py), with defaults."""
+    """``config.online``: the keys the online jobs read (alignjax/jobs/online.py), with defaults."""
     values = dict(
         num_generations=8,  # completions per prompt (TRL's num_generations)
         max_new_tokens=6,  # TRL's max_completion_length (the arithmetic answer is 3 digits + <eos>)

@@ -1,5 +1,5 @@
 """Iterative MCTS-DPO (arXiv:2405.00451) on the built-in multi-step arithmetic task, and its
-instance-level DPO baseline at the same sample budget (see alignjax/search/iterate.py).
+instance-level DPO baseline at the same sample budget (see alignjax/jobs/mcts_dpo.py).
 
   python -m alignjax.main --config=experiments/mcts_dpo.py --workdir=workdirs/mcts_dpo
   python -m alignjax.main --config=experiments/mcts_dpo.py:method=instance,budget_from=workdirs/mcts_dpo \\
@@ -123,7 +123,7 @@ def reproduce(workdir: str, seeds: tuple[int, ...] = (0, 1, 2), arg: str = "") -
 
     import numpy as np
 
-    from alignjax.search.iterate import run_mcts_dpo
+    from alignjax.jobs import mcts_dpo
 
     t0 = time.time()
     rows = []
@@ -135,7 +135,7 @@ def reproduce(workdir: str, seeds: tuple[int, ...] = (0, 1, 2), arg: str = "") -
             budget = f",budget_from={os.path.join(base, 'mcts')}" if method == "instance" else ""
             c = get_config(f"{extra},method={method}{budget}")
             c.mcts_dpo.sft_dir = os.path.join(base, "sft")
-            out[method] = run_mcts_dpo(c, os.path.join(base, method))
+            out[method] = mcts_dpo.run(c, os.path.join(base, method))
         rows.append(
             {
                 "seed": seed,

@@ -1,5 +1,5 @@
 """Online (iterative) DPO on the built-in arithmetic task: rounds of sampling from the current policy,
-scoring with the verifier (or a reward model), pairing and DPO (alignjax/online/train.py).
+scoring with the verifier (or a reward model), pairing and DPO (alignjax/jobs/online.py).
 
   python -m alignjax.main --config=experiments/online_dpo.py --workdir=workdirs/online_dpo
   python -m alignjax.main --config=experiments/online_dpo.py:pairs=all,reference=refresh \\

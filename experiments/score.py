@@ -15,7 +15,7 @@ truncation: alignjax.eval.rewardbench) unless tokenization=trl; per-subset and s
 default pairs are the arithmetic task's 2,000 held-out test pairs (tokenization=trl: the arithmetic
 tokenizer has no chat template). tokenizer: default the workdir's data.tokenizer, or the model
 directory when it has tokenizer.json. Writes summary.json and scores.jsonl in the workdir
-(alignjax.eval.scoring.run_score).
+(alignjax.jobs.score).
 """
 
 import json

@@ -20,7 +20,7 @@ import pytest
 from alignjax import export
 from alignjax import main as entry
 from alignjax.data import resolve_tokenizer
-from alignjax.eval import scoring
+from alignjax.jobs import score as score_job
 from experiments import dpo as dpo_experiment
 from experiments import reward_model as reward_experiment
 from experiments import score as score_experiment
@@ -120,7 +120,7 @@ def test_score_py_takes_the_workdir_as_its_export(dpo_run, tmp_path, capsys):
         c = score_experiment.get_config(f"model={model},reference={ckpt},source={data}")
         assert c.data.tokenizer == tokenizer  # the workdir's data.tokenizer / the export's own files
         c.data.eval_batch_size = 8
-        summaries.append(scoring.run_score(c, str(tmp_path / f"score{len(summaries)}")))
+        summaries.append(score_job.run(c, str(tmp_path / f"score{len(summaries)}")))
     assert summaries[0]["reward_margin_mean"] == pytest.approx(summaries[1]["reward_margin_mean"], abs=1e-5)
     assert summaries[0]["reward_margin_mean"] != 0.0  # the trained policy differs from its reference
     entry.validate(score_experiment.get_config(f"model={workdir}@1"))  # main accepts DIR@STEP

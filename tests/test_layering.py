@@ -1,8 +1,11 @@
 """The library's layers, read from its source with ``ast`` (nothing is imported):
 
 * the lower layers (losses, data, models, sharding, logprobs, storage, flops, configs) never import a
-  higher one (train, search, reward, eval, online, repro, main, export), at module level or inside a
-  function;
+  higher one (train, search, reward, eval, online, jobs, repro, main, export), at module level or
+  inside a function;
+* ``jobs`` is the top layer: only the entry point (``main``), the reproductions (``repro``) and the
+  jobs themselves import ``alignjax.jobs``; the library packages below it (the lower layers and
+  train, search, reward, eval, online, export) never do;
 * nothing in ``alignjax/`` imports ``experiments`` (by an import statement or by
   ``importlib.import_module`` of a literal name);
 * ``alignjax`` modules are imported at module level: an import inside a function is allowed only where
@@ -19,7 +22,9 @@ from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOWER = ("losses", "data", "models", "sharding", "logprobs", "storage", "flops", "configs")
-HIGHER = ("train", "search", "reward", "eval", "online", "repro", "main", "export")
+HIGHER = ("train", "search", "reward", "eval", "online", "jobs", "repro", "main", "export")
+# The layers that may import alignjax.jobs (the top layer).
+ABOVE_JOBS = ("main", "repro", "jobs")
 
 # (file, function or "*") -> why its alignjax imports stay inside it.
 ALLOWED_IN_FUNCTION = {
@@ -28,10 +33,6 @@ ALLOWED_IN_FUNCTION = {
     ("alignjax/export.py", "main"): (
         "python -m alignjax.main runs that module as __main__: importing it at module level would "
         "define its flags a second time"
-    ),
-    ("alignjax/reward/train.py", "train_and_score"): (
-        "the job's Secrets-II, scoring and export steps import this module's spec and training: "
-        "the job is to move to a jobs module above them"
     ),
 }
 
@@ -151,6 +152,20 @@ def test_lower_layers_never_import_higher_ones():
         if layer(module_name(ROOT / i.file)) in LOWER and layer(i.module) in HIGHER
     ]
     assert not upward, "a lower layer imports a higher one:\n" + "\n".join(upward)
+
+
+def test_only_the_entry_point_and_the_reproductions_import_jobs():
+    found = library_imports()
+    assert any(layer(i.module) == "jobs" for i in found)  # the reader sees main's import of the table
+    below = [
+        f"{i.file}:{i.line} imports {i.module}"
+        for i in found
+        if layer(i.module) == "jobs" and layer(module_name(ROOT / i.file)) not in ABOVE_JOBS
+    ]
+    assert not below, (
+        "alignjax.jobs is the top layer (a job strings library pieces together): move the piece this "
+        "needs down into the library package that owns it:\n" + "\n".join(below)
+    )
 
 
 def test_the_library_never_imports_experiments():

@@ -1,4 +1,5 @@
-"""Per-row columns computed once by a model, for the losses that read them: annotation jobs.
+"""Per-row columns computed once by a model, for the losses that read them: the pieces of the
+annotation jobs (:mod:`alignjax.jobs.annotate`).
 
 Each job reads ``config.data.source`` (pairs; unpaired rows for ``prompt_classifier``), adds a
 column to every row it can compute it for and writes ``<workdir>/pairs.jsonl`` (each kept row, in
@@ -39,15 +40,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-
-from alignjax import sharding, storage
-from alignjax.data import DataStats, readers, resolve_tokenizer
-from alignjax.data.pipeline import resolve_source, tokenize_all, tokenize_options
-from alignjax.data.tokenize import plain_text
+from alignjax import sharding
+from alignjax.data import DataStats, resolve_tokenizer
+from alignjax.data.pipeline import tokenize_all, tokenize_options
 from alignjax.eval.scoring import as_pairs, load_model, score_examples
 
-OUTPUT = "pairs.jsonl"
 DERIVED = ("source_chosen_logps", "source_rejected_logps")  # validation's split of an input's source_logps
 
 
@@ -123,32 +120,6 @@ def with_sources(
     return out
 
 
-def _pairs(config: Any, stats: DataStats) -> list[tuple[str, Mapping[str, Any]]]:
-    return readers.load_records(resolve_source(config.data.source), "pairwise", config.data.on_bad_row, stats)
-
-
-def _write(workdir: str, rows: Sequence[Mapping[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
-    if jax.process_index() == 0:
-        root = storage.path(workdir)
-        root.mkdir(parents=True, exist_ok=True)
-        storage.write_text(root / OUTPUT, "".join(json.dumps(r) + "\n" for r in rows))
-        storage.write_json(root / "summary.json", summary)
-    return summary
-
-
-def run_source_logps(config: Any, workdir: str) -> dict[str, Any]:
-    """The ``source_logps`` job (module docstring). Returns the summary (also in summary.json)."""
-    models = source_models(config)
-    mesh = sharding.make_mesh(config.mesh)
-    stats = DataStats()
-    records = _pairs(config, stats)
-    per_model = [source_scores(config, path, records, stats, mesh=mesh) for path in models]
-    rows = with_sources(records, per_model)
-    stats.rows_kept = len(rows)
-    return _write(workdir, rows, {"models": models, "rows_in": len(records), "rows_out": len(rows),
-                                  **stats.summary()})
-
-
 # ---------------------------------------------------------------------------------- semantic distance
 
 
@@ -196,28 +167,6 @@ def sentence_embeddings(model_dir: str, texts: Sequence[str], batch_size: int = 
     return np.concatenate(out)
 
 
-def run_semantic_distance(config: Any, workdir: str) -> dict[str, Any]:
-    """The ``semantic_distance`` job (module docstring). Returns the summary (also in summary.json)."""
-    import numpy as np
-
-    model_dir = embedding_model_dir(config.embed.model)
-    stats = DataStats()
-    records = _pairs(config, stats)
-    if not records:
-        raise ValueError(f"config.data.source={config.data.source}: no pairs to embed")
-    if int(config.embed.get("max_rows", 0)):
-        records = records[: int(config.embed.max_rows)]
-    prompt_texts = [plain_text(r.get("prompt", r.get("chosen_prompt", ""))) for _, r in records]
-    prompts = sentence_embeddings(model_dir, prompt_texts)
-    chosen = sentence_embeddings(model_dir, [plain_text(r["chosen"]) for _, r in records])
-    distance = np.clip(1.0 - np.sum(prompts * chosen, axis=-1), 0.0, 2.0)
-    rows = [dict({k: v for k, v in r.items() if k not in DERIVED}, semantic_distance=float(d))
-            for (_, r), d in zip(records, distance, strict=True)]
-    stats.rows_kept = len(rows)
-    return _write(workdir, rows, {"model": model_dir, "rows_in": len(records), "rows_out": len(rows),
-                                  "semantic_distance/mean": float(distance.mean()), **stats.summary()})
-
-
 # ---------------------------------------------------------------------------------- prompt classifier
 
 
@@ -241,26 +190,3 @@ def desirable_probabilities(
     return clf.predict_proba(embeddings)[:, 1], clf
 
 
-def run_prompt_classifier(config: Any, workdir: str) -> dict[str, Any]:
-    """The ``prompt_classifier`` job (module docstring). Returns the summary (also in summary.json)."""
-    import numpy as np
-
-    model_dir = embedding_model_dir(config.embed.model)
-    stats = DataStats()
-    source = resolve_source(config.data.source)
-    records = readers.load_records(source, "unpaired", config.data.on_bad_row, stats)
-    if not records:
-        raise ValueError(f"config.data.source={config.data.source}: no unpaired rows to classify")
-    embeddings = sentence_embeddings(model_dir, [plain_text(r["prompt"]) for _, r in records])
-    labels = np.array([bool(r["label"]) for _, r in records])
-    prob, clf = desirable_probabilities(
-        embeddings, labels, sample_size=int(config.embed.sample_size), seed=int(config.seed)
-    )
-    rows = [dict(r, prompt_desirable_prob=float(p)) for (_, r), p in zip(records, prob, strict=True)]
-    stats.rows_kept = len(rows)
-    accuracy = {
-        f"classifier/accuracy_{name}": float(clf.score(embeddings[labels == side], labels[labels == side]))
-        for name, side in (("desirable", True), ("undesirable", False))
-    }
-    return _write(workdir, rows, {"model": model_dir, "rows_in": len(records), "rows_out": len(rows),
-                                  **accuracy, **stats.summary()})

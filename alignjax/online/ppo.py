@@ -1,4 +1,5 @@
-"""PPO with a value head through the shared train loop (``config.job = 'ppo'``, ``experiments/ppo.py``).
+"""PPO with a value head through the shared train loop (the ``ppo`` job, :mod:`alignjax.jobs.online`;
+``experiments/ppo.py``).
 
 The policy and its critic are one model: the decoder plus a value head on its hidden states
 (:class:`PolicyValueModel`, params ``{"decoder", "head"}``, checkpointed together). Each step, as for
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,16 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from alignjax import flops
-from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.losses import policy_gradient as pg
 from alignjax.models.config import ModelConfig
 from alignjax.models.heads import HeadConfig
 from alignjax.online import rollout
 from alignjax.online import train as online
 from alignjax.reward.model import RewardModel
-from alignjax.search.generate import Generator
 from alignjax.train import step as steplib
-from alignjax.train.loop import run_train
 
 # PPO hyperparameters config.loss may set (the loss's keywords, and the reward's KL coefficient).
 HYPERPARAMETERS = {**{k: p.default for k, p in inspect.signature(pg.ppo).parameters.items()
@@ -182,28 +179,4 @@ class PPOObjective(online.PolicyGradientObjective):
     def prepare_batch(self, state: Any, micro: list, step: int) -> list:
         return super().prepare_batch({"params": state["params"]["decoder"]}, micro, step)
 
-
-def run_ppo(config: Any, workdir: str) -> dict[str, Any]:
-    """The ``ppo`` job: the SFT stage or ``config.model``, a value head added (seed + 2), PPO through
-    ``run_train``; the summary adds the held-out greedy accuracy before and after."""
-
-    make_spec(config, int(config.data.batch_size), "model")
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer = resolve_tokenizer(config.data.tokenizer)
-    decoder, params = online.sft_stage(config, workdir)
-    model = PolicyValueModel(decoder)
-    init_head = jax.jit(model.init_head, out_shardings=model.shardings()["head"])
-    head = init_head(jax.random.PRNGKey(config.seed + 2))
-    generator = Generator(decoder, pad_id=int(tokenizer.pad_id or 0), min_batch_bucket=8)
-    source = online.make_reward_source(config, decoder, params, tokenizer)
-    initial = online.greedy_accuracy(config, decoder, params, tokenizer, generator)
-    objective = PPOObjective(config, tokenizer, source, generator)
-    result = run_train(config, workdir, init_params={"decoder": params, "head": head}, model=model,
-                       objective=objective)
-    if result.stopped:
-        return result.summary
-    final = online.greedy_accuracy(config, decoder, result.params["decoder"], tokenizer, generator)
-    summary = {**result.summary, "task_accuracy/initial": initial, "task_accuracy/final": final}
-    online._write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary
 

@@ -1,42 +1,32 @@
-"""Online jobs: GRPO / RLOO through the shared train loop, and online (iterative) DPO in rounds.
+"""The online methods' pieces (their jobs: :mod:`alignjax.jobs.online`): GRPO / RLOO as an objective of
+the shared train loop, and online (iterative) DPO's pairs.
 
-``grpo`` / ``rloo`` (``config.job``; ``experiments/grpo.py``, ``experiments/rloo.py``):
-:func:`alignjax.train.loop.run_train` with :class:`PolicyGradientObjective`. Each step the data
-pipeline gives prompts (the prompt part of ``config.data.kind='sft'`` rows; their completions are
-not used); the objective's ``prepare_batch`` samples ``config.online.num_generations`` completions
-of each from the current policy (:mod:`alignjax.online.rollout`, keys folded from the seed, the step
-and the micro-batch, so a rerun samples the same), scores them (:func:`make_reward_source`) and the
-jitted step then takes ``config.online.num_iterations`` optimiser steps on that rollout batch (TRL's
-``num_iterations``; the first is on-policy, ratio 1), with the loss :func:`alignjax.losses.
-policy_gradient.grpo` (advantages :func:`group_advantages`, ``config.online.scale_rewards``) or
-``rloo`` (KL-penalised rewards, leave-one-out advantages, ``config.online.normalize_advantages``).
-Checkpoints, exact resume (data position, params and RNG restored; rollouts recomputed from them),
-NaN handling and metrics are the loop's. Metrics per step use TRL's names: ``reward``,
+GRPO / RLOO: :class:`PolicyGradientObjective` (the :class:`alignjax.train.objective.Objective` that
+:func:`alignjax.train.loop.run_train` takes). Each step the data pipeline gives prompts (the prompt
+part of ``config.data.kind='sft'`` rows; their completions are not used); the objective's
+``prepare_batch`` samples ``config.online.num_generations`` completions of each from the current
+policy (:mod:`alignjax.online.rollout`, keys folded from the seed, the step and the micro-batch, so a
+rerun samples the same), scores them (:func:`make_reward_source`, :func:`score`) and the jitted step
+(:func:`make_train_step`) then takes ``config.online.num_iterations`` optimiser steps on that rollout
+batch (TRL's ``num_iterations``; the first is on-policy, ratio 1), with the loss
+:func:`alignjax.losses.policy_gradient.grpo` (advantages
+:func:`alignjax.losses.policy_gradient.group_advantages`, ``config.online.scale_rewards``) or ``rloo``
+(KL-penalised rewards, leave-one-out advantages,
+``config.online.normalize_advantages``). Metrics per step use TRL's names: ``reward``,
 ``reward_std``, ``frac_reward_zero_std``, ``kl`` (beta != 0), ``clip_ratio/low_mean``,
 ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``completions/mean_length``,
 ``completions/min_length``, ``completions/max_length``, ``completions/clipped_ratio``.
-With ``config.online.num_iterations = mu`` the learning-rate schedule advances mu updates per step.
 
-``online_dpo`` (``experiments/online_dpo.py``; "Direct Language Model Alignment from Online AI
-Feedback", Guo et al., arXiv:2402.04792; iterative DPO, Xu et al., arXiv:2312.16682): rounds of
-sampling ``num_generations`` completions for ``prompts_per_round`` prompts from the current policy,
-scoring them, building pairs (``pairs='best_worst'``: the best against the worst of each prompt;
-``'all'``: every pair with a reward gap, its gap as the record's ``margin``), then ``run_train``
-with any registered pairwise loss (``config.loss``) from the current params, the reference fixed
-(the initial policy) or refreshed to the round's starting policy (``config.online.reference``);
-``config.online.reward_augmented`` relabels each round's pairs by their rewards first
-(:mod:`alignjax.online.relabel`, prompt prefix ``config.online.augment_prefix``).
-
-Both jobs start from ``config.model`` or, with ``config.online.sft_steps > 0``, from an SFT stage on
-the task's SFT records in ``<workdir>/sft`` (``config.sft`` overrides), which is also the reference;
-they report the held-out greedy accuracy under the task's verifier before and after.
+Online DPO: :func:`build_pairs` (``pairs='best_worst'``: the best against the worst completion of each
+prompt; ``'all'``: every pair with a reward gap, its gap as the record's ``margin``) from each round's
+prompts (:func:`round_prompts`). Shared by both: the stage configs (:func:`stage_config`), the
+built-in task's held-out prompts and greedy accuracy under its verifier (:func:`held_out_prompts`,
+:func:`greedy_accuracy`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,25 +35,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import alignjax.losses as losses
-from alignjax import flops, sharding, storage
+from alignjax import flops
 from alignjax.data import synthetic
-from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.losses import policy_gradient as pg
 from alignjax.models import from_pretrained, lora
 from alignjax.online import rewards as rewardlib
 from alignjax.online import rollout
-from alignjax.online.relabel import relabel
 from alignjax.search import iterate
 from alignjax.search.generate import Generator
-from alignjax.search.pairs import write_jsonl
 from alignjax.search.run import Policy
 from alignjax.train import pipeline
 from alignjax.train import step as steplib
-from alignjax.train.loop import build_model, run_train
 
 ALGORITHMS = ("grpo", "rloo")
 PAIRINGS = ("best_worst", "all")
-REFERENCES = ("fixed", "refresh")
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -167,27 +152,6 @@ def stage_config(config: Any, stage: str) -> Any:
         for key in [k for k in c.loss.keys() if k not in own]:
             del c.loss[key]
     return c
-
-
-def sft_stage(config: Any, workdir: str) -> tuple[Any, Any]:
-    """``(model, params)`` to start from: the SFT stage's (``config.online.sft_steps > 0``; in
-    ``config.online.sft_dir``, "" = ``<workdir>/sft``, so that several runs can start from one
-    finished SFT) or ``config.model``'s (a preset initialised with ``config.seed``)."""
-
-    if int(config.online.sft_steps) > 0:
-        c = stage_config(config, "sft")
-        with c.unlocked():
-            c.train.num_steps = int(config.online.sft_steps)
-        out = run_train(c, config.online.get("sft_dir") or os.path.join(workdir, "sft"))
-        return out.model, out.params
-
-    mesh, rules = sharding.make_mesh(dict(config.mesh)), sharding.rules_from_config(config.rules or None)
-    vocab = resolve_tokenizer(config.data.tokenizer).vocab_size
-    model, params = build_model(config.model, mesh, rules, vocab)
-    if params is None:  # a preset: initialised as the loop would (config.seed)
-        init = jax.jit(model.init, out_shardings=model.shardings(mesh, rules))
-        params = init(jax.random.PRNGKey(config.seed))
-    return model, params
 
 
 # ------------------------------------------------------------------------------------------ GRPO / RLOO
@@ -369,37 +333,6 @@ class PolicyGradientObjective:
         return out
 
 
-def _write_json(path: str, obj: Any) -> None:
-    if jax.process_index() == 0:
-        storage.write_json(path, obj)
-
-
-def run_policy_gradient(config: Any, workdir: str) -> dict[str, Any]:
-    """The ``grpo`` / ``rloo`` job (see the module docstring); returns the loop's summary plus the
-    held-out accuracy before (``task_accuracy/initial``) and after (``task_accuracy/final``)."""
-
-    make_spec(config, int(config.data.batch_size), "none")  # config errors before any compute
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer = resolve_tokenizer(config.data.tokenizer)
-    model, params = sft_stage(config, workdir)
-    generator = Generator(model, pad_id=int(tokenizer.pad_id or 0), min_batch_bucket=8)
-    source = make_reward_source(config, model, params, tokenizer)
-    initial_path = os.path.join(workdir, "initial_eval.json")
-    if os.path.exists(initial_path):
-        initial = storage.read_json(initial_path)["accuracy"]
-    else:
-        initial = greedy_accuracy(config, model, params, tokenizer, generator)
-        _write_json(initial_path, {"accuracy": initial})
-    objective = PolicyGradientObjective(config, tokenizer, source, generator)
-    result = run_train(config, workdir, init_params=params, model=model, objective=objective)
-    if result.stopped:
-        return result.summary
-    final = greedy_accuracy(config, model, result.params, tokenizer, generator)
-    summary = {**result.summary, "task_accuracy/initial": initial, "task_accuracy/final": final}
-    _write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary
-
-
 # ------------------------------------------------------------------------------------------ online DPO
 
 
@@ -448,67 +381,3 @@ def round_prompts(config: Any, round_index: int) -> list[str]:
     return [pool[order[(round_index * n + i) % len(pool)]] for i in range(n)]
 
 
-def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
-    """The ``online_dpo`` job (see the module docstring). Resumable: a round's ``pairs.jsonl`` and
-    ``rollout.json`` are written once and reused, and its ``run_train`` resumes from (or, finished,
-    restores) its own checkpoints in ``round_k/train``."""
-
-    o = config.online
-    if o.reference not in REFERENCES:
-        raise ValueError(f"config.online.reference={o.reference!r}; choose one of {list(REFERENCES)}")
-    if o.pairs not in PAIRINGS:
-        raise ValueError(f"config.online.pairs={o.pairs!r}; choose one of {list(PAIRINGS)}")
-    t0 = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer = resolve_tokenizer(config.data.tokenizer)
-    model, init_params = sft_stage(config, workdir)
-    generator = Generator(model, pad_id=int(tokenizer.pad_id or 0), min_batch_bucket=8)
-    source = make_reward_source(config, model, init_params, tokenizer)
-    sampling = sampling_config(config, tokenizer.eos_id)
-    params = init_params
-    rounds: list[dict[str, Any]] = []
-    initial = greedy_accuracy(config, model, params, tokenizer, generator)
-    for k in range(int(o.rounds)):
-        rdir = os.path.join(workdir, f"round_{k}")
-        os.makedirs(rdir, exist_ok=True)
-        pairs_path = os.path.join(rdir, "pairs.jsonl")
-        stats_path = os.path.join(rdir, "rollout.json")
-        ref = init_params if o.reference == "fixed" else params
-        if not (os.path.exists(pairs_path) and os.path.exists(stats_path)):
-            prompts = round_prompts(config, k)
-            key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), k)
-            ids = [list(tokenizer.encode(p)) for p in prompts]
-            ro = rollout.sample(generator, params, ids, key, sampling)
-            r = score(source, tokenizer, ro, config)
-            texts = [completion_text(tokenizer, c) for c in ro.completions()]
-            records = build_pairs([p for p in prompts for _ in range(ro.num_generations)], texts, r,
-                                  ro.num_generations, o.pairs, scores=bool(o.reward_augmented))
-            if o.reward_augmented:
-
-                records = relabel(records, prefix=o.augment_prefix)
-            if jax.process_index() == 0:
-                write_jsonl(records, pairs_path)
-            stats = {"reward": float(np.nanmean(r)), "reward_std": float(np.nanstd(r, ddof=1)),
-                     "completions/mean_length": float(ro.lengths.mean()), "num_pairs": len(records)}
-            _write_json(stats_path, stats)
-        stats = storage.read_json(stats_path)
-        c = stage_config(config, "dpo") if "dpo" in config else stage_config(config, "sft")
-        batch = iterate.round_batch_size(int(config.data.batch_size), stats["num_pairs"], jax.device_count())
-        if batch > 0:
-            with c.unlocked():
-                c.data.kind, c.data.source, c.data.eval_source = "pairwise", pairs_path, ""
-                c.data.batch_size = batch
-                c.reference.kind = "frozen"
-            out = run_train(c, os.path.join(rdir, "train"), init_params=params, ref_params=ref, model=model)
-            params = out.params
-        acc = greedy_accuracy(config, model, params, tokenizer, generator)
-        info = {"round": k, **stats, "trained": batch > 0, "task_accuracy": acc}
-        _write_json(os.path.join(rdir, "done.json"), info)
-        rounds.append(info)
-    summary = {"task_accuracy/initial": initial,
-               "task_accuracy/final": rounds[-1]["task_accuracy"] if rounds else initial,
-               "task_accuracy/rounds": [r["task_accuracy"] for r in rounds],
-               "reward/rounds": [r["reward"] for r in rounds],
-               "num_pairs/rounds": [r["num_pairs"] for r in rounds], "wall_s": time.time() - t0}
-    _write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary

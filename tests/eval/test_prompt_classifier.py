@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from alignjax.eval.annotate import desirable_probabilities, run_prompt_classifier
+from alignjax.eval.annotate import desirable_probabilities
+from alignjax.jobs.annotate import run_prompt_classifier
 from alignjax.main import load_config_file
 from alignjax.train.loop import run_train
 from tests.hf_fixtures import save_tokenizer

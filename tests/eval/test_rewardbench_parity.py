@@ -26,7 +26,7 @@ import pytest
 
 from alignjax.data import ChatTokenizer
 from alignjax.eval import rewardbench as ours
-from alignjax.eval import scoring
+from alignjax.jobs import score as score_job
 from experiments import score as score_experiment
 from tests import hf_fixtures
 from tests.data import tokenizer_zoo
@@ -172,7 +172,7 @@ def test_score_py_equals_rewardbench(rb, setup, mode, tmp_path):
     )
     assert config.score.tokenization == "rewardbench" and config.data.tokenizer == policy
     config.data.eval_batch_size = 4  # 7 pairs: the second batch is padded with copies
-    summary = scoring.run_score(config, str(tmp_path))
+    summary = score_job.run(config, str(tmp_path))
     theirs, report = rewardbench_scores(rb, policy, reference if with_ref else None, mode)
 
     lines = (tmp_path / "scores.jsonl").read_text().splitlines()

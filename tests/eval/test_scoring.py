@@ -8,7 +8,7 @@ import pytest
 
 from alignjax import models
 from alignjax.data import synthetic
-from alignjax.eval import scoring
+from alignjax.jobs import score as score_job
 from experiments import score as score_experiment
 
 PAIRS = [
@@ -60,7 +60,7 @@ def test_scoring_job_matches_numpy(checkpoints, tmp_path, mode):
     config.data.source = str(root / "pairs.jsonl")
     config.data.eval_batch_size = 8  # 5 pairs: one padded batch; the copies must be discarded
     config.data.max_length = 0
-    summary = scoring.run_score(config, str(tmp_path))
+    summary = score_job.run(config, str(tmp_path))
 
     rewards = []
     for pair in PAIRS:
@@ -87,4 +87,4 @@ def test_ref_mode_without_reference_is_a_clear_error(checkpoints, tmp_path):
     root, *_ = checkpoints
     config = score_experiment.get_config(f"model={root / 'policy'},mode=ref")
     with pytest.raises(ValueError, match="config.reference.path"):
-        scoring.run_score(config, str(tmp_path))
+        score_job.run(config, str(tmp_path))

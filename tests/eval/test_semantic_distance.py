@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from alignjax.data import synthetic
-from alignjax.eval.annotate import embedding_model_dir, run_semantic_distance, sentence_embeddings
+from alignjax.eval.annotate import embedding_model_dir, sentence_embeddings
+from alignjax.jobs.annotate import run_semantic_distance
 from alignjax.main import load_config_file
 from alignjax.train.loop import run_train
 from tests.train.conftest import run_config

@@ -50,7 +50,7 @@ def _hf_mean_logp(path, prompt, completion):
 def _run_job(paths, data, workdir):
     config = load_config_file(f"experiments/source_logps.py:models={'+'.join(paths)},source={data}")
     config.data.eval_batch_size = 4
-    from alignjax.eval.annotate import run_source_logps
+    from alignjax.jobs.annotate import run_source_logps
 
     return run_source_logps(config, str(workdir))
 

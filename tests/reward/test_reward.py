@@ -18,13 +18,14 @@ from alignjax.data import DataError, batching, resolve_tokenizer  # noqa: E402
 from alignjax.data.tokenize import tokenize_record  # noqa: E402
 from alignjax.eval import rewardbench  # noqa: E402
 from alignjax.export import load_checkpoint_params  # noqa: E402
+from alignjax.jobs.reward_model import train_and_score  # noqa: E402
 from alignjax.models import PRESETS, Model  # noqa: E402
 from alignjax.models.heads import HeadConfig  # noqa: E402
 from alignjax.reward import synthetic as S  # noqa: E402
 from alignjax.reward.evaluate import rewardbench_report, score_pairs  # noqa: E402
 from alignjax.reward.export import load_classifier, save_classifier  # noqa: E402
 from alignjax.reward.model import RewardModel  # noqa: E402
-from alignjax.reward.train import train_and_score, train_reward_model  # noqa: E402
+from alignjax.reward.train import train_reward_model  # noqa: E402
 from experiments import reward_model as R  # noqa: E402
 
 SMALL = dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from alignjax.data import synthetic
+from alignjax.jobs import mcts_dpo as mcts_dpo_job
 from alignjax.losses import registry
 from alignjax.losses.step_level import mcts_dpo, visit_label_smoothing
 from alignjax.search import iterate
@@ -86,13 +87,13 @@ def run(tmp_path_factory):
     spec = registry.spec("mcts_dpo")
     with mock.patch.dict(registry._REGISTRY, {"mcts_dpo": dataclasses.replace(spec, fn=spy_loss)}):
         RECORDED.clear()
-        first = iterate.mcts_dpo_rounds(config, workdir)
+        first = mcts_dpo_job.mcts_dpo_rounds(config, workdir)
         recorded = list(RECORDED)
         RECORDED.clear()
         pairs_path = os.path.join(workdir, "round_0", "pairs.jsonl")
         mtime = os.path.getmtime(pairs_path)
         with mock.patch.object(iterate, "search_policy", side_effect=AssertionError("searched again")):
-            second = iterate.mcts_dpo_rounds(config, workdir)
+            second = mcts_dpo_job.mcts_dpo_rounds(config, workdir)
         rerun_recorded = list(RECORDED)
     return dict(
         config=config,

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from alignjax.jobs import quickstart as job
 from alignjax.train import pipeline
 from alignjax.train.step import make_step_spec
 from experiments import quickstart
@@ -25,7 +26,7 @@ from experiments import quickstart
 )
 def test_objective_name_is_what_the_step_trains(arg, expected):
     config = quickstart.get_config(arg)
-    name = pipeline.objective_name(config.dpo.loss)
+    name = job.objective_name(config.dpo.loss)
     assert name == expected
     spec = make_step_spec(pipeline.stage_config(config, "dpo"), 8, "model")
     # "+ NLL" / "RPO" exactly when the step adds its own NLL term to the loss.
@@ -55,7 +56,7 @@ SUMMARY = {
 
 
 def test_headline_names_the_objective_with_rounded_figures():
-    text = pipeline.headline(SUMMARY)
+    text = job.headline(SUMMARY)
     first = text.splitlines()[0]
     assert first == "quickstart: RPO (DPO + NLL), beta 2, NLL weight 1; 300 steps after 2500 SFT steps"
     assert (
@@ -83,7 +84,7 @@ def test_figure_shows_task_accuracy_by_carry_loss_and_evaluation(tmp_path):
     rows = train[:2] + [evals[0]] + train[2:4] + [evals[1]] + train[4:] + [evals[2]]
     before = {"accuracy": 0.55, "accuracy/carry=False": 1.0, "accuracy/carry=True": 0.09}
     after = {"accuracy": 0.99, "accuracy/carry=False": 0.995, "accuracy/carry=True": 0.985}
-    fig = pipeline.quickstart_figure(rows, before, after, "RPO (DPO + NLL)", num_prompts=2000)
+    fig = job.quickstart_figure(rows, before, after, "RPO (DPO + NLL)", num_prompts=2000)
     task, loss, ev, nll = fig.axes
 
     heights = [round(p.get_height(), 6) for p in task.patches]
@@ -105,5 +106,5 @@ def test_figure_shows_task_accuracy_by_carry_loss_and_evaluation(tmp_path):
     assert list(reference.get_ydata()) == [0.55, 0.55]
     assert list(nll.get_lines()[0].get_ydata()) == [r["eval/nll_chosen"] for r in evals]
 
-    pipeline.save_figure(fig, tmp_path / "curves.png")
+    job.save_figure(fig, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
