@@ -58,12 +58,13 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache as cc
 
 from alignjax.data.pipeline import resolve_tokenizer
+from alignjax.jobs import online as online_jobs
+from alignjax.jobs import reward_model
 from alignjax.models import save_pretrained
-from alignjax.online import ppo, rollout
 from alignjax.online import rewards as rewardlib
+from alignjax.online import rollout
 from alignjax.online import train as online
 from alignjax.repro import common
-from alignjax.reward.train import run_reward_model
 from alignjax.search.generate import Generator
 from alignjax.train.loop import run_train
 
@@ -207,7 +208,7 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
     }
     t0 = time.time()
     base = online_config(config, "grpo", "verifier", seed, sft_dir)
-    model, sft_params = online.sft_stage(base, workdir)
+    model, sft_params = online_jobs.sft_stage(base, workdir)
     tok = resolve_tokenizer(base.data.tokenizer)
     gen = Generator(model, pad_id=int(tok.pad_id or 0), min_batch_bucket=8)
     sft_acc = online.greedy_accuracy(base, model, sft_params, tok, gen)
@@ -223,7 +224,7 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
             continue
         t0 = time.time()
         rm_dir = os.path.join(rm_roots[name], "hf")
-        rm = run_reward_model(reward_model_config(config, seed, steps, sft_hf, rm_dir), rm_roots[name])
+        rm = reward_model.run(reward_model_config(config, seed, steps, sft_hf, rm_dir), rm_roots[name])
         out["rm"][name] = {
             "held_out_pair_accuracy": float(rm["eval/accuracy"]),
             "on_policy_pair_accuracy": on_policy_rm_accuracy(config, base, model, sft_params, rm_dir),
@@ -249,9 +250,9 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
             rm_dir = os.path.join(rm_roots[reward], "hf") if reward in rm_roots else ""
             c = online_config(config, arm, reward, seed, sft_dir, rm_dir)
             job = {
-                "online_dpo": online.run_online_dpo,
-                "grpo": online.run_policy_gradient,
-                "ppo": ppo.run_ppo,
+                "online_dpo": online_jobs.run_online_dpo,
+                "grpo": online_jobs.run_policy_gradient,
+                "ppo": online_jobs.run_ppo,
             }[arm]
             res = job(c, cdir)
             cell = {k: float(res[k]) for k in ("task_accuracy/initial", "task_accuracy/final")}
