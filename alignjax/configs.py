@@ -217,7 +217,7 @@ def base_config() -> ConfigDict:
     # job=source_logps: InfiFPO's source models (presets, HF directories or workdirs; "," or "+").
     c.sources = ConfigDict(dict(models=""))
     # job=semantic_distance / prompt_classifier: a sentence-transformers directory ("" = the bundled
-    # all-MiniLM-L6-v2); max_rows > 0: the source's first rows only (semantic_distance); sample_size:
+    # all-MiniLM-L6-v2); max_rows > 0: the source's first rows only (both jobs); sample_size:
     # rows of each label the prompt classifier is fit on (TRL's BCO prompt_sample_size).
     c.embed = ConfigDict(dict(model="", max_rows=0, sample_size=1024))
     return c

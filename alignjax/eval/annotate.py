@@ -27,7 +27,8 @@ embedded as its messages' contents joined by newlines.
 ``prompt_classifier`` — BCO's underlying distribution matching ("Binary Classifier Optimization for
 Large Language Model Alignment", arXiv 2404.04656, as TRL's ``BCOTrainer`` does it): on unpaired rows,
 a logistic regression (scikit-learn, ``class_weight="balanced"``) is fit to tell desirable from
-undesirable rows by their prompts' sentence embeddings (``config.embed.model``), on up to
+undesirable rows by their prompts' sentence embeddings (``config.embed.model``; the first
+``config.embed.max_rows`` rows only, when > 0), on up to
 ``config.embed.sample_size`` rows of each label drawn with replacement (``config.seed``), as TRL's
 ``prompt_sample_size``; every row gets ``prompt_desirable_prob``, the classifier's probability that
 its prompt is a desirable row's, which the ``bco`` loss turns into the density ratio p / (1 - p).

@@ -90,6 +90,8 @@ def run_prompt_classifier(config: Any, workdir: str) -> dict[str, Any]:
     records = readers.load_records(source, "unpaired", config.data.on_bad_row, stats)
     if not records:
         raise ValueError(f"config.data.source={config.data.source}: no unpaired rows to classify")
+    if int(config.embed.get("max_rows", 0)):
+        records = records[: int(config.embed.max_rows)]
     embeddings = sentence_embeddings(model_dir, [plain_text(r["prompt"]) for _, r in records])
     labels = np.array([bool(r["label"]) for _, r in records])
     prob, clf = desirable_probabilities(
