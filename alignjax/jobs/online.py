@@ -45,6 +45,7 @@ import numpy as np
 
 from alignjax import sharding, storage
 from alignjax.data.pipeline import resolve_tokenizer
+from alignjax.eval.task_accuracy import completion_text
 from alignjax.online import ppo, rollout
 from alignjax.online import train as online
 from alignjax.online.relabel import relabel
@@ -140,7 +141,7 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
             ids = [list(tokenizer.encode(p)) for p in prompts]
             ro = rollout.sample(generator, params, ids, key, sampling)
             r = online.score(source, tokenizer, ro, config)
-            texts = [online.completion_text(tokenizer, c) for c in ro.completions()]
+            texts = [completion_text(tokenizer, c) for c in ro.completions()]
             records = online.build_pairs([p for p in prompts for _ in range(ro.num_generations)], texts, r,
                                   ro.num_generations, o.pairs, scores=bool(o.reward_augmented))
             if o.reward_augmented:

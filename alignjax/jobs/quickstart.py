@@ -27,7 +27,7 @@ import alignjax.losses as losses
 from alignjax import storage
 from alignjax.data import synthetic
 from alignjax.data.pipeline import resolve_tokenizer
-from alignjax.train.generate import task_accuracy
+from alignjax.eval.task_accuracy import task_accuracy
 from alignjax.train.loop import run_train
 from alignjax.train.metrics import plot_curves, read_metrics
 from alignjax.train.pipeline import stage_config

@@ -37,13 +37,12 @@ import numpy as np
 import alignjax.losses as losses
 from alignjax import flops
 from alignjax.data import synthetic
+from alignjax.eval.task_accuracy import completion_text, greedy_correct
 from alignjax.losses import policy_gradient as pg
 from alignjax.models import from_pretrained, lora
 from alignjax.online import rewards as rewardlib
 from alignjax.online import rollout
-from alignjax.search import iterate
 from alignjax.search.generate import Generator
-from alignjax.search.run import Policy
 from alignjax.train import pipeline
 from alignjax.train import step as steplib
 
@@ -100,13 +99,6 @@ def make_reward_source(config: Any, model: Any = None, params: Any = None,
     raise ValueError(f"config.online.reward={o.reward!r}; choose one of ['verifier', 'reward_model', 'flr']")
 
 
-def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Decoded tokens, cut at the first EOS."""
-    ids = list(ids)
-    eos = int(tokenizer.eos_id)
-    return tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
-
-
 def score(source: rewardlib.RewardSource, tokenizer: Any, ro: rollout.Rollout, config: Any) -> np.ndarray:
     """[R] rewards of a rollout's rows (normalised per ``config.online.reward_normalization``)."""
     prompts, comps = ro.repeated_prompts(), ro.completions()
@@ -132,12 +124,13 @@ def held_out_prompts(config: Any) -> list[str]:
 
 
 def greedy_accuracy(config: Any, model: Any, params: Any, tokenizer: Any, generator: Generator) -> float:
-    """Share of the held-out prompts whose greedy completion the task's verifier accepts."""
-
-    policy = Policy(model, params, tokenizer, rewardlib.builtin_verifier(task_name(config)),
-                    generator=generator)
-    max_new_tokens = int(config.online.eval_max_new_tokens)
-    return iterate.greedy_accuracy(policy, held_out_prompts(config), max_new_tokens)["accuracy"]
+    """Share of the held-out prompts whose greedy completion the task's verifier accepts (``model`` is
+    ``generator``'s)."""
+    correct = greedy_correct(
+        generator, params, tokenizer, held_out_prompts(config), rewardlib.builtin_verifier(task_name(config)),
+        max_new_tokens=int(config.online.eval_max_new_tokens), prompt_ids=tokenizer.encode,
+    )  # fmt: skip
+    return float(correct.mean())
 
 
 def stage_config(config: Any, stage: str) -> Any:

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from alignjax.data import synthetic
+from alignjax.eval.task_accuracy import completion_text, greedy_correct
 from alignjax.search.generate import SelfEvalFormat
 from alignjax.search.mcts import MCTSConfig
 from alignjax.search.pairs import extract_pairs
@@ -167,37 +168,15 @@ def search_config(config: Any) -> SearchConfig:
     )
 
 
-def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Decoded tokens, cut at the first EOS."""
-    ids = list(ids)
-    eos = int(tokenizer.eos_id)
-    return tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
-
-
 def greedy_accuracy(
     policy: Policy, prompts: Sequence[str], max_new_tokens: int, batch: int = 256
 ) -> dict[str, Any]:
     """Share of ``prompts`` whose greedy completion (cut at EOS) ``policy.verifier`` accepts."""
-    eos = int(policy.tokenizer.eos_id)
-    correct = []
-    for i in range(0, len(prompts), batch):
-        chunk = list(prompts[i : i + batch])
-        out = policy.generator.generate(
-            policy.params,
-            [policy.prompt_ids(p) for p in chunk],
-            jax.random.PRNGKey(0),
-            max_new_tokens=max_new_tokens,
-            greedy=True,
-            stop_tokens=(eos,),
-        )
-        for j, p in enumerate(chunk):
-            ids, _ = out.row(j, 0)
-            correct.append(bool(policy.verifier(p, completion_text(policy.tokenizer, ids))))
-    return {
-        "accuracy": float(np.mean(correct)),
-        "num_prompts": len(prompts),
-        "num_correct": int(sum(correct)),
-    }
+    correct = greedy_correct(
+        policy.generator, policy.params, policy.tokenizer, prompts, policy.verifier,
+        max_new_tokens=max_new_tokens, prompt_ids=policy.prompt_ids, batch_size=batch,
+    )  # fmt: skip
+    return {"accuracy": float(correct.mean()), "num_prompts": len(prompts), "num_correct": int(correct.sum())}
 
 
 def instance_pairs(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from alignjax.data import synthetic
+from alignjax.eval.task_accuracy import completion_text
 from alignjax.jobs import mcts_dpo as mcts_dpo_job
 from alignjax.losses import registry
 from alignjax.losses.step_level import mcts_dpo, visit_label_smoothing
@@ -260,7 +261,7 @@ def test_instance_budget_and_pairs(run):
         assert cum[k - 1] >= min(b, cum[-1]) and (k == 1 or cum[k - 2] < b)
         used_tokens += int(lengths[:k].sum())
         used += k
-        texts = [iterate.completion_text(tok, out.row(i, j)[0]) for j in range(k)]
+        texts = [completion_text(tok, out.row(i, j)[0]) for j in range(k)]
         good = [t for t in texts if verify(prompts[i], t)]
         bad = [t for t in texts if not verify(prompts[i], t)]
         if good and bad and good[0].strip() and bad[0].strip():

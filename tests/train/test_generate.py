@@ -5,7 +5,7 @@ import numpy as np
 
 from alignjax import models
 from alignjax.data import synthetic
-from alignjax.train.generate import task_accuracy
+from alignjax.eval.task_accuracy import task_accuracy
 
 
 def _full_recompute_greedy(model, params, prompt_ids, max_new_tokens, eos):
