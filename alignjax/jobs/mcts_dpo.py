@@ -55,21 +55,9 @@ from alignjax.search.pairs import write_jsonl
 from alignjax.search.run import Policy
 from alignjax.train.checkpoint import fingerprint
 from alignjax.train.loop import build_model, run_train
-from alignjax.train.pipeline import stage_config as base_stage
+from alignjax.train.pipeline import stage_config
 
 METHODS = ("mcts", "instance")
-
-
-def stage_config(config: Any, stage: str, **data: Any) -> Any:
-    """The train config of ``stage`` (``config.<stage>`` overrides), with ``data`` keys replaced."""
-    c = base_stage(config, stage)
-    with c.unlocked():
-        for key in ("mcts_dpo", "search"):
-            if key in c:
-                del c[key]
-        for key, value in data.items():
-            c.data[key] = value
-    return c
 
 
 def _write_json(path: str, obj: Any) -> None:

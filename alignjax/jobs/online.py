@@ -53,6 +53,7 @@ from alignjax.search.generate import Generator
 from alignjax.search.iterate import round_batch_size
 from alignjax.search.pairs import write_jsonl
 from alignjax.train.loop import build_model, run_train
+from alignjax.train.pipeline import stage_config
 
 REFERENCES = ("fixed", "refresh")
 
@@ -63,7 +64,7 @@ def sft_stage(config: Any, workdir: str) -> tuple[Any, Any]:
     finished SFT) or ``config.model``'s (a preset initialised with ``config.seed``)."""
 
     if int(config.online.sft_steps) > 0:
-        c = online.stage_config(config, "sft")
+        c = stage_config(config, "sft")
         with c.unlocked():
             c.train.num_steps = int(config.online.sft_steps)
         out = run_train(c, config.online.get("sft_dir") or os.path.join(workdir, "sft"))
@@ -152,7 +153,7 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
                      "completions/mean_length": float(ro.lengths.mean()), "num_pairs": len(records)}
             _write_json(stats_path, stats)
         stats = storage.read_json(stats_path)
-        c = online.stage_config(config, "dpo") if "dpo" in config else online.stage_config(config, "sft")
+        c = stage_config(config, "dpo") if "dpo" in config else stage_config(config, "sft")
         batch = round_batch_size(int(config.data.batch_size), stats["num_pairs"], jax.device_count())
         if batch > 0:
             with c.unlocked():

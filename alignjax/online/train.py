@@ -19,7 +19,7 @@ batch (TRL's ``num_iterations``; the first is on-policy, ratio 1), with the loss
 
 Online DPO: :func:`build_pairs` (``pairs='best_worst'``: the best against the worst completion of each
 prompt; ``'all'``: every pair with a reward gap, its gap as the record's ``margin``) from each round's
-prompts (:func:`round_prompts`). Shared by both: the stage configs (:func:`stage_config`), the
+prompts (:func:`round_prompts`). Shared by both: the
 built-in task's held-out prompts and greedy accuracy under its verifier (:func:`held_out_prompts`,
 :func:`greedy_accuracy`).
 """
@@ -43,7 +43,6 @@ from alignjax.models import from_pretrained, lora
 from alignjax.online import rewards as rewardlib
 from alignjax.online import rollout
 from alignjax.search.generate import Generator
-from alignjax.train import pipeline
 from alignjax.train import step as steplib
 
 ALGORITHMS = ("grpo", "rloo")
@@ -131,20 +130,6 @@ def greedy_accuracy(config: Any, model: Any, params: Any, tokenizer: Any, genera
         max_new_tokens=int(config.online.eval_max_new_tokens), prompt_ids=tokenizer.encode,
     )  # fmt: skip
     return float(correct.mean())
-
-
-def stage_config(config: Any, stage: str) -> Any:
-    """``config`` with ``config.<stage>`` applied, as a plain ``train`` job."""
-
-    c = pipeline.stage_config(config, stage)
-    with c.unlocked():
-        if "online" in c:
-            del c["online"]
-        # The stage's loss keeps only its own hyperparameters (not the online loss's beta, ...).
-        own = set(config[stage].get("loss", {}).keys()) | {"name", "weights", "module", "nll_weight"}
-        for key in [k for k in c.loss.keys() if k not in own]:
-            del c.loss[key]
-    return c
 
 
 # ------------------------------------------------------------------------------------------ GRPO / RLOO

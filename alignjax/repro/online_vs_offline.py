@@ -67,6 +67,7 @@ from alignjax.online import train as online
 from alignjax.repro import common
 from alignjax.search.generate import Generator
 from alignjax.train.loop import run_train
+from alignjax.train.pipeline import stage_config
 
 ARMS = ("offline_dpo", "online_dpo", "grpo", "ppo")
 REWARDS = ("verifier", "reward_model")  # reward_model: one cell per config.rm_steps
@@ -136,7 +137,7 @@ def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, r
 def offline_dpo_config(config: Any, seed: int) -> Any:
     """The online-DPO job's preference stage (loss, optimiser) on the offline pairs, ``updates`` steps."""
     base = common.experiment_config("online_dpo", f"seed={seed},sft_steps={config.sft_steps}")
-    c = online.stage_config(base, "dpo")
+    c = stage_config(base, "dpo")
     _quiet(c)
     with c.unlocked():
         c.data.kind, c.data.source, c.data.eval_source = "pairwise", PAIRS_TRAIN, ""
