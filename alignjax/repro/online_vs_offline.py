@@ -21,8 +21,8 @@ Per seed (model init, data order, sampling):
    prompts; every pair of samples of one prompt that the verifier separates: the RM must score the
    correct one higher).
 3. **Arms**, each ``updates`` optimiser steps (policy updates) from the SFT model:
-   ``offline_dpo``: the online-DPO job's loss and optimiser (RPO: DPO beta 2 + the chosen answers' NLL,
-   lr 4e-4) on the offline pairs, ``prompts_per_update`` pairs a step; ``online_dpo``
+   ``offline_dpo``: the online-DPO job's loss and optimiser (RPO: DPO at ``dpo_beta`` + the chosen
+   answers' NLL, lr 4e-4) on the offline pairs, ``prompts_per_update`` pairs a step; ``online_dpo``
    (``experiments/online_dpo.py``): ``rounds`` rounds, each sampling ``num_generations`` completions of
    ``updates / rounds * prompts_per_update`` fresh prompts from the current policy, best-vs-worst pairs,
    ``updates / rounds`` steps of the same loss, reference fixed at the SFT model; ``grpo``
@@ -113,7 +113,8 @@ def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, r
         if U % R:
             raise ValueError(f"config.updates={U} is not a multiple of config.rounds={R}")
         c = common.experiment_config(
-            "online_dpo", f"{shared},rounds={R},prompts={U // R * B},dpo_steps={U // R}"
+            "online_dpo",
+            f"{shared},rounds={R},prompts={U // R * B},dpo_steps={U // R},beta={config.dpo_beta}",
         )
         c.data.batch_size = B
     elif arm == "grpo":
@@ -136,7 +137,9 @@ def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, r
 
 def offline_dpo_config(config: Any, seed: int) -> Any:
     """The online-DPO job's preference stage (loss, optimiser) on the offline pairs, ``updates`` steps."""
-    base = common.experiment_config("online_dpo", f"seed={seed},sft_steps={config.sft_steps}")
+    base = common.experiment_config(
+        "online_dpo", f"seed={seed},sft_steps={config.sft_steps},beta={config.dpo_beta}"
+    )
     c = stage_config(base, "dpo")
     _quiet(c)
     with c.unlocked():
