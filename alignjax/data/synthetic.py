@@ -18,6 +18,11 @@ final ``answer y`` line.
 
 **GSM8K-style JSONL**: rows ``{"question", "answer"}`` with the final answer after ``####``.
 
+**Reasoning tasks** (what the MCTS-DPO rounds search and are evaluated on, :class:`Task`): training
+and held-out prompts, SFT records and a verifier; the multi-step arithmetic with a carry-dropping SFT
+habit (:func:`multistep_task`) or a GSM8K-style JSONL (:func:`gsm8k_task`), by source
+(:func:`reasoning_task`).
+
 Tokenizers are real ``tokenizers.Tokenizer`` objects (WordLevel over single characters, special
 tokens ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, no BOS added), savable with ``save_pretrained``.
 The arithmetic vocabulary is those 3 plus ``0-9 + =``: 15 tokens.
@@ -25,8 +30,10 @@ The arithmetic vocabulary is those 3 plus ``0-9 + =``: 15 tokens.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -282,6 +289,119 @@ def read_gsm8k(path: str) -> list[dict[str, Any]]:
             raise DataError(where, REASON_EMPTY, "field 'answer' has no final answer after '####'")
         out.append({"prompt": row["question"], "completion": row["answer"], "final": final})
     return out
+
+
+# ---------------------------------------------------------------- reasoning tasks
+
+
+@dataclasses.dataclass
+class Task:
+    """Prompts, SFT records and the verifier of one reasoning task.
+
+    ``verify(prompt, completion) -> bool``; ``is_final_step(step_text) -> bool`` marks the answer step.
+    """
+
+    train_prompts: list[str]
+    test_prompts: list[str]
+    sft_records: list[dict[str, Any]]
+    verify: Callable[[str, str], bool]
+    is_final_step: Callable[[str], bool]
+
+
+def habit_solution(a: int, b: int, c: int, rng: np.random.Generator, drop_rate: float) -> str:
+    """A multi-step solution whose addition steps each drop the units carry with prob. ``drop_rate``.
+
+    ``"a+b=x\\nx+c=y\\nanswer y"``; a dropped carry writes ``x = a + b - 10`` (and likewise for ``y``), and
+    the later steps continue consistently from the wrong value: a habit the SFT model learns.
+    """
+    x = a + b - (10 if needs_carry(a, b) and rng.random() < drop_rate else 0)
+    y = x + c - (10 if needs_carry(x, c) and rng.random() < drop_rate else 0)
+    return f"{a}+{b}={x}\n{x}+{c}={y}\nanswer {y}"
+
+
+def multistep_problem_splits(
+    max_operand: int, n_test: int, seed: int
+) -> dict[str, list[tuple[int, int, int]]]:
+    """Disjoint ``train``/``test`` triples with operands in ``0..max_operand`` (99: :func:`multistep_splits`
+    with 2,000 training problems)."""
+    if max_operand >= 99:
+        s = multistep_splits(seed, n_val=0, n_test=n_test)
+        return {"train": s["train"], "test": s["test"]}
+    m = max_operand + 1
+    if n_test >= m**3:
+        raise ValueError(f"config.mcts_dpo.num_test={n_test} leaves no training problem among {m**3}")
+    order = np.random.default_rng(seed).permutation(m**3)
+    problems = [(int(v // (m * m)), int(v // m % m), int(v % m)) for v in order]
+    return {"test": problems[:n_test], "train": problems[n_test:]}
+
+
+def multistep_task(max_operand: int, n_test: int, drop_rate: float, seed: int) -> Task:
+    """The multi-step arithmetic task with a carry-dropping SFT habit (:func:`habit_solution`)."""
+    splits = multistep_problem_splits(max_operand, n_test, seed)
+    rng = np.random.default_rng([seed, 1])
+    sft = [
+        {"prompt": multistep_prompt(*p), "completion": habit_solution(*p, rng, drop_rate)}
+        for p in splits["train"]
+    ]
+    return Task(
+        train_prompts=[multistep_prompt(*p) for p in splits["train"]],
+        test_prompts=[multistep_prompt(*p) for p in splits["test"]],
+        sft_records=sft,
+        verify=multistep_verify,
+        is_final_step=lambda s: final_answer(s) is not None,
+    )
+
+
+def gsm8k_task(path: str, test_path: str, n_test: int) -> Task:
+    """A GSM8K-style JSONL (``question``/``answer`` with ``#### N``): the verifier compares the final number.
+
+    ``test_path`` = a second JSONL of held-out problems; "" = the last ``n_test`` rows of ``path``.
+    """
+    rows = read_gsm8k(path)
+    test = read_gsm8k(test_path) if test_path else rows[-n_test:]
+    train = rows if test_path else rows[:-n_test]
+    if not train or not test:
+        raise ValueError(
+            f"{path}: {len(rows)} rows leave {len(train)} for training and {len(test)} for "
+            f"testing (config.mcts_dpo.num_test={n_test}); give more rows or test_source"
+        )
+    finals = {r["prompt"]: r["final"] for r in train + test}
+
+    def verify(prompt: str, completion: str) -> bool:
+        return gsm8k_verify(completion, finals[prompt])
+
+    return Task(
+        train_prompts=[r["prompt"] for r in train],
+        test_prompts=[r["prompt"] for r in test],
+        sft_records=[{"prompt": r["prompt"], "completion": r["completion"]} for r in train],
+        verify=verify,
+        is_final_step=lambda s: "####" in s,
+    )
+
+
+def reasoning_task(
+    source: str,
+    *,
+    num_test: int,
+    max_operand: int = 9,
+    drop_rate: float = 0.6,
+    split_seed: int = 0,
+    test_source: str = "",
+) -> Task:
+    """The task ``source`` names: ``"synthetic:multistep"`` (:func:`multistep_task` with ``max_operand``,
+    ``drop_rate`` and ``split_seed``) or a GSM8K-style JSONL path (:func:`gsm8k_task`, held out:
+    ``test_source`` or the last ``num_test`` rows). Errors name ``config.data.source``, where the jobs
+    read it."""
+    if source.startswith("synthetic:"):
+        if not source.startswith("synthetic:multistep"):
+            raise ValueError(
+                f"config.data.source={source!r}: the MCTS-DPO loop runs on synthetic:multistep "
+                "or a GSM8K-style JSONL path"
+            )
+        return multistep_task(max_operand, num_test, drop_rate, split_seed)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"config.data.source={source!r}: no such file (a GSM8K-style JSONL)")
+    return gsm8k_task(source, test_source, num_test)
 
 
 # ---------------------------------------------------------------- registry of built-in sources

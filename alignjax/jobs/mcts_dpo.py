@@ -41,11 +41,11 @@ import jax
 
 from alignjax import sharding, storage
 from alignjax.data.pipeline import resolve_tokenizer
+from alignjax.data.synthetic import Task, reasoning_task
 from alignjax.search.generate import Generator
 from alignjax.search.iterate import (
     greedy_accuracy,
     instance_pairs,
-    make_task,
     round_batch_size,
     round_prompts,
     search_config,
@@ -81,6 +81,20 @@ class MctsDpoResult:
     sft_params: Any
     model: Any
     generator: Generator
+
+
+def make_task(config: Any) -> Task:
+    """The task ``config.data.source`` names, split and shaped by ``config.mcts_dpo``
+    (:func:`alignjax.data.synthetic.reasoning_task`)."""
+    m = config.mcts_dpo
+    return reasoning_task(
+        config.data.source,
+        num_test=int(m.num_test),
+        max_operand=int(m.max_operand),
+        drop_rate=float(m.drop_rate),
+        split_seed=int(m.split_seed),
+        test_source=m.test_source,
+    )
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -252,7 +266,5 @@ def _train_round(config: Any, rdir: str, data_path: str, model: Any, params: Any
     with cfg.unlocked():
         cfg.loss.name = loss
         cfg.reference.kind = "frozen"
-    out = run_train(
-        cfg, os.path.join(rdir, "train"), init_params=params, ref_params=sft_params, model=model
-    )
+    out = run_train(cfg, os.path.join(rdir, "train"), init_params=params, ref_params=sft_params, model=model)
     return out.params

@@ -1,139 +1,30 @@
 """The pieces of the iterative MCTS-DPO loop (the ``mcts_dpo`` job, :mod:`alignjax.jobs.mcts_dpo`).
 
 "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning" (Xie et al., arXiv:2405.00451).
-The task (:class:`Task`: the built-in multi-step arithmetic with a carry-dropping SFT habit, or a
-GSM8K-style JSONL; :func:`make_task`) and each round's training prompts (:func:`round_prompts`);
-a round's step-level pairs from MCTS (:func:`search_round`: prompt = problem + shared steps,
-chosen/rejected = the highest- and lowest-Q child, ``chosen_visits``/``rejected_visits``; as records,
-:func:`step_records`) or the paper's instance-level pairs at a per-prompt token budget
-(:func:`instance_pairs`); held-out greedy accuracy under the task's verifier (:func:`greedy_accuracy`);
-the batch size a round with few pairs trains at (:func:`round_batch_size`).
+The rounds run over a task of the data layer (:class:`alignjax.data.synthetic.Task`: prompts, SFT
+records and a verifier; :func:`alignjax.data.synthetic.reasoning_task`). Here: each round's training
+prompts (:func:`round_prompts`); a round's step-level pairs from MCTS (:func:`search_round`: prompt =
+problem + shared steps, chosen/rejected = the highest- and lowest-Q child,
+``chosen_visits``/``rejected_visits``; as records, :func:`step_records`) or the paper's instance-level
+pairs at a per-prompt token budget (:func:`instance_pairs`); held-out greedy accuracy under the task's
+verifier (:func:`greedy_accuracy`); the batch size a round with few pairs trains at
+(:func:`round_batch_size`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from alignjax.data import synthetic
+from alignjax.data.synthetic import Task
 from alignjax.eval.task_accuracy import completion_text, greedy_correct
 from alignjax.search.generate import SelfEvalFormat
 from alignjax.search.mcts import MCTSConfig
 from alignjax.search.pairs import extract_pairs
 from alignjax.search.run import Policy, SearchConfig, search_policy
-
-# ------------------------------------------------------------------------------------------ the task
-
-
-@dataclasses.dataclass
-class Task:
-    """Prompts, SFT records and the verifier of one reasoning task.
-
-    ``verify(prompt, completion) -> bool``; ``is_final_step(step_text) -> bool`` marks the answer step.
-    """
-
-    train_prompts: list[str]
-    test_prompts: list[str]
-    sft_records: list[dict[str, Any]]
-    verify: Callable[[str, str], bool]
-    is_final_step: Callable[[str], bool]
-
-
-def carry(x: int, y: int) -> bool:
-    """True when adding the units digits of ``x`` and ``y`` carries."""
-    return x % 10 + y % 10 >= 10
-
-
-def habit_solution(a: int, b: int, c: int, rng: np.random.Generator, drop_rate: float) -> str:
-    """A multi-step solution whose addition steps each drop the units carry with prob. ``drop_rate``.
-
-    ``"a+b=x\\nx+c=y\\nanswer y"``; a dropped carry writes ``x = a + b - 10`` (and likewise for ``y``), and
-    the later steps continue consistently from the wrong value: a habit the SFT model learns.
-    """
-    x = a + b - (10 if carry(a, b) and rng.random() < drop_rate else 0)
-    y = x + c - (10 if carry(x, c) and rng.random() < drop_rate else 0)
-    return f"{a}+{b}={x}\n{x}+{c}={y}\nanswer {y}"
-
-
-def multistep_problem_splits(
-    max_operand: int, n_test: int, seed: int
-) -> dict[str, list[tuple[int, int, int]]]:
-    """Disjoint ``train``/``test`` triples with operands in ``0..max_operand`` (99: the built-in
-    :func:`alignjax.data.synthetic.multistep_splits` with 2,000 training problems)."""
-    if max_operand >= 99:
-        s = synthetic.multistep_splits(seed, n_val=0, n_test=n_test)
-        return {"train": s["train"], "test": s["test"]}
-    m = max_operand + 1
-    if n_test >= m**3:
-        raise ValueError(f"config.mcts_dpo.num_test={n_test} leaves no training problem among {m**3}")
-    order = np.random.default_rng(seed).permutation(m**3)
-    problems = [(int(v // (m * m)), int(v // m % m), int(v % m)) for v in order]
-    return {"test": problems[:n_test], "train": problems[n_test:]}
-
-
-def multistep_task(max_operand: int, n_test: int, drop_rate: float, seed: int) -> Task:
-    """The built-in multi-step arithmetic task with a carry-dropping SFT habit (:func:`habit_solution`)."""
-    splits = multistep_problem_splits(max_operand, n_test, seed)
-    rng = np.random.default_rng([seed, 1])
-    sft = [
-        {"prompt": synthetic.multistep_prompt(*p), "completion": habit_solution(*p, rng, drop_rate)}
-        for p in splits["train"]
-    ]
-    return Task(
-        train_prompts=[synthetic.multistep_prompt(*p) for p in splits["train"]],
-        test_prompts=[synthetic.multistep_prompt(*p) for p in splits["test"]],
-        sft_records=sft,
-        verify=synthetic.multistep_verify,
-        is_final_step=lambda s: synthetic.final_answer(s) is not None,
-    )
-
-
-def gsm8k_task(path: str, test_path: str, n_test: int) -> Task:
-    """A GSM8K-style JSONL (``question``/``answer`` with ``#### N``): the verifier compares the final number.
-
-    ``test_path`` = a second JSONL of held-out problems; "" = the last ``n_test`` rows of ``path``.
-    """
-    rows = synthetic.read_gsm8k(path)
-    test = synthetic.read_gsm8k(test_path) if test_path else rows[-n_test:]
-    train = rows if test_path else rows[:-n_test]
-    if not train or not test:
-        raise ValueError(
-            f"{path}: {len(rows)} rows leave {len(train)} for training and {len(test)} for "
-            f"testing (config.mcts_dpo.num_test={n_test}); give more rows or test_source"
-        )
-    finals = {r["prompt"]: r["final"] for r in train + test}
-
-    def verify(prompt: str, completion: str) -> bool:
-        return synthetic.gsm8k_verify(completion, finals[prompt])
-
-    return Task(
-        train_prompts=[r["prompt"] for r in train],
-        test_prompts=[r["prompt"] for r in test],
-        sft_records=[{"prompt": r["prompt"], "completion": r["completion"]} for r in train],
-        verify=verify,
-        is_final_step=lambda s: "####" in s,
-    )
-
-
-def make_task(config: Any) -> Task:
-    """``config.data.source``: ``"synthetic:multistep"`` (built-in) or a GSM8K-style JSONL path."""
-    m = config.mcts_dpo
-    source = config.data.source
-    if source.startswith("synthetic:"):
-        if not source.startswith("synthetic:multistep"):
-            raise ValueError(
-                f"config.data.source={source!r}: the MCTS-DPO loop runs on synthetic:multistep "
-                "or a GSM8K-style JSONL path"
-            )
-        return multistep_task(int(m.max_operand), int(m.num_test), float(m.drop_rate), int(m.split_seed))
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"config.data.source={source!r}: no such file (a GSM8K-style JSONL)")
-    return gsm8k_task(source, m.test_source, int(m.num_test))
 
 
 def round_prompts(task: Task, round_index: int, n: int, seed: int) -> list[str]:
@@ -283,5 +174,3 @@ def round_batch_size(batch_size: int, num_pairs: int, devices: int) -> int:
     if num_pairs >= batch_size:
         return batch_size
     return num_pairs // devices * devices
-
-

@@ -115,7 +115,7 @@ def read_jsonl(path):
 
 def test_pairs_file_is_the_search_output(run):
     config, first = run["config"], run["first"]
-    task = iterate.make_task(config)
+    task = mcts_dpo_job.make_task(config)
     prompts = iterate.round_prompts(task, 0, config.mcts_dpo.prompts_per_round, config.mcts_dpo.split_seed)
     from alignjax.data.pipeline import resolve_tokenizer
 
@@ -221,7 +221,7 @@ def test_restart_skips_the_finished_round(run):
 def test_instance_budget_and_pairs(run):
     """Instance-level pairs spend the MCTS run's per-prompt token budget, rounded up to one sample."""
     config, first = run["config"], run["first"]
-    task = iterate.make_task(config)
+    task = mcts_dpo_job.make_task(config)
     prompts = iterate.round_prompts(task, 0, 4, 0)
     from alignjax.data.pipeline import resolve_tokenizer
 
@@ -281,7 +281,7 @@ def test_gsm8k_task(tmp_path):
     config = tiny_config()
     config.data.source = str(path)
     config.mcts_dpo.num_test = 2
-    task = iterate.make_task(config)
+    task = mcts_dpo_job.make_task(config)
     assert task.train_prompts == [r["question"] for r in rows[:3]]
     assert task.test_prompts == [r["question"] for r in rows[3:]]
     assert task.sft_records[0] == {"prompt": rows[0]["question"], "completion": rows[0]["answer"]}
@@ -290,4 +290,4 @@ def test_gsm8k_task(tmp_path):
     assert task.is_final_step("#### 6") and not task.is_final_step("4+2=6\n")
     config.data.source = str(tmp_path / "missing.jsonl")
     with pytest.raises(FileNotFoundError, match="config.data.source"):
-        iterate.make_task(config)
+        mcts_dpo_job.make_task(config)
