@@ -94,11 +94,30 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
     return out
 
 
+# The training stages a staged job runs (alignjax.train.pipeline.stage_config), and the shared
+# sections a stage may override: config.<stage>.<section>.<key> replaces config.<section>.<key>.
+STAGES = ("sft", "dpo")
+STAGE_SECTIONS = ("model", "data", "loss", "reference", "optim", "train")
+
+
+def stage_section() -> ConfigDict:
+    """An empty stage section: one empty override section per :data:`STAGE_SECTIONS` entry. Its keys
+    are keys of the shared sections (``config.sft.optim.learning_rate`` overrides
+    ``config.optim.learning_rate``; in ``loss`` also a hyperparameter of the stage's loss), checked by
+    :func:`alignjax.train.pipeline.stage_config`."""
+    return ConfigDict({section: ConfigDict() for section in STAGE_SECTIONS})
+
+
 def base_config() -> ConfigDict:
-    """Every key the trainer reads, with defaults. Experiment files change values, never add keys
-    here by copy: a key added in one place is valid everywhere."""
+    """Every key the jobs read, with defaults, the job sections included. Experiment files change
+    values, never add keys: a key added here is valid everywhere, and ``--config.key=value`` naming
+    no key fails before any compute. The stage sections (:data:`STAGES`) are the one place keys are
+    set that this function does not list: they override keys it does list (:func:`stage_section`)."""
     c = ConfigDict()
-    c.job = "train"  # train | score | quickstart
+    # The job alignjax.main runs (alignjax.jobs.JOBS): train | score | quickstart | reward_model |
+    # mcts_dpo | grpo | rloo | online_dpo | ppo | source_logps | semantic_distance | prompt_classifier;
+    # the reproductions' repro_* jobs take configs of their own.
+    c.job = "train"
     c.seed = 0
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = ()  # ((logical_name, mesh_axis), ...) overriding alignjax.sharding.DEFAULT_RULES
@@ -220,6 +239,100 @@ def base_config() -> ConfigDict:
     # all-MiniLM-L6-v2); max_rows > 0: the source's first rows only (both jobs); sample_size:
     # rows of each label the prompt classifier is fit on (TRL's BCO prompt_sample_size).
     c.embed = ConfigDict(dict(model="", max_rows=0, sample_size=1024))
+
+    # job=reward_model (alignjax/jobs/reward_model.py, alignjax/reward/).
+    c.reward = ConfigDict()
+    c.reward.objective = "bt"  # bt (Bradley-Terry) | secrets (the Secrets-II pipeline) | gpm | pal
+    c.reward.num_heads = 1  # > 1: an ensemble of value heads (bt)
+    c.reward.use_margin = False  # bt: subtract each row's 'margin' field
+    c.reward.gpm_dim = 4  # GPM: the embedding's dimension 2k
+    c.reward.gpm_prompt_scales = False  # GPM: prompt-dependent block scales
+    c.reward.gpm_normalize = True  # GPM: unit-norm embeddings, as the GPM paper
+    c.reward.pal_dim = 16  # PAL: the preference embedding's dimension
+    c.reward.pal_prototypes = 2  # PAL: mixture prototypes
+    c.reward.pal_users = 1  # PAL: users, each with its own mixture logits
+    c.reward.eval_source = ""  # a RewardBench-format file scored after training ("" = none)
+    c.reward.export_dir = ""  # value heads: write an HF AutoModelForSequenceClassification here
+    # objective=secrets (alignjax/reward/secrets.py): the ensemble that measures each pair's strength.
+    c.reward.secrets = ConfigDict()
+    c.reward.secrets.ensemble = "models"  # models: M independent reward models; heads: M heads on one decoder
+    c.reward.secrets.ensemble_size = 4  # M
+    c.reward.secrets.ensemble_steps = 100  # training steps of each ensemble member
+    c.reward.secrets.flip_fraction = 0.1  # share of pairs, lowest mean strength first, flipped where mu < 0
+    c.reward.secrets.smooth_fraction = 0.2  # the next share, label-smoothed
+    c.reward.secrets.score_batch_size = 64  # pairs per scoring batch of the ensemble
+
+    # job=grpo | rloo | online_dpo | ppo (alignjax/jobs/online.py, alignjax/online/).
+    c.online = ConfigDict()
+    c.online.num_generations = 8  # completions per prompt (TRL's num_generations)
+    c.online.max_new_tokens = 6  # TRL's max_completion_length (the arithmetic answer is 3 digits + <eos>)
+    c.online.temperature = 1.0  # sampling temperature of the rollouts
+    c.online.top_p = 1.0  # nucleus sampling of the rollouts (1 = off)
+    c.online.top_k = 0  # top-k sampling of the rollouts (0 = off)
+    c.online.reward = "verifier"  # verifier | reward_model | flr
+    c.online.reward_path = ""  # reward_model: an exported reward model; flr: the LM ("" = the initial policy)
+    c.online.follow_ups = ""  # flr: positive follow-up texts joined by "|"
+    c.online.negative_follow_ups = ""  # flr: negative ones
+    c.online.verifier = ""  # "" = the built-in task data.source names (arithmetic | multistep)
+    c.online.reward_normalization = "none"  # none | batch | group | center
+    c.online.num_iterations = 1  # optimiser steps per rollout batch (TRL's num_iterations)
+    c.online.scale_rewards = "group"  # GRPO: group | batch | none (Dr. GRPO)
+    c.online.normalize_advantages = False  # RLOO: standardise the advantages over the batch
+    c.online.sft_steps = 2500  # > 0: an SFT stage first (config.sft), the start and the reference
+    c.online.sft_dir = ""  # the SFT stage's workdir ("" = <workdir>/sft); a finished one is reused
+    c.online.num_test = 200  # held-out prompts for the greedy accuracy before and after
+    c.online.eval_max_new_tokens = 6  # greedy decoding length of that accuracy
+    c.online.rounds = 3  # online_dpo: sampling + training rounds
+    c.online.prompts_per_round = 128  # online_dpo: prompts sampled each round
+    c.online.pairs = "best_worst"  # online_dpo: best_worst | all (every pair with a reward gap, margin = gap)
+    c.online.reference = "fixed"  # online_dpo: fixed (the initial policy) | refresh (each round's start)
+    c.online.reward_augmented = False  # online_dpo: reward-augmented relabelling of each round's pairs
+    c.online.augment_prefix = ""  # its prompt condition, a format string with {score} ("" = the paper's)
+
+    # job=quickstart (alignjax/jobs/quickstart.py): greedy accuracy on held-out arithmetic prompts.
+    c.quickstart = ConfigDict()
+    c.quickstart.split_seed = 0  # the permutation splitting the problems into test / validation / train
+    c.quickstart.num_test = 2000  # test prompts answered before and after DPO (the reported accuracy)
+    c.quickstart.num_val = 500  # validation prompts (the split hyperparameters are chosen on)
+    c.quickstart.max_new_tokens = 4  # greedy decoding length: 3 answer digits + <eos>
+
+    # job=mcts_dpo (alignjax/jobs/mcts_dpo.py): the rounds of search -> pairs -> DPO -> held-out accuracy.
+    c.mcts_dpo = ConfigDict()
+    c.mcts_dpo.method = "mcts"  # mcts (step-level pairs from MCTS) | instance (whole-solution pairs)
+    c.mcts_dpo.rounds = 3  # search + training rounds
+    c.mcts_dpo.prompts_per_round = 128  # training prompts each round (the next slice of a permutation)
+    c.mcts_dpo.num_test = 200  # held-out prompts of the greedy accuracy
+    c.mcts_dpo.split_seed = 0  # the permutation splitting the problems and ordering the rounds' prompts
+    c.mcts_dpo.max_operand = 9  # synthetic:multistep operands 0..max_operand (99: synthetic.multistep_splits)
+    c.mcts_dpo.drop_rate = 0.6  # SFT habit: each addition step drops its units carry w.p. drop_rate
+    c.mcts_dpo.sft_dir = ""  # "" = <workdir>/sft; another run's sft dir reuses its finished SFT
+    c.mcts_dpo.init = ""  # an HF dir / preset used as the SFT model as it is (no SFT stage)
+    c.mcts_dpo.test_source = ""  # GSM8K-style held-out JSONL ("" = the last num_test rows of data.source)
+    c.mcts_dpo.eval_max_new_tokens = 40  # greedy decoding length (and instance samples' length)
+    c.mcts_dpo.step_loss = "mcts_dpo"  # method=mcts: the loss of the step-level pairs
+    c.mcts_dpo.step_delimiter = "\n"  # the text that ends a reasoning step (one token of the tokenizer)
+    c.mcts_dpo.instance_loss = "sigmoid"  # method=instance: the loss of the whole-solution pairs
+    c.mcts_dpo.budget_from = ""  # instance: the MCTS workdir whose per-prompt token budget to spend
+    c.mcts_dpo.budget_tokens = 0  # instance: tokens per prompt when there is no budget_from
+    c.mcts_dpo.max_samples = 12  # instance: whole solutions drawn per prompt (used until the budget is spent)
+    # job=mcts_dpo's tree search (alignjax/search/: MCTSConfig and SearchConfig).
+    c.search = ConfigDict()
+    c.search.num_iterations = 4  # search iterations per tree
+    c.search.num_children = 3  # children sampled per expanded node
+    c.search.max_depth = 4  # reasoning steps from the root
+    c.search.c_puct = 1.0  # PUCT exploration constant (the paper's c)
+    c.search.length_penalty = 1.25  # the paper's lambda on a step's length in its value
+    c.search.max_step_tokens = 12  # tokens of one sampled step at most
+    c.search.temperature = 1.0  # sampling temperature of the steps (and of instance samples)
+    c.search.top_p = 1.0  # nucleus sampling of the steps (and of instance samples; 1 = off)
+    c.search.self_eval = False  # the policy judges each new step ("\n=" -> "1"/"0"); off: outcome only
+    c.search.max_pairs_per_tree = 3  # step pairs kept per tree, along the chosen path
+    c.search.min_q_gap = 0.0  # a pair's chosen and rejected Q must differ by more than this
+
+    # Stage overrides of the staged jobs (quickstart, mcts_dpo, the online jobs; STAGES): sft is the SFT
+    # stage, dpo the preference stage (mcts_dpo's and online_dpo's rounds). Empty = the shared keys.
+    for stage in STAGES:
+        c[stage] = stage_section()
     return c
 
 

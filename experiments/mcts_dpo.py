@@ -53,57 +53,27 @@ def get_config(arg: str | None = None):
     c.train.progress = False
     c.train.plot = False
 
-    c.mcts_dpo = configs.ConfigDict(
-        dict(
-            method=a.method,  # mcts | instance
-            rounds=a.rounds,
-            prompts_per_round=a.prompts,
-            num_test=200,
-            split_seed=0,
-            max_operand=a.max_operand,  # 99 = synthetic.multistep_splits
-            drop_rate=a.drop_rate,  # SFT habit: each addition step drops its units carry w.p. drop_rate
-            sft_dir="",  # "" = <workdir>/sft; another run's sft dir reuses its finished SFT
-            init="",  # an HF dir / preset used as the SFT model as it is (no SFT stage)
-            test_source="",  # GSM8K-style held-out JSONL ("" = the last num_test rows of data.source)
-            eval_max_new_tokens=40,
-            step_loss="mcts_dpo",
-            step_delimiter="\n",
-            instance_loss="sigmoid",
-            budget_from=a.budget_from,  # instance: the MCTS workdir whose per-prompt token budget to spend
-            budget_tokens=0,  # instance: tokens per prompt when there is no budget_from
-            max_samples=12,  # instance: whole solutions drawn per prompt (used until the budget is spent)
-        )
-    )
-    c.search = configs.ConfigDict(
-        dict(
-            num_iterations=a.iterations,
-            num_children=a.children,
-            max_depth=4,
-            c_puct=1.0,
-            length_penalty=1.25,
-            max_step_tokens=12,
-            temperature=1.0,
-            top_p=1.0,
-            self_eval=False,
-            max_pairs_per_tree=3,
-            min_q_gap=0.0,
-        )
-    )
+    c.mcts_dpo.method = a.method  # mcts | instance
+    c.mcts_dpo.rounds = a.rounds
+    c.mcts_dpo.prompts_per_round = a.prompts
+    c.mcts_dpo.max_operand = a.max_operand
+    c.mcts_dpo.drop_rate = a.drop_rate
+    c.mcts_dpo.budget_from = a.budget_from
+    c.search.num_iterations = a.iterations
+    c.search.num_children = a.children
 
-    c.sft = configs.ConfigDict()
-    c.sft.loss = dict(name="sft", nll_weight=0.0)
-    c.sft.reference = dict(kind="none")
-    c.sft.optim = dict(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
-    c.sft.train = dict(num_steps=a.sft_steps)
+    c.sft.loss.update(name="sft", nll_weight=0.0)
+    c.sft.reference.kind = "none"
+    c.sft.optim.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    c.sft.train.num_steps = a.sft_steps
 
-    c.dpo = configs.ConfigDict()
-    c.dpo.loss = dict(name="mcts_dpo", beta=a.beta, nll_weight=a.nll_weight)
-    c.dpo.reference = dict(kind="frozen")
-    c.dpo.optim = dict(learning_rate=a.dpo_lr, warmup_steps=5, schedule="cosine")
-    c.dpo.train = dict(num_steps=a.dpo_steps)
+    c.dpo.loss.update(name="mcts_dpo", beta=a.beta, nll_weight=a.nll_weight)
+    c.dpo.reference.kind = "frozen"
+    c.dpo.optim.update(learning_rate=a.dpo_lr, warmup_steps=5, schedule="cosine")
+    c.dpo.train.num_steps = a.dpo_steps
     if a.runlocal:
-        c.sft.train = dict(num_steps=20)
-        c.dpo.train = dict(num_steps=4)
+        c.sft.train.num_steps = 20
+        c.dpo.train.num_steps = 4
         c.data.batch_size = 16
         c.mcts_dpo.rounds = 1
         c.mcts_dpo.prompts_per_round = 8

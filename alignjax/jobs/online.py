@@ -143,17 +143,27 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
             ro = rollout.sample(generator, params, ids, key, sampling)
             r = online.score(source, tokenizer, ro, config)
             texts = [completion_text(tokenizer, c) for c in ro.completions()]
-            records = online.build_pairs([p for p in prompts for _ in range(ro.num_generations)], texts, r,
-                                  ro.num_generations, o.pairs, scores=bool(o.reward_augmented))
+            records = online.build_pairs(
+                [p for p in prompts for _ in range(ro.num_generations)],
+                texts,
+                r,
+                ro.num_generations,
+                o.pairs,
+                scores=bool(o.reward_augmented),
+            )
             if o.reward_augmented:
                 records = relabel(records, prefix=o.augment_prefix)
             if jax.process_index() == 0:
                 write_jsonl(records, pairs_path)
-            stats = {"reward": float(np.nanmean(r)), "reward_std": float(np.nanstd(r, ddof=1)),
-                     "completions/mean_length": float(ro.lengths.mean()), "num_pairs": len(records)}
+            stats = {
+                "reward": float(np.nanmean(r)),
+                "reward_std": float(np.nanstd(r, ddof=1)),
+                "completions/mean_length": float(ro.lengths.mean()),
+                "num_pairs": len(records),
+            }
             _write_json(stats_path, stats)
         stats = storage.read_json(stats_path)
-        c = stage_config(config, "dpo") if "dpo" in config else stage_config(config, "sft")
+        c = stage_config(config, "dpo")
         batch = round_batch_size(int(config.data.batch_size), stats["num_pairs"], jax.device_count())
         if batch > 0:
             with c.unlocked():
@@ -166,11 +176,14 @@ def run_online_dpo(config: Any, workdir: str) -> dict[str, Any]:
         info = {"round": k, **stats, "trained": batch > 0, "task_accuracy": acc}
         _write_json(os.path.join(rdir, "done.json"), info)
         rounds.append(info)
-    summary = {"task_accuracy/initial": initial,
-               "task_accuracy/final": rounds[-1]["task_accuracy"] if rounds else initial,
-               "task_accuracy/rounds": [r["task_accuracy"] for r in rounds],
-               "reward/rounds": [r["reward"] for r in rounds],
-               "num_pairs/rounds": [r["num_pairs"] for r in rounds], "wall_s": time.time() - t0}
+    summary = {
+        "task_accuracy/initial": initial,
+        "task_accuracy/final": rounds[-1]["task_accuracy"] if rounds else initial,
+        "task_accuracy/rounds": [r["task_accuracy"] for r in rounds],
+        "reward/rounds": [r["reward"] for r in rounds],
+        "num_pairs/rounds": [r["num_pairs"] for r in rounds],
+        "wall_s": time.time() - t0,
+    }
     _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
@@ -191,8 +204,9 @@ def run_ppo(config: Any, workdir: str) -> dict[str, Any]:
     source = online.make_reward_source(config, decoder, params, tokenizer)
     initial = online.greedy_accuracy(config, decoder, params, tokenizer, generator)
     objective = ppo.PPOObjective(config, tokenizer, source, generator)
-    result = run_train(config, workdir, init_params={"decoder": params, "head": head}, model=model,
-                       objective=objective)
+    result = run_train(
+        config, workdir, init_params={"decoder": params, "head": head}, model=model, objective=objective
+    )
     if result.stopped:
         return result.summary
     final = online.greedy_accuracy(config, decoder, result.params["decoder"], tokenizer, generator)
@@ -204,8 +218,12 @@ def run_ppo(config: Any, workdir: str) -> dict[str, Any]:
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """The online job ``config.job`` names (``grpo``, ``rloo``, ``online_dpo``, ``ppo``); returns its
     summary (also in summary.json)."""
-    jobs = {"grpo": run_policy_gradient, "rloo": run_policy_gradient, "online_dpo": run_online_dpo,
-            "ppo": run_ppo}
+    jobs = {
+        "grpo": run_policy_gradient,
+        "rloo": run_policy_gradient,
+        "online_dpo": run_online_dpo,
+        "ppo": run_ppo,
+    }
     if config.job not in jobs:
         raise ValueError(f"config.job={config.job!r}: the online jobs are {sorted(jobs)}")
     return jobs[config.job](config, workdir)
