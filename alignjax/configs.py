@@ -315,6 +315,8 @@ def base_config() -> ConfigDict:
     c.mcts_dpo.budget_from = ""  # instance: the MCTS workdir whose per-prompt token budget to spend
     c.mcts_dpo.budget_tokens = 0  # instance: tokens per prompt when there is no budget_from
     c.mcts_dpo.max_samples = 12  # instance: whole solutions drawn per prompt (used until the budget is spent)
+    # job=repro_mcts_dpo (alignjax/repro/mcts_dpo.py): both methods per seed, each at config.seed = it.
+    c.mcts_dpo.seeds = (0, 1, 2)
     # job=mcts_dpo's tree search (alignjax/search/: MCTSConfig and SearchConfig).
     c.search = ConfigDict()
     c.search.num_iterations = 4  # search iterations per tree

@@ -35,4 +35,5 @@ JOBS = {
     "repro_sem_dpo_drift": "alignjax.repro.sem_dpo_drift:run",
     "repro_secrets_noise": "alignjax.repro.secrets_noise:run",
     "repro_online_vs_offline": "alignjax.repro.online_vs_offline:run",
+    "repro_mcts_dpo": "alignjax.repro.mcts_dpo:run",
 }
