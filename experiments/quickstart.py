@@ -27,61 +27,9 @@ Arguments: seed, loss (any pairwise loss), beta (0 = 2 for RPO, 5 for plain DPO)
 dpo_steps, dpo_lr (0 = 4e-4 for RPO, 1e-4 for plain DPO), runlocal.
 """
 
-from alignjax import configs
+from alignjax import recipes
 
 
 def get_config(arg: str | None = None):
-    a = configs.parse_arg(
-        arg,
-        seed=0,
-        loss="sigmoid",
-        beta=0.0,
-        rpo=True,
-        sft_steps=2500,
-        dpo_steps=300,
-        dpo_lr=0.0,
-        runlocal=False,
-    )
-    c = configs.base_config()
-    c.job = "quickstart"
-    c.seed = a.seed
-    c.model.path = "tiny"
-    c.model.overrides = configs.quickstart_model(vocab_size=16)
-    c.data.tokenizer = "arithmetic"
-    c.data.max_length = 10
-    c.data.batch_size = 128
-    c.data.eval_batch_size = 500
-    c.data.num_eval = 500
-    c.train.log_every = 10
-    c.train.checkpoint_every = 500
-    c.train.tensorboard = False
-    c.quickstart = configs.ConfigDict(dict(split_seed=0, num_test=2000, num_val=500, max_new_tokens=4))
-
-    # Stage overrides (sections of the shared keys above).
-    c.sft = configs.ConfigDict()
-    c.sft.data = dict(kind="sft", source="synthetic:arithmetic_sft:train", eval_source="")
-    c.sft.loss = dict(name="sft", nll_weight=0.0)
-    c.sft.reference = dict(kind="none")
-    c.sft.optim = dict(learning_rate=3e-3, warmup_steps=50, schedule="cosine", weight_decay=0.0)
-    c.sft.train = dict(num_steps=a.sft_steps)
-
-    c.dpo = configs.ConfigDict()
-    c.dpo.data = dict(
-        kind="pairwise", source="synthetic:arithmetic_dpo:train", eval_source="synthetic:arithmetic_dpo:val"
-    )
-    beta = a.beta or (2.0 if a.rpo else 5.0)
-    c.dpo.loss = dict(name=a.loss, beta=beta, nll_weight=1.0 if a.rpo else 0.0)
-    c.dpo.reference = dict(kind="frozen")
-    dpo_lr = a.dpo_lr or (4e-4 if a.rpo else 1e-4)
-    c.dpo.optim = dict(learning_rate=dpo_lr, warmup_steps=20, schedule="cosine")
-    # Evaluated on the validation pairs every 25 steps: the evaluation curve of curves.png.
-    c.dpo.train = dict(num_steps=a.dpo_steps, eval_every=25)
-    if a.runlocal:
-        c.sft.train = dict(num_steps=30)
-        c.dpo.train = dict(num_steps=10, eval_every=5)
-        c.data.batch_size = 32
-        c.quickstart.num_test = 200
-        c.quickstart.num_val = 100
-        c.data.num_eval = 96
-        c.data.eval_batch_size = 96  # a multiple of every data-parallel size up to 8 devices
-    return c
+    """``alignjax.recipes.quickstart``, which the reproductions build on too."""
+    return recipes.quickstart(arg)

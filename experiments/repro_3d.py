@@ -8,25 +8,17 @@ DPO, DPO with a separate (smaller) beta on the rejected term, and DPO + NLL(y_w)
 """
 
 from alignjax import configs
+from alignjax.repro import params
 
 
 def get_config(arg: str | None = None):
     a = configs.parse_arg(arg, beta=0.5, quick=False)
-    c = configs.ConfigDict()
+    c = configs.base_config()
     c.job = "repro_three_d"
-    c.seeds = (0, 1, 2)
-    c.sft_steps = 300
-    c.pref_steps = 100
-    c.batch_size = 64
-    c.learning_rate = 1e-3
-    c.num_pairs = 512
-    c.losses = configs.ConfigDict({
-        "dpo": dict(name="sigmoid", beta=a.beta, nll_weight=0.0),
-        "dpo_split_beta": dict(name="dpo_split_beta", beta_chosen=a.beta, beta_rejected=a.beta / 4,
-                               nll_weight=0.0),
-        "dpo_nll": dict(name="sigmoid", beta=a.beta, nll_weight=1.0),
-    })
+    # The reproduction's own parameters (alignjax/repro/params.py), read by its run(config, workdir).
+    c.repro = params.defaults(c.job)
+    c.repro.losses = params.three_d_losses(a.beta)
     if a.quick:
-        c.seeds = (0,)
-        c.sft_steps, c.pref_steps, c.batch_size, c.num_pairs = 4, 3, 16, 128
+        c.repro.seeds = (0,)
+        c.repro.sft_steps, c.repro.pref_steps, c.repro.batch_size, c.repro.num_pairs = 4, 3, 16, 128
     return c

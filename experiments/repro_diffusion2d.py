@@ -7,24 +7,18 @@ Arguments: beta, quick.
 """
 
 from alignjax import configs
+from alignjax.repro import params
 
 
 def get_config(arg: str | None = None):
     a = configs.parse_arg(arg, beta=50.0, quick=False)
-    c = configs.ConfigDict()
+    c = configs.base_config()
     c.job = "repro_diffusion2d"
-    c.seeds = (0, 1, 2)
-    c.num_steps = 50  # diffusion steps T
-    c.batch_size = 256
-    c.pretrain_steps = 3000
-    c.pretrain_lr = 1e-3
-    c.num_pair_samples = 4000
-    c.dpo_steps = 500
-    c.dpo_lr = 1e-4
-    c.beta = a.beta
-    c.num_eval_samples = 2000
+    # The reproduction's own parameters (alignjax/repro/params.py), read by its run(config, workdir).
+    c.repro = params.defaults(c.job)
+    c.repro.beta = a.beta
     if a.quick:
-        c.seeds = (0,)
-        c.pretrain_steps, c.dpo_steps, c.batch_size = 20, 5, 32
-        c.num_pair_samples, c.num_eval_samples = 200, 200
+        c.repro.seeds = (0,)
+        c.repro.pretrain_steps, c.repro.dpo_steps, c.repro.batch_size = 20, 5, 32
+        c.repro.num_pair_samples, c.repro.num_eval_samples = 200, 200
     return c

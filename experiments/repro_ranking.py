@@ -8,20 +8,17 @@ held-out pairs scored under both. Arguments: beta, quick.
 """
 
 from alignjax import configs
+from alignjax.repro import params
 
 
 def get_config(arg: str | None = None):
     a = configs.parse_arg(arg, beta=0.5, quick=False)
-    c = configs.ConfigDict()
+    c = configs.base_config()
     c.job = "repro_ranking"
-    c.seeds = (0, 1, 2)
-    c.beta = a.beta
-    c.sft_steps = 400
-    c.pref_steps = 150
-    c.batch_size = 64
-    c.learning_rate = 1e-3
-    c.num_pairs = 512
+    # The reproduction's own parameters (alignjax/repro/params.py), read by its run(config, workdir).
+    c.repro = params.defaults(c.job)
+    c.repro.beta = a.beta
     if a.quick:
-        c.seeds = (0,)
-        c.sft_steps, c.pref_steps, c.batch_size, c.num_pairs = 4, 3, 16, 128
+        c.repro.seeds = (0,)
+        c.repro.sft_steps, c.repro.pref_steps, c.repro.batch_size, c.repro.num_pairs = 4, 3, 16, 128
     return c

@@ -8,23 +8,18 @@ Arguments: flip_fraction, quick (one seed, one level, a few steps, the ensemble 
 """
 
 from alignjax import configs
+from alignjax.repro import params
 
 
 def get_config(arg: str | None = None):
     a = configs.parse_arg(arg, flip_fraction=0.3, quick=False)
-    c = configs.ConfigDict()
+    c = configs.base_config()
     c.job = "repro_secrets_noise"
-    c.seeds = (0, 1, 2)
-    c.noise_levels = (0.0, 0.15, 0.3)  # share of training labels flipped on top of BT sampling
-    c.num_train = 256
-    c.num_eval = 512
-    c.steps = 400  # plain BT and the final Secrets-II model (50 epochs of 256 pairs at batch 32)
-    c.ensemble_steps = 100  # each of the 4 ensemble members
-    c.flip_fraction = a.flip_fraction  # the lowest-strength share flipped (where the ensemble mean < 0)
-    c.ensemble = "models"  # 4 independently trained reward models ("heads": 4 heads on one decoder)
-    c.batch_size = 32
-    c.learning_rate = 3e-3
+    # The reproduction's own parameters (alignjax/repro/params.py), read by its run(config, workdir).
+    c.repro = params.defaults(c.job)
+    c.repro.flip_fraction = a.flip_fraction
     if a.quick:
-        c.seeds, c.noise_levels, c.num_train, c.num_eval = (0,), (0.3,), 64, 64
-        c.steps, c.ensemble_steps, c.ensemble = 4, 2, "heads"  # one ensemble run: fewer compiles
+        c.repro.seeds, c.repro.noise_levels, c.repro.num_train, c.repro.num_eval = (0,), (0.3,), 64, 64
+        c.repro.steps, c.repro.ensemble_steps = 4, 2
+        c.repro.ensemble = "heads"  # one ensemble run: fewer compiles
     return c

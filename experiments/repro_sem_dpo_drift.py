@@ -8,24 +8,16 @@ Arguments: beta, quick (one seed, few steps: seconds).
 """
 
 from alignjax import configs
+from alignjax.repro import params
 
 
 def get_config(arg: str | None = None):
     a = configs.parse_arg(arg, beta=0.5, quick=False)
-    c = configs.ConfigDict()
+    c = configs.base_config()
     c.job = "repro_sem_dpo_drift"
-    c.seeds = (0, 1, 2)
-    c.num_prompts = 64
-    c.num_responses = 8
-    c.pairs_per_prompt = 24
-    c.embed_dim = 16
-    c.embed_noise = 0.5
-    c.drift_share = 0.3  # responses on another topic
-    c.drift_bonus = 1.0  # the rater's score bonus for a drifted response
-    c.beta = a.beta
-    c.alphas = (1.0, 5.0)  # sem_alpha (the library default is 1.0)
-    c.steps = 400
-    c.learning_rate = 0.05
+    # The reproduction's own parameters (alignjax/repro/params.py), read by its run(config, workdir).
+    c.repro = params.defaults(c.job)
+    c.repro.beta = a.beta
     if a.quick:
-        c.seeds, c.num_prompts, c.steps, c.alphas = (0,), 8, 5, (1.0,)
+        c.repro.seeds, c.repro.num_prompts, c.repro.steps, c.repro.alphas = (0,), 8, 5, (1.0,)
     return c

@@ -8,23 +8,16 @@ Arguments: beta, quick (one seed, few steps: seconds).
 """
 
 from alignjax import configs
+from alignjax.repro import params
 
 
 def get_config(arg: str | None = None):
     a = configs.parse_arg(arg, beta=0.5, quick=False)
-    c = configs.ConfigDict()
+    c = configs.base_config()
     c.job = "repro_sparsepo_tokens"
-    c.seeds = (0, 1, 2)
-    c.num_prompts = 64
-    c.length = 8  # tokens per response
-    c.signal_positions = 2  # the first 2 carry the reward; the other 6 are filler
-    c.vocab = 8
-    c.pairs_per_prompt = 16
-    c.ref_scale = 1.0
-    c.beta = a.beta
-    c.l1_levels = (0.001, 0.01, 0.03, 0.1)  # the learned mask's L1 weight (each of lambda_u, lambda_d)
-    c.steps = 300
-    c.learning_rate = 20.0  # plain gradient descent on a mean over all pairs (see the module docstring)
+    # The reproduction's own parameters (alignjax/repro/params.py), read by its run(config, workdir).
+    c.repro = params.defaults(c.job)
+    c.repro.beta = a.beta
     if a.quick:
-        c.seeds, c.num_prompts, c.steps, c.l1_levels = (0,), 8, 5, (0.03,)
+        c.repro.seeds, c.repro.num_prompts, c.repro.steps, c.repro.l1_levels = (0,), 8, 5, (0.03,)
     return c

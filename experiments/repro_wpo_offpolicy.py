@@ -7,26 +7,17 @@ Arguments: beta, quick (one seed, two levels, few steps: seconds).
 """
 
 from alignjax import configs
+from alignjax.repro import params
 
 
 def get_config(arg: str | None = None):
     a = configs.parse_arg(arg, beta=0.5, quick=False)
-    c = configs.ConfigDict()
+    c = configs.base_config()
     c.job = "repro_wpo_offpolicy"
-    c.seeds = (0, 1, 2)
-    c.rewards = ("misspecified", "linear")
-    c.off_policy_levels = (0.0, 0.5, 0.9)
-    c.num_prompts = 64
-    c.length = 4  # tokens per response
-    c.vocab = 16
-    c.features = 3  # trainable numbers per prompt (d < V: the policy cannot fit every preference)
-    c.pairs_per_prompt = 32
-    c.ref_scale = 2.0
-    c.beta = a.beta
-    c.sweep_betas = (0.1, 2.0)  # on the first reward kind: E[r] gain against KL
-    c.steps = 300
-    c.learning_rate = 0.05
+    # The reproduction's own parameters (alignjax/repro/params.py), read by its run(config, workdir).
+    c.repro = params.defaults(c.job)
+    c.repro.beta = a.beta
     if a.quick:
-        c.seeds, c.off_policy_levels, c.num_prompts, c.steps = (0,), (0.0, 0.9), 8, 5
-        c.sweep_betas = (2.0,)
+        c.repro.seeds, c.repro.off_policy_levels, c.repro.num_prompts, c.repro.steps = (0,), (0.0, 0.9), 8, 5
+        c.repro.sweep_betas = (2.0,)
     return c

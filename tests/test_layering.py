@@ -7,7 +7,11 @@
   jobs themselves import ``alignjax.jobs``; the library packages below it (the lower layers and
   train, search, reward, eval, online, export) never do;
 * nothing in ``alignjax/`` imports ``experiments`` (by an import statement or by
-  ``importlib.import_module`` of a literal name);
+  ``importlib.import_module`` of a literal name) or reads a file under ``experiments/`` (a string
+  outside docstrings that names the directory as a path: the reproductions build their configs from
+  :mod:`alignjax.recipes`, which the experiment files call too);
+* the modules experiment files import at config time (:mod:`alignjax.configs`, :mod:`alignjax.recipes`,
+  :mod:`alignjax.repro.params`) load without JAX;
 * ``alignjax`` modules are imported at module level: an import inside a function is allowed only where
   :data:`ALLOWED_IN_FUNCTION` names it with its reason (optional heavy dependencies such as torch or
   transformers are not ``alignjax`` modules, so they may stay inside the functions that need them).
@@ -17,12 +21,14 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOWER = ("losses", "data", "models", "sharding", "logprobs", "storage", "flops", "configs")
-HIGHER = ("train", "search", "reward", "eval", "online", "jobs", "repro", "main", "export")
+HIGHER = ("train", "search", "reward", "eval", "online", "jobs", "repro", "main", "export", "recipes")
 # The layers that may import alignjax.jobs (the top layer).
 ABOVE_JOBS = ("main", "repro", "jobs")
 
@@ -30,6 +36,7 @@ ABOVE_JOBS = ("main", "repro", "jobs")
 ALLOWED_IN_FUNCTION = {
     ("alignjax/main.py", "*"): "flag and usage errors (--help, a bad key) answer before etils and JAX load",
     ("alignjax/configs.py", "fill_loss_hyperparameters"): "config files that name no loss load without JAX",
+    ("alignjax/recipes.py", "ppo"): "config files load without JAX; PPO's loss keys come from its module",
     ("alignjax/export.py", "main"): (
         "python -m alignjax.main runs that module as __main__: importing it at module level would "
         "define its flags a second time"
@@ -198,3 +205,90 @@ def test_alignjax_modules_are_imported_at_module_level():
         )
     ]
     assert not stale, f"ALLOWED_IN_FUNCTION entries with no function-level import left: {stale}"
+
+
+# Calls that open, load or join a path: a literal "experiments/..." argument (or "experiments" as a
+# path component anywhere) is the library reading a file under experiments/.
+PATH_CALLS = (
+    "open",
+    "join",
+    "Path",
+    "load_config_file",
+    "load_module",
+    "sibling",
+    "spec_from_file_location",
+    "isfile",
+    "exists",
+    "read_text",
+)
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """``id`` of every docstring node (module, class, function) in ``tree``."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def experiments_paths(path: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
+    """``file:line`` of each place ``path`` names ``experiments/`` as a path: the string
+    ``"experiments"`` (a path component), or a literal starting ``experiments/`` passed to a call
+    in :data:`PATH_CALLS`. Docstrings, comments and messages that mention the directory do not count."""
+    file = str(path.relative_to(root))
+    tree = ast.parse(path.read_text(), filename=file)
+    skip = docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and id(node) not in skip and node.value == "experiments":
+            found.append(f"{file}:{node.lineno}")
+        elif isinstance(node, ast.Call):
+            callee = node.func
+            name = callee.attr if isinstance(callee, ast.Attribute) else getattr(callee, "id", "")
+            if name in PATH_CALLS and any(
+                (literal_prefix(arg) or "").startswith(("experiments/", "./experiments/"))
+                for arg in node.args
+            ):
+                found.append(f"{file}:{node.lineno}")
+    return sorted(found, key=lambda f: int(f.rsplit(":", 1)[1]))
+
+
+def test_the_path_reader_sees_experiments_paths(tmp_path):
+    """The reader on a file of known uses: a join, an opened literal, an f-string; not a docstring or
+    a message."""
+    file = tmp_path / "alignjax" / "probe.py"
+    file.parent.mkdir()
+    file.write_text(
+        '"""Loads experiments/quickstart.py."""\n'
+        "import os\n"
+        "a = os.path.join(root, 'experiments', 'x.py')\n"
+        "b = open('experiments/x.py')\n"
+        "c = load_config_file(f'experiments/{name}.py')\n"
+        "raise ValueError('experiments/reward_model.py: objective=x')\n"
+    )
+    assert experiments_paths(file, tmp_path) == [
+        "alignjax/probe.py:3",
+        "alignjax/probe.py:4",
+        "alignjax/probe.py:5",
+    ]
+
+
+def test_the_library_never_reads_files_under_experiments():
+    found = [f for path in sorted((ROOT / "alignjax").rglob("*.py")) for f in experiments_paths(path)]
+    assert not found, (
+        "the library reads no experiment file: build the config from alignjax.recipes (which the "
+        "experiment file calls too):\n" + "\n".join(found)
+    )
+
+
+def test_the_modules_config_files_import_load_without_jax():
+    code = (
+        "import sys\n"
+        "import alignjax.configs, alignjax.recipes, alignjax.repro.params\n"
+        "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax', 'optax'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -34,8 +34,15 @@ import alignjax.losses as losses
 from alignjax.repro import common
 
 
-def make_task(seed: int, num_prompts: int, num_responses: int, pairs_per_prompt: int, noise: float,
-              score_noise: float, temperature: float) -> dict[str, np.ndarray]:
+def make_task(
+    seed: int,
+    num_prompts: int,
+    num_responses: int,
+    pairs_per_prompt: int,
+    noise: float,
+    score_noise: float,
+    temperature: float,
+) -> dict[str, np.ndarray]:
     """True rewards [P, K]; pairs (prompt, chosen, rejected) with flipped labels; soft targets q [N]."""
     rng = np.random.default_rng(seed)
     r = rng.normal(size=(num_prompts, num_responses))
@@ -65,8 +72,16 @@ def expected_reward(logits: np.ndarray, rewards: np.ndarray) -> float:
     return float(np.mean(np.sum(p * rewards, -1)))
 
 
-def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, lr: float,
-          anchor_every: int, smoothing: float = 0.2) -> np.ndarray:
+def train(
+    task: dict[str, np.ndarray],
+    method: str,
+    *,
+    beta: float,
+    steps: int,
+    lr: float,
+    anchor_every: int,
+    smoothing: float = 0.2,
+) -> np.ndarray:
     """Full-batch Adam on the logit table; returns the final logits [P, K]."""
     p_, k = task["rewards"].shape
     prompt, w, lo = (jnp.asarray(task[n]) for n in ("prompt", "chosen", "rejected"))
@@ -106,27 +121,33 @@ METHODS = ("dpo", "adpo_label_only", "adpo_fixed_anchor", "adpo_dynamic")
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
+    p = common.repro_params(config, "repro_adpo_noise")
     rows: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
-    for noise in config.noise_levels:
+    for noise in p.noise_levels:
         rows[f"{noise:.1f}"] = {m: {} for m in METHODS}
-        for seed in config.seeds:
-            task = make_task(seed, config.num_prompts, config.num_responses, config.pairs_per_prompt, noise,
-                             config.score_noise, config.temperature)
+        for seed in p.seeds:
+            task = make_task(
+                seed, p.num_prompts, p.num_responses, p.pairs_per_prompt, noise, p.score_noise, p.temperature
+            )
             for m in METHODS:
-                logits = train(task, m, beta=config.beta, steps=config.steps, lr=config.learning_rate,
-                               anchor_every=config.anchor_every)
+                logits = train(
+                    task, m, beta=p.beta, steps=p.steps, lr=p.learning_rate, anchor_every=p.anchor_every
+                )
                 rows[f"{noise:.1f}"][m][seed] = {
                     "ranking_accuracy": true_ranking_accuracy(logits, task["rewards"]),
                     "expected_reward": expected_reward(logits, task["rewards"]),
                 }
-    seeds = list(config.seeds)
-    header = ["flipped labels", *(f"{m}: true ranking acc." for m in METHODS),
-              *(f"{m}: E[r]" for m in METHODS)]
+    seeds = list(p.seeds)
+    header = [
+        "flipped labels",
+        *(f"{m}: true ranking acc." for m in METHODS),
+        *(f"{m}: E[r]" for m in METHODS),
+    ]
     table = []
     for noise, per in rows.items():
         acc = [common.fmt([per[m][s]["ranking_accuracy"] for s in seeds]) for m in METHODS]
         rew = [common.fmt([per[m][s]["expected_reward"] for s in seeds]) for m in METHODS]
         table.append([f"{float(noise):.0%}", *acc, *rew])
     markdown = common.markdown_table(header, table)
-    common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
+    common.write_table(workdir, {"rows": rows, "config": p.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}

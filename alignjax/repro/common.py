@@ -4,6 +4,7 @@ task (through :func:`alignjax.train.loop.run_train`), per-pair log-probs of held
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -13,8 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from alignjax import configs, logprobs, sharding
+from alignjax import logprobs, recipes, sharding
 from alignjax.configs import ConfigDict
+from alignjax.repro import params
 from alignjax.train.loop import data_iterator, run_train
 from alignjax.train.pipeline import stage_config
 from alignjax.train.result import TrainResult
@@ -22,28 +24,37 @@ from alignjax.train.result import TrainResult
 PAIRS_VAL = "synthetic:arithmetic_dpo:val"
 
 
-def repo_root() -> str:
-    """The repository root (holds ``experiments/``)."""
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def repro_params(config: Any, job: str) -> ConfigDict:
+    """The reproduction ``job``'s parameters: its defaults (:func:`alignjax.repro.params.defaults`)
+    with the values ``config.repro`` sets. A key the reproduction does not declare fails in one line
+    naming it and the valid ones (a misspelt key would otherwise be ignored)."""
+    out = params.defaults(job)
+    given = config.get("repro") or {}
+    for key in given:
+        if key not in out:
+            raise ValueError(f"config.repro.{key}: not a parameter of {job}; valid: {', '.join(sorted(out))}")
+        out[key] = copy.deepcopy(given[key])
+    return out
 
 
-def experiment_config(name: str, arg: str = "") -> ConfigDict:
-    """``experiments/<name>.py``'s ``get_config(arg)``, the file loaded by path from the repository
-    (the library imports no ``experiments`` package; the reproductions run from a checkout)."""
-    path = os.path.join(repo_root(), "experiments", f"{name}.py")
-    return configs.load_config_file(f"{path}:{arg}" if arg else path)
-
-
-def small_config(*, seed: int = 0, sft_steps: int = 60, pref_steps: int = 20,
-                 loss: Mapping[str, Any] | None = None, batch_size: int = 32, num_eval: int = 128,
-                 learning_rate: float = 1e-3,
-                 warmup_steps: int = 2) -> ConfigDict:
-    """The quickstart config (experiments/quickstart.py: 2 layers, width 64) shrunk for a 2-core machine.
+def small_config(
+    *,
+    seed: int = 0,
+    sft_steps: int = 60,
+    pref_steps: int = 20,
+    loss: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    num_eval: int = 128,
+    learning_rate: float = 1e-3,
+    warmup_steps: int = 2,
+) -> ConfigDict:
+    """The quickstart config (:func:`alignjax.recipes.quickstart`: 2 layers, width 64) shrunk for a 2-core
+    machine.
 
     ``loss``: the preference stage's ``config.loss`` section (name, hyperparameters, nll_weight).
     Quiet and checkpoint-light: no progress bar, no plots, one synchronous checkpoint per stage.
     """
-    c = experiment_config("quickstart")
+    c = recipes.quickstart()
     c.seed = seed
     c.data.batch_size = batch_size
     c.data.num_eval = num_eval
@@ -53,7 +64,7 @@ def small_config(*, seed: int = 0, sft_steps: int = 60, pref_steps: int = 20,
     c.train.tensorboard = False
     c.train.log_every = 1
     c.train.async_checkpoints = False
-    c.train.checkpoint_every = 10 ** 6
+    c.train.checkpoint_every = 10**6
     c.sft.train = dict(num_steps=sft_steps)
     c.dpo.train = dict(num_steps=pref_steps)
     c.dpo.optim = dict(learning_rate=learning_rate, warmup_steps=warmup_steps, schedule="cosine")
@@ -67,16 +78,23 @@ def run_sft(config: Any, workdir: str) -> tuple[Any, Any]:
     return out.model, out.params
 
 
-def run_preference(config: Any, workdir: str, model: Any, sft_params: Any,
-                   loss: Mapping[str, Any] | None = None, name: str = "dpo") -> TrainResult:
+def run_preference(
+    config: Any,
+    workdir: str,
+    model: Any,
+    sft_params: Any,
+    loss: Mapping[str, Any] | None = None,
+    name: str = "dpo",
+) -> TrainResult:
     """Trains the preference stage from ``sft_params`` (also the frozen reference) with ``loss``
     (a ``config.loss`` section; default: the config's). Returns the run's result."""
     c = stage_config(config, "dpo")
     if loss is not None:
         with c.unlocked():
             c.loss = type(c.loss)(dict(loss))
-    return run_train(c, os.path.join(workdir, name), init_params=sft_params, ref_params=sft_params,
-                     model=model)
+    return run_train(
+        c, os.path.join(workdir, name), init_params=sft_params, ref_params=sft_params, model=model
+    )
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
@@ -85,8 +103,15 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def pair_logps(model: Any, params: Any, config: Any, *, source: str = PAIRS_VAL, num_pairs: int = 256,
-               batch_size: int = 128) -> dict[str, np.ndarray]:
+def pair_logps(
+    model: Any,
+    params: Any,
+    config: Any,
+    *,
+    source: str = PAIRS_VAL,
+    num_pairs: int = 256,
+    batch_size: int = 128,
+) -> dict[str, np.ndarray]:
     """Summed log-probs and lengths of the first ``num_pairs`` pairs of ``source`` (unshuffled) under
     ``params``: ``chosen_logps, rejected_logps, chosen_lengths, rejected_lengths`` [num_pairs]."""
     data, _ = data_iterator(config, source, batch_size, shuffle=False, num_epochs=1)
@@ -99,11 +124,16 @@ def pair_logps(model: Any, params: Any, config: Any, *, source: str = PAIRS_VAL,
     for host in data:
         batch = sharding.global_batch(model.mesh, host)
         seq = np.asarray(fn(params, batch))
-        lengths = np.asarray(logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"],
-                                                       2 * batch_size))
+        lengths = np.asarray(
+            logprobs.sequence_lengths(batch["loss_mask"], batch["example_ids"], 2 * batch_size)
+        )
         b = batch_size
-        for key, value in (("chosen_logps", seq[:b]), ("rejected_logps", seq[b:]),
-                           ("chosen_lengths", lengths[:b]), ("rejected_lengths", lengths[b:])):
+        for key, value in (
+            ("chosen_logps", seq[:b]),
+            ("rejected_logps", seq[b:]),
+            ("chosen_lengths", lengths[:b]),
+            ("rejected_lengths", lengths[b:]),
+        ):
             parts.setdefault(key, []).append(value)
         seen += batch_size
         if seen >= num_pairs:

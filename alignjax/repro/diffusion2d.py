@@ -117,9 +117,19 @@ def make_pairs(samples: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return right[:m], left[:m]
 
 
-def diffusion_dpo_finetune(model: Denoiser, ref_params: Any, winners: np.ndarray, losers: np.ndarray,
-                           key: jax.Array, *, steps: int, batch: int, lr: float, beta: float,
-                           num_steps: int) -> tuple[Any, list[float]]:
+def diffusion_dpo_finetune(
+    model: Denoiser,
+    ref_params: Any,
+    winners: np.ndarray,
+    losers: np.ndarray,
+    key: jax.Array,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    beta: float,
+    num_steps: int,
+) -> tuple[Any, list[float]]:
     _, abar = schedule(num_steps)
     loss_fn = losses.get("diffusion_dpo")
     xw_all, xl_all = jnp.asarray(winners), jnp.asarray(losers)
@@ -155,32 +165,49 @@ def sample_stats(x: np.ndarray) -> dict[str, float]:
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    model = Denoiser(num_steps=config.num_steps)
-    sample = sampler(model, config.num_steps)
+    p = common.repro_params(config, "repro_diffusion2d")
+    model = Denoiser(num_steps=p.num_steps)
+    sample = sampler(model, p.num_steps)
     rows: dict[int, dict[str, float]] = {}
-    for seed in config.seeds:
+    for seed in p.seeds:
         key = jax.random.PRNGKey(seed)
         k_pre, k_pairs, k_ft, k_eval = jax.random.split(key, 4)
-        ref_params = pretrain(model, k_pre, config.pretrain_steps, config.batch_size, config.pretrain_lr,
-                              config.num_steps)
-        ref_samples = np.asarray(sample(ref_params, k_pairs, config.num_pair_samples))
-        winners, losers = make_pairs(ref_samples, config.num_pair_samples)
-        params, curve = diffusion_dpo_finetune(model, ref_params, winners, losers, k_ft,
-                                               steps=config.dpo_steps, batch=config.batch_size,
-                                               lr=config.dpo_lr, beta=config.beta,
-                                               num_steps=config.num_steps)
-        before = sample_stats(np.asarray(sample(ref_params, k_eval, config.num_eval_samples)))
-        after = sample_stats(np.asarray(sample(params, k_eval, config.num_eval_samples)))
-        rows[seed] = {"ref_preferred_share": before["preferred_share"],
-                      "dpo_preferred_share": after["preferred_share"],
-                      "ref_near_mode_share": before["near_mode_share"],
-                      "dpo_near_mode_share": after["near_mode_share"],
-                      "num_pairs": float(len(winners)), "first_loss": curve[0],
-                      "last_loss": float(np.mean(curve[-20:]))}
-    keys = ("ref_preferred_share", "dpo_preferred_share", "ref_near_mode_share", "dpo_near_mode_share",
-            "first_loss", "last_loss")
+        ref_params = pretrain(model, k_pre, p.pretrain_steps, p.batch_size, p.pretrain_lr, p.num_steps)
+        ref_samples = np.asarray(sample(ref_params, k_pairs, p.num_pair_samples))
+        winners, losers = make_pairs(ref_samples, p.num_pair_samples)
+        params, curve = diffusion_dpo_finetune(
+            model,
+            ref_params,
+            winners,
+            losers,
+            k_ft,
+            steps=p.dpo_steps,
+            batch=p.batch_size,
+            lr=p.dpo_lr,
+            beta=p.beta,
+            num_steps=p.num_steps,
+        )
+        before = sample_stats(np.asarray(sample(ref_params, k_eval, p.num_eval_samples)))
+        after = sample_stats(np.asarray(sample(params, k_eval, p.num_eval_samples)))
+        rows[seed] = {
+            "ref_preferred_share": before["preferred_share"],
+            "dpo_preferred_share": after["preferred_share"],
+            "ref_near_mode_share": before["near_mode_share"],
+            "dpo_near_mode_share": after["near_mode_share"],
+            "num_pairs": float(len(winners)),
+            "first_loss": curve[0],
+            "last_loss": float(np.mean(curve[-20:])),
+        }
+    keys = (
+        "ref_preferred_share",
+        "dpo_preferred_share",
+        "ref_near_mode_share",
+        "dpo_near_mode_share",
+        "first_loss",
+        "last_loss",
+    )
     header = ["metric", *(f"seed {s}" for s in rows), "mean ± sd"]
     table = [[k, *(f"{rows[s][k]:.3f}" for s in rows), common.fmt([rows[s][k] for s in rows])] for k in keys]
     markdown = common.markdown_table(header, table)
-    common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
+    common.write_table(workdir, {"rows": rows, "config": p.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}

@@ -57,6 +57,8 @@ import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache as cc
 
+from alignjax import recipes
+from alignjax.configs import ConfigDict
 from alignjax.data.pipeline import resolve_tokenizer
 from alignjax.jobs import online as online_jobs
 from alignjax.jobs import reward_model
@@ -70,30 +72,30 @@ from alignjax.train.loop import run_train
 from alignjax.train.pipeline import stage_config
 
 ARMS = ("offline_dpo", "online_dpo", "grpo", "ppo")
-REWARDS = ("verifier", "reward_model")  # reward_model: one cell per config.rm_steps
+REWARDS = ("verifier", "reward_model")  # reward_model: one cell per config.repro.rm_steps
 PAIRS_TRAIN = "synthetic:arithmetic_dpo:train"
 PAIRS_HELD_OUT = "synthetic:arithmetic_dpo:val"
 
 
-def reward_model_names(config: Any) -> list[str]:
-    """``reward_model_<steps>`` for each ``config.rm_steps`` (also the reward column of its cells)."""
-    return [f"reward_model_{int(steps)}" for steps in config.rm_steps]
+def reward_model_names(p: ConfigDict) -> list[str]:
+    """``reward_model_<steps>`` for each ``config.repro.rm_steps`` (also the reward column of its cells)."""
+    return [f"reward_model_{int(steps)}" for steps in p.rm_steps]
 
 
-def cells(config: Any) -> list[tuple[str, str]]:
+def cells(p: ConfigDict) -> list[tuple[str, str]]:
     """The (arm, reward) cells: offline DPO has no reward source (it trains on the pairs' labels); the
     online arms one per reward source (the verifier, each reward model)."""
     out = []
-    for arm in config.arms:
+    for arm in p.arms:
         if arm not in ARMS:
-            raise ValueError(f"config.arms: {arm!r} is not one of {list(ARMS)}")
+            raise ValueError(f"config.repro.arms: {arm!r} is not one of {list(ARMS)}")
         if arm == "offline_dpo":
             out.append((arm, "labels"))
             continue
-        for reward in config.rewards:
+        for reward in p.rewards:
             if reward not in REWARDS:
-                raise ValueError(f"config.rewards: {reward!r} is not one of {list(REWARDS)}")
-            out += [(arm, r) for r in (reward_model_names(config) if reward == "reward_model" else [reward])]
+                raise ValueError(f"config.repro.rewards: {reward!r} is not one of {list(REWARDS)}")
+            out += [(arm, r) for r in (reward_model_names(p) if reward == "reward_model" else [reward])]
     return out
 
 
@@ -103,72 +105,68 @@ def _quiet(c: Any) -> None:
     c.train.log_every = 1
 
 
-def online_config(config: Any, arm: str, reward: str, seed: int, sft_dir: str, rm_dir: str = "") -> Any:
-    """The arm's experiment config (``experiments/<arm>.py``) at the matched budget, starting from the
-    seed's SFT run in ``sft_dir``; a ``reward_model_*`` reward reads the exported model in ``rm_dir``."""
-    U, B, G = int(config.updates), int(config.prompts_per_update), int(config.num_generations)
-    shared = f"seed={seed},sft_steps={config.sft_steps},generations={G}"
+def online_config(p: ConfigDict, arm: str, reward: str, seed: int, sft_dir: str, rm_dir: str = "") -> Any:
+    """The arm's experiment config (``experiments/<arm>.py``, built by :mod:`alignjax.recipes`) at the
+    matched budget, starting from the seed's SFT run in ``sft_dir``; a ``reward_model_*`` reward reads the
+    exported model in ``rm_dir``."""
+    U, B, G = int(p.updates), int(p.prompts_per_update), int(p.num_generations)
+    shared = f"seed={seed},sft_steps={p.sft_steps},generations={G}"
     if arm == "online_dpo":
-        R = int(config.rounds)
+        R = int(p.rounds)
         if U % R:
-            raise ValueError(f"config.updates={U} is not a multiple of config.rounds={R}")
-        c = common.experiment_config(
-            "online_dpo",
-            f"{shared},rounds={R},prompts={U // R * B},dpo_steps={U // R},beta={config.dpo_beta}",
+            raise ValueError(f"config.repro.updates={U} is not a multiple of config.repro.rounds={R}")
+        c = recipes.online_dpo(
+            f"{shared},rounds={R},prompts={U // R * B},dpo_steps={U // R},beta={p.dpo_beta}"
         )
         c.data.batch_size = B
     elif arm == "grpo":
-        c = common.experiment_config("grpo", f"{shared},steps={U},prompts={B},lr={config.grpo_learning_rate}")
+        c = recipes.grpo(f"{shared},steps={U},prompts={B},lr={p.grpo_learning_rate}")
     else:
-        c = common.experiment_config(
-            "ppo",
-            f"{shared},steps={U},prompts={B},iterations={config.ppo_iterations},"
-            f"lr={config.ppo_learning_rate}",
+        c = recipes.ppo(
+            f"{shared},steps={U},prompts={B},iterations={p.ppo_iterations},lr={p.ppo_learning_rate}",
         )
     _quiet(c)
     c.train.checkpoint_every = max(U, 1)
-    c.sft.data = dict(c.sft.data, batch_size=int(config.sft_batch_size))
+    c.sft.data = dict(c.sft.data, batch_size=int(p.sft_batch_size))
     c.online.sft_dir = sft_dir
-    c.online.num_test = int(config.num_test)
+    c.online.num_test = int(p.num_test)
     if reward.startswith("reward_model"):
         c.online.reward, c.online.reward_path = "reward_model", rm_dir
     return c
 
 
-def offline_dpo_config(config: Any, seed: int) -> Any:
+def offline_dpo_config(p: ConfigDict, seed: int) -> Any:
     """The online-DPO job's preference stage (loss, optimiser) on the offline pairs, ``updates`` steps."""
-    base = common.experiment_config(
-        "online_dpo", f"seed={seed},sft_steps={config.sft_steps},beta={config.dpo_beta}"
-    )
+    base = recipes.online_dpo(f"seed={seed},sft_steps={p.sft_steps},beta={p.dpo_beta}")
     c = stage_config(base, "dpo")
     _quiet(c)
     with c.unlocked():
         c.data.kind, c.data.source, c.data.eval_source = "pairwise", PAIRS_TRAIN, ""
-        c.data.batch_size = int(config.prompts_per_update)
+        c.data.batch_size = int(p.prompts_per_update)
         c.reference.kind = "frozen"
-        c.train.num_steps = c.train.checkpoint_every = int(config.updates)
+        c.train.num_steps = c.train.checkpoint_every = int(p.updates)
     return c
 
 
-def reward_model_config(config: Any, seed: int, steps: int, sft_hf: str, export_dir: str) -> Any:
-    """experiments/reward_model.py's Bradley-Terry job on the offline pairs for ``steps`` steps, the
-    decoder initialised from the SFT model (``sft_hf``, an HF directory; the value head fresh), held-out
-    accuracy on ``arithmetic_dpo:val``."""
-    c = common.experiment_config("reward_model", "objective=bt")
+def reward_model_config(p: ConfigDict, seed: int, steps: int, sft_hf: str, export_dir: str) -> Any:
+    """experiments/reward_model.py's Bradley-Terry job (:func:`alignjax.recipes.reward_model`) on the
+    offline pairs for ``steps`` steps, the decoder initialised from the SFT model (``sft_hf``, an HF
+    directory; the value head fresh), held-out accuracy on ``arithmetic_dpo:val``."""
+    c = recipes.reward_model("objective=bt")
     _quiet(c)
     c.seed = seed
     c.model.path = sft_hf
     c.data.source, c.data.eval_source = PAIRS_TRAIN, PAIRS_HELD_OUT
     c.data.max_length = 12
-    c.data.batch_size = int(config.rm_batch_size)
-    c.data.num_eval = c.data.eval_batch_size = int(config.rm_num_eval)
+    c.data.batch_size = int(p.rm_batch_size)
+    c.data.num_eval = c.data.eval_batch_size = int(p.rm_num_eval)
     c.train.num_steps = c.train.checkpoint_every = int(steps)
-    c.optim.learning_rate = float(config.rm_learning_rate)
+    c.optim.learning_rate = float(p.rm_learning_rate)
     c.reward.export_dir = export_dir
     return c
 
 
-def on_policy_rm_accuracy(config: Any, base: Any, model: Any, params: Any, rm_dir: str) -> float:
+def on_policy_rm_accuracy(p: ConfigDict, base: Any, model: Any, params: Any, rm_dir: str) -> float:
     """Pairwise accuracy of the reward model on the SFT policy's samples of the held-out prompts: over
     every pair of one prompt's samples where the verifier accepts exactly one, the share where the RM
     scores the accepted one higher."""
@@ -202,45 +200,45 @@ def first_and_last_quarter(values: list[float], parts: int) -> tuple[float, floa
     return float(np.mean(values[:k])), float(np.mean(values[-k:]))
 
 
-def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
+def run_seed(p: ConfigDict, workdir: str, seed: int) -> dict[str, Any]:
     """One seed: SFT, the reward models, every cell. Returns ``{"cells": {"arm/reward": metrics}, "rm":
     {"reward_model_<steps>": quality}, "sft": {...}}``."""
     os.makedirs(workdir, exist_ok=True)
     sft_dir = os.path.join(workdir, "sft")
     rm_roots = {
-        name: os.path.join(workdir, name.replace("reward_model", "rm")) for name in reward_model_names(config)
+        name: os.path.join(workdir, name.replace("reward_model", "rm")) for name in reward_model_names(p)
     }
     t0 = time.time()
-    base = online_config(config, "grpo", "verifier", seed, sft_dir)
+    base = online_config(p, "grpo", "verifier", seed, sft_dir)
     model, sft_params = online_jobs.sft_stage(base, workdir)
     tok = resolve_tokenizer(base.data.tokenizer)
     gen = Generator(model, pad_id=int(tok.pad_id or 0), min_batch_bucket=8)
     sft_acc = online.greedy_accuracy(base, model, sft_params, tok, gen)
     out: dict[str, Any] = {"sft": {"task_accuracy": sft_acc, "wall_s": time.time() - t0}, "cells": {}}
 
-    needed = {reward for _, reward in cells(config) if reward.startswith("reward_model")}
+    needed = {reward for _, reward in cells(p) if reward.startswith("reward_model")}
     sft_hf = os.path.join(workdir, "sft_hf")
     if needed and not os.path.exists(os.path.join(sft_hf, "config.json")):
         save_pretrained(model, sft_params, sft_hf)
     out["rm"] = {}
-    for name, steps in zip(reward_model_names(config), config.rm_steps):
+    for name, steps in zip(reward_model_names(p), p.rm_steps):
         if name not in needed:
             continue
         t0 = time.time()
         rm_dir = os.path.join(rm_roots[name], "hf")
-        rm = reward_model.run(reward_model_config(config, seed, steps, sft_hf, rm_dir), rm_roots[name])
+        rm = reward_model.run(reward_model_config(p, seed, steps, sft_hf, rm_dir), rm_roots[name])
         out["rm"][name] = {
             "held_out_pair_accuracy": float(rm["eval/accuracy"]),
-            "on_policy_pair_accuracy": on_policy_rm_accuracy(config, base, model, sft_params, rm_dir),
+            "on_policy_pair_accuracy": on_policy_rm_accuracy(p, base, model, sft_params, rm_dir),
             "wall_s": time.time() - t0,
         }
 
-    for arm, reward in cells(config):
+    for arm, reward in cells(p):
         t0 = time.time()
         cdir = os.path.join(workdir, f"{arm}_{reward}")
         if arm == "offline_dpo":
             res = run_train(
-                offline_dpo_config(config, seed),
+                offline_dpo_config(p, seed),
                 cdir,
                 init_params=sft_params,
                 ref_params=sft_params,
@@ -252,7 +250,7 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
             }
         else:
             rm_dir = os.path.join(rm_roots[reward], "hf") if reward in rm_roots else ""
-            c = online_config(config, arm, reward, seed, sft_dir, rm_dir)
+            c = online_config(p, arm, reward, seed, sft_dir, rm_dir)
             job = {
                 "online_dpo": online_jobs.run_online_dpo,
                 "grpo": online_jobs.run_policy_gradient,
@@ -262,7 +260,7 @@ def run_seed(config: Any, workdir: str, seed: int) -> dict[str, Any]:
             cell = {k: float(res[k]) for k in ("task_accuracy/initial", "task_accuracy/final")}
             if arm != "online_dpo":
                 rewards = [row["reward"] for row in common.read_metrics(cdir)]
-                cell["reward/first"], cell["reward/last"] = first_and_last_quarter(rewards, config.rounds)
+                cell["reward/first"], cell["reward/last"] = first_and_last_quarter(rewards, p.rounds)
             else:
                 cell["reward/first"], cell["reward/last"] = res["reward/rounds"][0], res["reward/rounds"][-1]
                 cell["num_pairs"] = float(sum(res["num_pairs/rounds"]))
@@ -280,13 +278,13 @@ def reward_label(reward: str) -> str:
 
 
 @contextlib.contextmanager
-def compilation_cache(config: Any, workdir: str) -> Iterator[None]:
-    """JAX's persistent compilation cache in ``config.compilation_cache`` ("" = ``<workdir>/jax_cache``,
+def compilation_cache(p: ConfigDict, workdir: str) -> Iterator[None]:
+    """JAX's persistent compilation cache in ``config.repro.compilation_cache`` ("" = ``<workdir>/jax_cache``,
     "off" = none) for the duration: every arm and seed builds its own jitted programs (generator, steps,
     evaluation), most of them the same programs, so all but the first of each are read from disk instead
     of compiled (compiling is most of a cell's time at this size). The previous settings are restored
     after."""
-    where = config.get("compilation_cache", "")
+    where = p.get("compilation_cache", "")
     if where == "off":
         yield
         return
@@ -308,13 +306,14 @@ def compilation_cache(config: Any, workdir: str) -> Iterator[None]:
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    """Every seed (``config.seeds``), then the table: task accuracy per cell (mean ± sd over seeds),
+    """Every seed (``config.repro.seeds``), then the table: task accuracy per cell (mean ± sd over seeds),
     its gain over the SFT model, per-seed values, and the reward model's quality."""
+    p = common.repro_params(config, "repro_online_vs_offline")
     t0 = time.time()
-    seeds = list(config.seeds)
-    keys = [f"{a}/{r}" for a, r in cells(config)]
-    with compilation_cache(config, workdir):
-        per_seed = {s: run_seed(config, os.path.join(workdir, f"seed{s}"), s) for s in seeds}
+    seeds = list(p.seeds)
+    keys = [f"{a}/{r}" for a, r in cells(p)]
+    with compilation_cache(p, workdir):
+        per_seed = {s: run_seed(p, os.path.join(workdir, f"seed{s}"), s) for s in seeds}
 
     def vals(key: str, metric: str) -> list[float]:
         return [per_seed[s]["cells"][key][metric] for s in seeds]
@@ -361,7 +360,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             ]
         )
     markdown = common.markdown_table(header, table)
-    names = [n for n in reward_model_names(config) if all(n in per_seed[s]["rm"] for s in seeds)]
+    names = [n for n in reward_model_names(p) if all(n in per_seed[s]["rm"] for s in seeds)]
     if names:
         rows = []
         for name in names:
@@ -373,6 +372,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 rows.append([reward_label(name), what, common.fmt(v), ", ".join(f"{x:.3f}" for x in v)])
         markdown += "\n\n" + common.markdown_table(["reward model", "quality", "mean ± sd", "per seed"], rows)
     wall = time.time() - t0
-    common.write_table(workdir, {"seeds": per_seed, "config": config.to_dict(), "wall_s": wall}, markdown)
+    common.write_table(workdir, {"seeds": per_seed, "config": p.to_dict(), "wall_s": wall}, markdown)
     print(markdown, flush=True)
     return {"seeds": per_seed, "markdown": markdown, "wall_s": wall}

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from alignjax import recipes
+from alignjax.configs import ConfigDict
 from alignjax.repro import common
 from alignjax.reward import synthetic as S
 from alignjax.reward.evaluate import score_file
@@ -40,39 +42,44 @@ from alignjax.train.result import TrainResult
 SMALL = dict(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 
 
-def reward_config(objective: str, source: str, config: Any, seed: int) -> Any:
-    """experiments/reward_model.py's runlocal config on the tiny decoder, constant lr, no evaluation."""
-    c = common.experiment_config("reward_model", f"objective={objective},runlocal")
+def reward_config(objective: str, source: str, p: ConfigDict, seed: int) -> Any:
+    """experiments/reward_model.py's runlocal config (:func:`alignjax.recipes.reward_model`) on the tiny
+    decoder, constant lr, no evaluation."""
+    c = recipes.reward_model(f"objective={objective},runlocal")
     c.seed = seed
     c.model.overrides.update(SMALL)
     c.data.source, c.data.eval_source = source, ""
     c.data.max_length = 12
-    c.data.batch_size, c.data.eval_batch_size = config.batch_size, 64
-    c.train.num_steps = c.train.checkpoint_every = config.steps
+    c.data.batch_size, c.data.eval_batch_size = p.batch_size, 64
+    c.train.num_steps = c.train.checkpoint_every = p.steps
     c.train.progress = c.train.plot = c.train.tensorboard = False
-    c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = config.learning_rate, 0, "constant"
+    c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = p.learning_rate, 0, "constant"
     if objective == "secrets":
-        c.reward.secrets.update(ensemble_steps=config.ensemble_steps, flip_fraction=config.flip_fraction,
-                                smooth_fraction=0.0, score_batch_size=64,
-                                ensemble=config.ensemble)
+        c.reward.secrets.update(
+            ensemble_steps=p.ensemble_steps,
+            flip_fraction=p.flip_fraction,
+            smooth_fraction=0.0,
+            score_batch_size=64,
+            ensemble=p.ensemble,
+        )
     return c
 
 
-def run_one(config: Any, workdir: str, seed: int, noise: float) -> dict[str, float]:
+def run_one(p: ConfigDict, workdir: str, seed: int, noise: float) -> dict[str, float]:
     """One (seed, noise) cell: held-out accuracy of plain BT and of the Secrets-II pipeline."""
     os.makedirs(workdir, exist_ok=True)
     w = S.linear_weights(seed)
-    train_rows, train_diffs = S.linear_bt_pairs(config.num_train, weights=w, seed=100 * seed + 1, noise=noise)
-    held, held_diffs = S.linear_bt_pairs(config.num_eval, weights=w, seed=100 * seed + 2)
+    train_rows, train_diffs = S.linear_bt_pairs(p.num_train, weights=w, seed=100 * seed + 1, noise=noise)
+    held, held_diffs = S.linear_bt_pairs(p.num_eval, weights=w, seed=100 * seed + 2)
     source = S.write_jsonl(train_rows, os.path.join(workdir, "train.jsonl"))
     held_path = S.write_jsonl(held, os.path.join(workdir, "eval.jsonl"))
 
     def accuracy(c: Any, result: TrainResult) -> float:
         return float(score_file(c, result.model, result.params, held_path)["accuracy"])
 
-    cp = reward_config("bt", source, config, seed)
+    cp = reward_config("bt", source, p, seed)
     plain = accuracy(cp, train_reward_model(cp, os.path.join(workdir, "plain")))
-    cs = reward_config("secrets", source, config, seed)
+    cs = reward_config("secrets", source, p, seed)
     result = run_secrets(cs, os.path.join(workdir, "secrets"))
     secrets = accuracy(cs, result)
     with open(os.path.join(workdir, "secrets", "strength.jsonl")) as f:
@@ -89,24 +96,39 @@ def run_one(config: Any, workdir: str, seed: int, noise: float) -> dict[str, flo
     }
 
 
-METRICS = ("plain_accuracy", "secrets_accuracy", "ceiling", "flipped", "flipped_wrong_share",
-           "wrong_label_share")
+METRICS = (
+    "plain_accuracy",
+    "secrets_accuracy",
+    "ceiling",
+    "flipped",
+    "flipped_wrong_share",
+    "wrong_label_share",
+)
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    seeds = list(config.seeds)
+    p = common.repro_params(config, "repro_secrets_noise")
+    seeds = list(p.seeds)
     rows: dict[str, dict[int, dict[str, float]]] = {}
-    for noise in config.noise_levels:
-        rows[f"{noise:.2f}"] = {s: run_one(config, os.path.join(workdir, f"noise{noise:.2f}", f"seed{s}"), s,
-                                           noise) for s in seeds}
-    header = ["injected flips", "plain BT: held-out acc.", "Secrets-II: held-out acc.", "ceiling",
-              "pairs flipped", "flipped pairs whose label was wrong", "wrong labels among all pairs",
-              "per seed (plain, Secrets-II)"]
+    for noise in p.noise_levels:
+        rows[f"{noise:.2f}"] = {
+            s: run_one(p, os.path.join(workdir, f"noise{noise:.2f}", f"seed{s}"), s, noise) for s in seeds
+        }
+    header = [
+        "injected flips",
+        "plain BT: held-out acc.",
+        "Secrets-II: held-out acc.",
+        "ceiling",
+        "pairs flipped",
+        "flipped pairs whose label was wrong",
+        "wrong labels among all pairs",
+        "per seed (plain, Secrets-II)",
+    ]
     table = []
     for noise, per in rows.items():
         cells = [common.fmt([per[s][k] for s in seeds], 1 if k == "flipped" else 3) for k in METRICS]
         each = "; ".join(f"{per[s]['plain_accuracy']:.3f}, {per[s]['secrets_accuracy']:.3f}" for s in seeds)
         table.append([f"{float(noise):.0%}", *cells, each])
     markdown = common.markdown_table(header, table)
-    common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
+    common.write_table(workdir, {"rows": rows, "config": p.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}

@@ -14,7 +14,7 @@ to a rater that ignores meaning, as aesthetic keywords do for prompt rewriting) 
 sampled from Bradley-Terry on s (so both orders of a pair occur and the weights change the optimum,
 not only the speed). The semantic distance of each pair is the library's ``cosine_distance`` of e(x) and
 e(y_w), a per-example column as the trainer reads it. The policy is a logit table, the reference
-uniform; losses: the library's ``dpo`` and ``sem_dpo`` (sem_alpha in ``config.alphas``), full-batch
+uniform; losses: the library's ``dpo`` and ``sem_dpo`` (sem_alpha in ``config.repro.alphas``), full-batch
 Adam. Metrics under the policy: the share of drifted responses, E[cos(e(x), e(y))], E[q] and the
 rater's E[s].
 
@@ -37,8 +37,17 @@ from alignjax.repro import common
 from alignjax.repro.wpo_offpolicy import log_softmax
 
 
-def make_task(seed: int, *, num_prompts: int, num_responses: int, pairs_per_prompt: int, embed_dim: int,
-              embed_noise: float, drift_share: float, drift_bonus: float) -> dict[str, np.ndarray]:
+def make_task(
+    seed: int,
+    *,
+    num_prompts: int,
+    num_responses: int,
+    pairs_per_prompt: int,
+    embed_dim: int,
+    embed_noise: float,
+    drift_share: float,
+    drift_bonus: float,
+) -> dict[str, np.ndarray]:
     """Per response [P, K]: quality, drifted, rater score, similarity to the prompt, embedding [P, K, E];
     topics [P, E]; pairs with the semantic distance of their chosen response [N]."""
     rng = np.random.default_rng(seed)
@@ -57,24 +66,61 @@ def make_task(seed: int, *, num_prompts: int, num_responses: int, pairs_per_prom
     i_wins = rng.random(prompt.size) < 1.0 / (1.0 + np.exp(-(score[prompt, i] - score[prompt, j])))
     w, lo = np.where(i_wins, i, j), np.where(i_wins, j, i)
     distance = np.asarray(_cosine_distance(topics[prompt], emb[prompt, w]))
-    return dict(quality=quality, drifted=drifted, score=score, similarity=sim, prompt=prompt, chosen=w,
-                rejected=lo, semantic_distance=distance.astype(np.float32), topics=topics, embeddings=emb)
+    return dict(
+        quality=quality,
+        drifted=drifted,
+        score=score,
+        similarity=sim,
+        prompt=prompt,
+        chosen=w,
+        rejected=lo,
+        semantic_distance=distance.astype(np.float32),
+        topics=topics,
+        embeddings=emb,
+    )
 
 
 _cosine_distance = jax.jit(modifiers.cosine_distance)  # one compile, not one per eager op
 
 
-def train(task: dict[str, np.ndarray], method: str, *, beta: float, alpha: float, steps: int, lr: float,
-          ) -> np.ndarray:
+def train(
+    task: dict[str, np.ndarray],
+    method: str,
+    *,
+    beta: float,
+    alpha: float,
+    steps: int,
+    lr: float,
+) -> np.ndarray:
     """Full-batch Adam on the logit table [P, K]; returns the final logits."""
     arrays = (jnp.asarray(task[n]) for n in ("prompt", "chosen", "rejected", "semantic_distance"))
-    return np.asarray(_fit(*arrays, shape=task["quality"].shape, sem=method == "sem_dpo", beta=float(beta),
-                           alpha=float(alpha), steps=int(steps), lr=float(lr)))
+    return np.asarray(
+        _fit(
+            *arrays,
+            shape=task["quality"].shape,
+            sem=method == "sem_dpo",
+            beta=float(beta),
+            alpha=float(alpha),
+            steps=int(steps),
+            lr=float(lr),
+        )
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "sem", "beta", "alpha", "steps", "lr"))
-def _fit(prompt: jax.Array, w: jax.Array, lo: jax.Array, dist: jax.Array, *, shape: tuple[int, int],
-         sem: bool, beta: float, alpha: float, steps: int, lr: float) -> jax.Array:
+def _fit(
+    prompt: jax.Array,
+    w: jax.Array,
+    lo: jax.Array,
+    dist: jax.Array,
+    *,
+    shape: tuple[int, int],
+    sem: bool,
+    beta: float,
+    alpha: float,
+    steps: int,
+    lr: float,
+) -> jax.Array:
     ref = jnp.zeros(shape, jnp.float32)
     dpo, sem_dpo = losses.get("dpo"), losses.get("sem_dpo")
 
@@ -99,34 +145,51 @@ def _fit(prompt: jax.Array, w: jax.Array, lo: jax.Array, dist: jax.Array, *, sha
 def policy_row(logits: np.ndarray, task: dict[str, np.ndarray]) -> dict[str, float]:
     """Expectations under the policy, averaged over prompts."""
     p = np.exp(log_softmax(logits))
-    return {name: float(np.mean(np.sum(p * task[key], -1)))
-            for name, key in (("drifted_share", "drifted"), ("similarity", "similarity"),
-                              ("quality", "quality"), ("rater_score", "score"))}
+    return {
+        name: float(np.mean(np.sum(p * task[key], -1)))
+        for name, key in (
+            ("drifted_share", "drifted"),
+            ("similarity", "similarity"),
+            ("quality", "quality"),
+            ("rater_score", "score"),
+        )
+    }
 
 
 METRICS = ("drifted_share", "similarity", "quality", "rater_score")
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    seeds = list(config.seeds)
-    runs = [("reference", "reference", 0.0), ("dpo", "dpo", 0.0),
-            *((f"sem_dpo alpha={a:g}", "sem_dpo", float(a)) for a in config.alphas)]
+    p = common.repro_params(config, "repro_sem_dpo_drift")
+    seeds = list(p.seeds)
+    runs = [
+        ("reference", "reference", 0.0),
+        ("dpo", "dpo", 0.0),
+        *((f"sem_dpo alpha={a:g}", "sem_dpo", float(a)) for a in p.alphas),
+    ]
     rows: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _, _ in runs}
     for seed in seeds:
-        task = make_task(seed, num_prompts=config.num_prompts, num_responses=config.num_responses,
-                         pairs_per_prompt=config.pairs_per_prompt, embed_dim=config.embed_dim,
-                         embed_noise=config.embed_noise, drift_share=config.drift_share,
-                         drift_bonus=config.drift_bonus)
+        task = make_task(
+            seed,
+            num_prompts=p.num_prompts,
+            num_responses=p.num_responses,
+            pairs_per_prompt=p.pairs_per_prompt,
+            embed_dim=p.embed_dim,
+            embed_noise=p.embed_noise,
+            drift_share=p.drift_share,
+            drift_bonus=p.drift_bonus,
+        )
         for name, method, alpha in runs:
             if method == "reference":
                 logits = np.zeros(task["quality"].shape, np.float32)
             else:
-                logits = train(task, method, beta=config.beta, alpha=alpha, steps=config.steps,
-                               lr=config.learning_rate)
+                logits = train(task, method, beta=p.beta, alpha=alpha, steps=p.steps, lr=p.learning_rate)
             rows[name][seed] = policy_row(logits, task)
     header = ["policy", "drifted share", "E[cos(e(x), e(y))]", "E[quality]", "E[rater score]"]
-    table = [[f"`{name}`", *(common.fmt([rows[name][s][k] for s in seeds]) for k in METRICS)]
-             for name, _, _ in runs]
+    table = [
+        [f"`{name}`", *(common.fmt([rows[name][s][k] for s in seeds]) for k in METRICS)]
+        for name, _, _ in runs
+    ]
     markdown = common.markdown_table(header, table)
-    common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
+    common.write_table(workdir, {"rows": rows, "config": p.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}

@@ -17,7 +17,7 @@ per token, as the trainer's ``token_kl``):
 - ``sparsepo_learned``: one shared reward/KL mask m = sigmoid(mu[t, v]) learned jointly (a table over
   position and token shared by all prompts: the tabular stand-in for the paper's mask head on reference
   states), mu = 0 at the start (m = 0.5), L1 weights ``l1`` each (official code: both norms added),
-  for each l1 of ``config.l1_levels``;
+  for each l1 of ``config.repro.l1_levels``;
 - ``sparsepo_oracle``: a given mask, 1 on the reward positions and 0 on the filler (what a perfect mask
   would be; an upper bound on what masking can do here).
 
@@ -47,8 +47,16 @@ from alignjax.repro.wpo_offpolicy import log_softmax, untied_per_prompt
 METHODS = ("dpo", "sparsepo_learned", "sparsepo_oracle")
 
 
-def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, signal_positions: int,
-              pairs_per_prompt: int, ref_scale: float) -> dict[str, np.ndarray]:
+def make_task(
+    seed: int,
+    *,
+    num_prompts: int,
+    length: int,
+    vocab: int,
+    signal_positions: int,
+    pairs_per_prompt: int,
+    ref_scale: float,
+) -> dict[str, np.ndarray]:
     """Reference logits [P, T, V], rewards [P, T, V] (0 on filler positions), pairs [N, T] + prompt [N]."""
     rng = np.random.default_rng(seed)
     ref = ref_scale * rng.normal(size=(num_prompts, length, vocab))
@@ -67,9 +75,14 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, signal_po
     ra, rb = rewards[prompt[:, None], pos, a].sum(-1), rewards[prompt[:, None], pos, b].sum(-1)
     keep = untied_per_prompt(prompt, ra != rb, pairs_per_prompt)
     better = (ra > rb)[:, None]
-    return dict(ref=ref.astype(np.float32), rewards=rewards.astype(np.float32), prompt=prompt[keep],
-                chosen=np.where(better, a, b)[keep], rejected=np.where(better, b, a)[keep],
-                signal=np.arange(length) < signal_positions)
+    return dict(
+        ref=ref.astype(np.float32),
+        rewards=rewards.astype(np.float32),
+        prompt=prompt[keep],
+        chosen=np.where(better, a, b)[keep],
+        rejected=np.where(better, b, a)[keep],
+        signal=np.arange(length) < signal_positions,
+    )
 
 
 def expected_reward(logits: np.ndarray, rewards: np.ndarray) -> np.ndarray:
@@ -83,19 +96,43 @@ def position_kl(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.sum(np.exp(lp) * (lp - lq), -1)
 
 
-def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, lr: float, l1: float,
-          ) -> tuple[np.ndarray, np.ndarray]:
+def train(
+    task: dict[str, np.ndarray],
+    method: str,
+    *,
+    beta: float,
+    steps: int,
+    lr: float,
+    l1: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Full-batch gradient descent; returns (policy logits [P, T, V], mask [T, V] (ones for DPO))."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {list(METHODS)}")
-    logits, mask = _fit(*(jnp.asarray(task[k]) for k in ("ref", "prompt", "chosen", "rejected", "signal")),
-                        method=method, beta=float(beta), steps=int(steps), lr=float(lr), l1=float(l1))
+    logits, mask = _fit(
+        *(jnp.asarray(task[k]) for k in ("ref", "prompt", "chosen", "rejected", "signal")),
+        method=method,
+        beta=float(beta),
+        steps=int(steps),
+        lr=float(lr),
+        l1=float(l1),
+    )
     return np.asarray(logits), np.asarray(mask)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "beta", "steps", "lr", "l1"))
-def _fit(ref: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array, signal: jax.Array, *, method: str,
-         beta: float, steps: int, lr: float, l1: float) -> tuple[jax.Array, jax.Array]:
+def _fit(
+    ref: jax.Array,
+    prompt: jax.Array,
+    w: jax.Array,
+    lo: jax.Array,
+    signal: jax.Array,
+    *,
+    method: str,
+    beta: float,
+    steps: int,
+    lr: float,
+    l1: float,
+) -> tuple[jax.Array, jax.Array]:
     pos = jnp.arange(w.shape[1])[None]
     valid = jnp.ones(w.shape, jnp.float32)
     oracle = jnp.broadcast_to(signal[:, None], ref.shape[1:]).astype(jnp.float32)
@@ -112,8 +149,23 @@ def _fit(ref: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array, signal:
             return jnp.mean(dpo(tw.sum(-1), tl.sum(-1), rw.sum(-1), rl.sum(-1), beta=beta))
         k = jnp.sum(jnp.exp(lq) * (lp - lq), -1)[prompt[:, None], pos]  # [N, T]: k_t, gradient via the policy
         mask = oracle if method == "sparsepo_oracle" else jax.nn.sigmoid(params["mask"])
-        return jnp.mean(sparsepo(tw, tl, rw, rl, k, k, valid, valid, at(mask, w), at(mask, lo), beta=beta,
-                                 l1_reward=l1, l1_kl=l1))
+        return jnp.mean(
+            sparsepo(
+                tw,
+                tl,
+                rw,
+                rl,
+                k,
+                k,
+                valid,
+                valid,
+                at(mask, w),
+                at(mask, lo),
+                beta=beta,
+                l1_reward=l1,
+                l1_kl=l1,
+            )
+        )
 
     tx = optax.sgd(lr)
 
@@ -129,20 +181,29 @@ def _fit(ref: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array, signal:
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    """DPO, the oracle mask and the learned mask at each L1 weight of ``config.l1_levels``, per seed."""
-    seeds = list(config.seeds)
-    runs = [("dpo", "dpo", 0.0), ("sparsepo_oracle", "sparsepo_oracle", 0.0),
-            *((f"sparsepo_learned l1={l1:g}", "sparsepo_learned", float(l1)) for l1 in config.l1_levels)]
+    """DPO, the oracle mask and the learned mask at each L1 weight of ``config.repro.l1_levels``, per seed."""
+    p = common.repro_params(config, "repro_sparsepo_tokens")
+    seeds = list(p.seeds)
+    runs = [
+        ("dpo", "dpo", 0.0),
+        ("sparsepo_oracle", "sparsepo_oracle", 0.0),
+        *((f"sparsepo_learned l1={l1:g}", "sparsepo_learned", float(l1)) for l1 in p.l1_levels),
+    ]
     rows: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _, _ in runs}
     for seed in seeds:
-        task = make_task(seed, num_prompts=config.num_prompts, length=config.length, vocab=config.vocab,
-                         signal_positions=config.signal_positions, pairs_per_prompt=config.pairs_per_prompt,
-                         ref_scale=config.ref_scale)
+        task = make_task(
+            seed,
+            num_prompts=p.num_prompts,
+            length=p.length,
+            vocab=p.vocab,
+            signal_positions=p.signal_positions,
+            pairs_per_prompt=p.pairs_per_prompt,
+            ref_scale=p.ref_scale,
+        )
         base = expected_reward(task["ref"], task["rewards"])
         sig = task["signal"]
         for name, method, l1 in runs:
-            logits, mask = train(task, method, beta=config.beta, steps=config.steps, lr=config.learning_rate,
-                                 l1=l1)
+            logits, mask = train(task, method, beta=p.beta, steps=p.steps, lr=p.learning_rate, l1=l1)
             pkl = position_kl(logits, task["ref"])
             rows[name][seed] = {
                 "reward_gain": float(np.mean(expected_reward(logits, task["rewards"]) - base)),
@@ -152,10 +213,18 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 "mask_filler": float(mask[~sig].mean()),
             }
     metrics = ("reward_gain", "kl_signal", "kl_filler", "mask_signal", "mask_filler")
-    header = ["method", "E[r] gain", "KL on reward positions", "KL on filler positions",
-              "mask on reward positions", "mask on filler"]
-    table = [[f"`{name}`", *(common.fmt([rows[name][s][k] for s in seeds]) for k in metrics)]
-             for name, _, _ in runs]
+    header = [
+        "method",
+        "E[r] gain",
+        "KL on reward positions",
+        "KL on filler positions",
+        "mask on reward positions",
+        "mask on filler",
+    ]
+    table = [
+        [f"`{name}`", *(common.fmt([rows[name][s][k] for s in seeds]) for k in metrics)]
+        for name, _, _ in runs
+    ]
     markdown = common.markdown_table(header, table)
-    common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
+    common.write_table(workdir, {"rows": rows, "config": p.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}

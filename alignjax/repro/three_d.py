@@ -32,28 +32,42 @@ def likelihood_row(policy: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarra
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    """Per seed: one SFT model, then each loss in ``config.losses`` from it; held-out log-prob changes."""
-    rows: dict[str, dict[int, dict[str, float]]] = {name: {} for name in config.losses}
-    for seed in config.seeds:
-        c = common.small_config(seed=seed, sft_steps=config.sft_steps, pref_steps=config.pref_steps,
-                                batch_size=config.batch_size, learning_rate=config.learning_rate)
+    """Per seed: one SFT model, then each loss in ``config.repro.losses`` from it; held-out log-prob
+    changes."""
+    p = common.repro_params(config, "repro_three_d")
+    rows: dict[str, dict[int, dict[str, float]]] = {name: {} for name in p.losses}
+    for seed in p.seeds:
+        c = common.small_config(
+            seed=seed,
+            sft_steps=p.sft_steps,
+            pref_steps=p.pref_steps,
+            batch_size=p.batch_size,
+            learning_rate=p.learning_rate,
+        )
         wd = os.path.join(workdir, f"seed{seed}")
         model, ref_params = common.run_sft(c, wd)
-        ref = common.pair_logps(model, ref_params, c, num_pairs=config.num_pairs)
+        ref = common.pair_logps(model, ref_params, c, num_pairs=p.num_pairs)
         np.savez(os.path.join(wd, "ref.npz"), **ref)
-        for name, loss in config.losses.items():
+        for name, loss in p.losses.items():
             out = common.run_preference(c, wd, model, ref_params, loss=loss.to_dict(), name=name)
-            pol = common.pair_logps(model, out.params, c, num_pairs=config.num_pairs)
+            pol = common.pair_logps(model, out.params, c, num_pairs=p.num_pairs)
             np.savez(os.path.join(wd, f"{name}.npz"), **pol)
             rows[name][seed] = likelihood_row(pol, ref)
-    seeds = list(config.seeds)
+    seeds = list(p.seeds)
     header = ["loss", "Δ log p(chosen)/token", "Δ log p(rejected)/token", "ranking acc.", "per seed (Δc, Δr)"]
     table = []
     for name, per_seed in rows.items():
         col = {k: [per_seed[s][k] for s in seeds] for k in per_seed[seeds[0]]}
-        each = "; ".join(f"{c:+.3f}, {r:+.3f}" for c, r in zip(col['delta_chosen'], col['delta_rejected']))
-        table.append([f"`{name}`", common.fmt(col["delta_chosen"]), common.fmt(col["delta_rejected"]),
-                      common.fmt(col["ranking_accuracy"]), each])
+        each = "; ".join(f"{c:+.3f}, {r:+.3f}" for c, r in zip(col["delta_chosen"], col["delta_rejected"]))
+        table.append(
+            [
+                f"`{name}`",
+                common.fmt(col["delta_chosen"]),
+                common.fmt(col["delta_rejected"]),
+                common.fmt(col["ranking_accuracy"]),
+                each,
+            ]
+        )
     markdown = common.markdown_table(header, table)
-    common.write_table(workdir, {"rows": rows, "config": config.to_dict()}, markdown)
+    common.write_table(workdir, {"rows": rows, "config": p.to_dict()}, markdown)
     return {"rows": rows, "markdown": markdown}

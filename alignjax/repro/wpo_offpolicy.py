@@ -43,12 +43,22 @@ METHODS = ("dpo", "wpo", "dpo_on_policy_only")
 REWARDS = ("misspecified", "linear")
 
 
-def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, features: int, pairs_per_prompt: int,
-              off_policy: float, ref_scale: float, reward: str) -> dict[str, np.ndarray]:
+def make_task(
+    seed: int,
+    *,
+    num_prompts: int,
+    length: int,
+    vocab: int,
+    features: int,
+    pairs_per_prompt: int,
+    off_policy: float,
+    ref_scale: float,
+    reward: str,
+) -> dict[str, np.ndarray]:
     """Reference logits [P, T, V], features [V, d], token rewards [P, V], pairs [N, T] with their prompt
     and an ``off`` flag [N] (sampled from softmax(-ref) rather than the reference)."""
     if reward not in REWARDS:
-        raise ValueError(f"config.rewards: {reward!r} is not one of {list(REWARDS)}")
+        raise ValueError(f"config.repro.rewards: {reward!r} is not one of {list(REWARDS)}")
     rng = np.random.default_rng(seed)
     ref = ref_scale * rng.normal(size=(num_prompts, length, vocab))
     phi = rng.normal(size=(vocab, features))
@@ -73,8 +83,15 @@ def make_task(seed: int, *, num_prompts: int, length: int, vocab: int, features:
     keep = untied_per_prompt(prompt, ra != rb, pairs_per_prompt)
     win = np.where((ra > rb)[:, None], a, b)[keep]
     lose = np.where((ra > rb)[:, None], b, a)[keep]
-    return dict(ref=ref.astype(np.float32), phi=phi.astype(np.float32), rewards=rewards.astype(np.float32),
-                prompt=prompt[keep], chosen=win, rejected=lose, off=off[keep])
+    return dict(
+        ref=ref.astype(np.float32),
+        phi=phi.astype(np.float32),
+        rewards=rewards.astype(np.float32),
+        prompt=prompt[keep],
+        chosen=win,
+        rejected=lose,
+        off=off[keep],
+    )
 
 
 def untied_per_prompt(prompt: np.ndarray, untied: np.ndarray, n: int) -> np.ndarray:
@@ -116,13 +133,24 @@ def train(task: dict[str, np.ndarray], method: str, *, beta: float, steps: int, 
     """Full-batch Adam on theta [P, d]; returns the final policy logits [P, T, V]."""
     sel = ~task["off"] if method == "dpo_on_policy_only" else np.ones_like(task["off"])
     arrays = (task["ref"], task["phi"], task["prompt"][sel], task["chosen"][sel], task["rejected"][sel])
-    return np.asarray(_fit(*map(jnp.asarray, arrays), wpo=method == "wpo", beta=float(beta), steps=int(steps),
-                           lr=float(lr)))
+    return np.asarray(
+        _fit(*map(jnp.asarray, arrays), wpo=method == "wpo", beta=float(beta), steps=int(steps), lr=float(lr))
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("wpo", "beta", "steps", "lr"))
-def _fit(ref: jax.Array, phi: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array, *, wpo: bool,
-         beta: float, steps: int, lr: float) -> jax.Array:
+def _fit(
+    ref: jax.Array,
+    phi: jax.Array,
+    prompt: jax.Array,
+    w: jax.Array,
+    lo: jax.Array,
+    *,
+    wpo: bool,
+    beta: float,
+    steps: int,
+    lr: float,
+) -> jax.Array:
     pos = jnp.arange(w.shape[1])[None]
     mask = jnp.ones(w.shape, jnp.float32)
     loss_fn = losses.get("wpo" if wpo else "dpo")
@@ -172,36 +200,45 @@ def _pair_weights(ref: jax.Array, prompt: jax.Array, w: jax.Array, lo: jax.Array
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    """Every (reward, off-policy share, beta, method, seed) cell; the main table at ``config.beta`` and a
-    beta sweep (``config.sweep_betas``) on the first reward kind, to compare at matched KL."""
-    bad = [r for r in config.rewards if r not in REWARDS]
+    """Every (reward, off-policy share, beta, method, seed) cell; the main table at ``config.repro.beta``
+    and a beta sweep (``config.repro.sweep_betas``) on the first reward kind, to compare at matched KL."""
+    p = common.repro_params(config, "repro_wpo_offpolicy")
+    bad = [r for r in p.rewards if r not in REWARDS]
     if bad:
-        raise ValueError(f"config.rewards: {bad} not in {list(REWARDS)}")
-    seeds = list(config.seeds)
+        raise ValueError(f"config.repro.rewards: {bad} not in {list(REWARDS)}")
+    seeds = list(p.seeds)
     rows: dict[str, dict[int, dict[str, float]]] = {}  # "reward/off/beta/method" -> seed -> metrics
     weights: dict[str, dict[int, dict[str, float]]] = {}
-    betas = sorted({float(config.beta), *(float(b) for b in config.sweep_betas)})
-    for reward in config.rewards:
-        for off in config.off_policy_levels:
+    betas = sorted({float(p.beta), *(float(b) for b in p.sweep_betas)})
+    for reward in p.rewards:
+        for off in p.off_policy_levels:
             for seed in seeds:
-                task = make_task(seed, num_prompts=config.num_prompts, length=config.length,
-                                 vocab=config.vocab, features=config.features,
-                                 pairs_per_prompt=config.pairs_per_prompt, off_policy=off,
-                                 ref_scale=config.ref_scale, reward=reward)
+                task = make_task(
+                    seed,
+                    num_prompts=p.num_prompts,
+                    length=p.length,
+                    vocab=p.vocab,
+                    features=p.features,
+                    pairs_per_prompt=p.pairs_per_prompt,
+                    off_policy=off,
+                    ref_scale=p.ref_scale,
+                    reward=reward,
+                )
                 on = ~task["off"]
-                if reward == config.rewards[0]:
+                if reward == p.rewards[0]:
                     w0 = pair_weights(task)
                     weights.setdefault(f"{off:.1f}", {})[seed] = {
                         "on_policy": float(w0[on].mean()) if on.any() else float("nan"),
-                        "off_policy": float(w0[~on].mean()) if (~on).any() else float("nan")}
+                        "off_policy": float(w0[~on].mean()) if (~on).any() else float("nan"),
+                    }
                 base = expected_reward(task["ref"], task["rewards"])
                 for beta in betas:
-                    if beta != config.beta and (reward != config.rewards[0] or off == 0):
+                    if beta != p.beta and (reward != p.rewards[0] or off == 0):
                         continue
                     for m in METHODS:
-                        if m == "dpo_on_policy_only" and (not on.any() or beta != config.beta):
+                        if m == "dpo_on_policy_only" and (not on.any() or beta != p.beta):
                             continue
-                        logits = train(task, m, beta=beta, steps=config.steps, lr=config.learning_rate)
+                        logits = train(task, m, beta=beta, steps=p.steps, lr=p.learning_rate)
                         rows.setdefault(f"{reward}/{off:.1f}/{beta:g}/{m}", {})[seed] = {
                             "reward_gain": float(np.mean(expected_reward(logits, task["rewards"]) - base)),
                             "kl": float(np.mean(kl(logits, task["ref"]))),
@@ -210,22 +247,49 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     def cell(key: str, metric: str) -> str:
         return common.fmt([rows[key][s][metric] for s in seeds]) if key in rows else "n/a"
 
-    header = ["reward", "off-policy pairs", *(f"{m}: E[r] gain" for m in METHODS),
-              *(f"{m}: KL" for m in METHODS)]
-    table = [[reward, f"{off:.0%}",
-              *(cell(f"{reward}/{off:.1f}/{config.beta:g}/{m}", "reward_gain") for m in METHODS),
-              *(cell(f"{reward}/{off:.1f}/{config.beta:g}/{m}", "kl") for m in METHODS)]
-             for reward in config.rewards for off in config.off_policy_levels]
+    header = [
+        "reward",
+        "off-policy pairs",
+        *(f"{m}: E[r] gain" for m in METHODS),
+        *(f"{m}: KL" for m in METHODS),
+    ]
+    table = [
+        [
+            reward,
+            f"{off:.0%}",
+            *(cell(f"{reward}/{off:.1f}/{p.beta:g}/{m}", "reward_gain") for m in METHODS),
+            *(cell(f"{reward}/{off:.1f}/{p.beta:g}/{m}", "kl") for m in METHODS),
+        ]
+        for reward in p.rewards
+        for off in p.off_policy_levels
+    ]
     markdown = common.markdown_table(header, table)
-    sweep = [[f"{off:.0%}", f"{beta:g}",
-              *(f"{cell(k, 'reward_gain')} (KL {cell(k, 'kl')})"
-                for k in (f"{config.rewards[0]}/{off:.1f}/{beta:g}/{m}" for m in METHODS[:2]))]
-             for off in config.off_policy_levels if off > 0 for beta in betas]
+    sweep = [
+        [
+            f"{off:.0%}",
+            f"{beta:g}",
+            *(
+                f"{cell(k, 'reward_gain')} (KL {cell(k, 'kl')})"
+                for k in (f"{p.rewards[0]}/{off:.1f}/{beta:g}/{m}" for m in METHODS[:2])
+            ),
+        ]
+        for off in p.off_policy_levels
+        if off > 0
+        for beta in betas
+    ]
     markdown += "\n\n" + common.markdown_table(
-        ["off-policy pairs", "beta", f"dpo: E[r] gain ({config.rewards[0]})", "wpo: E[r] gain"], sweep)
-    wrow = [[f"{float(k):.0%}", common.fmt([v[s]["on_policy"] for s in seeds]),
-             common.fmt([v[s]["off_policy"] for s in seeds])] for k, v in weights.items()]
+        ["off-policy pairs", "beta", f"dpo: E[r] gain ({p.rewards[0]})", "wpo: E[r] gain"], sweep
+    )
+    wrow = [
+        [
+            f"{float(k):.0%}",
+            common.fmt([v[s]["on_policy"] for s in seeds]),
+            common.fmt([v[s]["off_policy"] for s in seeds]),
+        ]
+        for k, v in weights.items()
+    ]
     markdown += "\n\n" + common.markdown_table(
-        ["off-policy pairs", "WPO weight at step 0: on-policy pairs", "off-policy pairs"], wrow)
-    common.write_table(workdir, {"rows": rows, "weights": weights, "config": config.to_dict()}, markdown)
+        ["off-policy pairs", "WPO weight at step 0: on-policy pairs", "off-policy pairs"], wrow
+    )
+    common.write_table(workdir, {"rows": rows, "weights": weights, "config": p.to_dict()}, markdown)
     return {"rows": rows, "weights": weights, "markdown": markdown}

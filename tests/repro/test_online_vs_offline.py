@@ -38,8 +38,9 @@ def _hf_accuracy(export_dir: str, num_pairs: int) -> float:
 
 
 def test_online_vs_offline_quick_end_to_end(tmp_path):
-    c = entry.load_config_file(os.path.join(ROOT, "experiments", "repro_online.py") + ":quick")
-    out = entry.run(c, str(tmp_path))
+    cfg = entry.load_config_file(os.path.join(ROOT, "experiments", "repro_online.py") + ":quick")
+    out = entry.run(cfg, str(tmp_path))
+    c = cfg.repro  # the reproduction's parameters
     saved = json.loads((tmp_path / "table.json").read_text())
     seed = saved["seeds"]["0"]
     want = {
@@ -60,7 +61,7 @@ def test_online_vs_offline_quick_end_to_end(tmp_path):
         for d in os.listdir(tmp_path / "seed0")
         if d not in ("sft", "rm_4")
     )
-    # matched policy updates: every arm took config.updates optimiser steps
+    # matched policy updates: every arm took config.repro.updates optimiser steps
     d = tmp_path / "seed0"
     for arm in (
         "offline_dpo_labels",

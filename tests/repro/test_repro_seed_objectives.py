@@ -27,6 +27,7 @@ def config(name, arg=""):
 def official_wpo_weight(logits, chosen, rejected):
     """wzhouad/WPO ``get_batch_logps`` (weighting branch) ported to NumPy: per token
     log p(y_t) - log sum_v p_v^2, averaged over the tokens, exp of the sum over the pair, clamped at 1."""
+
     def aligned(y):
         z = logits.astype(np.float64)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -38,16 +39,27 @@ def official_wpo_weight(logits, chosen, rejected):
 
 
 def test_wpo_quick_table_and_official_weights(tmp_path):
-    c = config("wpo_offpolicy", "quick")
-    out = wpo_offpolicy.run(c, str(tmp_path))
+    cfg = config("wpo_offpolicy", "quick")
+    c = cfg.repro  # the reproduction's parameters
+    out = wpo_offpolicy.run(cfg, str(tmp_path))
     saved = json.loads((tmp_path / "table.json").read_text())
     key = f"misspecified/0.9/{c.beta:g}/wpo"
-    task = wpo_offpolicy.make_task(0, num_prompts=c.num_prompts, length=c.length, vocab=c.vocab,
-                                   features=c.features, pairs_per_prompt=c.pairs_per_prompt, off_policy=0.9,
-                                   ref_scale=c.ref_scale, reward="misspecified")
+    task = wpo_offpolicy.make_task(
+        0,
+        num_prompts=c.num_prompts,
+        length=c.length,
+        vocab=c.vocab,
+        features=c.features,
+        pairs_per_prompt=c.pairs_per_prompt,
+        off_policy=0.9,
+        ref_scale=c.ref_scale,
+        reward="misspecified",
+    )
     logits = wpo_offpolicy.train(task, "wpo", beta=c.beta, steps=c.steps, lr=c.learning_rate)
-    gain = np.mean(wpo_offpolicy.expected_reward(logits, task["rewards"])
-                   - wpo_offpolicy.expected_reward(task["ref"], task["rewards"]))
+    gain = np.mean(
+        wpo_offpolicy.expected_reward(logits, task["rewards"])
+        - wpo_offpolicy.expected_reward(task["ref"], task["rewards"])
+    )
     assert saved["rows"][key]["0"]["reward_gain"] == pytest.approx(gain, rel=1e-5)
     assert out["rows"][key][0]["reward_gain"] == pytest.approx(gain, rel=1e-5)
     # Expected reward by enumeration over all V^T responses of one prompt (T = 4, V = 16 here).
@@ -55,7 +67,8 @@ def test_wpo_quick_table_and_official_weights(tmp_path):
     grids = np.stack(np.meshgrid(*[np.arange(c.vocab)] * c.length, indexing="ij"), -1).reshape(-1, c.length)
     prob = np.prod(p[np.arange(c.length), grids], -1)
     assert np.sum(prob * task["rewards"][0][grids].sum(-1)) == pytest.approx(
-        wpo_offpolicy.expected_reward(logits, task["rewards"])[0], rel=1e-4)
+        wpo_offpolicy.expected_reward(logits, task["rewards"])[0], rel=1e-4
+    )
     # The pair weights equal the official computation; off-policy pairs weigh far less.
     ref_logits = task["ref"][task["prompt"]]
     want = official_wpo_weight(ref_logits, task["chosen"], task["rejected"])
@@ -66,9 +79,17 @@ def test_wpo_quick_table_and_official_weights(tmp_path):
 def test_wpo_beats_dpo_on_misspecified_off_policy_pairs():
     """One seed of the documented table (50% off-policy, misspecified reward): WPO's gain > DPO's; with
     the linear (transferable) reward, DPO's gain > WPO's, as the table reports."""
-    c = config("wpo_offpolicy")
-    kw = dict(num_prompts=c.num_prompts, length=c.length, vocab=c.vocab, features=c.features,
-              pairs_per_prompt=c.pairs_per_prompt, off_policy=0.5, ref_scale=c.ref_scale)
+    cfg = config("wpo_offpolicy")
+    c = cfg.repro  # the reproduction's parameters
+    kw = dict(
+        num_prompts=c.num_prompts,
+        length=c.length,
+        vocab=c.vocab,
+        features=c.features,
+        pairs_per_prompt=c.pairs_per_prompt,
+        off_policy=0.5,
+        ref_scale=c.ref_scale,
+    )
     gain = {}
     for reward in ("misspecified", "linear"):
         task = wpo_offpolicy.make_task(0, reward=reward, **kw)
@@ -81,17 +102,25 @@ def test_wpo_beats_dpo_on_misspecified_off_policy_pairs():
 
 
 def test_sparsepo_quick_table_and_mask_effects(tmp_path):
-    c = config("sparsepo_tokens", "quick")
-    out = sparsepo_tokens.run(c, str(tmp_path))
+    cfg = config("sparsepo_tokens", "quick")
+    c = cfg.repro  # the reproduction's parameters
+    out = sparsepo_tokens.run(cfg, str(tmp_path))
     saved = json.loads((tmp_path / "table.json").read_text())
-    task = sparsepo_tokens.make_task(0, num_prompts=c.num_prompts, length=c.length, vocab=c.vocab,
-                                     signal_positions=c.signal_positions, pairs_per_prompt=c.pairs_per_prompt,
-                                     ref_scale=c.ref_scale)
-    assert (task["rewards"][:, c.signal_positions:] == 0).all()
+    task = sparsepo_tokens.make_task(
+        0,
+        num_prompts=c.num_prompts,
+        length=c.length,
+        vocab=c.vocab,
+        signal_positions=c.signal_positions,
+        pairs_per_prompt=c.pairs_per_prompt,
+        ref_scale=c.ref_scale,
+    )
+    assert (task["rewards"][:, c.signal_positions :] == 0).all()
     logits, mask = sparsepo_tokens.train(task, "dpo", beta=c.beta, steps=c.steps, lr=c.learning_rate, l1=0.0)
     kl = sparsepo_tokens.position_kl(logits, task["ref"])
-    assert saved["rows"]["dpo"]["0"]["kl_filler"] == pytest.approx(kl[:, c.signal_positions:].sum(-1).mean(),
-                                                                   rel=1e-5)
+    assert saved["rows"]["dpo"]["0"]["kl_filler"] == pytest.approx(
+        kl[:, c.signal_positions :].sum(-1).mean(), rel=1e-5
+    )
     # KL per position against scipy's entropy(p, q).
     from scipy.stats import entropy
 
@@ -105,17 +134,27 @@ def test_sparsepo_quick_table_and_mask_effects(tmp_path):
 def test_sparsepo_learned_mask_moves_filler_less_than_dpo():
     """One seed at the documented size: the learned mask (l1 = 0.03) ends near 1 on the reward
     positions and near 0 on the filler, with a larger reward gain and less filler KL than DPO."""
-    c = config("sparsepo_tokens")
-    task = sparsepo_tokens.make_task(0, num_prompts=c.num_prompts, length=c.length, vocab=c.vocab,
-                                     signal_positions=c.signal_positions, pairs_per_prompt=c.pairs_per_prompt,
-                                     ref_scale=c.ref_scale)
+    cfg = config("sparsepo_tokens")
+    c = cfg.repro  # the reproduction's parameters
+    task = sparsepo_tokens.make_task(
+        0,
+        num_prompts=c.num_prompts,
+        length=c.length,
+        vocab=c.vocab,
+        signal_positions=c.signal_positions,
+        pairs_per_prompt=c.pairs_per_prompt,
+        ref_scale=c.ref_scale,
+    )
     base = sparsepo_tokens.expected_reward(task["ref"], task["rewards"])
     res = {}
     for m, l1 in (("dpo", 0.0), ("sparsepo_learned", 0.03)):
         logits, mask = sparsepo_tokens.train(task, m, beta=c.beta, steps=c.steps, lr=c.learning_rate, l1=l1)
         kl = sparsepo_tokens.position_kl(logits, task["ref"])
-        res[m] = (np.mean(sparsepo_tokens.expected_reward(logits, task["rewards"]) - base),
-                  kl[:, ~task["signal"]].sum(-1).mean(), mask)
+        res[m] = (
+            np.mean(sparsepo_tokens.expected_reward(logits, task["rewards"]) - base),
+            kl[:, ~task["signal"]].sum(-1).mean(),
+            mask,
+        )
     assert res["sparsepo_learned"][0] > res["dpo"][0]
     assert res["sparsepo_learned"][1] < 0.5 * res["dpo"][1]
     mask = res["sparsepo_learned"][2]
@@ -123,12 +162,19 @@ def test_sparsepo_learned_mask_moves_filler_less_than_dpo():
 
 
 def test_sem_dpo_quick_table_distances_and_identity(tmp_path):
-    c = config("sem_dpo_drift", "quick")
-    out = sem_dpo_drift.run(c, str(tmp_path))
+    cfg = config("sem_dpo_drift", "quick")
+    c = cfg.repro  # the reproduction's parameters
+    out = sem_dpo_drift.run(cfg, str(tmp_path))
     saved = json.loads((tmp_path / "table.json").read_text())
-    kw = dict(num_prompts=c.num_prompts, num_responses=c.num_responses, pairs_per_prompt=c.pairs_per_prompt,
-              embed_dim=c.embed_dim, embed_noise=c.embed_noise, drift_share=c.drift_share,
-              drift_bonus=c.drift_bonus)
+    kw = dict(
+        num_prompts=c.num_prompts,
+        num_responses=c.num_responses,
+        pairs_per_prompt=c.pairs_per_prompt,
+        embed_dim=c.embed_dim,
+        embed_noise=c.embed_noise,
+        drift_share=c.drift_share,
+        drift_bonus=c.drift_bonus,
+    )
     task = sem_dpo_drift.make_task(0, **kw)
     a, b = task["topics"][task["prompt"]], task["embeddings"][task["prompt"], task["chosen"]]
     cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
@@ -138,19 +184,28 @@ def test_sem_dpo_quick_table_distances_and_identity(tmp_path):
     assert saved["rows"]["sem_dpo alpha=1"]["0"]["drifted_share"] == pytest.approx(row["drifted_share"])
     assert out["rows"]["reference"][0]["drifted_share"] == pytest.approx(task["drifted"].mean())
     # sem_alpha = 0 is DPO (W = 1), step for step.
-    fit = {m: sem_dpo_drift.train(task, m, beta=c.beta, alpha=0.0, steps=c.steps, lr=c.learning_rate)
-           for m in ("sem_dpo", "dpo")}
+    fit = {
+        m: sem_dpo_drift.train(task, m, beta=c.beta, alpha=0.0, steps=c.steps, lr=c.learning_rate)
+        for m in ("sem_dpo", "dpo")
+    }
     np.testing.assert_allclose(fit["sem_dpo"], fit["dpo"], atol=1e-6)
 
 
 def test_sem_dpo_drifts_less_than_dpo():
     """One seed at the documented size: DPO raises the drifted share above the reference's, Sem-DPO
     (alpha 5) keeps it lower than DPO and keeps most of DPO's quality gain."""
-    c = config("sem_dpo_drift")
-    task = sem_dpo_drift.make_task(0, num_prompts=c.num_prompts, num_responses=c.num_responses,
-                                   pairs_per_prompt=c.pairs_per_prompt, embed_dim=c.embed_dim,
-                                   embed_noise=c.embed_noise, drift_share=c.drift_share,
-                                   drift_bonus=c.drift_bonus)
+    cfg = config("sem_dpo_drift")
+    c = cfg.repro  # the reproduction's parameters
+    task = sem_dpo_drift.make_task(
+        0,
+        num_prompts=c.num_prompts,
+        num_responses=c.num_responses,
+        pairs_per_prompt=c.pairs_per_prompt,
+        embed_dim=c.embed_dim,
+        embed_noise=c.embed_noise,
+        drift_share=c.drift_share,
+        drift_bonus=c.drift_bonus,
+    )
     rows = {}
     for m in ("dpo", "sem_dpo"):
         logits = sem_dpo_drift.train(task, m, beta=c.beta, alpha=5.0, steps=c.steps, lr=c.learning_rate)
@@ -162,8 +217,9 @@ def test_sem_dpo_drifts_less_than_dpo():
 
 def test_secrets_noise_quick_table_is_consistent(tmp_path):
     """The quick table's counts equal the pipeline's files (accuracy direction: the reward tests)."""
-    c = config("secrets_noise", "quick")
-    out = secrets_noise.run(c, str(tmp_path))
+    cfg = config("secrets_noise", "quick")
+    c = cfg.repro  # the reproduction's parameters
+    out = secrets_noise.run(cfg, str(tmp_path))
     cell = out["rows"]["0.30"][0]
     d = tmp_path / "noise0.30" / "seed0"
     strength = [json.loads(line) for line in open(d / "secrets" / "strength.jsonl")]
