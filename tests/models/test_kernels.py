@@ -42,6 +42,45 @@ def test_attention_core_matches_numpy_with_grouped_heads_and_packed_mask():
     assert not mask[1, 4:, 2:4].any() and mask[1, 4:, :2].all()
 
 
+@pytest.mark.parametrize("block", [1, 2])
+def test_causal_block_attention_equals_the_full_core_on_packed_and_branched_rows(block):
+    """Query blocks that skip the keys after the block (``causal_block``), against the unblocked core
+    and float64 NumPy: values and gradients to fp32 rounding (only masked keys are skipped), blocks
+    that do not divide the length included."""
+    rng = np.random.default_rng(2)
+    b, t, h, kv, d = 2, 9, 4, 2, 8  # at least MIN_CAUSAL_BLOCKS blocks of either size
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    index = np.broadcast_to(np.arange(t), (b, t))
+    segments = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    branches = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 2, 2, 2, 2]])
+    mask = jnp.asarray(
+        transformer.attention_mask(index, index, segments, segments, branches, branches, index, index, None)
+    )
+    weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) * mask.any(-1)[..., None, None]
+
+    def loss(block):
+        return lambda q, k, v: jnp.sum(
+            transformer.attention_core(q, k, v, mask, causal_block=block) * weights
+        )
+
+    full = transformer.attention_core(q, k, v, mask)
+    blocked = jax.jit(lambda q, k, v: transformer.attention_core(q, k, v, mask, causal_block=block))(q, k, v)
+    unblocked = jax.jit(transformer.attention_core)(q, k, v, mask)
+    dots = lambda blk: str(
+        jax.make_jaxpr(lambda q: transformer.attention_core(q, k, v, mask, causal_block=blk))(q)
+    )
+    assert dots(block).count("dot_general") == 2 * -(-t // block) > dots(None).count("dot_general") == 2
+    rows = np.asarray(mask.any(-1))  # padding queries' outputs are arbitrary on either path
+    np.testing.assert_allclose(np.asarray(blocked)[rows], np.asarray(unblocked)[rows], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(full)[rows], _numpy_attention(q, k, v, np.asarray(mask))[rows], atol=1e-5
+    )
+    g_full = jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)
+    g_blocked = jax.jit(jax.grad(loss(block), argnums=(0, 1, 2)))(q, k, v)
+    for a, c in zip(g_blocked, g_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_dense_values_and_gradients_equal_tensordot(n_in):
     rng = np.random.default_rng(1)
