@@ -25,6 +25,7 @@ import sys
 
 import pytest
 
+from alignjax import configs
 from alignjax import main as entry
 from tests import hf_fixtures
 
@@ -107,12 +108,17 @@ def is_tiny(command: str) -> bool:
 def with_size_flag(spec: str) -> str:
     """``file.py[:args]`` with the experiment's own small-size flag added."""
     path, _, arg = spec.partition(":")
-    with open(os.path.join(ROOT, path)) as f:
-        source = f.read()
-    flag = next((f for f in SIZE_FLAGS if re.search(rf"\b{f}\s*=\s*False", source)), None)
-    if flag is None or flag in arg.split(","):
+    if any(f in arg.split(",") for f in SIZE_FLAGS):
         return spec
-    return f"{path}:{arg},{flag}" if arg else f"{path}:{flag}"
+    module = configs.load_module(os.path.join(ROOT, path))
+    for flag in SIZE_FLAGS:  # the one the file's get_config (or the recipe it calls) accepts
+        sized = f"{arg},{flag}" if arg else flag
+        try:
+            module.get_config(sized)
+        except ValueError:
+            continue
+        return f"{path}:{sized}"
+    return spec
 
 
 class Placeholders:

@@ -243,7 +243,7 @@ def training_data(
         eval_data, _ = data_iterator(
             config, plan[0], config.data.eval_batch_size, shuffle=False, num_epochs=1, split=plan[1],
             batch_key="config.data.eval_batch_size", workdir=workdir,
-        )
+        )  # fmt: skip
         for host in eval_data:
             held_out.append(sharding.global_sequence_ids(host))
             if len(held_out) * config.data.eval_batch_size >= config.data.num_eval:
@@ -331,7 +331,7 @@ def run_train(
         model, tx, rules=rules, seed=config.seed, init_params=init_params, ref_params=ref_params,
         keep_ref=keep_ref, sync_every=sync_every,
         loss_state=losses.get(spec.loss).init_state() if spec.stateful else None,
-    )
+    )  # fmt: skip
     checkpointer = ckpt.Checkpointer(
         root / "checkpoints", keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints
     )
@@ -339,16 +339,8 @@ def run_train(
     start, state = restore_or_init(layout, checkpointer, data, writer)
     cache = None
     if spec.reference == "batch":  # kind=cache: built once, then read into each batch
-        ref_model = init_params if ref_params is None else ref_params
-        if ref_model is None:  # the policy's own initialisation (the key init() draws it from)
-            init = lambda r: model.init(jax.random.split(r)[0])  # noqa: E731
-            ref_model = jax.jit(init, out_shardings=layout.shardings["params"])(layout.rng)
-
-        def batches():
-            data_again, _ = data_iterator(config, config.data.source, micro_size, workdir=workdir)
-            return (sharding.global_sequence_ids(h) for h in data_again)
-
-        cache = reflib.build_cache(config, workdir, model, spec, ref_model, num_steps * k, batches)
+        ref = init_params if ref_params is None else ref_params
+        cache = reference_cache(config, workdir, model, spec, layout, ref, micro_size, num_steps * k)
 
     train_step = jax.jit(
         objective.make_train_step(
@@ -387,8 +379,7 @@ def run_train(
                     micro = objective.prepare_batch(state, micro, step)
                 step_tokens = sum(_tokens(h) for h in micro)
                 speed.add(step + 1, step_tokens, sum(objective.model_flops(model, spec, h) for h in micro))
-                stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
-                state, step_metrics = train_step(state, sharding.global_batch(mesh, stacked, stacked=True))
+                state, step_metrics = train_step(state, stacked_batch(mesh, micro))
                 step_no = step + 1
                 metrics.add(step_no, step_metrics)
                 if step_no % config.train.checkpoint_every == 0 or step_no == num_steps or stop.requested:
@@ -422,14 +413,47 @@ def run_train(
         **metrics.zero_grads.summary(),
     }
     if jax.process_index() == 0:
-        if final_eval:
-            final_writer = MetricWriter(root, tensorboard=config.train.tensorboard)
-            final_writer.write_once(num_steps, final_eval)  # a finished run's rerun adds no row
-            final_writer.close()
-        storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-        if config.train.plot:
-            plot_curves(root / "metrics.jsonl", root / "curves.png", spec.loss)
+        write_outputs(config, root, num_steps, final_eval, summary, spec.loss)
     return TrainResult(summary, state, model)
+
+
+def reference_cache(
+    config: Any, workdir: storage.PathLike, model: Any, spec: Any, layout: Any, ref_params: Any,
+    micro_size: int, num_micro_batches: int,
+) -> Any:  # fmt: skip
+    """``reference.kind=cache``: the precomputed reference log-probs of every micro-batch the run
+    will draw, built once (``reflib.build_cache``) from ``ref_params``, or from the policy's own
+    initialisation (the key ``init`` draws it from) when none is given."""
+    if ref_params is None:
+        init = lambda r: model.init(jax.random.split(r)[0])  # noqa: E731
+        ref_params = jax.jit(init, out_shardings=layout.shardings["params"])(layout.rng)
+
+    def batches():
+        data_again, _ = data_iterator(config, config.data.source, micro_size, workdir=workdir)
+        return (sharding.global_sequence_ids(h) for h in data_again)
+
+    return reflib.build_cache(config, workdir, model, spec, ref_params, num_micro_batches, batches)
+
+
+def stacked_batch(mesh: Any, micro: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """One step's host micro-batches stacked on a leading axis (the step scans over it), as global
+    arrays on ``mesh``."""
+    stacked = {key: np.stack([m[key] for m in micro]) for key in micro[0]}
+    return sharding.global_batch(mesh, stacked, stacked=True)
+
+
+def write_outputs(
+    config: Any, root: Any, num_steps: int, final_eval: dict[str, float], summary: dict[str, Any], loss: str
+) -> None:
+    """Process 0's files of a finished run: the final evaluation's row (once: a finished run's rerun
+    adds none), ``summary.json`` and ``curves.png``."""
+    if final_eval:
+        final_writer = MetricWriter(root, tensorboard=config.train.tensorboard)
+        final_writer.write_once(num_steps, final_eval)
+        final_writer.close()
+    storage.write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    if config.train.plot:
+        plot_curves(root / "metrics.jsonl", root / "curves.png", loss)
 
 
 def _no_copy(params: Any) -> Any:

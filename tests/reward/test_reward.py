@@ -164,11 +164,12 @@ def test_secrets_flipping_recovers_from_label_noise(tmp_path):
     on each seed and by >= 0.03 held-out accuracy on average. Measured on a 2-core Intel Xeon:
     seed 0 plain 0.689 / Secrets-II 0.719, seed 1 0.539 / 0.672 on the 8-device test mesh (0.693 /
     0.734 and 0.555 / 0.660 on the default devices: one seed's gain moves with rounding)."""
+    from alignjax.repro import common
     from alignjax.repro.secrets_noise import run_one
     from experiments import repro_secrets_noise
 
-    config = repro_secrets_noise.get_config()
-    cells = [run_one(config, str(tmp_path / f"seed{seed}"), seed, noise=0.3) for seed in (0, 1)]
+    params = common.repro_params(repro_secrets_noise.get_config(), "repro_secrets_noise")
+    cells = [run_one(params, str(tmp_path / f"seed{seed}"), seed, noise=0.3) for seed in (0, 1)]
     print(cells)
     strength = [json.loads(line) for line in open(tmp_path / "seed0" / "secrets" / "strength.jsonl")]
     assert len(strength) == 256 and all("margin" in r and r["strength_std"] >= 0 for r in strength)
