@@ -47,6 +47,7 @@ __all__ = [
     "batch_sequence_logps",
     "model_vocab_shards",
     "STRICT_ROUNDING",
+    "strict_rounding",
 ]
 
 # Compiler options for every program whose log-probs are compared with log-probs computed elsewhere
@@ -65,19 +66,32 @@ __all__ = [
 #   e.g. rewards/chosen -1.2e-8 and accuracies 0.083 at step 1 with policy = reference. XLA's own
 #   (legacy) elementwise emitter and no YNNPACK fusions give one result for an op wherever it is fused;
 #   the CPU step was no slower with them (tests/train/test_step.py holds the equality).
+#
+# bf16 compute on CPU then routes each dot, and only the dots, to YNNPACK: XLA:CPU's own bf16 dot
+# is an fp32 gemm on upcast operands, 3-5x slower than YNNPACK's bf16 kernels (AMX where the CPU has
+# it; docs/benchmarks.md). A dot is one library call wherever it sits, so the equality holds (tested in
+# bf16 too). fp32 programs keep XLA's dots: YNNPACK's fp32 dots made the fp32 step slower.
 _STRICT_ALL: dict[str, Any] = {"xla_allow_excess_precision": False}
 _STRICT_CPU: dict[str, Any] = {
     "xla_cpu_experimental_ynn_fusion_type": "",
     "xla_cpu_use_fusion_emitters": False,
 }
+_STRICT_CPU_BF16: dict[str, Any] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
 
 
 class _StrictRounding(Mapping[str, Any]):
-    """The options for the backend in use, read when a program is jitted (``jax.default_backend()``
-    then; the CPU-only options are not handed to GPU/TPU compilers)."""
+    """The options for the backend in use and a compute dtype, read when a program is jitted
+    (``jax.default_backend()`` then; the CPU-only options are not handed to GPU/TPU compilers)."""
+
+    def __init__(self, compute_dtype: Any = "float32") -> None:
+        self._bf16 = jnp.dtype(compute_dtype) == jnp.bfloat16
 
     def _options(self) -> dict[str, Any]:
-        return {**_STRICT_ALL, **(_STRICT_CPU if jax.default_backend() == "cpu" else {})}
+        if jax.default_backend() != "cpu":
+            return dict(_STRICT_ALL)
+        return {**_STRICT_ALL, **_STRICT_CPU, **(_STRICT_CPU_BF16 if self._bf16 else {})}
 
     def __getitem__(self, key: str) -> Any:
         return self._options()[key]
@@ -90,6 +104,12 @@ class _StrictRounding(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"STRICT_ROUNDING({self._options()})"
+
+
+def strict_rounding(compute_dtype: Any) -> Mapping[str, Any]:
+    """:data:`STRICT_ROUNDING` for a program that computes in ``compute_dtype`` (a model's
+    ``config.dtype``): the same equality, with the dots that dtype runs fastest on the backend."""
+    return _StrictRounding(compute_dtype)
 
 
 STRICT_ROUNDING: Mapping[str, Any] = _StrictRounding()

@@ -152,7 +152,7 @@ class JaxDPO:
     ``run_train`` stores a frozen reference (in the compute dtype; ``ref_dtype="param"``: in the param
     dtype, as before that change); ``"batch"``: the reference log-probs come precomputed in the batch
     (``add_reference_cache``). ``compiler_options`` default to ``run_train``'s
-    (``logprobs.STRICT_ROUNDING``); ``{}`` compiles with XLA's defaults.
+    (``logprobs.strict_rounding``); ``{}`` compiles with XLA's defaults.
     """
 
     def __init__(
@@ -169,8 +169,9 @@ class JaxDPO:
         compiler_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.model, self.optim = model, optim
-        options = logprobs.STRICT_ROUNDING if compiler_options is None else compiler_options
-        self.compiler_options = dict(options)
+        if compiler_options is None:
+            compiler_options = logprobs.strict_rounding(model.config.dtype)
+        self.compiler_options = dict(compiler_options)
         self.mesh = model.mesh if model.mesh is not None else sharding.make_mesh({"data": -1})
         b = len(host_batch["chosen_lengths"])
         self.spec = StepSpec(
@@ -436,9 +437,14 @@ def interleave(
 
 
 def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of one large square ``jnp.dot`` on the default device (a practical ceiling)."""
+    """Measured FLOP/s of one large square ``jnp.dot`` on the default device (a practical ceiling),
+    as the step computes its dots: ``dtype`` operands, fp32 accumulation, the step's compiler options
+    (``logprobs.strict_rounding(dtype)``: on CPU, bf16 dots run on YNNPACK)."""
     x = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(
+        lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32).astype(dtype),
+        compiler_options=logprobs.strict_rounding(dtype),
+    )
     jax.block_until_ready(f(x))
     best = float("inf")
     for _ in range(repeats):

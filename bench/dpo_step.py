@@ -40,20 +40,21 @@ from bench import common as bc  # noqa: E402
 
 # Named A/B variants of alignjax's step (``--variants``): ``bench.common.JaxDPO`` keyword arguments.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # XLA's default rounding (excess precision allowed) instead of logprobs.STRICT_ROUNDING
+    # XLA's default rounding (excess precision allowed) instead of logprobs.strict_rounding
     "excess-precision": dict(compiler_options={}),
     # the frozen reference stored in the param dtype (fp32) instead of the compute dtype
     "fp32-reference": dict(ref_dtype="param"),
 }
 
 
-def variant_options(variant: str) -> dict[str, Any]:
-    """``--variants`` entry -> ``JaxDPO`` keyword arguments (``xla:a=1+b=false`` adds XLA options)."""
+def variant_options(variant: str, compute_dtype: str = "float32") -> dict[str, Any]:
+    """``--variants`` entry -> ``JaxDPO`` keyword arguments (``xla:a=1+b=false`` adds XLA options to
+    ``logprobs.strict_rounding(compute_dtype)``)."""
     if variant in VARIANTS:
         return VARIANTS[variant]
     if not variant.startswith("xla:"):
         raise ValueError(f"--variants: unknown {variant!r}; choose from {list(VARIANTS)} or xla:FLAG=VALUE")
-    options = dict(logprobs.STRICT_ROUNDING)
+    options = dict(logprobs.strict_rounding(compute_dtype))
     for item in variant[4:].split("+"):
         key, _, value = item.partition("=")
         parsed = int(value) if value.isdigit() else value
@@ -344,10 +345,11 @@ class Bench:
             gc.collect()
             torch.cuda.empty_cache()
         runners, meta = {"alignjax": self.main_runner}, {"alignjax": self.main_meta}
+        compute = self.main_model.config.dtype
         for variant in filter(None, a.variants.split(",")):
             name = f"alignjax {variant}"
             runners[name], meta[name] = self.jax_runner(
-                self.main_model, host, "model", vocab_chunk=a.vocab_chunk, **variant_options(variant)
+                self.main_model, host, "model", vocab_chunk=a.vocab_chunk, **variant_options(variant, compute)
             )
         firsts = {name: m["first"] for name, m in meta.items()}
         print("first-step values (loss, grad_norm):", json.dumps(firsts))

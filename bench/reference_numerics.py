@@ -64,7 +64,8 @@ def main() -> None:
         if setting == "default":
             options = {}
         else:
-            options = variant_options(setting if setting in VARIANTS else f"xla:{setting}")
+            name = setting if setting in VARIANTS else f"xla:{setting}"
+            options = variant_options(name, model.config.dtype)
         runner = bc.JaxDPO(model, model.params, host, **options)
         runner.step()
         v = runner.values()

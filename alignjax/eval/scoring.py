@@ -58,7 +58,7 @@ def make_reward_fn(model: Any, *, mode: str, num_pairs: int, with_reference: boo
         )
         return rewards, seq, ref_seq
 
-    return jax.jit(reward_fn, compiler_options=logprobs.STRICT_ROUNDING)
+    return jax.jit(reward_fn, compiler_options=logprobs.strict_rounding(model.config.dtype))
 
 
 def as_pairs(examples: Sequence[TokenizedExample]) -> list[tuple[Sequence_, Sequence_]]:

@@ -299,25 +299,55 @@ def splash_attention(
     return sharded(q, k, v, segment_ids)
 
 
+# 2-D matmuls in the three forms a dense layer's forward and backward need, each accumulating in
+# fp32 into an fp32 result. Why these forms: XLA:CPU hands a bf16 dot to YNNPACK (AMX where the CPU
+# has it) only when both operands are row-major and the contraction is a's last dim with b's first or
+# last; any other dot -- including one with a transpose XLA folded into an operand -- it turns into
+# an fp32 dot, 3-7x slower (docs/benchmarks.md).
+
+
+def _dot(a: Array, b: Array) -> Array:
+    """a [M, K] @ b [K, N]."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a: Array, b: Array) -> Array:
+    """a [M, K] @ b [N, K]^T, contracting both last dims (no transpose of b is formed)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a: Array, b: Array) -> Array:
+    """a [K, M]^T @ b [K, N], with a^T materialised row-major on the CPU backend.
+
+    On CPU a^T passes a barrier with a unit axis in front, so the simplifier can neither fold it back
+    into the dot as a transposed operand nor see through it as a bitcast (a plain ``barrier(a.T)``
+    still reached the dot column-major); the result passes one too, because a caller that transposes
+    it (a tied embedding's gradient) would otherwise get a dot of two transposed operands, which
+    neither YNNPACK nor XLA:CPU's bf16 path runs ("Unsupported element type for DotThunk").
+    Elsewhere: XLA's own dot.
+    """
+    if jax.default_backend() != "cpu":
+        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(_dot(jax.lax.optimization_barrier(a.T[None])[0], b))
+
+
 @jax.custom_vjp
 def _dense_cpu(x: Array, kernel: Array) -> Array:
-    """x [..., I] @ kernel [I, O]."""
-    return x @ kernel
+    """x [N, I] @ kernel [I, O]."""
+    return _dot(x, kernel).astype(x.dtype)
 
 
 def _dense_cpu_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-    return x @ kernel, (x, kernel)
+    return _dense_cpu(x, kernel), (x, kernel)
 
 
 def _dense_cpu_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-    # Why: XLA:CPU computes dW = x^T g with g transposed, and fuses that transpose into the
+    # Why: XLA's transpose rule gives dW = x^T g with g transposed, which XLA:CPU fuses into the
     # elementwise producer of g (e.g. the SwiGLU backward): a strided loop that cost more than the
-    # matmuls (profile in docs/benchmarks.md). Transposing x instead, behind a barrier so the
-    # simplifier cannot fold it back into the dot, leaves plain row-major matmuls.
+    # matmuls (profile in docs/benchmarks.md); and dx = g W^T with a folded transpose of W. The forms
+    # above keep every matmul row-major.
     x, kernel = res
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw = jax.lax.optimization_barrier(x2.T) @ g2
-    return g @ kernel.T, dw
+    return _dot_nt(g, kernel).astype(x.dtype), _dot_tn(x, g).astype(kernel.dtype)
 
 
 _dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
@@ -332,7 +362,8 @@ def dense(x: Array, kernel: Array, n_in: int) -> Array:
     if jax.default_backend() != "cpu":
         return jnp.tensordot(x, kernel, axes=n_in)
     lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
-    y = _dense_cpu(x.reshape(*lead, -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
+    fan_in = math.prod(kernel.shape[:n_in])
+    y = _dense_cpu(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1))
     return y.reshape(*lead, *out)
 
 
@@ -349,7 +380,7 @@ def mixed_precision_logits(hidden: Array, kernel: Array) -> Array:
     H200 (docs/benchmarks.md). fp32 ``hidden``: the plain fp32 matmul and its usual gradient.
     """
     h, w = _as_matrices(hidden, kernel)
-    logits = jnp.dot(h, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = _dot(h, w.astype(hidden.dtype))
     return logits.reshape(*hidden.shape[:-1], *kernel.shape[1:])
 
 
@@ -366,8 +397,8 @@ def _mixed_precision_logits_bwd(res: tuple[Array, Array], g: Array) -> tuple[Arr
     hidden, kernel = res
     h, w = _as_matrices(hidden, kernel)
     g = g.reshape(h.shape[0], w.shape[1]).astype(hidden.dtype)
-    dh = jnp.dot(g, w.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
-    dw = jnp.dot(h.T, g, preferred_element_type=jnp.float32)
+    dh = _dot_nt(g, w.astype(hidden.dtype))
+    dw = _dot_tn(h, g)
     return dh.astype(hidden.dtype).reshape(hidden.shape), dw.astype(kernel.dtype).reshape(kernel.shape)
 
 

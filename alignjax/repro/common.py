@@ -117,7 +117,7 @@ def pair_logps(
     data, _ = data_iterator(config, source, batch_size, shuffle=False, num_epochs=1)
     fn = jax.jit(
         lambda p, b: logprobs.batch_sequence_logps(model, p, b, 2 * batch_size)[0],
-        compiler_options=logprobs.STRICT_ROUNDING,
+        compiler_options=logprobs.strict_rounding(model.config.dtype),
     )
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0

@@ -35,6 +35,11 @@ class RewardModelConfig:
     decoder: ModelConfig
     head: HeadConfig
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype (the decoder's): what the programs built on the model compile for."""
+        return self.decoder.dtype
+
 
 class RewardModel:
     """Decoder + head. ``outputs(params, batch, num_sequences)`` gives the head's per-sequence values."""

@@ -342,16 +342,17 @@ def run_train(
         ref = init_params if ref_params is None else ref_params
         cache = reference_cache(config, workdir, model, spec, layout, ref, micro_size, num_steps * k)
 
+    strict = logprobs.strict_rounding(model.config.dtype)
     train_step = jax.jit(
         objective.make_train_step(
             model, spec, tx, schedule, sync_every=sync_every, sync_alpha=float(config.reference.alpha)
         ),
         donate_argnums=(0,),
         out_shardings=(layout.shardings, None),
-        compiler_options=logprobs.STRICT_ROUNDING,
+        compiler_options=strict,
     )
     eval_spec = dataclasses.replace(spec, batch_size=config.data.eval_batch_size)
-    eval_fn = jax.jit(objective.make_eval_fn(model, eval_spec), compiler_options=logprobs.STRICT_ROUNDING)
+    eval_fn = jax.jit(objective.make_eval_fn(model, eval_spec), compiler_options=strict)
     eval_batches = [] if cache is not None else [sharding.global_batch(mesh, h) for h in held_out]
     beta = float(dict(spec.hyperparameters).get("beta", 1.0))  # held-out batches have no cached reference
 

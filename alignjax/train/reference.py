@@ -240,7 +240,7 @@ def build_cache(
     n, b = spec.num_sequences, spec.batch_size
     out_sharding = sharding.batch_sharding(mesh, 1)
 
-    @functools.partial(jax.jit, compiler_options=logprobs.STRICT_ROUNDING)
+    @functools.partial(jax.jit, compiler_options=logprobs.strict_rounding(model.config.dtype))
     def compute(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         seq, _ = logprobs.batch_sequence_logps(model, params, batch, n)
         seq = jax.lax.with_sharding_constraint(seq, out_sharding)

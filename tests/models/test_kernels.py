@@ -169,6 +169,61 @@ def test_bf16_log_prob_gradient_has_no_fp32_vocabulary_matmul():
         assert len(dtypes) >= 3 and set(dtypes) == {("bfloat16", "bfloat16")}, (vocab_chunk, dtypes)
 
 
+def _dots_outside_ynnpack(hlo: str) -> list[str]:
+    """The dot instructions of compiled CPU HLO text that are not inside a YNNPACK fusion, each as
+    ``"result = dot(lhs type, rhs type)"``."""
+    import re
+
+    ynn_bodies = set(re.findall(r"calls=(%[\w.\-]+), [^\n]*__ynn_fusion", hlo))
+    types = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.\-]+) = (\w+\[[\d,]*\])", hlo, re.M))
+    found = []
+    for block in re.split(r"\n(?=\S)", hlo):
+        name = re.match(r"(?:ENTRY )?(%[\w.\-]+)", block)
+        if name is None or name.group(1) in ynn_bodies:
+            continue
+        for line in block.split("\n"):
+            dot = re.match(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)", line)
+            if dot:
+                found.append(f"{dot.group(1)} = dot({types.get(dot.group(2))}, {types.get(dot.group(3))})")
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot placement")
+@pytest.mark.parametrize("tied, scan", [(False, False), (True, True)])
+def test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack(tied, scan):
+    """CPU, bf16 compute, compiled as ``run_train`` compiles (``logprobs.strict_rounding``): every dot
+    of the log-prob gradient is a YNNPACK call. XLA:CPU's own bf16 dot is an fp32 gemm on upcast
+    operands (3-5x slower), and a dot of two transposed operands -- what the simplifier made of a
+    tied embedding's transposed weight gradient -- had no CPU kernel at all ("Unsupported element
+    type for DotThunk"). The gradient then runs and is finite."""
+    from alignjax import logprobs
+    from alignjax.models import PRESETS, Model
+
+    config = PRESETS["tiny"].replace(
+        param_dtype="float32", dtype="bfloat16", tie_word_embeddings=tied, scan_layers=scan
+    )
+    model = Model(config)
+    params = model.init(jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, config.vocab_size)
+    batch = dict(
+        input_ids=ids,
+        segment_ids=jnp.ones_like(ids),
+        positions=jnp.broadcast_to(jnp.arange(16), (4, 16)),
+        loss_mask=jnp.ones((4, 16), jnp.float32),
+        example_ids=jnp.broadcast_to(jnp.arange(4)[:, None], (4, 16)),
+    )
+    fn = jax.jit(
+        jax.grad(lambda p: logprobs.batch_sequence_logps(model, p, batch, 4)[0].sum()),
+        compiler_options=logprobs.strict_rounding("bfloat16"),
+    )
+    compiled = fn.lower(params).compile()
+    hlo = compiled.as_text()
+    assert hlo.count("__ynn_fusion") >= 3  # at least the head's forward, dh and dW
+    assert _dots_outside_ynnpack(hlo) == []
+    grads = compiled(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
 def _splash_batch(rows=8, length=128):
     """Token ids, positions and segment ids [rows, length]: whole rows, two packed sequences, padding."""
     rng = np.random.default_rng(4)

@@ -193,13 +193,16 @@ def hf_pairs(tmp_path_factory):
     return path, hf_fixtures.write_pairs(str(root / "pairs.jsonl"), 16)
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layout):
-    """Policy = reference, CPU fp32, 8-device mesh: the differentiated policy forward, the reference
-    forward in the same program and the plain forward (the reference cache's and evaluation's
-    program) give bitwise-equal per-sequence log-probs, so the real train step's first metrics are DPO
-    at the reference exactly: rewards 0, accuracy 0, loss fp32 log 2 (XLA:CPU's default fusions gave
-    1-ulp differences: rewards/accuracies 0.083 -- see logprobs.STRICT_ROUNDING)."""
+@pytest.mark.parametrize(
+    "layout, compute", [("padded", "float32"), ("packed", "float32"), ("padded", "bfloat16")]
+)
+def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layout, compute):
+    """Policy = reference, CPU fp32 and bf16 compute (YNNPACK's dots), 8-device mesh: the
+    differentiated policy forward, the reference forward in the same program and the plain forward
+    (the reference cache's and evaluation's program) give bitwise-equal per-sequence log-probs, so
+    the real train step's first metrics are DPO at the reference exactly: rewards 0, accuracy 0, loss
+    fp32 log 2 (XLA:CPU's default fusions gave 1-ulp differences: rewards/accuracies 0.083 -- see
+    logprobs.STRICT_ROUNDING)."""
     from alignjax import logprobs
     from alignjax.data import make_preference_batches
     from alignjax.models import from_pretrained
@@ -208,7 +211,7 @@ def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layou
 
     path, pairs = hf_pairs
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    model = from_pretrained(path, mesh=mesh)
+    model = from_pretrained(path, mesh=mesh, compute_dtype=compute)
     params = model.params
     extra = dict(pack_length=96, pack_rows=16) if layout == "packed" else dict(buckets=(48,))
     data, _ = make_preference_batches(
@@ -227,7 +230,7 @@ def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layou
         return jnp.mean(jax.nn.log_sigmoid(0.1 * (policy - ref))), (policy, ref)
 
     ref_params = stored_reference(params, model.config.dtype)
-    options = logprobs.STRICT_ROUNDING
+    options = logprobs.strict_rounding(compute)
     (_, (policy, ref)), _ = jax.jit(jax.value_and_grad(objective, has_aux=True), compiler_options=options)(
         params, ref_params, batch
     )
