@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,7 +111,10 @@ class MetricWriter:
             if self.tb is None:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(self._tb_dir)
+                # Why the suffix: the event file is named by the second it was opened, and a second
+                # writer opened in the same second (the final evaluation's, a resumed run's) would
+                # truncate the first one's file.
+                self.tb = SummaryWriter(self._tb_dir, filename_suffix=f".{uuid.uuid4().hex[:12]}")
             for key, value in row.items():
                 if key != "step" and isinstance(value, float | int) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)

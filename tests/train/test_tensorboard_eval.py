@@ -54,3 +54,20 @@ def test_eval_metrics_reach_tensorboard(tmp_path):
             assert logged[tag][step] == pytest.approx(row[tag], rel=1e-6), (tag, step)
     train = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert logged["loss"] == pytest.approx(train, rel=1e-6)
+
+
+def test_two_writers_opened_in_the_same_second_keep_both_event_files(tmp_path):
+    """The training writer and the final evaluation's writer (or a resumed run's) open their event
+    files within a second of each other on a short run; each keeps its own file, and every scalar of
+    both reaches the reader (a shared file name had truncated the first file: only the final
+    evaluation's step was left)."""
+    from alignjax.train.metrics import MetricWriter
+
+    first = MetricWriter(str(tmp_path), tensorboard=True)
+    first.write(1, {"loss": 0.5})
+    second = MetricWriter(str(tmp_path), tensorboard=True)
+    second.write(2, {"eval/ranking_accuracy": 1.0})
+    first.close()
+    second.close()
+    logged = _event_scalars(str(tmp_path / "tb"))
+    assert logged == {"loss": {1: 0.5}, "eval/ranking_accuracy": {2: 1.0}}
