@@ -85,7 +85,7 @@ class _StrictRounding(Mapping[str, Any]):
     """The options for the backend in use and a compute dtype, read when a program is jitted
     (``jax.default_backend()`` then; the CPU-only options are not handed to GPU/TPU compilers)."""
 
-    def __init__(self, compute_dtype: Any = "float32") -> None:
+    def __init__(self, compute_dtype: Any) -> None:
         self._bf16 = jnp.dtype(compute_dtype) == jnp.bfloat16
 
     def _options(self) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def strict_rounding(compute_dtype: Any) -> Mapping[str, Any]:
     return _StrictRounding(compute_dtype)
 
 
-STRICT_ROUNDING: Mapping[str, Any] = _StrictRounding()
+STRICT_ROUNDING: Mapping[str, Any] = strict_rounding("float32")
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -3,7 +3,7 @@
 For each mesh shape (``--meshes``; default the four standard ones: ``data=8``, ``fsdp=8``,
 ``data=2,fsdp=2,tensor=2``, ``fsdp=4,tensor=2``) the DPO train step (policy forward and backward,
 frozen-reference forward, AdamW, clipping; built as ``alignjax.train.loop.run_train`` builds it, with
-``logprobs.STRICT_ROUNDING``) is compiled on abstract state for ``--devices`` CPU devices (XLA's
+``logprobs.strict_rounding``) is compiled on abstract state for ``--devices`` CPU devices (XLA's
 host platform), and the compiled HLO's all-gather / all-reduce / reduce-scatter / all-to-all /
 collective-permute ops are counted with their bytes: the result each device holds ("payload") and
 what a ring moves per device ("wire": all-gather and all-to-all ``(n-1)/n`` of the result,
@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--xla-defaults",
         action="store_true",
-        help="compile with XLA's default options, not STRICT_ROUNDING (same partitioning, faster)",
+        help="compile with XLA's default options, not logprobs.strict_rounding (same partitioning, faster)",
     )
     return ap
 
@@ -287,7 +287,7 @@ def compile_step(
 ) -> dict[str, Any]:
     """Compiles the DPO step on ``mesh_sizes`` over the process's devices (abstract state, no
     parameters allocated); ``preset`` is a preset name or a ``ModelConfig``; ``strict=False``
-    compiles with XLA's default options instead of ``logprobs.STRICT_ROUNDING`` (the same SPMD
+    compiles with XLA's default options instead of ``logprobs.strict_rounding`` (the same SPMD
     partitioning, a faster backend compile). Returns ``hlo`` (compiled text), ``warnings`` (XLA's
     full-remat lines), ``compile_s``, ``model``, ``mesh`` and ``rows``."""
     import jax
@@ -353,7 +353,7 @@ def compile_step(
         make_train_step(model, spec, tx, schedule),
         donate_argnums=(0,),
         out_shardings=(shardings, None),
-        compiler_options=dict(logprobs.STRICT_ROUNDING) if strict else {},
+        compiler_options=dict(logprobs.strict_rounding(model.config.dtype)) if strict else {},
     )
     lowered = step.lower(state, batch)
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 For each depth (``--layers``, default 2 / 8 / 32) and layout, the jitted DPO train step (policy
 forward and backward, frozen-reference forward, AdamW, clipping; built as ``bench/common.py``'s
-``JaxDPO`` builds it, with ``logprobs.STRICT_ROUNDING``) is traced and lowered to StableHLO, then
+``JaxDPO`` builds it, with ``logprobs.strict_rounding``) is traced and lowered to StableHLO, then
 compiled by XLA, on abstract state (no parameters are allocated, so depth costs no memory). Each
 configuration is measured ``--repeats`` times round-robin (load drift hits all alike) and the
 fastest kept; times are reported as ratios against the same layout's shallowest depth, and the
@@ -109,7 +109,7 @@ def build_step(args: argparse.Namespace, num_layers: int, scan: bool) -> tuple[A
         make_train_step(model, spec, tx, schedule),
         donate_argnums=(0,),
         out_shardings=(shardings, None),
-        compiler_options=dict(logprobs.STRICT_ROUNDING),
+        compiler_options=dict(logprobs.strict_rounding(model.config.dtype)),
     )
     return step, state, batch
 

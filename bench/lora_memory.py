@@ -127,7 +127,7 @@ def build(preset: str, lora_config: LoraConfig | None, args: argparse.Namespace,
     step = jax.jit(
         steplib.make_train_step(model, spec, tx, schedule),
         donate_argnums=(0,),
-        compiler_options=logprobs.STRICT_ROUNDING,
+        compiler_options=logprobs.strict_rounding(cfg.dtype),
     )
     return model, step, init
 

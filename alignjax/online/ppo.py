@@ -34,11 +34,10 @@ import jax.numpy as jnp
 
 from alignjax import flops
 from alignjax.losses import policy_gradient as pg
-from alignjax.models.config import ModelConfig
 from alignjax.models.heads import HeadConfig
 from alignjax.online import rollout
 from alignjax.online import train as online
-from alignjax.reward.model import RewardModel
+from alignjax.reward.model import RewardModel, RewardModelConfig
 from alignjax.train import step as steplib
 
 # PPO hyperparameters config.loss may set (the loss's keywords, and the reward's KL coefficient).
@@ -47,15 +46,8 @@ HYPERPARAMETERS = {**{k: p.default for k, p in inspect.signature(pg.ppo).paramet
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyValueConfig:
+class PolicyValueConfig(RewardModelConfig):
     """The decoder's config and the value head's (what the checkpoint manifest records)."""
-
-    decoder: ModelConfig
-    head: HeadConfig
-
-    @property
-    def dtype(self) -> str:
-        return self.decoder.dtype
 
     @property
     def lora(self) -> Any:
