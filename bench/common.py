@@ -500,10 +500,12 @@ def machine() -> dict[str, Any]:
         info["loadavg"] = os.getloadavg()
         info["cpu_flags"] = cpu_flags()
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
+            first_cpu = f.read().split("\n\n")[0].splitlines()
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu)}
+        info["cpu_model"] = fields["model name"]
+        # On VMs "AMD EPYC" or "Intel(R) Xeon(R) Processor" names several generations; these tell them apart
+        info["cpu_family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    except (OSError, KeyError):
         pass
     import shutil
     import subprocess

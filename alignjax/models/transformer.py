@@ -167,11 +167,12 @@ def attention_core(
     implementation: str = "xla",
     causal_block: int | None = None,
 ) -> Array:
-    """softmax(q k^T / sqrt(Dh), masked) v with grouped-query heads, via ``jax.nn.dot_product_attention``.
+    """softmax(q k^T / sqrt(Dh), masked) v with grouped-query heads.
 
     q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K (query head h uses kv head h // (H/K),
     HF's repeat_kv); mask: bool [B, T, S] (``attention_mask``). Returns [B, T, H, Dh] in q's dtype.
-    Scores and softmax are fp32 on the XLA path (as HF's eager attention). ``"cudnn"``: flash
+    Scores and softmax are fp32 on the XLA path (as HF's eager attention): ``jax.nn.dot_product_attention``,
+    or for bf16 on CPU :func:`_cpu_bf16_attention` (the same values; bf16 matmuls). ``"cudnn"``: flash
     attention, which never writes the T x S scores; the boolean mask becomes one additive bias
     [B, 1, T, S] shared by all heads, and ``is_causal`` (implied by every mask built here: j <= i)
     lets it skip the upper triangle. A fully masked (padding) query row gets an arbitrary finite
@@ -197,21 +198,102 @@ def attention_core(
             logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", err)
     T = q.shape[1]
     if causal_block is None or T != k.shape[1] or T < MIN_CAUSAL_BLOCKS * causal_block:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
+        return _xla_attention(q, k, v, mask)
     blocks = []
     for start in range(0, T, causal_block):
         end = min(start + causal_block, T)
-        blocks.append(
-            jax.nn.dot_product_attention(
-                q[:, start:end],
-                k[:, :end],
-                v[:, :end],
-                mask=mask[:, None, start:end, :end],
-                scale=scale,
-                implementation="xla",
-            )  # fmt: skip
-        )
+        blocks.append(_xla_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
     return jnp.concatenate(blocks, axis=1)
+
+
+def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The XLA path's core: :func:`_cpu_bf16_attention` for bf16 on the CPU backend, else
+    ``jax.nn.dot_product_attention`` (a trace-time choice)."""
+    if jax.default_backend() == "cpu" and q.dtype == jnp.bfloat16 and k.dtype == v.dtype == q.dtype:
+        return _cpu_bf16_attention(q, k, v, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
+
+
+# Batched matmuls over leading [B, K] dims, both operands row-major, accumulating in fp32: the forms
+# XLA:CPU hands to YNNPACK's bf16 kernels (why the form matters: the comment above _row_major).
+def _bdot_nn(a: Array, b: Array) -> Array:
+    """a [..., M, C] @ b [..., C, N]."""
+    return jax.lax.dot_general(a, b, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+
+
+def _bdot_nt(a: Array, b: Array) -> Array:
+    """a [..., M, C] @ b [..., N, C]^T, contracting both last dims."""
+    return jax.lax.dot_general(a, b, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+
+
+def _fold_heads(q: Array, kv_heads: int) -> Array:
+    """[B, T, H, Dh] -> [B, K, G T, Dh]: the G query heads of a kv head as one block of rows."""
+    B, T, H, Dh = q.shape
+    return q.reshape(B, T, kv_heads, H // kv_heads, Dh).transpose(0, 2, 3, 1, 4).reshape(B, kv_heads, -1, Dh)
+
+
+def _unfold_heads(x: Array, length: int) -> Array:
+    """[B, K, G T, Dh] -> [B, T, K G, Dh] (inverse of :func:`_fold_heads`)."""
+    B, K, GT, Dh = x.shape
+    return x.reshape(B, K, GT // length, length, Dh).transpose(0, 3, 1, 2, 4).reshape(B, length, -1, Dh)
+
+
+def _folded_mask(mask: Array, groups: int) -> Array:
+    """[B, T, S] -> [B, 1, G T, S], the mask of :func:`_fold_heads`' rows."""
+    B, T, S = mask.shape
+    return jnp.broadcast_to(mask[:, None, None], (B, 1, groups, T, S)).reshape(B, 1, groups * T, S)
+
+
+_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)  # jax.nn.dot_product_attention's: finite
+
+
+@jax.custom_vjp
+def _cpu_bf16_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """bf16 q, k, v on CPU: the values of ``jax.nn.dot_product_attention``'s XLA path (fp32 scores
+    and softmax, bf16 probabilities times bf16 v accumulated in fp32), with every matmul of the
+    forward and backward a bf16 x bf16 -> fp32 YNNPACK call.
+
+    Why: differentiated, the XLA path runs its four backward matmuls and its probabilities x v on
+    fp32 operands (the cotangents stay fp32), which XLA:CPU gives to YNNPACK as fp32 gemms, about
+    half the rate of its bf16 ones (docs/benchmarks.md). The backward here rounds the score
+    cotangent to bf16 before its two matmuls (as PyTorch's autocast does) and transposes only the
+    [G T, Dh]-sized operands, never the [G T, S] probabilities.
+    """
+    return _cpu_bf16_attention_fwd(q, k, v, mask)[0]
+
+
+def _cpu_bf16_attention_fwd(q: Array, k: Array, v: Array, mask: Array):
+    T, K = q.shape[1], k.shape[2]
+    qf = _row_major(_fold_heads(q, K))
+    kf, vf = (_row_major(x.transpose(0, 2, 1, 3)) for x in (k, v))  # [B, K, S, Dh]
+    fmask = _folded_mask(mask, q.shape[2] // K)
+    scores = _bdot_nt(qf, kf) * (1.0 / math.sqrt(q.shape[-1]))
+    probs = jax.nn.softmax(jnp.where(fmask, scores, _MASKED_SCORE), axis=-1)
+    out = _bdot_nn(_row_major(probs.astype(q.dtype)), vf)  # [B, K, G T, Dh] fp32
+    return _unfold_heads(out.astype(q.dtype), T), (qf, kf, vf, fmask, probs, out)
+
+
+def _cpu_bf16_attention_bwd(res, g: Array):
+    qf, kf, vf, fmask, probs, out = res
+    dt, T = qf.dtype, g.shape[1]
+    gf = _row_major(_fold_heads(g.astype(dt), kf.shape[1]))
+    dprobs = _bdot_nt(gf, vf)  # [B, K, G T, S]
+    # softmax VJP: p * (dp - sum_s p dp), and sum_s p dp = g . out (FlashAttention's D)
+    delta = jnp.sum(gf.astype(jnp.float32) * out, axis=-1, keepdims=True)
+    dscores = jnp.where(fmask, probs * (dprobs - delta), 0.0) * (1.0 / math.sqrt(qf.shape[-1]))
+    ds = _row_major(dscores.astype(dt))
+    dq = _bdot_nn(ds, kf)  # [B, K, G T, Dh]
+    # dK^T = Q^T dS and dV^T = dO^T P: the transposes fall on the [G T, Dh] operands. The products
+    # pass a barrier before they are transposed back, or XLA folds that transpose into the dot.
+    t = lambda x: _row_major(jnp.swapaxes(x, -1, -2))
+    dk_t = jax.lax.optimization_barrier(_bdot_nn(t(qf), ds))  # [B, K, Dh, S]
+    dv_t = jax.lax.optimization_barrier(_bdot_nn(t(gf), _row_major(probs.astype(dt))))
+    dk, dv = (x.transpose(0, 3, 1, 2).astype(dt) for x in (dk_t, dv_t))  # [B, S, K, Dh]
+    return _unfold_heads(dq.astype(dt), T), dk, dv, None
+
+
+_cpu_bf16_attention.defvjp(_cpu_bf16_attention_fwd, _cpu_bf16_attention_bwd)
 
 
 SPLASH_BLOCK = 128  # splash kernel tile (queries and keys); the sequence must be a multiple of it
@@ -306,6 +388,16 @@ def splash_attention(
 # an fp32 dot, 3-7x slower (docs/benchmarks.md).
 
 
+def _row_major(a: Array) -> Array:
+    """a materialised row-major on the CPU backend (elsewhere a itself): it passes a barrier with a
+    unit axis in front, so the simplifier can neither fold the transpose or convert that made it back
+    into a dot as a transposed or fp32 operand nor see through it as a bitcast (a plain
+    ``barrier(a.T)`` still reached the dot column-major)."""
+    if jax.default_backend() != "cpu":
+        return a
+    return jax.lax.optimization_barrier(a[None])[0]
+
+
 def _dot(a: Array, b: Array) -> Array:
     """a [M, K] @ b [K, N]."""
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
@@ -317,18 +409,15 @@ def _dot_nt(a: Array, b: Array) -> Array:
 
 
 def _dot_tn(a: Array, b: Array) -> Array:
-    """a [K, M]^T @ b [K, N], with a^T materialised row-major on the CPU backend.
+    """a [K, M]^T @ b [K, N], with a^T materialised row-major on the CPU backend (:func:`_row_major`).
 
-    On CPU a^T passes a barrier with a unit axis in front, so the simplifier can neither fold it back
-    into the dot as a transposed operand nor see through it as a bitcast (a plain ``barrier(a.T)``
-    still reached the dot column-major); the result passes one too, because a caller that transposes
-    it (a tied embedding's gradient) would otherwise get a dot of two transposed operands, which
-    neither YNNPACK nor XLA:CPU's bf16 path runs ("Unsupported element type for DotThunk").
-    Elsewhere: XLA's own dot.
+    On CPU the result passes a barrier too, because a caller that transposes it (a tied embedding's
+    gradient) would otherwise get a dot of two transposed operands, which neither YNNPACK nor
+    XLA:CPU's bf16 path runs ("Unsupported element type for DotThunk"). Elsewhere: XLA's own dot.
     """
     if jax.default_backend() != "cpu":
         return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return jax.lax.optimization_barrier(_dot(jax.lax.optimization_barrier(a.T[None])[0], b))
+    return jax.lax.optimization_barrier(_dot(_row_major(a.T), b))
 
 
 @jax.custom_vjp
@@ -380,8 +469,16 @@ def mixed_precision_logits(hidden: Array, kernel: Array) -> Array:
     H200 (docs/benchmarks.md). fp32 ``hidden``: the plain fp32 matmul and its usual gradient.
     """
     h, w = _as_matrices(hidden, kernel)
-    logits = _dot(h, w.astype(hidden.dtype))
+    logits = _dot(h, _compute_kernel(w, hidden.dtype))
     return logits.reshape(*hidden.shape[:-1], *kernel.shape[1:])
+
+
+def _compute_kernel(w: Array, dtype: Any) -> Array:
+    """w cast to the compute dtype and, for bf16/fp16, materialised (:func:`_row_major`): a tied
+    embedding's ``embedding.T`` otherwise reached XLA:CPU as a transposed operand and both head
+    matmuls ran as fp32 gemms."""
+    w = w.astype(dtype)
+    return w if w.dtype == jnp.float32 else _row_major(w)
 
 
 def _as_matrices(hidden: Array, kernel: Array) -> tuple[Array, Array]:
@@ -397,7 +494,7 @@ def _mixed_precision_logits_bwd(res: tuple[Array, Array], g: Array) -> tuple[Arr
     hidden, kernel = res
     h, w = _as_matrices(hidden, kernel)
     g = g.reshape(h.shape[0], w.shape[1]).astype(hidden.dtype)
-    dh = _dot_nt(g, w.astype(hidden.dtype))
+    dh = _dot_nt(g, _compute_kernel(w, hidden.dtype))
     dw = _dot_tn(h, g)
     return dh.astype(hidden.dtype).reshape(hidden.shape), dw.astype(kernel.dtype).reshape(kernel.shape)
 

@@ -44,6 +44,13 @@ def test_compile_layers_benchmark_runs_both_layouts():
     assert all(r[5].strip() == "1.00x" for r in rows)
 
 
+def _lscpu_family_model() -> str:
+    """``lscpu``'s "CPU family" / "Model" (util-linux, read independently of bench/common.py)."""
+    lines = subprocess.check_output(["lscpu"], text=True).splitlines()
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return f"{fields['CPU family']}/{fields['Model']}"
+
+
 def test_dpo_step_benchmark_reports_each_steps_fraction_of_its_frameworks_measured_peak():
     """``bench/dpo_step.py`` (its bf16 group at tiny size): the machine's matmul features, the four
     measured peaks (JAX and PyTorch, fp32 and bf16) and every row's share of its own peak."""
@@ -57,6 +64,7 @@ def test_dpo_step_benchmark_reports_each_steps_fraction_of_its_frameworks_measur
     lines = proc.stdout.splitlines()
     machine = json.loads(next(x for x in lines if x.startswith("machine: "))[len("machine: "):])
     assert isinstance(machine["cpu_flags"], list) and "loadavg" in machine
+    assert machine["cpu_family_model"] == _lscpu_family_model()
     peaks = next(x for x in lines if x.startswith("measured matmul peaks"))
     for name in ("jax float32", "jax bfloat16", "torch float32", "torch bfloat16"):
         assert name in peaks, peaks

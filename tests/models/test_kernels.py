@@ -81,6 +81,48 @@ def test_causal_block_attention_equals_the_full_core_on_packed_and_branched_rows
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [None, 3])
+def test_bf16_attention_core_matches_fp32_jax_attention_values_and_gradients(block):
+    """bf16 q, k, v (on CPU: the core with bf16 matmuls and its own backward): values against float64
+    NumPy and gradients against ``jax.grad`` of ``jax.nn.dot_product_attention`` in fp32, both on
+    the same bf16-rounded inputs, to bf16 rounding. The rows include packed sequences and padding
+    queries (fully masked rows, whose outputs nothing reads) with nonzero cotangents: their
+    gradient reaches v through the uniform probabilities of a fully masked row and must reach
+    neither q nor k, as under JAX's own masked softmax."""
+    rng = np.random.default_rng(5)
+    b, t, h, kv, d = 2, 12, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for n in (h, kv, kv))
+    index = np.broadcast_to(np.arange(t), (b, t))
+    segments = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+    branches = np.array([[0] * 12, [0] * 4 + [1] * 4 + [2] * 4])
+    mask = jnp.asarray(
+        transformer.attention_mask(index, index, segments, segments, branches, branches, index, index, None)
+    )
+    weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
+
+    def ours(q, k, v):
+        return transformer.attention_core(q, k, v, mask, causal_block=block)
+
+    def jax_fp32(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=d**-0.5, implementation="xla")
+
+    out = jax.jit(ours)(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    rows = np.asarray(mask.any(-1))
+    want = _numpy_attention(q32, k32, v32, np.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out, np.float64)[rows], want[rows], rtol=2e-2, atol=2e-2)
+
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * weights)
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.grad(loss(jax_fp32), argnums=(0, 1, 2))(q32, k32, v32)
+    for name, a, c in zip("qkv", got, ref):
+        assert a.dtype == jnp.bfloat16
+        err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - c)) / jnp.max(jnp.abs(c)))
+        assert err < 2e-2, (name, err)
+    assert not np.asarray(got[0])[~rows].any()  # padding queries get no gradient
+
+
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_dense_values_and_gradients_equal_tensordot(n_in):
     rng = np.random.default_rng(1)
@@ -133,8 +175,8 @@ def test_mixed_precision_logits_values_and_gradients_match_numpy(kernel_shape):
 def test_bf16_log_prob_gradient_has_no_fp32_vocabulary_matmul():
     """The performance property behind ``mixed_precision_logits``: with bf16 compute and fp32 master
     weights, no vocabulary-sized matmul of the log-prob gradient (dense or vocabulary-chunked) runs
-    on fp32 operands. (The CPU/TPU attention core, ``jax.nn.dot_product_attention``'s XLA path, does
-    its T x T backward on fp32 scores; that is JAX's, and GPU runs cuDNN.)"""
+    on fp32 operands. (The attention core's are checked on CPU by
+    ``test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack``.)"""
     from jax.extend.core import jaxprs_in_params
 
     from alignjax import logprobs
@@ -169,9 +211,9 @@ def test_bf16_log_prob_gradient_has_no_fp32_vocabulary_matmul():
         assert len(dtypes) >= 3 and set(dtypes) == {("bfloat16", "bfloat16")}, (vocab_chunk, dtypes)
 
 
-def _dots_outside_ynnpack(hlo: str) -> list[str]:
-    """The dot instructions of compiled CPU HLO text that are not inside a YNNPACK fusion, each as
-    ``"result = dot(lhs type, rhs type)"``."""
+def _compiled_dots(hlo: str) -> list[tuple[bool, str]]:
+    """The dot instructions of compiled CPU HLO text, each as (inside a YNNPACK fusion,
+    ``"result = dot(lhs type, rhs type)"``)."""
     import re
 
     ynn_bodies = set(re.findall(r"calls=(%[\w.\-]+), [^\n]*__ynn_fusion", hlo))
@@ -179,12 +221,13 @@ def _dots_outside_ynnpack(hlo: str) -> list[str]:
     found = []
     for block in re.split(r"\n(?=\S)", hlo):
         name = re.match(r"(?:ENTRY )?(%[\w.\-]+)", block)
-        if name is None or name.group(1) in ynn_bodies:
+        if name is None:
             continue
         for line in block.split("\n"):
             dot = re.match(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)", line)
             if dot:
-                found.append(f"{dot.group(1)} = dot({types.get(dot.group(2))}, {types.get(dot.group(3))})")
+                signature = f"{dot.group(1)} = dot({types.get(dot.group(2))}, {types.get(dot.group(3))})"
+                found.append((name.group(1) in ynn_bodies, signature))
     return found
 
 
@@ -195,7 +238,8 @@ def test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack(tied, scan):
     of the log-prob gradient is a YNNPACK call. XLA:CPU's own bf16 dot is an fp32 gemm on upcast
     operands (3-5x slower), and a dot of two transposed operands -- what the simplifier made of a
     tied embedding's transposed weight gradient -- had no CPU kernel at all ("Unsupported element
-    type for DotThunk"). The gradient then runs and is finite."""
+    type for DotThunk"); and the attention core's matmuls on fp32 operands (its probabilities and
+    cotangents), which YNNPACK runs at fp32 rates. The gradient then runs and is finite."""
     from alignjax import logprobs
     from alignjax.models import PRESETS, Model
 
@@ -219,7 +263,12 @@ def test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack(tied, scan):
     compiled = fn.lower(params).compile()
     hlo = compiled.as_text()
     assert hlo.count("__ynn_fusion") >= 3  # at least the head's forward, dh and dW
-    assert _dots_outside_ynnpack(hlo) == []
+    dots = _compiled_dots(hlo)
+    assert [sig for inside, sig in dots if not inside] == []
+    # per layer (once, in the scan's body, when scanned): 7 dense maps x 3 matmuls and the attention
+    # core's 6; and the head's 3
+    assert len(dots) == (1 if scan else config.num_layers) * (21 + 6) + 3, dots
+    assert [sig for _, sig in dots if sig.count("bf16[") != 2] == []
     grads = compiled(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
