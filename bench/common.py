@@ -477,14 +477,14 @@ def torch_matmul_peak(
 MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_flags() -> list[str]:
-    """The :data:`MATMUL_FLAGS` this CPU reports in /proc/cpuinfo."""
+def _first_cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return [f for f in MATMUL_FLAGS if f in flags]
+            first = f.read().split("\n\n")[0].splitlines()
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first)}
 
 
 def machine() -> dict[str, Any]:
@@ -498,15 +498,15 @@ def machine() -> dict[str, Any]:
     }
     try:
         info["loadavg"] = os.getloadavg()
-        info["cpu_flags"] = cpu_flags()
-        with open("/proc/cpuinfo") as f:
-            first_cpu = f.read().split("\n\n")[0].splitlines()
-        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu)}
-        info["cpu_model"] = fields["model name"]
-        # On VMs "AMD EPYC" or "Intel(R) Xeon(R) Processor" names several generations; these tell them apart
-        info["cpu_family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
-    except (OSError, KeyError):
+    except OSError:
         pass
+    cpuinfo = _first_cpuinfo()
+    flags = cpuinfo.get("flags", "").split()
+    info["cpu_flags"] = [f for f in MATMUL_FLAGS if f in flags]
+    if "model name" in cpuinfo:
+        info["cpu_model"] = cpuinfo["model name"]
+        # On VMs "AMD EPYC" or "Intel(R) Xeon(R) Processor" names several generations; these tell them apart
+        info["cpu_family_model"] = f"{cpuinfo.get('cpu family', '?')}/{cpuinfo.get('model', '?')}"
     import shutil
     import subprocess
 

@@ -187,11 +187,10 @@ def attention_core(
     """
     chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
     chex.assert_equal_shape([k, v])
-    scale = 1.0 / math.sqrt(q.shape[-1])
     if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(
-                q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation="cudnn"
+                q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5, is_causal=True, implementation="cudnn"
             )
         except (NotImplementedError, ValueError, RuntimeError) as err:
             # cuDNN's shape/version checks run at trace time; fall back rather than fail the step.
