@@ -27,6 +27,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from alignjax import host_memory
 from alignjax.configs import check_config_file, load_config_file
 from alignjax.jobs import JOBS  # the table only: a job's module is imported when it runs
 from alignjax.train.result import TrainResult
@@ -246,4 +247,5 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    host_memory.retain_freed_memory()  # before anything starts XLA's threads
     app.run(main, flags_parser=_parse_flags)

@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignjax import logprobs  # noqa: E402
+from alignjax import host_memory, logprobs  # noqa: E402
 from bench import common as bc  # noqa: E402
 
 # Named A/B variants of alignjax's step (``--variants``): ``bench.common.JaxDPO`` keyword arguments.
@@ -454,11 +454,23 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--peak-dtype", default="float32")
     ap.add_argument("--peak-size", type=int, default=2048)
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop timing rounds after this (0 = none)")
+    ap.add_argument(
+        "--host-malloc",
+        choices=("retain", "system"),
+        default="retain",
+        help="glibc's allocator for both frameworks: retained as alignjax.main runs (alignjax.host_memory), "
+        "or as the system leaves it",
+    )
     return ap
 
 
 def main() -> None:
-    Bench(parser().parse_args()).run()
+    args = parser().parse_args()
+    # Before Bench(...) touches a device: the setting acts only on threads that have not allocated yet.
+    retained = args.host_malloc == "retain" and host_memory.retain_freed_memory()
+    bench = Bench(args)
+    bench.info["host_malloc_retained"] = retained
+    bench.run()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ _CACHE = os.path.join(tempfile.gettempdir(), "alignjax-test-xla-cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+from alignjax import host_memory  # noqa: E402
+
+host_memory.retain_freed_memory()  # before the first computation starts XLA's threads
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

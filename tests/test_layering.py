@@ -1,8 +1,8 @@
 """The library's layers, read from its source with ``ast`` (nothing is imported):
 
-* the lower layers (losses, data, models, sharding, logprobs, storage, flops, configs) never import a
-  higher one (train, search, reward, eval, online, jobs, repro, main, export), at module level or
-  inside a function;
+* the lower layers (losses, data, models, sharding, logprobs, storage, flops, host_memory, configs)
+  never import a higher one (train, search, reward, eval, online, jobs, repro, main, export), at
+  module level or inside a function;
 * ``jobs`` is the top layer: only the entry point (``main``), the reproductions (``repro``) and the
   jobs themselves import ``alignjax.jobs``; the library packages below it (the lower layers and
   train, search, reward, eval, online, export) never do;
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LOWER = ("losses", "data", "models", "sharding", "logprobs", "storage", "flops", "configs")
+LOWER = ("losses", "data", "models", "sharding", "logprobs", "storage", "flops", "host_memory", "configs")
 HIGHER = ("train", "search", "reward", "eval", "online", "jobs", "repro", "main", "export", "recipes")
 # The layers that may import alignjax.jobs (the top layer).
 ABOVE_JOBS = ("main", "repro", "jobs")

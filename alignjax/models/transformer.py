@@ -408,13 +408,17 @@ def _dot_nt(a: Array, b: Array) -> Array:
 
 
 def _dot_tn(a: Array, b: Array) -> Array:
-    """a [K, M]^T @ b [K, N], with a^T materialised row-major on the CPU backend (:func:`_row_major`).
+    """a [K, M]^T @ b [K, N]; for bf16/fp16 on the CPU backend with a^T materialised row-major
+    (:func:`_row_major`), which YNNPACK's bf16 kernels need.
 
-    On CPU the result passes a barrier too, because a caller that transposes it (a tied embedding's
+    There the result passes a barrier too, because a caller that transposes it (a tied embedding's
     gradient) would otherwise get a dot of two transposed operands, which neither YNNPACK nor
-    XLA:CPU's bf16 path runs ("Unsupported element type for DotThunk"). Elsewhere: XLA's own dot.
+    XLA:CPU's bf16 path runs ("Unsupported element type for DotThunk"). fp32, and every other
+    backend: XLA's own dot, whose CPU gemm reads the transposed operand in place (materialising it
+    was a strided loop fused with a's elementwise producer: 16 ms for the SwiGLU product of a
+    bench-7m layer, 1.03-1.11x the fp32 DPO step without it; docs/benchmarks.md).
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or a.dtype == jnp.float32:
         return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return jax.lax.optimization_barrier(_dot(_row_major(a.T), b))
 
@@ -433,7 +437,7 @@ def _dense_cpu_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     # Why: XLA's transpose rule gives dW = x^T g with g transposed, which XLA:CPU fuses into the
     # elementwise producer of g (e.g. the SwiGLU backward): a strided loop that cost more than the
     # matmuls (profile in docs/benchmarks.md); and dx = g W^T with a folded transpose of W. The forms
-    # above keep every matmul row-major.
+    # above contract in place (dx) and transpose only x (dW), and only where bf16 kernels need it.
     x, kernel = res
     return _dot_nt(g, kernel).astype(x.dtype), _dot_tn(x, g).astype(kernel.dtype)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -65,6 +66,8 @@ def test_dpo_step_benchmark_reports_each_steps_fraction_of_its_frameworks_measur
     machine = json.loads(next(x for x in lines if x.startswith("machine: "))[len("machine: "):])
     assert isinstance(machine["cpu_flags"], list) and "loadavg" in machine
     assert machine["cpu_family_model"] == _lscpu_family_model()
+    # both frameworks ran with glibc's allocator retained, as alignjax.main runs
+    assert machine["host_malloc_retained"] is (platform.libc_ver()[0] == "glibc")
     peaks = next(x for x in lines if x.startswith("measured matmul peaks"))
     for name in ("jax float32", "jax bfloat16", "torch float32", "torch bfloat16"):
         assert name in peaks, peaks
