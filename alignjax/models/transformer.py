@@ -172,11 +172,11 @@ def attention_core(
     q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K (query head h uses kv head h // (H/K),
     HF's repeat_kv); mask: bool [B, T, S] (``attention_mask``). Returns [B, T, H, Dh] in q's dtype.
     Scores and softmax are fp32 on the XLA path (as HF's eager attention): ``jax.nn.dot_product_attention``,
-    or for bf16 on CPU :func:`_cpu_bf16_attention` (the same values; bf16 matmuls). ``"cudnn"``: flash
-    attention, which never writes the T x S scores; the boolean mask becomes one additive bias
-    [B, 1, T, S] shared by all heads, and ``is_causal`` (implied by every mask built here: j <= i)
-    lets it skip the upper triangle. A fully masked (padding) query row gets an arbitrary finite
-    output on either path; nothing reads it.
+    or for fp32 and bf16 on CPU :func:`_cpu_attention` (the same values; folded heads, bf16 matmuls
+    for bf16). ``"cudnn"``: flash attention, which never writes the T x S scores; the boolean mask
+    becomes one additive bias [B, 1, T, S] shared by all heads, and ``is_causal`` (implied by every
+    mask built here: j <= i) lets it skip the upper triangle. A fully masked (padding) query row gets
+    an arbitrary finite output on either path; nothing reads it.
 
     ``causal_block`` (XLA path, T == S, a mask that allows key j for query i only where j <= i, as
     the full forward's row-causal mask does; from :data:`MIN_CAUSAL_BLOCKS` blocks up): the queries
@@ -206,16 +206,20 @@ def attention_core(
 
 
 def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """The XLA path's core: :func:`_cpu_bf16_attention` for bf16 on the CPU backend, else
+    """The XLA path's core: :func:`_cpu_attention` for fp32 or bf16 on the CPU backend, else
     ``jax.nn.dot_product_attention`` (a trace-time choice)."""
-    if jax.default_backend() == "cpu" and q.dtype == jnp.bfloat16 and k.dtype == v.dtype == q.dtype:
-        return _cpu_bf16_attention(q, k, v, mask)
+    if jax.default_backend() == "cpu" and q.dtype in _CPU_CORE_DTYPES and k.dtype == v.dtype == q.dtype:
+        return _cpu_attention(q, k, v, mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
 
-# Batched matmuls over leading [B, K] dims, both operands row-major, accumulating in fp32: the forms
-# XLA:CPU hands to YNNPACK's bf16 kernels (why the form matters: the comment above _row_major).
+_CPU_CORE_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+# Batched matmuls over leading [B, K] dims accumulating in fp32. For bf16 both operands are passed
+# row-major (:func:`_gemm_operand`), the forms XLA:CPU hands to YNNPACK's bf16 kernels (why the form
+# matters: the comment above _row_major).
 def _bdot_nn(a: Array, b: Array) -> Array:
     """a [..., M, C] @ b [..., C, N]."""
     return jax.lax.dot_general(a, b, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
@@ -224,6 +228,18 @@ def _bdot_nn(a: Array, b: Array) -> Array:
 def _bdot_nt(a: Array, b: Array) -> Array:
     """a [..., M, C] @ b [..., N, C]^T, contracting both last dims."""
     return jax.lax.dot_general(a, b, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+
+
+def _bdot_tn(a: Array, b: Array) -> Array:
+    """a [..., C, M]^T @ b [..., C, N], contracting both first (non-batch) dims: XLA:CPU's fp32 gemm
+    reads the transposed operand in place."""
+    return jax.lax.dot_general(a, b, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+
+
+def _gemm_operand(a: Array) -> Array:
+    """a as the CPU gemm of its dtype takes it: materialised row-major for bf16 (YNNPACK), as it is
+    for fp32 (XLA's gemm reads any layout in place; a materialised copy is a strided loop)."""
+    return a if a.dtype == jnp.float32 else _row_major(a)
 
 
 def _fold_heads(q: Array, kv_heads: int) -> Array:
@@ -238,61 +254,73 @@ def _unfold_heads(x: Array, length: int) -> Array:
     return x.reshape(B, K, GT // length, length, Dh).transpose(0, 3, 1, 2, 4).reshape(B, length, -1, Dh)
 
 
-def _folded_mask(mask: Array, groups: int) -> Array:
-    """[B, T, S] -> [B, 1, G T, S], the mask of :func:`_fold_heads`' rows."""
-    B, T, S = mask.shape
-    return jnp.broadcast_to(mask[:, None, None], (B, 1, groups, T, S)).reshape(B, 1, groups * T, S)
+def _by_group(x: Array, length: int) -> Array:
+    """[B, K, G T, N] -> [B, K, G, T, N]: folded rows viewed per query head (a bitcast), where the
+    mask [B, 1, 1, T, S] broadcasts by plain indexing. A mask folded into the rows instead (broadcast
+    then reshaped to [B, 1, G T, S]) was recomputed in every fusion that read it through div/mod
+    index arithmetic: the softmax's exp ran 4x slower (docs/benchmarks.md)."""
+    B, K, GT, N = x.shape
+    return x.reshape(B, K, GT // length, length, N)
 
 
 _MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)  # jax.nn.dot_product_attention's: finite
 
 
 @jax.custom_vjp
-def _cpu_bf16_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """bf16 q, k, v on CPU: the values of ``jax.nn.dot_product_attention``'s XLA path (fp32 scores
-    and softmax, bf16 probabilities times bf16 v accumulated in fp32), with every matmul of the
-    forward and backward a bf16 x bf16 -> fp32 YNNPACK call.
+def _cpu_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """fp32 or bf16 q, k, v on CPU: the values of ``jax.nn.dot_product_attention``'s XLA path (fp32
+    scores and softmax, probabilities in q's dtype times v accumulated in fp32) with the query heads
+    of each kv head folded into one matrix, so every product is one batched gemm over [B, K].
 
-    Why: differentiated, the XLA path runs its four backward matmuls and its probabilities x v on
-    fp32 operands (the cotangents stay fp32), which XLA:CPU gives to YNNPACK as fp32 gemms, about
-    half the rate of its bf16 ones (docs/benchmarks.md). The backward here rounds the score
-    cotangent to bf16 before its two matmuls (as PyTorch's autocast does) and transposes only the
-    [G T, Dh]-sized operands, never the [G T, S] probabilities.
+    Why: the XLA path vmaps over the head groups, and its scores, probabilities and their
+    cotangents reach the backward's gemms in the vmapped layout: XLA:CPU transposed each [T, S]
+    matrix in a strided loop (165 ms of a 1.3 s fp32 bench-7m DPO step), and for bf16 it ran the
+    four backward matmuls and the probabilities x v as fp32 gemms (the cotangents stay fp32), about
+    half the rate of its bf16 ones (docs/benchmarks.md). Here the softmax VJP takes its row sums
+    from g . out (FlashAttention's D) instead of a reduction over the scores, fp32 contracts the
+    [G T, S] matrices in place for dK and dV, and bf16 rounds the score cotangent to bf16 before its
+    two matmuls (as PyTorch's autocast does) and transposes only the [G T, Dh]-sized operands.
     """
-    return _cpu_bf16_attention_fwd(q, k, v, mask)[0]
+    return _cpu_attention_fwd(q, k, v, mask)[0]
 
 
-def _cpu_bf16_attention_fwd(q: Array, k: Array, v: Array, mask: Array):
+def _cpu_attention_fwd(q: Array, k: Array, v: Array, mask: Array):
     T, K = q.shape[1], k.shape[2]
-    qf = _row_major(_fold_heads(q, K))
-    kf, vf = (_row_major(x.transpose(0, 2, 1, 3)) for x in (k, v))  # [B, K, S, Dh]
-    fmask = _folded_mask(mask, q.shape[2] // K)
-    scores = _bdot_nt(qf, kf) * (1.0 / math.sqrt(q.shape[-1]))
-    probs = jax.nn.softmax(jnp.where(fmask, scores, _MASKED_SCORE), axis=-1)
-    out = _bdot_nn(_row_major(probs.astype(q.dtype)), vf)  # [B, K, G T, Dh] fp32
-    return _unfold_heads(out.astype(q.dtype), T), (qf, kf, vf, fmask, probs, out)
+    qf = _gemm_operand(_fold_heads(q, K))
+    kf, vf = (_gemm_operand(x.transpose(0, 2, 1, 3)) for x in (k, v))  # [B, K, S, Dh]
+    scores = _by_group(_bdot_nt(qf, kf) * (1.0 / math.sqrt(q.shape[-1])), T)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED_SCORE), axis=-1)
+    probs = probs.reshape(*qf.shape[:-1], -1)  # [B, K, G T, S]
+    out = _bdot_nn(_gemm_operand(probs.astype(q.dtype)), vf)  # [B, K, G T, Dh] fp32
+    return _unfold_heads(out.astype(q.dtype), T), (qf, kf, vf, mask, probs, out)
 
 
-def _cpu_bf16_attention_bwd(res, g: Array):
-    qf, kf, vf, fmask, probs, out = res
+def _cpu_attention_bwd(res, g: Array):
+    qf, kf, vf, mask, probs, out = res
     dt, T = qf.dtype, g.shape[1]
-    gf = _row_major(_fold_heads(g.astype(dt), kf.shape[1]))
+    gf = _gemm_operand(_fold_heads(g.astype(dt), kf.shape[1]))
     dprobs = _bdot_nt(gf, vf)  # [B, K, G T, S]
     # softmax VJP: p * (dp - sum_s p dp), and sum_s p dp = g . out (FlashAttention's D)
     delta = jnp.sum(gf.astype(jnp.float32) * out, axis=-1, keepdims=True)
-    dscores = jnp.where(fmask, probs * (dprobs - delta), 0.0) * (1.0 / math.sqrt(qf.shape[-1]))
-    ds = _row_major(dscores.astype(dt))
+    grouped = lambda x: _by_group(x, T)
+    dscores = jnp.where(mask[:, None, None], grouped(probs) * (grouped(dprobs) - grouped(delta)), 0.0)
+    ds = _gemm_operand((dscores * (1.0 / math.sqrt(qf.shape[-1]))).astype(dt).reshape(probs.shape))
     dq = _bdot_nn(ds, kf)  # [B, K, G T, Dh]
-    # dK^T = Q^T dS and dV^T = dO^T P: the transposes fall on the [G T, Dh] operands. The products
-    # pass a barrier before they are transposed back, or XLA folds that transpose into the dot.
-    t = lambda x: _row_major(jnp.swapaxes(x, -1, -2))
-    dk_t = jax.lax.optimization_barrier(_bdot_nn(t(qf), ds))  # [B, K, Dh, S]
-    dv_t = jax.lax.optimization_barrier(_bdot_nn(t(gf), _row_major(probs.astype(dt))))
-    dk, dv = (x.transpose(0, 3, 1, 2).astype(dt) for x in (dk_t, dv_t))  # [B, S, K, Dh]
+    if dt == jnp.float32:
+        dk, dv = _bdot_tn(ds, qf), _bdot_tn(probs, gf)  # [B, K, S, Dh]
+    else:
+        # dK^T = Q^T dS and dV^T = dO^T P: the transposes fall on the [G T, Dh] operands. The
+        # products pass a barrier before they are transposed back, or XLA folds that transpose into
+        # the dot.
+        t = lambda x: _row_major(jnp.swapaxes(x, -1, -2))
+        dk_t = jax.lax.optimization_barrier(_bdot_nn(t(qf), ds))  # [B, K, Dh, S]
+        dv_t = jax.lax.optimization_barrier(_bdot_nn(t(gf), _row_major(probs.astype(dt))))
+        dk, dv = (jnp.swapaxes(x, -1, -2) for x in (dk_t, dv_t))
+    dk, dv = (x.transpose(0, 2, 1, 3).astype(dt) for x in (dk, dv))  # [B, S, K, Dh]
     return _unfold_heads(dq.astype(dt), T), dk, dv, None
 
 
-_cpu_bf16_attention.defvjp(_cpu_bf16_attention_fwd, _cpu_bf16_attention_bwd)
+_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
 SPLASH_BLOCK = 128  # splash kernel tile (queries and keys); the sequence must be a multiple of it

@@ -1,5 +1,7 @@
 """The decoder's attention core and dense map against independent NumPy/jnp formulas."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,30 @@ def test_causal_block_attention_equals_the_full_core_on_packed_and_branched_rows
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
 
 
+def _packed_padded_case(dtype):
+    """q, k, v, the mask and output weights of 2 rows x 12 tokens, 4 query heads on 2 kv heads: row 0
+    packs two sequences and ends in two padding queries (fully masked rows), row 1 is a shared prompt
+    with two branches."""
+    rng = np.random.default_rng(5)
+    b, t, h, kv, d = 2, 12, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), dtype) for n in (h, kv, kv))
+    index = np.broadcast_to(np.arange(t), (b, t))
+    segments = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+    branches = np.array([[0] * 12, [0] * 4 + [1] * 4 + [2] * 4])
+    mask = jnp.asarray(
+        transformer.attention_mask(index, index, segments, segments, branches, branches, index, index, None)
+    )
+    weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    return q, k, v, mask, weights
+
+
+def _jax_fp32_attention(mask):
+    """``jax.nn.dot_product_attention``'s XLA path on ``mask``, the independent reference."""
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5, implementation="xla"
+    )
+
+
 @pytest.mark.parametrize("block", [None, 3])
 def test_bf16_attention_core_matches_fp32_jax_attention_values_and_gradients(block):
     """bf16 q, k, v (on CPU: the core with bf16 matmuls and its own backward): values against float64
@@ -89,23 +115,11 @@ def test_bf16_attention_core_matches_fp32_jax_attention_values_and_gradients(blo
     queries (fully masked rows, whose outputs nothing reads) with nonzero cotangents: their
     gradient reaches v through the uniform probabilities of a fully masked row and must reach
     neither q nor k, as under JAX's own masked softmax."""
-    rng = np.random.default_rng(5)
-    b, t, h, kv, d = 2, 12, 4, 2, 16
-    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for n in (h, kv, kv))
-    index = np.broadcast_to(np.arange(t), (b, t))
-    segments = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
-    branches = np.array([[0] * 12, [0] * 4 + [1] * 4 + [2] * 4])
-    mask = jnp.asarray(
-        transformer.attention_mask(index, index, segments, segments, branches, branches, index, index, None)
-    )
-    weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    q, k, v, mask, weights = _packed_padded_case(jnp.bfloat16)
     q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
 
     def ours(q, k, v):
         return transformer.attention_core(q, k, v, mask, causal_block=block)
-
-    def jax_fp32(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=d**-0.5, implementation="xla")
 
     out = jax.jit(ours)(q, k, v)
     assert out.dtype == jnp.bfloat16
@@ -115,12 +129,59 @@ def test_bf16_attention_core_matches_fp32_jax_attention_values_and_gradients(blo
 
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * weights)
     got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
-    ref = jax.grad(loss(jax_fp32), argnums=(0, 1, 2))(q32, k32, v32)
+    ref = jax.grad(loss(_jax_fp32_attention(mask)), argnums=(0, 1, 2))(q32, k32, v32)
     for name, a, c in zip("qkv", got, ref):
         assert a.dtype == jnp.bfloat16
         err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - c)) / jnp.max(jnp.abs(c)))
         assert err < 2e-2, (name, err)
     assert not np.asarray(got[0])[~rows].any()  # padding queries get no gradient
+
+
+@pytest.mark.parametrize("block", [None, 3])
+def test_fp32_attention_core_equals_jax_attention_values_and_gradients(block):
+    """fp32 (on CPU: the folded-head core with its own backward) against ``jax.nn.dot_product_attention``
+    and its ``jax.grad``: values and all three gradients to fp32 rounding, padding queries (with
+    nonzero cotangents) included; and against float64 NumPy for the values."""
+    q, k, v, mask, weights = _packed_padded_case(jnp.float32)
+    ours = lambda q, k, v: transformer.attention_core(q, k, v, mask, causal_block=block)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)
+    rows = np.asarray(mask.any(-1))
+    out = np.asarray(jax.jit(ours)(q, k, v))
+    np.testing.assert_allclose(out[rows], _numpy_attention(q, k, v, np.asarray(mask))[rows], atol=1e-5)
+    if block is None:  # a padding row's output is arbitrary; unblocked, it is JAX's too
+        np.testing.assert_allclose(out, np.asarray(_jax_fp32_attention(mask)(q, k, v)), rtol=1e-5, atol=1e-6)
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.grad(loss(_jax_fp32_attention(mask)), argnums=(0, 1, 2))(q, k, v)
+    for name, a, c in zip("qkv", got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert not np.asarray(got[0])[~rows].any()  # padding queries get no gradient
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusions")
+def test_cpu_fp32_attention_gradient_never_copies_a_score_matrix():
+    """The performance property behind ``_cpu_attention`` in fp32: compiled, the gradient of the core
+    has no copy or transpose fusion of score-sized data (the [T, S] matrices of every head). JAX's
+    own XLA path had several per layer: strided loops that cost 165 ms of a 1.3 s bench-7m step."""
+    import re
+
+    rng = np.random.default_rng(6)
+    b, t, h, kv, d = 2, 48, 4, 2, 8  # a score matrix per head (t x t) larger than q, k and v
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    index = np.broadcast_to(np.arange(t), (b, t))
+    segments = (index < np.array([[t], [t - 5]])).astype(np.int32)  # row 1 ends in padding
+    none = np.zeros_like(index)  # no branches
+    mask = transformer.attention_mask(index, index, segments, segments, none, none, index, index, None)
+    weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(transformer.attention_core(q, k, v, mask) * weights)
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    hlo = fn.lower(q, k, v).compile().as_text()
+    score_elements = b * h * t * t
+    copies = [
+        shape
+        for name, shape in re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = f32\[([\d,]*)\]", hlo, re.M)
+        if re.search(r"copy|transpose", name) and math.prod(map(int, shape.split(","))) >= score_elements
+    ]
+    assert hlo.count(" dot(") == 6 and copies == [], copies
 
 
 @pytest.mark.parametrize("n_in", [1, 2])
