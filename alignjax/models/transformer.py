@@ -608,7 +608,32 @@ class RMSNorm(nn.Module):
         )
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(x.dtype) * normed.astype(x.dtype)
+        return _scale_features(scale, normed.astype(x.dtype))
+
+
+@jax.custom_vjp
+def _scale_features(scale: Array, x: Array) -> Array:
+    """scale (param dtype) cast to x's dtype, times x [..., D]: HF's ``weight * hidden`` in the
+    compute dtype. The gradient of ``scale`` sums fp32 products of g and x over every row. Why:
+    autodiff multiplies g and x in the compute dtype and sums the rounded products; in bf16 those
+    are 4096 x 256 products rounded to 8 bits each, and XLA:CPU's reduction over the leading dims of
+    their upcast ran 7x slower than the fp32 sum (52 ms of a 0.97 s bench-7m bf16 DPO step). In
+    fp32 it is autodiff's computation."""
+    return scale.astype(x.dtype) * x
+
+
+def _scale_features_fwd(scale: Array, x: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _scale_features(scale, x), (scale, x)
+
+
+def _scale_features_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    scale, x = res
+    products = g.astype(jnp.float32) * x.astype(jnp.float32)
+    dscale = jnp.sum(products.reshape(-1, x.shape[-1]), axis=0)
+    return dscale.astype(scale.dtype), g * scale.astype(g.dtype)
+
+
+_scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 class Proj(nn.Module):

@@ -184,6 +184,29 @@ def test_cpu_fp32_attention_gradient_never_copies_a_score_matrix():
     assert hlo.count(" dot(") == 6 and copies == [], copies
 
 
+def test_bf16_rms_norm_scale_gradient_sums_fp32_products():
+    """bf16 compute, fp32 scale: the forward is HF's bf16 ``weight * hidden`` (bitwise), and the scale's
+    gradient is the fp32 sum of g x normed over all rows, as ``jax.grad`` of the fp32 product on the
+    same bf16 values gives it (autodiff of the bf16 product rounds every product to bf16 first)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(8, 64, 32)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(8, 64, 32)), jnp.bfloat16)
+    norm = transformer.RMSNorm(1e-6, jnp.float32)
+    params = {"params": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=32), jnp.float32)}}
+    out, vjp = jax.vjp(lambda p: norm.apply(p, x), params)
+    normed = (
+        x.astype(jnp.float32)
+        * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-6)
+    ).astype(jnp.bfloat16)
+    scale = params["params"]["scale"]
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(scale.astype(jnp.bfloat16) * normed))
+    got = vjp(g)[0]["params"]["scale"]
+    want = jax.grad(lambda w: jnp.sum(w * normed.astype(jnp.float32) * g.astype(jnp.float32)))(scale)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_dense_values_and_gradients_equal_tensordot(n_in):
     rng = np.random.default_rng(1)
