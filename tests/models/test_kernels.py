@@ -207,6 +207,26 @@ def test_bf16_rms_norm_scale_gradient_sums_fp32_products():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_is_bitwise_pytorchs_silu_product(dtype):
+    """The MLP's activation against PyTorch's ``F.silu(gate) * up`` (HF's LlamaMLP) on the same
+    tensors: bitwise in bf16, where PyTorch computes silu in fp32 and rounds once; to fp32
+    rounding in fp32."""
+    import torch
+
+    rng = np.random.default_rng(8)
+    gate, up = (rng.normal(size=(64, 688)).astype(np.float32) * s for s in (3, 1))
+    tdtype = getattr(torch, dtype)
+    want = torch.nn.functional.silu(torch.tensor(gate, dtype=tdtype)) * torch.tensor(up, dtype=tdtype)
+    got = transformer.swiglu(jnp.asarray(gate, dtype), jnp.asarray(up, dtype))
+    assert got.dtype == jnp.dtype(dtype)
+    got, want = np.asarray(got.astype(jnp.float32)), want.float().numpy()
+    if dtype == "bfloat16":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("n_in", [1, 2])
 def test_dense_values_and_gradients_equal_tensordot(n_in):
     rng = np.random.default_rng(1)
