@@ -208,10 +208,13 @@ def test_bf16_rms_norm_scale_gradient_sums_fp32_products():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_swiglu_is_bitwise_pytorchs_silu_product(dtype):
+def test_swiglu_rounds_as_pytorchs_silu_product(dtype):
     """The MLP's activation against PyTorch's ``F.silu(gate) * up`` (HF's LlamaMLP) on the same
-    tensors: bitwise in bf16, where PyTorch computes silu in fp32 and rounds once; to fp32
-    rounding in fp32."""
+    tensors. In bf16 PyTorch computes silu in fp32 and rounds once, and so does ``swiglu``: the two
+    agree bitwise (every value of 30 seeds on Zen 4) except where the two libraries' fp32 silu, up
+    to 2 fp32 ulps apart, may straddle a bf16 rounding boundary, then one bf16 ulp apart.
+    (``jax.nn.silu`` on the bf16 tensor, rounding after each op, differs on a third of them.) fp32:
+    to fp32 rounding."""
     import torch
 
     rng = np.random.default_rng(8)
@@ -221,10 +224,13 @@ def test_swiglu_is_bitwise_pytorchs_silu_product(dtype):
     got = transformer.swiglu(jnp.asarray(gate, dtype), jnp.asarray(up, dtype))
     assert got.dtype == jnp.dtype(dtype)
     got, want = np.asarray(got.astype(jnp.float32)), want.float().numpy()
-    if dtype == "bfloat16":
-        np.testing.assert_array_equal(got, want)
-    else:
+    if dtype == "float32":
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        return
+    differ = got != want
+    assert differ.mean() < 1e-3, differ.mean()
+    # one bf16 ulp of silu, carried through the product's own rounding
+    np.testing.assert_allclose(got[differ], want[differ], rtol=2**-6)
 
 
 @pytest.mark.parametrize("n_in", [1, 2])
