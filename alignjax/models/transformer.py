@@ -740,8 +740,9 @@ class Attention(nn.Module):
 
 
 def swiglu(gate: Array, up: Array) -> Array:
-    """silu(gate) * up in the inputs' dtype, silu computed in fp32 and rounded once: bitwise
-    ``F.silu(gate) * up`` of PyTorch (and so HF's LlamaMLP) on bf16 tensors. Why: ``jax.nn.silu``
+    """silu(gate) * up in the inputs' dtype, silu computed in fp32 and rounded once, as PyTorch's
+    ``F.silu(gate) * up`` (and so HF's LlamaMLP) computes it on bf16 tensors: the same values but
+    where the two libraries' fp32 silu straddle a bf16 rounding boundary. Why: ``jax.nn.silu``
     on bf16 rounds after each of its ops (35% of the products differed from PyTorch's), and its
     backward's chain of bf16 round trips cost 11 ms a layer of the bf16 bench-7m step on XLA:CPU
     (docs/benchmarks.md)."""
