@@ -205,6 +205,9 @@ def attention_core(
     return jnp.concatenate(blocks, axis=1)
 
 
+_CPU_CORE_DTYPES = (jnp.float32, jnp.bfloat16)  # the dtypes :func:`_cpu_attention` serves
+
+
 def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """The XLA path's core: :func:`_cpu_attention` for fp32 or bf16 on the CPU backend, else
     ``jax.nn.dot_product_attention`` (a trace-time choice)."""
@@ -212,9 +215,6 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
         return _cpu_attention(q, k, v, mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
-
-
-_CPU_CORE_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 # Batched matmuls over leading [B, K] dims accumulating in fp32. For bf16 both operands are passed
