@@ -46,6 +46,7 @@ __all__ = [
     "split_pairs",
     "batch_sequence_logps",
     "model_vocab_shards",
+    "counted_positions",
     "STRICT_ROUNDING",
     "strict_rounding",
 ]
@@ -576,13 +577,17 @@ def batch_sequence_logps(
     vocab_chunk: int | None = None,
     seq_chunk: int | None = None,
     vocab_shards: int | None = None,
+    logit_width: int | None = None,
     dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-sequence summed log-probs and per-token log-probs of a sequence batch under ``model``
     (``dropout_rng``: the training forward of a model with LoRA dropout; None = dropout off).
 
     With ``vocab_chunk`` or ``seq_chunk`` set, uses ``model.hidden`` and ``model.unembedding`` and the
-    chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`.
+    chunked path; otherwise ``model.apply`` logits and :func:`next_token_logps`. With ``logit_width``
+    below the row length, the unembedding runs only at the predictions of counted tokens
+    (:func:`counted_positions`), as TRL's ``use_logits_to_keep``: same values, without the head's
+    FLOPs on prompt and padding positions.
 
     Args:
       model: a :class:`~alignjax.models.Model` (``apply``, ``hidden``, ``unembedding``).
@@ -593,6 +598,9 @@ def batch_sequence_logps(
       vocab_chunk, seq_chunk: the chunked path's chunk sizes (:func:`chunked_token_logps`).
       vocab_shards: the chunked path's vocabulary blocks; None = the number of devices the model's
         mesh splits the vocabulary over.
+      logit_width: at most this many counted tokens (``loss_mask > 0``) in any row, a static int (the
+        ``data.max_completion_length`` bound of a padded row, :func:`alignjax.data.batching.counted_width`);
+        a row with more makes every output NaN rather than drop any. None = every position.
       dropout_rng: a key for LoRA dropout (the training forward); None = no dropout.
 
     Returns:
@@ -631,17 +639,53 @@ def batch_sequence_logps(
     if dropout_rng is not None:
         inputs["dropout_rng"] = dropout_rng
     input_ids = batch["input_ids"]
-    if vocab_chunk is None and seq_chunk is None:
-        logits = model.apply(params, input_ids, **inputs)
-        logps = next_token_logps(logits, input_ids)
-    else:
-        hidden = model.hidden(params, input_ids, **inputs)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    gathered = logit_width is not None and logit_width < input_ids.shape[1]
+    if vocab_chunk is None and seq_chunk is None and not gathered:
+        logps = next_token_logps(model.apply(params, input_ids, **inputs), input_ids)
+        return sequence_logps(logps, mask, batch["example_ids"], num_sequences), logps * mask
+    hidden = model.hidden(params, input_ids, **inputs)
+    chunks = None
+    if vocab_chunk is not None or seq_chunk is not None:
         unembedding = model.unembedding(params)
         if vocab_shards is None:
             vocab_shards = model_vocab_shards(model, unembedding.shape[1])
-        logps = chunked_next_token_logps(
-            hidden, unembedding, input_ids,
-            vocab_chunk=vocab_chunk, seq_chunk=seq_chunk, vocab_shards=vocab_shards,
-        )
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return sequence_logps(logps, mask, batch["example_ids"], num_sequences), logps * mask
+        chunks = dict(vocab_chunk=vocab_chunk, seq_chunk=seq_chunk, vocab_shards=vocab_shards)
+    if not gathered:
+        logps = chunked_next_token_logps(hidden, unembedding, input_ids, **chunks)
+        return sequence_logps(logps, mask, batch["example_ids"], num_sequences), logps * mask
+    positions = counted_positions(mask, logit_width)
+    picked = jnp.take_along_axis(hidden, jnp.maximum(positions - 1, 0)[..., None], axis=1)
+    targets = jnp.take_along_axis(input_ids, positions, axis=1)
+    if chunks is None:
+        logps = token_logps(model.logits_from_hidden(params, picked), targets)
+    else:
+        logps = chunked_token_logps(picked, unembedding, targets, **chunks)
+    # Position 0 predicts nothing (its log-prob is 0 in the dense path too).
+    values = logps * jnp.take_along_axis(mask, positions, axis=1) * (positions > 0)
+    ids = jnp.take_along_axis(batch["example_ids"], positions, axis=1)
+    seq, tok = _segment_sum(values, ids, int(num_sequences)), _spread(values, positions, mask.shape[1])
+    overflow = jnp.any(jnp.sum(mask > 0, axis=1) > logit_width)
+    return jnp.where(overflow, jnp.nan, seq), jnp.where(overflow, jnp.nan, tok)
+
+
+def counted_positions(loss_mask: jax.Array, width: int) -> jax.Array:
+    """``[R, width]`` int32: the target positions of each row's counted tokens (``loss_mask > 0``)
+    in order, then uncounted ones to fill the row (rows with more than ``width`` counted tokens lose
+    the rest: :func:`batch_sequence_logps` checks).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> counted_positions(jnp.array([[0.0, 0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]]), 2).tolist()
+      [[2, 3], [1, 0]]
+    """
+    order = jnp.argsort(loss_mask <= 0, axis=1, stable=True)
+    return order[:, :width].astype(jnp.int32)
+
+
+def _spread(values_RxL: jax.Array, positions_RxL: jax.Array, length: int) -> jax.Array:
+    """``[R, length]`` with ``values[r, l]`` at ``positions[r, l]`` and 0 elsewhere (positions distinct
+    per row). A select-and-sum rather than a scatter: its gradient is a gather-free select too, where
+    XLA:CPU runs a scatter as a loop over its elements."""
+    hit = positions_RxL[:, :, None] == jnp.arange(length, dtype=positions_RxL.dtype)
+    return jnp.sum(jnp.where(hit, values_RxL[:, :, None], 0.0), axis=1)

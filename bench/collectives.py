@@ -284,11 +284,13 @@ def compile_step(
     length: int,
     dtype: str = "float32",
     strict: bool = True,
+    logit_width: int | None = None,
 ) -> dict[str, Any]:
     """Compiles the DPO step on ``mesh_sizes`` over the process's devices (abstract state, no
     parameters allocated); ``preset`` is a preset name or a ``ModelConfig``; ``strict=False``
     compiles with XLA's default options instead of ``logprobs.strict_rounding`` (the same SPMD
-    partitioning, a faster backend compile). Returns ``hlo`` (compiled text), ``warnings`` (XLA's
+    partitioning, a faster backend compile); ``logit_width``: the step's head at the counted tokens
+    only (``StepSpec.logit_width``). Returns ``hlo`` (compiled text), ``warnings`` (XLA's
     full-remat lines), ``compile_s``, ``model``, ``mesh`` and ``rows``."""
     import jax
     import optax
@@ -347,7 +349,8 @@ def compile_step(
         where = jax.NamedSharding(mesh, spec)
         batch[key] = jax.ShapeDtypeStruct((1, *value.shape), value.dtype, sharding=where)
     spec = StepSpec(
-        loss="dpo", hyperparameters=(("beta", 0.1),), kind="pairwise", batch_size=pairs, reference="model"
+        loss="dpo", hyperparameters=(("beta", 0.1),), kind="pairwise", batch_size=pairs, reference="model",
+        logit_width=logit_width,
     )
     step = jax.jit(
         make_train_step(model, spec, tx, schedule),

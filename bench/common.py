@@ -165,6 +165,7 @@ class JaxDPO:
         optim: OptimConfig = OptimConfig(),
         vocab_chunk: int | None = None,
         seq_chunk: int | None = None,
+        logit_width: int | None = None,
         ref_dtype: str = "compute",
         compiler_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -182,6 +183,7 @@ class JaxDPO:
             reference=reference,
             vocab_chunk=vocab_chunk,
             seq_chunk=seq_chunk,
+            logit_width=logit_width,
         )
         self.tx = optax.chain(
             optax.clip_by_global_norm(optim.clip),
@@ -244,7 +246,8 @@ class JaxDPO:
         b = self.spec.batch_size
         fwd = jax.jit(
             lambda p, batch: logprobs.batch_sequence_logps(
-                self.model, p, batch, 2 * b, vocab_chunk=self.spec.vocab_chunk, seq_chunk=self.spec.seq_chunk
+                self.model, p, batch, 2 * b, vocab_chunk=self.spec.vocab_chunk, seq_chunk=self.spec.seq_chunk,
+                logit_width=self.spec.logit_width,
             )[0],
             compiler_options=self.compiler_options,
         )
@@ -294,7 +297,9 @@ class TorchDPO:
     the shifted labels (TRL's ``selective_log_softmax``), masked sums; the reference the same under
     ``torch.no_grad()`` (or the cached sums); ``-logsigmoid(beta ((c - rc) - (r - rr)))`` mean;
     backward; ``clip_grad_norm_``; ``AdamW.step``. ``amp_bf16`` runs forward/backward under
-    ``torch.autocast(bfloat16)`` with fp32 master weights (TRL's ``bf16=True``).
+    ``torch.autocast(bfloat16)`` with fp32 master weights (TRL's ``bf16=True``). ``logits_to_keep``:
+    TRL's ``use_logits_to_keep`` (``transformers``' ``logits_to_keep``: the head runs from the first
+    position that predicts a counted token of any row).
 
     ``source``: an HF checkpoint directory (``alignjax.models.save_pretrained``) loaded with
     ``from_pretrained``, or an ``(hf_config_dict, state_dict)`` pair loaded in memory.
@@ -310,6 +315,7 @@ class TorchDPO:
         optim: OptimConfig = OptimConfig(),
         amp_bf16: bool = False,
         threads: int | None = None,
+        logits_to_keep: bool = False,
     ) -> None:
         import torch
         import transformers
@@ -328,6 +334,11 @@ class TorchDPO:
         self.input_ids = t(host_batch["input_ids"], torch.long)
         self.attention_mask = t(host_batch["segment_ids"] > 0, torch.long)
         self.loss_mask = t(host_batch["loss_mask"], torch.float32)[:, 1:]
+        # TRL's use_logits_to_keep: logits from the first position that predicts a counted token
+        self.first = 1
+        if logits_to_keep:
+            self.first = int(np.flatnonzero(np.asarray(host_batch["loss_mask"]).any(axis=0))[0])
+            self.loss_mask = self.loss_mask[:, self.first - 1 :]
         self.b = len(host_batch["chosen_lengths"])
         self.ref_logps = torch.zeros(2 * self.b, device=device)  # reference-free ("none")
         if reference == "batch":
@@ -369,12 +380,14 @@ class TorchDPO:
 
     def _seq_logps(self, model: Any) -> Any:
         torch = self.torch
+        keep = self.input_ids.shape[1] - self.first + 1
         with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp_bf16):
             logits = model(
-                input_ids=self.input_ids, attention_mask=self.attention_mask, use_cache=False
+                input_ids=self.input_ids, attention_mask=self.attention_mask, use_cache=False,
+                logits_to_keep=keep,
             ).logits
         logits = logits[:, :-1].float()
-        labels = self.input_ids[:, 1:]
+        labels = self.input_ids[:, self.first :]
         picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
         token = picked - torch.logsumexp(logits, dim=-1)
         return (token * self.loss_mask).sum(-1)

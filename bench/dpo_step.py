@@ -36,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from alignjax import host_memory, logprobs  # noqa: E402
+from alignjax.data.batching import counted_width  # noqa: E402
 from bench import common as bc  # noqa: E402
 
 # Named A/B variants of alignjax's step (``--variants``): ``bench.common.JaxDPO`` keyword arguments.
@@ -206,7 +207,9 @@ class Bench:
         )
         return r, meta
 
-    def torch_runner(self, source: Any, host: dict, reference: str, amp: bool = False) -> tuple[Any, dict]:
+    def torch_runner(
+        self, source: Any, host: dict, reference: str, amp: bool = False, logits_to_keep: bool = False
+    ) -> tuple[Any, dict]:
         a = self.args
         r = bc.TorchDPO(
             source,
@@ -216,6 +219,7 @@ class Bench:
             optim=self.optim,
             amp_bf16=amp,
             threads=a.threads,
+            logits_to_keep=logits_to_keep,
         )
         meta = dict(
             tokens=bc.sequence_tokens(host),
@@ -236,6 +240,9 @@ class Bench:
 
         a = self.args
         self.optim = bc.OptimConfig(learning_rate=a.lr)
+        completion = a.length - a.length // 2  # the synthetic pairs' completion tokens (see pairs())
+        cut = completion if a.max_completion_length < 0 else a.max_completion_length
+        self.logit_width = counted_width("padded", cut) if 0 < cut < a.length else None
         dtype = "float32"
         compute = "bfloat16" if a.dtype == "bfloat16" else None
         self.main_model = self.model(dtype, compute, remat=a.remat)
@@ -297,20 +304,32 @@ class Bench:
     def group_main(self, host: dict, dtype: str, compute: str | None) -> None:
         a, m = self.args, self.main_model
         runners, meta = {}, {}
-        runners["alignjax"], meta["alignjax"] = self.jax_runner(m, host, "model", vocab_chunk=a.vocab_chunk)
+        width = self.logit_width
+        runners["alignjax"], meta["alignjax"] = self.jax_runner(
+            m, host, "model", vocab_chunk=a.vocab_chunk, logit_width=width
+        )
+        if width is not None:
+            runners["alignjax all positions"], meta["alignjax all positions"] = self.jax_runner(
+                m, host, "model", vocab_chunk=a.vocab_chunk
+            )
         if not a.no_cached_jax:
             runners["alignjax cached-ref"], meta["alignjax cached-ref"] = self.jax_runner(
-                m, host, "batch", vocab_chunk=a.vocab_chunk
+                m, host, "batch", vocab_chunk=a.vocab_chunk, logit_width=width
             )
         try:
             if not a.no_torch:
                 source = self.torch_source(m)
                 amp = compute == "bfloat16"
                 runners["pytorch"], meta["pytorch"] = self.torch_runner(source, host, "model", amp)
+                if self.logit_width is not None:
+                    runners["pytorch logits_to_keep"], meta["pytorch logits_to_keep"] = self.torch_runner(
+                        source, host, "model", amp, logits_to_keep=True
+                    )
         except Exception as e:  # noqa: BLE001  (report alignjax's figures even when the baseline breaks)
             print(f"PyTorch baseline could not run: {type(e).__name__}: {e}", flush=True)
             a.no_torch = True
             runners.pop("pytorch", None)
+            runners.pop("pytorch logits_to_keep", None)
         if not a.no_torch:
             if not a.no_cached_torch:
                 cached = runners["alignjax cached-ref"].add_reference_cache(m.params, host)
@@ -349,7 +368,8 @@ class Bench:
         for variant in filter(None, a.variants.split(",")):
             name = f"alignjax {variant}"
             runners[name], meta[name] = self.jax_runner(
-                self.main_model, host, "model", vocab_chunk=a.vocab_chunk, **variant_options(variant, compute)
+                self.main_model, host, "model", vocab_chunk=a.vocab_chunk, logit_width=self.logit_width,
+                **variant_options(variant, compute),
             )
         firsts = {name: m["first"] for name, m in meta.items()}
         print("first-step values (loss, grad_norm):", json.dumps(firsts))
@@ -401,9 +421,12 @@ class Bench:
         a = self.args
         runners, meta = {}, {}
         fp32 = self.model("float32", None)
-        runners["alignjax fp32"], meta["alignjax fp32"] = self.jax_runner(fp32, host, "model")
+        width = self.logit_width
+        runners["alignjax fp32"], meta["alignjax fp32"] = self.jax_runner(
+            fp32, host, "model", logit_width=width
+        )
         runners["alignjax bf16"], meta["alignjax bf16"] = self.jax_runner(
-            self.model("float32", "bfloat16"), host, "model"
+            self.model("float32", "bfloat16"), host, "model", logit_width=width
         )
         if not a.no_torch:
             source = self.torch_source(fp32)
@@ -411,6 +434,11 @@ class Bench:
             runners["pytorch amp-bf16"], meta["pytorch amp-bf16"] = self.torch_runner(
                 source, host, "model", True
             )
+            if self.logit_width is not None:
+                name = "pytorch amp-bf16 logits_to_keep"
+                runners[name], meta[name] = self.torch_runner(
+                    source, host, "model", True, logits_to_keep=True
+                )
         self.time_group("bf16", runners, meta, "alignjax fp32")
 
 
@@ -422,6 +450,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--vocab-chunk", type=int, default=None, help="main group: chunked log-probs")
+    ap.add_argument(
+        "--max-completion-length",
+        type=int,
+        default=-1,
+        help="the data.max_completion_length of the run: alignjax's head runs at the counted tokens "
+        "only, and TRL's use_logits_to_keep rows are added (-1 = the synthetic completions' length, "
+        "0 = unset: the head at every position)",
+    )
     ap.add_argument("--groups", default="main,shared,packing,chunked,remat,bf16")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="steps per timed block")

@@ -244,6 +244,9 @@ def main() -> None:
         steps=3,
         budget_s=240.0,
         lr=5e-7,
+        # the head at every position, as the recorded H200 figures; -1 adds the counted-only rows
+        # (alignjax's logit_width, TRL's use_logits_to_keep), not yet measured on a GPU
+        max_completion_length=0,
     )
     ap.add_argument("--smoke", action="store_true", help="tiny 2-layer llama3-1b-shaped model (CPU check)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -86,14 +86,17 @@ def no_compilation_cache():
     jax.config.update("jax_enable_compilation_cache", before)
 
 
+@pytest.mark.parametrize("logit_width", [None, 8], ids=["head-everywhere", "head-at-counted"])
 @pytest.mark.parametrize("axes", [{"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}], ids=["fsdp8", "2x2x2"])
-def test_dpo_step_has_no_full_remat_and_collectives_within_budget(axes, no_compilation_cache):
+def test_dpo_step_has_no_full_remat_and_collectives_within_budget(axes, logit_width, no_compilation_cache):
     """The compiled DPO step: no "Involuntary full rematerialization" in XLA's log (the embedding
     gather printed it on (2, 2, 2) before the lookup was placed by hand), no all-to-all or permute
     beyond the lookup's own, and every kind's bytes within the budget, whose weight all-gathers
     leave out the embedding table (one gather of it would exceed it: the tiny step gathers every
-    other fsdp weight exactly three times)."""
-    r = bcol.compile_step(TINY, axes, pairs=4, length=16, strict=False)
+    other fsdp weight exactly three times). ``head-at-counted``: the head at the 8 completion tokens
+    of each 16-token row (``StepSpec.logit_width``), whose gathers along the unsplit length axis
+    must stay local."""
+    r = bcol.compile_step(TINY, axes, pairs=4, length=16, strict=False, logit_width=logit_width)
     assert r["warnings"] == [], r["warnings"][:2]
     collectives = bcol.count_collectives(r["hlo"], len(jax.devices()))
     result = dict(

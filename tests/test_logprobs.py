@@ -305,6 +305,54 @@ def test_sequence_logps_equal_across_layouts(bigram, layout):
     np.testing.assert_allclose(rejected, want[2:], rtol=1e-5, atol=1e-5)
 
 
+class _BigramModel:
+    """Logits = the bigram table's row of the current token: the model interface
+    ``batch_sequence_logps`` reads (``apply``, ``hidden``, ``logits_from_hidden``, ``unembedding``)."""
+
+    mesh = None
+
+    def __init__(self, table):
+        self.table = jnp.asarray(table)
+
+    def hidden(self, params, ids, **_):
+        return jax.nn.one_hot(ids, self.table.shape[0]) * params
+
+    def logits_from_hidden(self, params, hidden):
+        return hidden @ self.table
+
+    def apply(self, params, ids, **kw):
+        return self.logits_from_hidden(params, self.hidden(params, ids, **kw))
+
+    def unembedding(self, params):
+        return self.table
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 5])
+@pytest.mark.parametrize("layout", [_padded_layout, _packed_layout, _shared_prompt_layout])
+def test_head_at_counted_tokens_only_gives_every_log_prob(bigram, layout, vocab_chunk):
+    """``logit_width`` (the head at the counted tokens only): the NumPy bigram log-probs per sequence
+    and per token, the dense path's gradient, and NaN, not a dropped token, when a row holds more
+    counted tokens than the width."""
+    ids, mask, ex = layout()
+    model, n = _BigramModel(bigram), 2 * len(PROMPTS)
+    batch = dict(input_ids=jnp.asarray(ids), loss_mask=jnp.asarray(mask), example_ids=jnp.asarray(ex))
+    width = int((mask > 0).sum(axis=1).max())
+    assert width < ids.shape[1]
+
+    def run(params, w):
+        return lp.batch_sequence_logps(model, params, batch, n, vocab_chunk=vocab_chunk, logit_width=w)
+
+    seq, tok = jax.jit(run, static_argnums=1)(1.0, width)
+    np.testing.assert_allclose(seq, [_np_completion_logp(bigram, p, c) for p, c in _sequences()], rtol=1e-5)
+    want_tok = np_next_token_logps(bigram[ids], ids) * mask
+    np.testing.assert_allclose(tok, want_tok, rtol=1e-5, atol=1e-6)
+    coeff = jnp.linspace(-1.0, 1.5, n)
+    grad = jax.grad(lambda prm, w: jnp.sum(run(prm, w)[0] * coeff), argnums=0)
+    np.testing.assert_allclose(grad(1.0, width), grad(1.0, None), rtol=1e-5)
+    seq, tok = run(1.0, width - 1)
+    assert np.isnan(np.asarray(seq)).all() and np.isnan(np.asarray(tok)).all()
+
+
 def test_sequence_logps_ignores_negative_and_out_of_range_ids():
     logps = jnp.asarray([[1.0, 2.0, 4.0, 8.0]])
     mask = jnp.ones((1, 4))

@@ -222,13 +222,15 @@ def mixed_batch(tiny):
     return _cat(shared, packed, padded), pairs
 
 
-def _objective(model, num_sequences, vocab_chunk):
+def _objective(model, num_sequences, vocab_chunk, logit_width=None):
     """Sequence log-probs and d(sum_n c_n S_n)/d params (c_n fixed, distinct weights)."""
     coeff = jnp.linspace(-1.0, 1.5, num_sequences)
 
     def fn(params, batch):
         def loss(p):
-            seq, _ = lp.batch_sequence_logps(model, p, batch, num_sequences, vocab_chunk=vocab_chunk)
+            seq, _ = lp.batch_sequence_logps(
+                model, p, batch, num_sequences, vocab_chunk=vocab_chunk, logit_width=logit_width
+            )
             return jnp.sum(seq * coeff), seq
 
         (_, seq), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -289,8 +291,12 @@ def test_logps_and_grads_are_shard_invariant(tiny, mixed_batch, single_device, s
     # Dense logits on (8,1,1) and (2,2,2); the vocabulary-chunked path (each device streaming its own
     # vocabulary shard) where "tensor" splits the vocabulary, (2,2,2) and (1,4,2).
     chunks = {(8, 1, 1): (None,), (2, 2, 2): (None, 96), (1, 4, 2): (96,)}[shape]
-    for chunk in chunks:
-        seq, grads = _objective(model, n, chunk)(sharded_params, global_batch)
+    # And each with the head at the counted tokens only (logit_width: the most any row holds),
+    # against the single device's head at every position.
+    width = int((np.asarray(batch["loss_mask"]) > 0).sum(axis=1).max())
+    assert width < batch["input_ids"].shape[1]
+    for chunk, logit_width in [(c, w) for c in chunks for w in (None, width)]:
+        seq, grads = _objective(model, n, chunk, logit_width)(sharded_params, global_batch)
         want_seq, want_grads = single_device[chunk]
         np.testing.assert_allclose(np.asarray(seq), want_seq, rtol=1e-5, atol=1e-5)
         flat_got = jax.tree_util.tree_leaves_with_path(grads)
@@ -300,5 +306,6 @@ def test_logps_and_grads_are_shard_invariant(tiny, mixed_batch, single_device, s
             assert np.abs(want).max() > 1e-3, jax.tree_util.keystr(path)  # a gradient worth comparing
             np.testing.assert_allclose(
                 np.asarray(got), want, rtol=1e-5, atol=1e-5,
-                err_msg=f"mesh {shape}, vocab_chunk={chunk}, grad {jax.tree_util.keystr(path)}",
+                err_msg=f"mesh {shape}, vocab_chunk={chunk}, logit_width={logit_width}, "
+                f"grad {jax.tree_util.keystr(path)}",
             )

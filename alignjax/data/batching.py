@@ -51,6 +51,16 @@ def sequences(examples: Sequence[TokenizedExample]) -> list[tuple[list[int], lis
     return out
 
 
+def counted_width(layout: str, max_completion_length: int | None) -> int | None:
+    """The most counted tokens (``loss_mask > 0``) a row of ``layout`` can hold when every completion
+    is cut to ``max_completion_length`` (``data.max_completion_length``): a padded row is one
+    sequence, whose counted tokens are its completion's. None where rows have no such bound (packed
+    rows; shared-prompt rows, whose branch count varies; no cut)."""
+    if layout != "padded" or not max_completion_length:
+        return None
+    return int(max_completion_length)
+
+
 def bucket_length(n: int, buckets: Sequence[int] | None, default: int | None = None) -> int:
     """The smallest bucket >= n (few distinct shapes, few compilations); ``default`` when no buckets."""
     if not buckets:

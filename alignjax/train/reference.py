@@ -229,6 +229,9 @@ def build_cache(
     yields the run's host micro-batches in training order, sequence ids global."""
     mesh = model.mesh
     settings = {k: config.data[k] for k in ("source", "tokenizer", "kind", "layout", "max_length")}
+    # truncation changes the sequences (and so their log-probs) without changing the source
+    truncation = ("max_prompt_length", "max_completion_length", "truncation_mode")
+    settings.update({k: config.data.get(k) for k in truncation})
     settings.update(
         micro_batch=spec.batch_size, seed=config.seed, processes=jax.process_count(), num_micro=num_micro
     )
@@ -242,7 +245,11 @@ def build_cache(
 
     @functools.partial(jax.jit, compiler_options=logprobs.strict_rounding(model.config.dtype))
     def compute(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        seq, _ = logprobs.batch_sequence_logps(model, params, batch, n)
+        # the train step's own log-prob path, so that equal params give its log-probs bitwise
+        seq, _ = logprobs.batch_sequence_logps(
+            model, params, batch, n,
+            vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk, logit_width=spec.logit_width,
+        )  # fmt: skip
         seq = jax.lax.with_sharding_constraint(seq, out_sharding)
         first = jax.lax.with_sharding_constraint(seq[:b], out_sharding)
         second = jax.lax.with_sharding_constraint(seq[b : 2 * b] if n > b else seq[:0], out_sharding)

@@ -32,6 +32,7 @@ import optax
 
 import alignjax.losses as losses
 from alignjax import logprobs
+from alignjax.data.batching import counted_width
 from alignjax.data.tokenize import RATIONALE_TEMPLATE
 from alignjax.losses import providers as inputs_table
 from alignjax.losses.metrics import preference_metrics
@@ -80,6 +81,7 @@ class StepSpec:
     nll_weight: float = 0.0
     vocab_chunk: int | None = None
     seq_chunk: int | None = None
+    logit_width: int | None = None  # most counted tokens a row holds: the head runs at those only
     nan_at_step: int = -1
     components: tuple[tuple[str, float, tuple[tuple[str, Any], ...]], ...] = ()
     provider_hyperparameters: tuple[tuple[str, Any], ...] = ()
@@ -343,6 +345,7 @@ def make_step_spec(config: Any, batch_size: int, reference: str) -> StepSpec:
         sorted({**provider_hyper, **{k: v for k, v in given.items() if k in provider_hyper}}.items())
     )
     merged = {k: v for _, _, h in components for k, v in h}
+    data = config.get("data", {})
     step_spec = StepSpec(
         loss="+".join(n for n, _ in comps),
         hyperparameters=tuple(sorted(merged.items())),
@@ -352,6 +355,7 @@ def make_step_spec(config: Any, batch_size: int, reference: str) -> StepSpec:
         nll_weight=0.0 if (own_nll or nll is None) else float(nll),
         vocab_chunk=config.get("train", {}).get("vocab_chunk") or None,
         seq_chunk=config.get("train", {}).get("seq_chunk") or None,
+        logit_width=counted_width(data.get("layout", "padded"), data.get("max_completion_length", 0)),
         nan_at_step=int(config.get("train", {}).get("nan_at_step", -1)),
         components=components,
         provider_hyperparameters=provider,
@@ -631,7 +635,8 @@ def _forward(
         return _with_prompt_sums(model, params, batch, n, spec, rng)
     if not keep:
         seq, tok = logprobs.batch_sequence_logps(
-            model, params, batch, n, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk, dropout_rng=rng
+            model, params, batch, n, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk,
+            logit_width=spec.logit_width, dropout_rng=rng,
         )
         return {"seq": seq, "tok": tok}
     kwargs = {k: batch[k] for k in ("positions", "segment_ids", "branch_ids") if batch.get(k) is not None}
@@ -874,6 +879,7 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
             spec.sequences_in(batch),
             vocab_chunk=spec.vocab_chunk,
             seq_chunk=spec.seq_chunk,
+            logit_width=spec.logit_width,
         )
 
     def evaluate(params: Any, ref_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:

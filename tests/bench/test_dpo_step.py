@@ -48,13 +48,18 @@ def _trajectory(runner) -> list[tuple[float, float]]:
 
 
 @pytest.mark.parametrize("reference", ["model", "batch"])
-def test_torch_baseline_matches_alignjax_step(setup, reference):
+@pytest.mark.parametrize("counted_only", [False, True], ids=["all-positions", "counted-only"])
+def test_torch_baseline_matches_alignjax_step(setup, reference, counted_only):
     """Loss and pre-clip gradient norm agree at every step of 3 (so the clipped AdamW updates agree
-    too); the first loss is log 2 (policy = reference)."""
+    too); the first loss is log 2 (policy = reference). ``counted-only``: alignjax's head at the
+    counted tokens only (``logit_width``, what ``data.max_completion_length`` sets) against TRL's
+    ``use_logits_to_keep`` on ``transformers``' own ``logits_to_keep``."""
     model, host, path = setup
-    jx = bc.JaxDPO(model, model.params, host, reference=reference)
+    width = int((host["loss_mask"] > 0).sum(axis=1).max()) if counted_only else None
+    assert width is None or width < host["input_ids"].shape[1]
+    jx = bc.JaxDPO(model, model.params, host, reference=reference, logit_width=width)
     torch_batch = jx.add_reference_cache(model.params, host) if reference == "batch" else host
-    pt = bc.TorchDPO(path, torch_batch, reference=reference, threads=2)
+    pt = bc.TorchDPO(path, torch_batch, reference=reference, threads=2, logits_to_keep=counted_only)
     got_jax, got_torch = _trajectory(jx), _trajectory(pt)
     np.testing.assert_allclose(got_jax[0][0], np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(np.array(got_jax), np.array(got_torch), rtol=2e-5, atol=2e-6)

@@ -216,12 +216,14 @@ def test_reference_cache_equals_frozen_reference(tmp_path):
     assert frozen.summary["train/loss"] == pytest.approx(cached.summary["train/loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("cut", [0, 3], ids=["head-everywhere", "head-at-counted"])
 @pytest.mark.parametrize("reference", ["frozen", "cache"])
-def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, reference):
+def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, reference, cut):
     """fp32 master weights + bf16 compute: the frozen reference is stored in bf16, and the policy and
     reference forwards (one program, or the cache's own program) round alike, so step 1 is DPO at
     the reference exactly -- loss log 2, margins 0 -- as in PyTorch (it was 0.6917 with XLA's default
-    excess precision, see logprobs.STRICT_ROUNDING)."""
+    excess precision, see logprobs.STRICT_ROUNDING). ``cut``: ``data.max_completion_length``, which
+    puts the step's head (and the cache's) at the counted tokens only."""
     import jax
     import jax.numpy as jnp
 
@@ -234,8 +236,12 @@ def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, refe
         model__attention_kernel="xla",
         reference__kind=reference,
         reference__cache_dir=str(tmp_path / "cache"),
+        data__max_completion_length=cut,
     )
     config.model.overrides.update(hidden_size=64, num_layers=2, intermediate_size=128)
+    from alignjax.train.step import make_step_spec
+
+    assert make_step_spec(config, 2, "model").logit_width == (cut or None)
     result = run_train(config, str(tmp_path / "run"))
     built = result.model.config
     assert (built.dtype, built.remat, built.attention_kernel) == ("bfloat16", "full", "xla")

@@ -194,17 +194,21 @@ def hf_pairs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "layout, compute", [("padded", "float32"), ("packed", "float32"), ("padded", "bfloat16")]
-)
-def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layout, compute):
+    "layout, compute, cut",
+    [("padded", "float32", 0), ("packed", "float32", 0), ("padded", "bfloat16", 0),
+     ("padded", "float32", 5), ("padded", "bfloat16", 5)],
+)  # fmt: skip
+def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layout, compute, cut):
     """Policy = reference, CPU fp32 and bf16 compute (YNNPACK's dots), 8-device mesh: the
     differentiated policy forward, the reference forward in the same program and the plain forward
     (the reference cache's and evaluation's program) give bitwise-equal per-sequence log-probs, so
     the real train step's first metrics are DPO at the reference exactly: rewards 0, accuracy 0, loss
     fp32 log 2 (XLA:CPU's default fusions gave 1-ulp differences: rewards/accuracies 0.083 -- see
-    logprobs.STRICT_ROUNDING)."""
+    logprobs.STRICT_ROUNDING). ``cut``: ``data.max_completion_length``, so the head runs at the
+    counted tokens only (``StepSpec.logit_width``)."""
     from alignjax import logprobs
     from alignjax.data import make_preference_batches
+    from alignjax.data.batching import counted_width
     from alignjax.models import from_pretrained
     from alignjax.train.optim import make_optimizer
     from alignjax.train.reference import stored_reference
@@ -216,14 +220,18 @@ def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layou
     extra = dict(pack_length=96, pack_rows=16) if layout == "packed" else dict(buckets=(48,))
     data, _ = make_preference_batches(
         pairs, path, kind="pairwise", layout=layout, batch_size=16, max_length=48, seed=0,
-        process_index=0, process_count=1, **extra,
+        process_index=0, process_count=1, max_completion_length=cut or None, **extra,
     )  # fmt: skip
     host = next(data)
     batch = global_batch(mesh, host)
     n = 32
+    step_config = _config(beta=0.1)
+    step_config.data.update(layout=layout, max_completion_length=cut)
+    spec = steplib.make_step_spec(step_config, 16, "model")
+    assert spec.logit_width == counted_width(layout, cut) == (cut or None)
 
     def forward(p, b):
-        return logprobs.batch_sequence_logps(model, p, b, n)[0]
+        return logprobs.batch_sequence_logps(model, p, b, n, logit_width=spec.logit_width)[0]
 
     def objective(p, r, b):
         policy, ref = forward(p, b), jax.lax.stop_gradient(forward(r, b))
@@ -244,7 +252,6 @@ def test_policy_equal_to_reference_gives_bitwise_equal_log_probs(hf_pairs, layou
              end_learning_rate_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0)
     )  # fmt: skip
     tx, schedule = make_optimizer(config, 10)
-    spec = steplib.make_step_spec(_config(beta=0.1), 16, "model")
     step = jax.jit(steplib.make_train_step(model, spec, tx, schedule), compiler_options=options)
     state = {
         "params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
