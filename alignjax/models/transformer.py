@@ -96,14 +96,32 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """HF rotate-half RoPE: x cos + rotate_half(x) sin, angles = position * inv_freq (fp32).
+def rope_tables(positions: Array, inv_freq: np.ndarray, dtype: Any) -> tuple[Array, Array]:
+    """HF's RoPE cos and sin, [B, T, 1, Dh] in ``dtype``: angles = position * inv_freq in fp32,
+    each half of the head dim repeated; computed once per forward for every layer's q and k.
 
-    x: [B, T, N, Dh]; positions: [B, T]. rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]).
+    On CPU the pair passes through an identity matmul, which is exact (one nonzero term per sum).
+    Why: XLA:CPU expands optimization barriers before fusing, and fused the transcendental into every
+    consumer, so a bench-7m DPO step evaluated cos and sin over each layer's [B, T, H, Dh] q and k, in
+    the forward, the reference forward and the backward (about 4% of the fp32 step,
+    docs/benchmarks.md); a dot's result is always materialised.
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = angles.shape[-1]
+    pair = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1).astype(dtype)
+    if jax.default_backend() == "cpu":
+        pair = _dot(pair, jnp.eye(2 * half, dtype=dtype)).astype(dtype)
+    pair = pair[:, :, None, :]
+    cos, sin = pair[..., :half], pair[..., half:]
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+
+
+def apply_rope(x: Array, tables: tuple[Array, Array]) -> Array:
+    """HF rotate-half RoPE: x cos + rotate_half(x) sin, with ``tables`` = :func:`rope_tables`.
+
+    x: [B, T, N, Dh]. rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]).
+    """
+    cos, sin = tables
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -679,10 +697,17 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array | None, cache: dict | None, segment_ids: Array
+        self,
+        x: Array,
+        positions: Array,
+        rope: tuple[Array, Array],
+        mask: Array | None,
+        cache: dict | None,
+        segment_ids: Array,
     ):
-        """``mask`` (``attention_mask``) for the XLA/cuDNN paths; ``None`` with no cache selects
-        :func:`splash_attention` on ``segment_ids`` (the decoder's ``splash_applicable`` choice)."""
+        """``rope``: :func:`rope_tables` of ``positions``. ``mask`` (``attention_mask``) for the
+        XLA/cuDNN paths; ``None`` with no cache selects :func:`splash_attention` on ``segment_ids``
+        (the decoder's ``splash_applicable`` choice)."""
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -696,12 +721,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, pdt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, pdt, name="k_norm")(k)
-        inv_freq = rope_inv_freq(cfg)
-        q = constrain(
-            apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None), self.mesh, self.rules
-        )
+        q = constrain(apply_rope(q, rope), ("batch", "length", "act_heads", None), self.mesh, self.rules)
         k = constrain(
-            apply_rope(k, positions, inv_freq),
+            apply_rope(k, rope),
             ("batch", "length", "act_kv_heads", None),
             self.mesh,
             self.rules,
@@ -775,13 +797,19 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array | None, cache: dict | None, segment_ids: Array
+        self,
+        x: Array,
+        positions: Array,
+        rope: tuple[Array, Array],
+        mask: Array | None,
+        cache: dict | None,
+        segment_ids: Array,
     ):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x)
         attention = Attention(cfg, self.mesh, self.rules, name="self_attn")
-        attn, new_cache = attention(h, positions, mask, cache, segment_ids)
+        attn, new_cache = attention(h, positions, rope, mask, cache, segment_ids)
         x = constrain(x + attn, ("batch", "length", "act_embed"), self.mesh, self.rules)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         x = constrain(
@@ -843,16 +871,17 @@ class Decoder(nn.Module):
                 positions,
                 cfg.sliding_window,
             )
+        rope = rope_tables(positions, rope_inv_freq(cfg), dt)
         if cfg.scan_layers:
-            x, new_cache = self._scanned_layers(x, positions, mask, cache, segment_ids)
+            x, new_cache = self._scanned_layers(x, positions, rope, mask, cache, segment_ids)
         else:
-            x, new_cache = self._unrolled_layers(x, positions, mask, cache, segment_ids)
+            x, new_cache = self._unrolled_layers(x, positions, rope, mask, cache, segment_ids)
         hidden = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
         if not cfg.tie_word_embeddings:
             self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
         return hidden, new_cache
 
-    def _unrolled_layers(self, x, positions, mask, cache, segment_ids):
+    def _unrolled_layers(self, x, positions, rope, mask, cache, segment_ids):
         """A Python loop over ``layers_0 .. layers_{L-1}``; the cache is ``{layers_i: {k, v}}``."""
         cfg = self.config
         layer_cls = DecoderLayer
@@ -863,12 +892,12 @@ class Decoder(nn.Module):
             name = f"layers_{i}"
             layer_cache = cache[name] if cache is not None else None
             layer = layer_cls(cfg, self.mesh, self.rules, name=name)
-            x, c = layer(x, positions, mask, layer_cache, segment_ids)
+            x, c = layer(x, positions, rope, mask, layer_cache, segment_ids)
             if cache is not None:
                 new_cache[name] = c
         return x, new_cache
 
-    def _scanned_layers(self, x, positions, mask, cache, segment_ids):
+    def _scanned_layers(self, x, positions, rope, mask, cache, segment_ids):
         """One ``nn.scan`` over the layers: params ``layers/...`` stacked on a leading ``layers`` axis
         (one rng per layer at init), the hidden state as the carry, and the cache ``{"layers": {k, v}}``
         ``[L, B, S, K, Dh]`` scanned with the params (sliced per layer in, stacked out)."""
@@ -882,13 +911,13 @@ class Decoder(nn.Module):
             layer_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         layer_cache = cache["layers"] if cache is not None else None
         x, c = scanned(cfg, self.mesh, self.rules, name="layers")(
-            x, positions, mask, layer_cache, segment_ids
+            x, positions, rope, mask, layer_cache, segment_ids
         )
         return x, ({"layers": c} if cache is not None else None)
 

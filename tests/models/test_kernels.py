@@ -376,8 +376,8 @@ def test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack(tied, scan):
     dots = _compiled_dots(hlo)
     assert [sig for inside, sig in dots if not inside] == []
     # per layer (once, in the scan's body, when scanned): 7 dense maps x 3 matmuls and the attention
-    # core's 6; and the head's 3
-    assert len(dots) == (1 if scan else config.num_layers) * (21 + 6) + 3, dots
+    # core's 6; the head's 3; and the identity matmul that materialises the RoPE tables
+    assert len(dots) == (1 if scan else config.num_layers) * (21 + 6) + 3 + 1, dots
     assert [sig for _, sig in dots if sig.count("bf16[") != 2] == []
     grads = compiled(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
@@ -457,3 +457,57 @@ def test_splash_is_used_only_where_it_applies():
     assert not uses_splash("splash", ids=ids[:, :100])
     assert not uses_splash("auto", segment_ids=seg)  # CPU: splash only where asked
     assert not uses_splash("xla", segment_ids=seg)
+
+
+@pytest.mark.parametrize("scaling", [None, "llama3"])
+def test_rope_tables_are_transformers_cos_sin(scaling):
+    """The cos/sin :func:`transformer.rope_tables` hands every layer against transformers'
+    ``LlamaRotaryEmbedding`` (plain and llama3-scaled frequencies) at packed positions, and bitwise
+    the unmaterialised ``cos``/``sin`` of the same angles (the CPU identity matmul is exact)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from alignjax.models import PRESETS
+
+    rope_scaling = None
+    if scaling:
+        rope_scaling = dict(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+        )
+    cfg = PRESETS["tiny"].replace(rope_theta=5000.0, rope_scaling=rope_scaling)
+    positions = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [7, 8, 9, 90, 91, 92, 93, 500, 501, 502]])
+    inv_freq = transformer.rope_inv_freq(cfg)
+    cos, sin = jax.jit(lambda p: transformer.rope_tables(p, inv_freq, jnp.float32))(jnp.asarray(positions))
+    hf = LlamaConfig(
+        hidden_size=cfg.num_heads * cfg.head_dim, num_attention_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta, max_position_embeddings=1024,
+        rope_scaling=rope_scaling and dict(rope_type="llama3", **rope_scaling),
+    )  # fmt: skip
+    want_cos, want_sin = LlamaRotaryEmbedding(hf)(torch.zeros(1), torch.as_tensor(positions))
+    # the two libraries' frequencies may differ in the last bit, which the angle scales by the position
+    tolerance = 1e-6 + 2e-8 * positions[..., None]
+    assert np.all(np.abs(np.asarray(cos[:, :, 0]) - want_cos.numpy()) <= tolerance)
+    assert np.all(np.abs(np.asarray(sin[:, :, 0]) - want_sin.numpy()) <= tolerance)
+    angles = positions[..., None].astype(np.float32) * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None]
+    np.testing.assert_array_equal(np.asarray(cos), np.asarray(jax.jit(jnp.cos)(angles)))
+    np.testing.assert_array_equal(np.asarray(sin), np.asarray(jax.jit(jnp.sin)(angles)))
+
+
+def test_cpu_decoder_gradient_evaluates_rope_once():
+    """The performance property behind :func:`transformer.rope_tables`: compiled on CPU, the gradient
+    of a 2-layer decoder evaluates cos and sin once each, not in every layer's q and k fusions of the
+    forward and backward (a bench-7m DPO step evaluated them 24 times over [B, T, H, Dh])."""
+    from alignjax.models import PRESETS, Model
+
+    model = Model(PRESETS["tiny"].replace(num_layers=2))
+    params = model.init(jax.random.PRNGKey(0))
+    ids = jnp.ones((2, 16), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+
+    def loss(p):
+        return jnp.sum(model.apply(p, ids, positions=positions, segment_ids=jnp.ones_like(ids)) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert (hlo.count(" cosine("), hlo.count(" sine(")) == (1, 1)
