@@ -218,16 +218,30 @@ def test_reference_cache_equals_frozen_reference(tmp_path):
 
 @pytest.mark.parametrize("cut", [0, 3], ids=["head-everywhere", "head-at-counted"])
 @pytest.mark.parametrize("reference", ["frozen", "cache"])
-def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, reference, cut):
+def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, monkeypatch, reference, cut):
     """fp32 master weights + bf16 compute: the frozen reference is stored in bf16, and the policy and
     reference forwards (one program, or the cache's own program) round alike, so step 1 is DPO at
     the reference exactly -- loss log 2, margins 0 -- as in PyTorch (it was 0.6917 with XLA's default
     excess precision, see logprobs.STRICT_ROUNDING). ``cut``: ``data.max_completion_length``, which
     puts the step's head (and the cache's) at the counted tokens only."""
+    import types
+
     import jax
     import jax.numpy as jnp
 
+    from alignjax import logprobs
+    from alignjax.train import reference as reference_module
     from alignjax.train.loop import run_train
+
+    # the widths the cache's program asks for (at this size both paths give the same values)
+    cache_widths = []
+
+    def recorded(*args, **kwargs):
+        cache_widths.append(kwargs.get("logit_width"))
+        return logprobs.batch_sequence_logps(*args, **kwargs)
+
+    spy = types.SimpleNamespace(**{**vars(logprobs), "batch_sequence_logps": recorded})
+    monkeypatch.setattr(reference_module, "logprobs", spy)
 
     config = _inprocess_config(
         train__num_steps=1,
@@ -252,6 +266,7 @@ def test_mixed_precision_step_at_the_reference_gives_log2_exactly(tmp_path, refe
     first = next(r for r in _steps(str(tmp_path / "run")) if "loss" in r)
     assert first["loss"] == pytest.approx(math.log(2.0), rel=0, abs=1e-7)
     assert first["rewards/margins"] == 0.0 and first["rewards/chosen"] == 0.0
+    assert set(cache_widths) == ({cut or None} if reference == "cache" else set())
 
 
 def test_perf_metrics_go_to_their_own_file(tmp_path):
