@@ -24,7 +24,7 @@ memory of the log-prob computation is O(B T chunk) rather than O(B T V).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import chex
@@ -654,18 +654,33 @@ def batch_sequence_logps(
     if not gathered:
         logps = chunked_next_token_logps(hidden, unembedding, input_ids, **chunks)
         return sequence_logps(logps, mask, batch["example_ids"], num_sequences), logps * mask
-    positions = counted_positions(mask, logit_width)
-    picked = jnp.take_along_axis(hidden, jnp.maximum(positions - 1, 0)[..., None], axis=1)
-    targets = jnp.take_along_axis(input_ids, positions, axis=1)
     if chunks is None:
-        logps = token_logps(model.logits_from_hidden(params, picked), targets)
+        head = lambda picked, targets: token_logps(model.logits_from_hidden(params, picked), targets)
     else:
-        logps = chunked_token_logps(picked, unembedding, targets, **chunks)
+        head = lambda picked, targets: chunked_token_logps(picked, unembedding, targets, **chunks)
+    return _counted_logps(head, hidden, input_ids, mask, batch["example_ids"], num_sequences, logit_width)
+
+
+def _counted_logps(
+    head: Callable[[jax.Array, jax.Array], jax.Array],
+    hidden: jax.Array,
+    input_ids: jax.Array,
+    mask: jax.Array,
+    example_ids: jax.Array,
+    num_sequences: int,
+    width: int,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`batch_sequence_logps` with ``head(hidden [R, W, D], targets [R, W]) -> logps [R, W]``
+    run only at the ``width`` predictions of each row's counted tokens; every output NaN when a row
+    has more counted tokens than ``width``."""
+    positions = counted_positions(mask, width)
+    picked = jnp.take_along_axis(hidden, jnp.maximum(positions - 1, 0)[..., None], axis=1)
+    logps = head(picked, jnp.take_along_axis(input_ids, positions, axis=1))
     # Position 0 predicts nothing (its log-prob is 0 in the dense path too).
     values = logps * jnp.take_along_axis(mask, positions, axis=1) * (positions > 0)
-    ids = jnp.take_along_axis(batch["example_ids"], positions, axis=1)
+    ids = jnp.take_along_axis(example_ids, positions, axis=1)
     seq, tok = _segment_sum(values, ids, int(num_sequences)), _spread(values, positions, mask.shape[1])
-    overflow = jnp.any(jnp.sum(mask > 0, axis=1) > logit_width)
+    overflow = jnp.any(jnp.sum(mask > 0, axis=1) > width)
     return jnp.where(overflow, jnp.nan, seq), jnp.where(overflow, jnp.nan, tok)
 
 
