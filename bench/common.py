@@ -246,8 +246,7 @@ class JaxDPO:
         b = self.spec.batch_size
         fwd = jax.jit(
             lambda p, batch: logprobs.batch_sequence_logps(
-                self.model, p, batch, 2 * b, vocab_chunk=self.spec.vocab_chunk, seq_chunk=self.spec.seq_chunk,
-                logit_width=self.spec.logit_width,
+                self.model, p, batch, 2 * b, **self.spec.logprob_options
             )[0],
             compiler_options=self.compiler_options,
         )
@@ -383,7 +382,9 @@ class TorchDPO:
         keep = self.input_ids.shape[1] - self.first + 1
         with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp_bf16):
             logits = model(
-                input_ids=self.input_ids, attention_mask=self.attention_mask, use_cache=False,
+                input_ids=self.input_ids,
+                attention_mask=self.attention_mask,
+                use_cache=False,
                 logits_to_keep=keep,
             ).logits
         logits = logits[:, :-1].float()

@@ -321,7 +321,7 @@ class Bench:
                 source = self.torch_source(m)
                 amp = compute == "bfloat16"
                 runners["pytorch"], meta["pytorch"] = self.torch_runner(source, host, "model", amp)
-                if self.logit_width is not None:
+                if width is not None:
                     runners["pytorch logits_to_keep"], meta["pytorch logits_to_keep"] = self.torch_runner(
                         source, host, "model", amp, logits_to_keep=True
                     )
@@ -434,7 +434,7 @@ class Bench:
             runners["pytorch amp-bf16"], meta["pytorch amp-bf16"] = self.torch_runner(
                 source, host, "model", True
             )
-            if self.logit_width is not None:
+            if width is not None:
                 name = "pytorch amp-bf16 logits_to_keep"
                 runners[name], meta[name] = self.torch_runner(
                     source, host, "model", True, logits_to_keep=True

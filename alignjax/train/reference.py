@@ -246,10 +246,7 @@ def build_cache(
     @functools.partial(jax.jit, compiler_options=logprobs.strict_rounding(model.config.dtype))
     def compute(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         # the train step's own log-prob path, so that equal params give its log-probs bitwise
-        seq, _ = logprobs.batch_sequence_logps(
-            model, params, batch, n,
-            vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk, logit_width=spec.logit_width,
-        )  # fmt: skip
+        seq, _ = logprobs.batch_sequence_logps(model, params, batch, n, **spec.logprob_options)
         seq = jax.lax.with_sharding_constraint(seq, out_sharding)
         first = jax.lax.with_sharding_constraint(seq[:b], out_sharding)
         second = jax.lax.with_sharding_constraint(seq[b : 2 * b] if n > b else seq[:0], out_sharding)

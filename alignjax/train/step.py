@@ -105,6 +105,12 @@ class StepSpec:
         return self.num_sequences
 
     @property
+    def logprob_options(self) -> dict[str, Any]:
+        """The step's log-prob path (``logprobs.batch_sequence_logps`` keywords): every program whose
+        log-probs are compared with the step's (evaluation, the reference cache) computes with these."""
+        return dict(vocab_chunk=self.vocab_chunk, seq_chunk=self.seq_chunk, logit_width=self.logit_width)
+
+    @property
     def specs(self) -> tuple[losses.LossSpec, ...]:
         return tuple(losses.spec(name) for name, _, _ in self.components)
 
@@ -635,8 +641,7 @@ def _forward(
         return _with_prompt_sums(model, params, batch, n, spec, rng)
     if not keep:
         seq, tok = logprobs.batch_sequence_logps(
-            model, params, batch, n, vocab_chunk=spec.vocab_chunk, seq_chunk=spec.seq_chunk,
-            logit_width=spec.logit_width, dropout_rng=rng,
+            model, params, batch, n, **spec.logprob_options, dropout_rng=rng
         )
         return {"seq": seq, "tok": tok}
     kwargs = {k: batch[k] for k in ("positions", "segment_ids", "branch_ids") if batch.get(k) is not None}
@@ -877,9 +882,7 @@ def make_eval_fn(model: Any, spec: StepSpec) -> Callable[[Any, Any, Mapping[str,
             params,
             batch,
             spec.sequences_in(batch),
-            vocab_chunk=spec.vocab_chunk,
-            seq_chunk=spec.seq_chunk,
-            logit_width=spec.logit_width,
+            **spec.logprob_options,
         )
 
     def evaluate(params: Any, ref_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
