@@ -120,11 +120,17 @@ def apply_rope(x: Array, tables: tuple[Array, Array]) -> Array:
     """HF rotate-half RoPE: x cos + rotate_half(x) sin, with ``tables`` = :func:`rope_tables`.
 
     x: [B, T, N, Dh]. rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]).
+
+    The arithmetic is fp32, rounded once to x's dtype, as PyTorch autocast runs HF's (its fp32 tables
+    promote the bf16 q and k) and MaxText does. Rounding after every op is less exact, and XLA:CPU's
+    strict bf16 rounding made each op a convert pair: the backward took twice as long
+    (docs/benchmarks.md).
     """
-    cos, sin = tables
+    cos, sin = (table.astype(jnp.float32) for table in tables)
+    wide = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    rotated = jnp.concatenate([-wide[..., half:], wide[..., :half]], axis=-1)
+    return (wide * cos + rotated * sin).astype(x.dtype)
 
 
 def attention_mask(

@@ -495,6 +495,38 @@ def test_rope_tables_are_transformers_cos_sin(scaling):
     np.testing.assert_array_equal(np.asarray(sin), np.asarray(jax.jit(jnp.sin)(angles)))
 
 
+def test_bf16_rope_is_hf_rotary_as_torch_autocast_runs_it():
+    """bf16 compute: :func:`transformer.apply_rope` bitwise transformers' ``apply_rotary_pos_emb`` as
+    it runs under ``torch.autocast`` on fp32 weights: bf16 q from the autocast projection, fp32
+    cos/sin (the residual stream's dtype) promoting the product to fp32, and one rounding to bf16
+    where the attention kernel casts it. Rounding after every op differs in about a quarter of the
+    entries. Compiled as ``run_train`` compiles bf16 (``logprobs.strict_rounding``)."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from alignjax import logprobs
+    from alignjax.models import PRESETS
+
+    cfg = PRESETS["tiny"]
+    positions = jnp.asarray(np.stack([np.arange(96), np.r_[np.arange(40), np.arange(400, 456)]]))
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, 96, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+    inv_freq = transformer.rope_inv_freq(cfg)
+    rope = jax.jit(
+        lambda q, p: transformer.apply_rope(q, transformer.rope_tables(p, inv_freq, jnp.bfloat16)),
+        compiler_options=logprobs.strict_rounding("bfloat16"),
+    )
+    got = np.asarray(rope(q, positions).astype(jnp.float32))
+    cos, sin = transformer.rope_tables(positions, inv_freq, jnp.bfloat16)
+    as_torch = lambda a: torch.from_numpy(np.array(a.astype(jnp.float32)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = apply_rotary_pos_emb(
+            as_torch(q).bfloat16(), as_torch(q).bfloat16(), as_torch(cos[:, :, 0]), as_torch(sin[:, :, 0]),
+            unsqueeze_dim=2,
+        )  # fmt: skip
+    assert want.dtype == torch.float32
+    np.testing.assert_array_equal(got, want.bfloat16().float().numpy())
+
+
 def test_cpu_decoder_gradient_evaluates_rope_once():
     """The performance property behind :func:`transformer.rope_tables`: compiled on CPU, the gradient
     of a 2-layer decoder evaluates cos and sin once each, not in every layer's q and k fusions of the
