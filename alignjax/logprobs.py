@@ -31,6 +31,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.models.softmax import logsumexp, stable_shift
 from alignjax.models.transformer import mixed_precision_logits
 from alignjax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -141,7 +142,7 @@ def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
     chex.assert_equal_shape_prefix([logits, targets], 2)
     chex.assert_type(targets, int)
     logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse = logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - lse
 
@@ -231,7 +232,7 @@ def _vocab_scan_logps(
         fresh = local >= nominal_start  # drops the overlap of a clamped last chunk
         z = jnp.where(fresh, z, -jnp.inf)
         # d lse / d m = 0 exactly, so the running max carries no gradient (cheaper, and no ties in max).
-        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, stable_shift(z)[..., 0]))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
         hit = fresh & ((shard_offsets + local) == targets_N[:, None, None])  # [N, S, chunk]
         picked = picked + jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
@@ -268,7 +269,7 @@ def _vocab_scan_logps_unsharded(
         columns = start + jnp.arange(vocab_chunk)
         fresh = columns >= nominal_start  # drops the overlap of a clamped last chunk
         z = jnp.where(fresh[None, :], z, -jnp.inf)
-        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))  # d lse / d m = 0
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, stable_shift(z)[..., 0]))  # d lse / d m = 0
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=-1)
         hit = fresh[None, :] & (columns[None, :] == targets_N[:, None])
         picked = picked + jnp.sum(jnp.where(hit, z, 0.0), axis=-1)

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignjax.models import lora as lora_lib
 from alignjax.models.config import LoraConfig, ModelConfig
+from alignjax.models.softmax import softmax
 from alignjax.sharding import logical_to_spec
 
 Array = jax.Array
@@ -313,7 +314,7 @@ def _cpu_attention_fwd(q: Array, k: Array, v: Array, mask: Array):
     qf = _gemm_operand(_fold_heads(q, K))
     kf, vf = (_gemm_operand(x.transpose(0, 2, 1, 3)) for x in (k, v))  # [B, K, S, Dh]
     scores = _by_group(_bdot_nt(qf, kf) * (1.0 / math.sqrt(q.shape[-1])), T)
-    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED_SCORE), axis=-1)
+    probs = softmax(jnp.where(mask[:, None, None], scores, _MASKED_SCORE), axis=-1)
     probs = probs.reshape(*qf.shape[:-1], -1)  # [B, K, G T, S]
     out = _bdot_nn(_gemm_operand(probs.astype(q.dtype)), vf)  # [B, K, G T, Dh] fp32
     return _unfold_heads(out.astype(q.dtype), T), (qf, kf, vf, mask, probs, out)

@@ -1,6 +1,7 @@
 """The decoder's attention core and dense map against independent NumPy/jnp formulas."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -162,8 +163,6 @@ def test_cpu_fp32_attention_gradient_never_copies_a_score_matrix():
     """The performance property behind ``_cpu_attention`` in fp32: compiled, the gradient of the core
     has no copy or transpose fusion of score-sized data (the [T, S] matrices of every head). JAX's
     own XLA path had several per layer: strided loops that cost 165 ms of a 1.3 s bench-7m step."""
-    import re
-
     rng = np.random.default_rng(6)
     b, t, h, kv, d = 2, 48, 4, 2, 8  # a score matrix per head (t x t) larger than q, k and v
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
@@ -324,8 +323,6 @@ def test_bf16_log_prob_gradient_has_no_fp32_vocabulary_matmul():
 def _compiled_dots(hlo: str) -> list[tuple[bool, str]]:
     """The dot instructions of compiled CPU HLO text, each as (inside a YNNPACK fusion,
     ``"result = dot(lhs type, rhs type)"``)."""
-    import re
-
     ynn_bodies = set(re.findall(r"calls=(%[\w.\-]+), [^\n]*__ynn_fusion", hlo))
     types = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.\-]+) = (\w+\[[\d,]*\])", hlo, re.M))
     found = []
@@ -341,21 +338,12 @@ def _compiled_dots(hlo: str) -> list[tuple[bool, str]]:
     return found
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot placement")
-@pytest.mark.parametrize("tied, scan", [(False, False), (True, True)])
-def test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack(tied, scan):
-    """CPU, bf16 compute, compiled as ``run_train`` compiles (``logprobs.strict_rounding``): every dot
-    of the log-prob gradient is a YNNPACK call. XLA:CPU's own bf16 dot is an fp32 gemm on upcast
-    operands (3-5x slower), and a dot of two transposed operands -- what the simplifier made of a
-    tied embedding's transposed weight gradient -- had no CPU kernel at all ("Unsupported element
-    type for DotThunk"); and the attention core's matmuls on fp32 operands (its probabilities and
-    cotangents), which YNNPACK runs at fp32 rates. The gradient then runs and is finite."""
+def _compiled_log_prob_gradient(config):
+    """The gradient of a decoder's sequence log-probs (4 rows of 16 tokens) compiled as ``run_train``
+    compiles (``logprobs.strict_rounding`` of the compute dtype), and the params it takes."""
     from alignjax import logprobs
-    from alignjax.models import PRESETS, Model
+    from alignjax.models import Model
 
-    config = PRESETS["tiny"].replace(
-        param_dtype="float32", dtype="bfloat16", tie_word_embeddings=tied, scan_layers=scan
-    )
     model = Model(config)
     params = model.init(jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, config.vocab_size)
@@ -368,9 +356,26 @@ def test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack(tied, scan):
     )
     fn = jax.jit(
         jax.grad(lambda p: logprobs.batch_sequence_logps(model, p, batch, 4)[0].sum()),
-        compiler_options=logprobs.strict_rounding("bfloat16"),
+        compiler_options=logprobs.strict_rounding(config.dtype),
     )
-    compiled = fn.lower(params).compile()
+    return fn.lower(params).compile(), params
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot placement")
+@pytest.mark.parametrize("tied, scan", [(False, False), (True, True)])
+def test_cpu_bf16_log_prob_gradient_runs_every_dot_on_ynnpack(tied, scan):
+    """CPU, bf16 compute, compiled as ``run_train`` compiles (``logprobs.strict_rounding``): every dot
+    of the log-prob gradient is a YNNPACK call. XLA:CPU's own bf16 dot is an fp32 gemm on upcast
+    operands (3-5x slower), and a dot of two transposed operands -- what the simplifier made of a
+    tied embedding's transposed weight gradient -- had no CPU kernel at all ("Unsupported element
+    type for DotThunk"); and the attention core's matmuls on fp32 operands (its probabilities and
+    cotangents), which YNNPACK runs at fp32 rates. The gradient then runs and is finite."""
+    from alignjax.models import PRESETS
+
+    config = PRESETS["tiny"].replace(
+        param_dtype="float32", dtype="bfloat16", tie_word_embeddings=tied, scan_layers=scan
+    )
+    compiled, params = _compiled_log_prob_gradient(config)
     hlo = compiled.as_text()
     assert hlo.count("__ynn_fusion") >= 3  # at least the head's forward, dh and dW
     dots = _compiled_dots(hlo)
@@ -543,3 +548,43 @@ def test_cpu_decoder_gradient_evaluates_rope_once():
 
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     assert (hlo.count(" cosine("), hlo.count(" sine(")) == (1, 1)
+
+
+def _max_reduction_sizes(hlo: str) -> list[int]:
+    """How many elements each ``maximum`` reduce (or reduce-window) of compiled HLO folds into one."""
+    shapes = {
+        name: [int(d) for d in dims.split(",") if d]
+        for name, dims in re.findall(r"^\s*(?:ROOT )?(%[\w.\-]+) = \w+\[([\d,]*)\]", hlo, re.M)
+    }
+    maximum_bodies = {
+        name
+        for name, body in re.findall(r"^(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)
+        if re.search(r"ROOT %\S+ = \S+ maximum\(", body)
+    }
+    sizes = []
+    for line in hlo.splitlines():
+        body = re.search(r"to_apply=(%[\w.\-]+)", line)
+        if body is None or body.group(1) not in maximum_bodies:
+            continue
+        if window := re.search(r" reduce-window\(.*window=\{size=([\dx]+)", line):
+            sizes.append(math.prod(int(w) for w in window.group(1).split("x")))
+        elif reduce := re.search(r" reduce\((%[\w.\-]+), .*dimensions=\{([\d,]*)\}", line):
+            operand = shapes[reduce.group(1)]
+            sizes.append(math.prod(operand[int(d)] for d in reduce.group(2).split(",")))
+    return sizes
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's reduction lowering")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_log_prob_gradient_folds_at_most_a_block_per_device_with_maximum(dtype):
+    """Compiled as ``run_train`` compiles (``strict_rounding``), the gradient of a decoder's sequence
+    log-probs -- the vocabulary logsumexp and the attention softmax -- folds no more elements with
+    ``maximum``, the NaN-propagating form XLA:CPU's loop emitter runs about 3x slower, than one per
+    device (the blocks of :func:`alignjax.models.softmax.stable_shift`); the rows are 16 keys and
+    256 vocabulary entries."""
+    from alignjax.models import PRESETS
+
+    compiled, _ = _compiled_log_prob_gradient(PRESETS["tiny"].replace(param_dtype="float32", dtype=dtype))
+    hlo = compiled.as_text()
+    sizes = _max_reduction_sizes(hlo)
+    assert sizes and max(sizes) <= jax.device_count(), sizes
