@@ -38,6 +38,7 @@ from alignjax.losses import providers as inputs_table
 from alignjax.losses.metrics import preference_metrics
 from alignjax.models import lora
 from alignjax.models.heads import mean_completion_state
+from alignjax.models.softmax import logsumexp
 from alignjax.sharding import replicated
 from alignjax.train.reference import ema_update
 
@@ -393,7 +394,7 @@ def _shift_right(values: Array) -> Array:
 def _wpo_stat(policy: Mapping[str, Array], ref: Any, batch: Mapping[str, Array], n: int) -> Array:
     """[N] mean over each sequence's tokens of log p_t - log sum_v p_v^2 (policy, no gradient)."""
     z = jax.lax.stop_gradient(policy["logits"]).astype(jnp.float32)
-    log_sum_sq = jax.nn.logsumexp(2.0 * z, axis=-1) - 2.0 * jax.nn.logsumexp(z, axis=-1)
+    log_sum_sq = logsumexp(2.0 * z, axis=-1) - 2.0 * logsumexp(z, axis=-1)
     mask = batch["loss_mask"].astype(jnp.float32)
     aligned = (jax.lax.stop_gradient(policy["tok"]) - _shift_right(log_sum_sq)) * mask
     total = logprobs.sequence_logps(aligned, mask, batch["example_ids"], n)
