@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignjax.models import lora as lora_lib
@@ -230,6 +231,10 @@ def attention_core(
     return jnp.concatenate(blocks, axis=1)
 
 
+# Names of the values the dot remat policies keep (_REMAT_POLICY): the CPU dense layer and attention
+# core are custom VJPs, whose dots JAX's dot policies cannot see, so their outputs are named.
+DENSE_OUTPUT = "dense_output"
+ATTENTION_OUTPUT = "attention_output"
 _CPU_CORE_DTYPES = (jnp.float32, jnp.bfloat16)  # the dtypes :func:`_cpu_attention` serves
 
 
@@ -237,7 +242,7 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """The XLA path's core: :func:`_cpu_attention` for fp32 or bf16 on the CPU backend, else
     ``jax.nn.dot_product_attention`` (a trace-time choice)."""
     if jax.default_backend() == "cpu" and q.dtype in _CPU_CORE_DTYPES and k.dtype == v.dtype == q.dtype:
-        return _cpu_attention(q, k, v, mask)
+        return checkpoint_name(_cpu_attention(q, k, v, mask), ATTENTION_OUTPUT)
     scale = 1.0 / math.sqrt(q.shape[-1])
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
@@ -502,14 +507,16 @@ def dense(x: Array, kernel: Array, n_in: int) -> Array:
     """y = x . kernel contracting the last ``n_in`` dims of x with the first ``n_in`` of kernel.
 
     Same values and gradients everywhere; on the CPU backend the gradient goes through
-    ``_dense_cpu_bwd`` (a trace-time choice: GPU/TPU keep XLA's own transpose rule).
+    ``_dense_cpu_bwd`` (a trace-time choice: GPU/TPU keep XLA's own transpose rule). The output is
+    named :data:`DENSE_OUTPUT`, which the ``dots`` and ``dots_no_batch`` remat policies keep.
     """
     if jax.default_backend() != "cpu":
-        return jnp.tensordot(x, kernel, axes=n_in)
-    lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
-    fan_in = math.prod(kernel.shape[:n_in])
-    y = _dense_cpu(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1))
-    return y.reshape(*lead, *out)
+        y = jnp.tensordot(x, kernel, axes=n_in)
+    else:
+        lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
+        fan_in = math.prod(kernel.shape[:n_in])
+        y = _dense_cpu(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1)).reshape(*lead, *out)
+    return checkpoint_name(y, DENSE_OUTPUT)
 
 
 @jax.custom_vjp
@@ -830,8 +837,14 @@ class DecoderLayer(nn.Module):
 
 _REMAT_POLICY = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots,
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT, ATTENTION_OUTPUT),
+    ),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT),
+    ),
 }
 
 

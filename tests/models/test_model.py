@@ -1,9 +1,13 @@
 """Decoder behaviour: packing, shared-prompt branches, KV-cache decoding, presets, remat, sharding."""
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from alignjax.models import PRESETS, Model, ModelConfig, from_pretrained
 from alignjax.sharding import make_mesh
@@ -119,6 +123,29 @@ def test_remat_policies_give_same_logits_and_grads(model):
         val, grad = jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p)))(model.params)
         np.testing.assert_allclose(val, base_val, atol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grad, base_grad)
+
+
+def _saved_residuals(m, p, ids):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(lambda p: jnp.mean(m.apply(p, ids)), p)
+    return out.getvalue().splitlines()
+
+
+def test_dot_remat_policies_keep_every_projection_output(model):
+    """JAX's dot policies keep the outputs of the layer's matmuls for the backward: without batch
+    dims (``dots_no_batch``) the q/k/v/o and gate/up/down projections, so the [B, T, F] gate and up
+    outputs of each layer are saved, and under ``full`` nothing inside a layer is. The CPU dense
+    layer is a custom VJP whose dot those policies cannot see; this holds on every backend."""
+    B, T, L, F, H, Dh = 2, 6, CFG.num_layers, CFG.intermediate_size, CFG.num_heads, CFG.head_dim
+    ids = np.random.default_rng(3).integers(0, 128, (B, T)).astype(np.int32)
+    count = lambda lines, shape: sum(f"f32[{','.join(map(str, shape))}]" in line for line in lines)
+    full = _saved_residuals(Model(CFG.replace(remat="full")), model.params, ids)
+    assert count(full, (B, T, F)) == 0
+    for policy in ("dots_no_batch", "dots"):
+        saved = _saved_residuals(Model(CFG.replace(remat=policy)), model.params, ids)
+        assert count(saved, (B, T, F)) == 2 * L, (policy, saved)
+        assert count(saved, (B, T, H, Dh)) >= L, (policy, saved)
 
 
 def test_logical_axes_match_params_and_init_is_sharded():
