@@ -231,10 +231,9 @@ def attention_core(
     return jnp.concatenate(blocks, axis=1)
 
 
-# Names of the values the dot remat policies keep (_REMAT_POLICY): the CPU dense layer and attention
-# core are custom VJPs, whose dots JAX's dot policies cannot see, so their outputs are named.
+# The name of every projection's output, which the dot remat policies keep (_REMAT_POLICY): the CPU
+# dense layer's dot sits inside a custom-VJP call, where JAX's dot policies cannot see it.
 DENSE_OUTPUT = "dense_output"
-ATTENTION_OUTPUT = "attention_output"
 _CPU_CORE_DTYPES = (jnp.float32, jnp.bfloat16)  # the dtypes :func:`_cpu_attention` serves
 
 
@@ -242,7 +241,7 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """The XLA path's core: :func:`_cpu_attention` for fp32 or bf16 on the CPU backend, else
     ``jax.nn.dot_product_attention`` (a trace-time choice)."""
     if jax.default_backend() == "cpu" and q.dtype in _CPU_CORE_DTYPES and k.dtype == v.dtype == q.dtype:
-        return checkpoint_name(_cpu_attention(q, k, v, mask), ATTENTION_OUTPUT)
+        return _cpu_attention(q, k, v, mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
 
@@ -839,7 +838,7 @@ _REMAT_POLICY = {
     "full": None,
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots,
-        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT, ATTENTION_OUTPUT),
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT),
     ),
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,

@@ -136,7 +136,8 @@ def test_dot_remat_policies_keep_every_projection_output(model):
     """JAX's dot policies keep the outputs of the layer's matmuls for the backward: without batch
     dims (``dots_no_batch``) the q/k/v/o and gate/up/down projections, so the [B, T, F] gate and up
     outputs of each layer are saved, and under ``full`` nothing inside a layer is. The CPU dense
-    layer is a custom VJP whose dot those policies cannot see; this holds on every backend."""
+    layer's dot sits inside a custom-VJP call those policies cannot see into; this holds on every
+    backend."""
     B, T, L, F, H, Dh = 2, 6, CFG.num_layers, CFG.intermediate_size, CFG.num_heads, CFG.head_dim
     ids = np.random.default_rng(3).integers(0, 128, (B, T)).astype(np.int32)
     count = lambda lines, shape: sum(f"f32[{','.join(map(str, shape))}]" in line for line in lines)
