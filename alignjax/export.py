@@ -72,10 +72,11 @@ def split_step(ref: str) -> tuple[str, int | None]:
 
 
 def is_workdir(path: str) -> bool:
-    """True for a training workdir (its ``config.json`` is an alignjax config with a ``job``)."""
+    """True for a training workdir (its ``config.json`` is an alignjax config with a ``job``), with
+    or without checkpoints yet (loading one without is :func:`resolve_step`'s clear error)."""
     path, _ = split_step(path)
     config = storage.path(path) / "config.json"
-    if not (storage.path(path) / CHECKPOINTS).exists() or not config.exists():
+    if not config.exists():
         return False
     try:
         return "job" in json.loads(config.read_text())

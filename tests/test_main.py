@@ -197,7 +197,9 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
 
 
-def test_too_small_eval_split_names_the_key(tmp_path):
+def test_too_small_eval_split_names_the_key_and_leaves_a_run_that_says_it_has_no_checkpoint(tmp_path):
+    """The refused run wrote its config.json but no checkpoint; scoring it as a policy names its
+    missing checkpoints instead of reading that config.json as an HF model's."""
     from tests import hf_fixtures
 
     hf_fixtures.save_tokenizer(str(tmp_path / "tok"))
@@ -221,3 +223,21 @@ def test_too_small_eval_split_names_the_key(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     expected = f"error: config.data.eval_batch_size=32: {data} (eval split) has only 6 usable examples"
     assert expected in proc.stderr, proc.stderr
+    score = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignjax.main",
+            f"--config=experiments/score.py:model={tmp_path / 'run'},source={data},mode=sum,runlocal",
+            f"--config.data.tokenizer={tmp_path / 'tok'}",
+            f"--workdir={tmp_path / 'score'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert score.returncode == 1 and "Traceback" not in score.stderr
+    errors = [line for line in score.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {tmp_path / 'run' / 'checkpoints'}: no checkpoint to load"], score.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

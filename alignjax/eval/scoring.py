@@ -44,14 +44,20 @@ def subset_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return [record.get("subset", "all") for record in records]
 
 
-def make_reward_fn(model: Any, *, mode: str, num_pairs: int, with_reference: bool):
-    """jit(params, ref_params, batch) -> (rewards [2B], sequence log-probs [2B], ref log-probs or 0)."""
+def make_reward_fn(model: Any, *, mode: str, num_pairs: int, reference: Any = None):
+    """jit(params, ref_params, batch) -> (rewards [2B], sequence log-probs [2B], ref log-probs or 0).
+
+    ``reference``: the reference's own ``Model`` (None: no reference), which applies ``ref_params``:
+    its layer layout (unrolled or scanned) and adapters need not be the policy's.
+    """
     n = 2 * num_pairs
 
     def reward_fn(params: Any, ref_params: Any, batch: dict[str, jax.Array]):
         seq, tok = logprobs.batch_sequence_logps(model, params, batch, n)
         ref_seq, ref_tok = (
-            logprobs.batch_sequence_logps(model, ref_params, batch, n) if with_reference else (seq * 0, None)
+            logprobs.batch_sequence_logps(reference, ref_params, batch, n)
+            if reference is not None
+            else (seq * 0, None)
         )
         rewards = rewardbench.implicit_rewards(
             tok, batch["loss_mask"], batch["example_ids"], n, ref_tok, mode=mode
@@ -95,7 +101,7 @@ def pair_batch(
 def score_examples(
     model: Any,
     params: Any,
-    ref_params: Any,
+    reference: Any,
     pairs: Sequence[tuple[Sequence_, Sequence_]],
     *,
     mode: str,
@@ -106,6 +112,7 @@ def score_examples(
 ) -> dict[str, np.ndarray]:
     """Rewards and log-probs of every pair, in order: ``chosen_rewards``, ``rejected_rewards``, ...
 
+    ``reference``: the reference ``Model`` with its ``.params`` (None: reference-free modes).
     Batches have one fixed shape (``batch_size`` pairs padded to ``max_length``, or to the longest
     sequence rounded up to a multiple of 8) so the function compiles once.
     """
@@ -113,7 +120,8 @@ def score_examples(
         raise ValueError("no pairs to score (every row was skipped or the source is empty)")
     longest = max(len(seq[0]) for pair in pairs for seq in pair)
     length = max_length or -(-longest // 8) * 8
-    reward_fn = make_reward_fn(model, mode=mode, num_pairs=batch_size, with_reference=ref_params is not None)
+    reward_fn = make_reward_fn(model, mode=mode, num_pairs=batch_size, reference=reference)
+    ref_params = None if reference is None else reference.params
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("rewards", "logps", "ref_logps")}
     for start in range(0, len(pairs), batch_size):
         chunk = list(pairs[start : start + batch_size])

@@ -71,7 +71,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         compute_dtype=config.model.get("compute_dtype") or None,
     )
     policy = load_model(config.model.path, **load)
-    reference = load_model(config.reference.path, **load) if mode == "ref" else None
+    reference = None
+    if mode == "ref":
+        # A preset or HF reference computes in the policy's dtypes (a workdir's may differ from
+        # config.model's), so that equal weights give rewards of exactly 0.
+        like_policy = dict(load, dtype=policy.config.param_dtype, compute_dtype=policy.config.dtype)
+        reference = load_model(config.reference.path, **like_policy)
     if tokenizer.vocab_size > policy.config.vocab_size:
         raise ValueError(
             f"tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} tokens but model "
@@ -83,7 +88,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     scores = score_examples(
         policy,
         policy.params,
-        None if reference is None else reference.params,
+        reference,
         pairs,
         mode=mode,
         mesh=mesh,

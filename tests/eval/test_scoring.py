@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from alignjax import models
+from alignjax import models, sharding
 from alignjax.data import synthetic
+from alignjax.eval.scoring import score_examples
 from alignjax.jobs import score as score_job
 from experiments import score as score_experiment
 
@@ -88,3 +89,33 @@ def test_ref_mode_without_reference_is_a_clear_error(checkpoints, tmp_path):
     config = score_experiment.get_config(f"model={root / 'policy'},mode=ref")
     with pytest.raises(ValueError, match="config.reference.path"):
         score_job.run(config, str(tmp_path))
+
+
+def test_a_scanned_policy_scores_against_an_unrolled_reference(checkpoints):
+    """A policy trained with scanned layers (the real presets' layout) scored against an HF reference
+    loaded unrolled: each is applied with its own model, and the rewards are the per-sequence NumPy
+    log-ratios of the unrolled models."""
+    root, model, policy_params, ref_params = checkpoints
+    tokenizer = synthetic.arithmetic_tokenizer()
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    policy = models.from_pretrained(str(root / "policy"), mesh=mesh, scan_layers=True)
+    reference = models.from_pretrained(str(root / "reference"), mesh=mesh)
+    assert "layers" in policy.params and "layers_0" in reference.params
+    pairs, expected = [], []
+    for pair in PAIRS:
+        text, prompt = pair["prompt"], tokenizer.encode_prompt(pair["prompt"])
+        sides = [prompt + tokenizer.encode_completion(text, pair[k], prompt) for k in ("chosen", "rejected")]
+        pairs.append(tuple((ids, len(prompt)) for ids in sides))
+        expected.append(
+            [
+                _numpy_logps(model, policy_params, tokenizer, pair["prompt"], pair[k])
+                - _numpy_logps(model, ref_params, tokenizer, pair["prompt"], pair[k])
+                for k in ("chosen", "rejected")
+            ]
+        )
+    scores = score_examples(
+        policy, policy.params, reference, pairs, mode="ref", mesh=mesh, batch_size=4, pad_id=tokenizer.pad_id,
+        max_length=None,
+    )
+    got = np.stack([scores["chosen_rewards"], scores["rejected_rewards"]], axis=1)
+    np.testing.assert_allclose(got, np.array(expected), atol=1e-4)
