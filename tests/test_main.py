@@ -11,6 +11,12 @@ from alignjax import main as entry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_main(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python -m alignjax.main ARGS`` from the repository root, its output captured."""
+    command = [sys.executable, "-m", "alignjax.main", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def test_unknown_override_names_key_and_valid_keys():
     with pytest.raises(SystemExit) as err:
         entry.check_overrides(["prog", "--config=experiments/dpo.py:runlocal", "--config.loss.bta=3"])
@@ -37,19 +43,10 @@ def test_validate_rejects_bad_loss_model_and_job():
 
 
 def test_command_line_fails_fast_on_unknown_key(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignjax.main",
-            "--config=experiments/dpo.py:runlocal",
-            f"--workdir={tmp_path}",
-            "--config.optim.lerning_rate=1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_main(
+        "--config=experiments/dpo.py:runlocal",
+        f"--workdir={tmp_path}",
+        "--config.optim.lerning_rate=1",
     )
     assert proc.returncode != 0
     assert "unknown config key 'optim.lerning_rate'" in proc.stderr
@@ -97,13 +94,7 @@ BAD_COMMANDS = {
 def test_user_errors_are_one_line_without_traceback(name, tmp_path):
     args, code, message = BAD_COMMANDS[name]
     workdir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "alignjax.main", *args, f"--workdir={workdir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_main(*args, f"--workdir={workdir}")
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -115,13 +106,7 @@ def test_user_errors_are_one_line_without_traceback(name, tmp_path):
 def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
     workdir = tmp_path / "notes.txt"
     workdir.write_text("keep me")
-    proc = subprocess.run(
-        [sys.executable, "-m", "alignjax.main", DPO, f"--workdir={workdir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_main(DPO, f"--workdir={workdir}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: --workdir={workdir} is a file, not a directory"
     assert workdir.read_text() == "keep me"
@@ -157,21 +142,12 @@ def test_a_model_that_cannot_take_the_data_is_named_before_compute(
     own_model_and_data, model, message, tmp_path
 ):
     d = own_model_and_data
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignjax.main",
-            DPO,
-            f"--config.model.path={d}/{model}",
-            f"--config.data.tokenizer={d}/tok",
-            f"--config.data.source={d}/pairs.jsonl",
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_main(
+        DPO,
+        f"--config.model.path={d}/{model}",
+        f"--config.data.tokenizer={d}/tok",
+        f"--config.data.source={d}/pairs.jsonl",
+        f"--workdir={tmp_path}",
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(message.format(d=d)), proc.stderr
@@ -179,20 +155,11 @@ def test_a_model_that_cannot_take_the_data_is_named_before_compute(
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignjax.main",
-            "--config=experiments/dpo.py:runlocal",
-            "--config.data.source=/nonexistent/pairs.jsonl",
-            f"--workdir={tmp_path}",
-            "--debug",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_main(
+        "--config=experiments/dpo.py:runlocal",
+        "--config.data.source=/nonexistent/pairs.jsonl",
+        f"--workdir={tmp_path}",
+        "--debug",
     )
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
 
@@ -204,37 +171,21 @@ def test_too_small_eval_split_names_the_key_and_leaves_a_run_that_says_it_has_no
 
     hf_fixtures.save_tokenizer(str(tmp_path / "tok"))
     data = hf_fixtures.write_pairs(str(tmp_path / "pairs.jsonl"), 24)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignjax.main",
-            "--config=experiments/dpo.py:runlocal",
-            f"--config.data.source={data}",
-            f"--config.data.tokenizer={tmp_path / 'tok'}",
-            "--config.data.eval_fraction=0.25",
-            f"--workdir={tmp_path / 'run'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_main(
+        "--config=experiments/dpo.py:runlocal",
+        f"--config.data.source={data}",
+        f"--config.data.tokenizer={tmp_path / 'tok'}",
+        "--config.data.eval_fraction=0.25",
+        f"--workdir={tmp_path / 'run'}",
         timeout=300,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     expected = f"error: config.data.eval_batch_size=32: {data} (eval split) has only 6 usable examples"
     assert expected in proc.stderr, proc.stderr
-    score = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignjax.main",
-            f"--config=experiments/score.py:model={tmp_path / 'run'},source={data},mode=sum,runlocal",
-            f"--config.data.tokenizer={tmp_path / 'tok'}",
-            f"--workdir={tmp_path / 'score'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    score = run_main(
+        f"--config=experiments/score.py:model={tmp_path / 'run'},source={data},mode=sum,runlocal",
+        f"--config.data.tokenizer={tmp_path / 'tok'}",
+        f"--workdir={tmp_path / 'score'}",
         timeout=300,
     )
     assert score.returncode == 1 and "Traceback" not in score.stderr
