@@ -197,7 +197,7 @@ def base_config() -> ConfigDict:
 
     c.reference = ConfigDict()
     c.reference.kind = "frozen"  # frozen | none | cache | ema
-    c.reference.path = ""  # a separate reference model (preset or HF dir); "" = copy of the policy init
+    c.reference.path = ""  # the frozen reference's HF dir ("" = a copy of the policy init); score.py: its own
     c.reference.cache_dir = ""  # kind=cache: where the precomputed log-probs live ("" = <workdir>/ref_cache)
     c.reference.sync_every = 0  # kind=ema: tau, steps between synchronisations (TR-DPO)
     c.reference.alpha = 1.0  # kind=ema: ref <- alpha * policy + (1 - alpha) * ref (1.0 = hard sync)

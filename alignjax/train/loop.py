@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 import alignjax.losses as losses
@@ -101,6 +102,40 @@ def build_model(
     )
     check_vocab_fits(vocab_size, model.config.vocab_size, f"config.model.path={path}")
     return model, model.params
+
+
+def reference_from_path(
+    config: Any, policy: Any, mesh: Any, rules: Any, vocab_size: int, heads: tuple
+) -> Any:
+    """The frozen reference's params from ``config.reference.path`` (an HF directory), built as the
+    policy is from ``config.model`` (dtypes, layer layout, adapters, aux heads), because the step
+    applies the reference with the policy's model. Refused in one line: a preset or a training
+    workdir in its place, ``reference.kind='none'``, or weights not shaped like the policy's."""
+    path = config.reference.path
+    where = f"config.reference.path={path!r}"
+    if config.reference.kind == "none":
+        raise ValueError(f"{where} is set but config.reference.kind='none' runs no reference")
+    if path in models.PRESETS:
+        raise ValueError(
+            f"{where} is a preset, whose weights would be a fresh initialisation; give an HF directory, "
+            "or leave it empty for a copy of the policy's initialisation"
+        )
+    config_file = storage.path(path) / "config.json"
+    if config_file.exists() and "job" in json.loads(config_file.read_text()):
+        raise ValueError(
+            f"{where} is a training workdir; export it first (python -m alignjax.export "
+            f"--workdir={path} --out=OUT) and give OUT"
+        )
+    model_config = config.model.to_dict()
+    model_config["path"] = path
+    reference, params = build_model(ml_collections.ConfigDict(model_config), mesh, rules, vocab_size, heads)
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
+    if shapes(params) != shapes(policy.abstract_params()):
+        raise ValueError(
+            f"{where}: its weights are not shaped like the policy's (config.model.path="
+            f"{config.model.path!r}); the reference must be the same architecture"
+        )
+    return params
 
 
 def check_vocab_fits(tokenizer_vocab: int, model_vocab: int, where: str) -> None:
@@ -321,6 +356,8 @@ def run_train(
     if model is None:
         model, pretrained = build_model(config.model, mesh, rules, data.tokenizer.vocab_size, heads)
         init_params = pretrained if init_params is None else init_params
+    if ref_params is None and config.reference.get("path"):
+        ref_params = reference_from_path(config, model, mesh, rules, data.tokenizer.vocab_size, heads)
     check_aux_heads(model, heads)
     tx, schedule = make_optimizer(config.optim, num_steps)
     keep_ref = spec.reference == "model" and (

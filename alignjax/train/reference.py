@@ -2,7 +2,8 @@
 
 ``config.reference.kind``:
 
-* ``frozen`` - a copy of the initial policy params (or the model at ``config.reference.path``),
+* ``frozen`` - a copy of the initial policy params (or the HF model at ``config.reference.path``:
+  ``alignjax.train.loop.reference_from_path``),
   sharded like the policy, never differentiated; with LoRA the policy's own base weights, adapters
   off (:func:`keeps_copy`: no copy);
 * ``none``   - reference-free: the step runs no reference forward (a loss that needs ``ref_*``
