@@ -128,7 +128,7 @@ def reference_from_path(
         )
     model_config = config.model.to_dict()
     model_config["path"] = path
-    reference, params = build_model(ml_collections.ConfigDict(model_config), mesh, rules, vocab_size, heads)
+    _, params = build_model(ml_collections.ConfigDict(model_config), mesh, rules, vocab_size, heads)
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
     if shapes(params) != shapes(policy.abstract_params()):
         raise ValueError(
