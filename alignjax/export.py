@@ -72,16 +72,9 @@ def split_step(ref: str) -> tuple[str, int | None]:
 
 
 def is_workdir(path: str) -> bool:
-    """True for a training workdir (its ``config.json`` is an alignjax config with a ``job``), with
-    or without checkpoints yet (loading one without is :func:`resolve_step`'s clear error)."""
-    path, _ = split_step(path)
-    config = storage.path(path) / "config.json"
-    if not config.exists():
-        return False
-    try:
-        return "job" in json.loads(config.read_text())
-    except ValueError:
-        return False
+    """True for a training workdir ``DIR[@STEP]`` (:func:`alignjax.train.workdir.holds_run`), with or
+    without checkpoints yet (loading one without is :func:`resolve_step`'s clear error)."""
+    return workdirlib.holds_run(split_step(path)[0])
 
 
 def checkpoint_manager(workdir: str) -> Any:

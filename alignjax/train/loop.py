@@ -30,6 +30,7 @@ from alignjax.data.pipeline import TooFewExamples, eval_plan, resolve_cache_dir,
 from alignjax.models import lora as lora_lib
 from alignjax.train import checkpoint as ckpt
 from alignjax.train import reference as reflib
+from alignjax.train import workdir as workdirlib
 from alignjax.train.evaluation import evaluate
 from alignjax.train.guards import NonFiniteStep, Stop, ZeroGradients, nonfinite_message
 from alignjax.train.metrics import MetricWriter, Progress, Throughput, plot_curves
@@ -120,8 +121,7 @@ def reference_from_path(
             f"{where} is a preset, whose weights would be a fresh initialisation; give an HF directory, "
             "or leave it empty for a copy of the policy's initialisation"
         )
-    config_file = storage.path(path) / "config.json"
-    if config_file.exists() and "job" in json.loads(config_file.read_text()):
+    if workdirlib.holds_run(path):
         raise ValueError(
             f"{where} is a training workdir; export it first (python -m alignjax.export "
             f"--workdir={path} --out=OUT) and give OUT"

@@ -191,6 +191,18 @@ def _resume_step(root: Any) -> int | None:
     return max(steps) if steps else None
 
 
+def holds_run(path: storage.PathLike) -> bool:
+    """Whether ``path`` is a run's workdir: its ``config.json`` is an alignjax config (it has a
+    ``job``), with or without checkpoints yet; an HF model directory's has none."""
+    config = storage.path(path) / CONFIG
+    if not config.exists():
+        return False
+    try:
+        return "job" in json.loads(config.read_text())
+    except ValueError:
+        return False
+
+
 def effective_config(workdir: storage.PathLike) -> dict[str, Any] | None:
     """The flat config the workdir's latest steps were trained with: ``config.json`` with every
     ``config_history.jsonl`` change applied; None for a workdir without ``config.json``."""
