@@ -31,7 +31,10 @@ replicating the array) are captured from its stderr during each compile and coun
 
     .venv/bin/python bench/collectives.py                               # bench-7m, 8 pairs x 128 tokens
     .venv/bin/python bench/collectives.py --preset=tiny --layers=1 --pairs=4 --length=16 \
-        --meshes="fsdp=8;data=2,fsdp=2,tensor=2" --xla-defaults                         # smoke
+        --meshes="fsdp=8;data=2,fsdp=2,tensor=2" --xla-defaults --overrides='{"scan_layers": true}'  # smoke
+
+``--overrides`` sets ``ModelConfig`` fields (remat, scan_layers, widths); each mesh's line also gives
+the compiled step's temporaries a device (XLA's memory analysis).
 
 One JSON line (``JSON ...``) closes the output.
 """
@@ -74,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--length", type=int, default=128, help="tokens per sequence (prompt + completion)")
     ap.add_argument("--layers", type=int, default=0, help="override the preset's depth (0: keep)")
+    ap.add_argument(
+        "--overrides", default="", help='JSON ModelConfig fields, e.g. {"remat": "full", "scan_layers": true}'
+    )
     ap.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
     ap.add_argument("--devices", type=int, default=8, help="CPU devices (XLA host platform)")
     ap.add_argument(
@@ -291,7 +297,8 @@ def compile_step(
     compiles with XLA's default options instead of ``logprobs.strict_rounding`` (the same SPMD
     partitioning, a faster backend compile); ``logit_width``: the step's head at the counted tokens
     only (``StepSpec.logit_width``). Returns ``hlo`` (compiled text), ``warnings`` (XLA's
-    full-remat lines), ``compile_s``, ``model``, ``mesh`` and ``rows``."""
+    full-remat lines), ``compile_s``, ``temp_bytes`` (XLA's memory analysis: the temporaries a device
+    holds), ``model``, ``mesh`` and ``rows``."""
     import jax
     import optax
 
@@ -366,7 +373,11 @@ def compile_step(
     warnings = [line for line in log if REMAT_WARNING in line]
     rows = host["input_ids"].shape[0]
     hlo = compiled.as_text()
-    return dict(hlo=hlo, warnings=warnings, compile_s=compile_s, model=model, mesh=mesh, rows=rows)
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+    return dict(
+        hlo=hlo, warnings=warnings, compile_s=compile_s, temp_bytes=temp_bytes, model=model, mesh=mesh,
+        rows=rows,
+    )  # fmt: skip
 
 
 def measure(
@@ -393,6 +404,7 @@ def measure(
         warnings=len(r["warnings"]),
         warning_lines=[w[:300] for w in r["warnings"]],
         compile_s=r["compile_s"],
+        temp_bytes=r["temp_bytes"],
     )
 
 
@@ -424,10 +436,13 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
+    if args.overrides:
+        cfg = cfg.replace(**json.loads(args.overrides))
     meshes = [parse_mesh(m) for m in args.meshes.split(";") if m.strip()]
     print_header()
     print(
-        f"model {args.preset} ({cfg.num_layers} layers, {args.dtype} compute), {args.pairs} pairs x "
+        f"model {args.preset} ({cfg.num_layers} layers, {args.dtype} compute, remat {cfg.remat}, "
+        f"{'scanned' if cfg.scan_layers else 'unrolled'}), {args.pairs} pairs x "
         f"{args.length} tokens, "
         f"{len(jax.devices())} {jax.default_backend()} devices, jax {jax.__version__}"
     )
@@ -439,7 +454,8 @@ def main() -> None:
         results.append(r)
         name = ",".join(f"{a}={s}" for a, s in r["mesh"].items() if s > 1) or "1 device"
         print(
-            f"\nmesh {name}: compile {r['compile_s']:.1f} s, full-remat warnings: {r['warnings']}, "
+            f"\nmesh {name}: compile {r['compile_s']:.1f} s, temporaries {r['temp_bytes'] / MiB:.1f} MiB a "
+            f"device, full-remat warnings: {r['warnings']}, "
             f"{'within budget' if not over_budget(r) else 'OVER budget: ' + '; '.join(over_budget(r))}"
         )
         print("| collective | count | payload MiB | wire MiB | budget MiB | payload / budget |")

@@ -15,7 +15,8 @@ def test_collectives_benchmark_smoke_command():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # the benchmark sets its own device count
     args = ["bench/collectives.py", "--preset=tiny", "--layers=1", "--pairs=4", "--length=16",
-            "--meshes=fsdp=8;data=2,fsdp=2,tensor=2", "--xla-defaults"]  # fmt: skip
+            "--meshes=fsdp=8;data=2,fsdp=2,tensor=2", "--xla-defaults",
+            '--overrides={"scan_layers": true}']  # fmt: skip
     proc = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -38,4 +39,5 @@ def test_collectives_benchmark_smoke_command():
     ]
     for r in results:
         assert r["warnings"] == 0 and r["over_budget"] == [], r
+        assert r["temp_bytes"] > 0, r
         assert r["measured"]["all-reduce"]["count"] > 0  # the gradients' reduction
